@@ -1,0 +1,43 @@
+"""``int8``: symmetric 8-bit integers with one float32 scale per output channel (row).
+
+Layout per tensor viewed as (rows, cols): ``q`` int8[rows, cols] with values in [-127, 127] and
+``scale`` float32[rows]; ``w ≈ q * scale[:, None]``. About 8 + 32/cols bits per weight.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from rbe_core import Codec, Encoded, hookimpl
+from rbe_core.abc import check_payload
+from rbe_core.arrays import as_weight, matrix_shape
+
+
+@attrs.define(frozen=True)
+class Int8Codec(Codec):
+    codec_id = "int8"
+
+    def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
+        w, dtype = as_weight(weight)
+        w2 = w.reshape(matrix_shape(w.shape))
+        scale = (np.abs(w2).max(axis=1) / 127.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, np.float32(1.0))
+        q = np.clip(np.rint(w2 / safe[:, None]), -127, 127).astype(np.int8)
+        return Encoded(self, w.shape, {"q": q, "scale": scale}, dtype=dtype, source=source)
+
+    def validate(self, encoded: Encoded) -> None:
+        rows, cols = matrix_shape(encoded.shape)
+        check_payload(encoded, {"q": ((rows, cols), "int8"), "scale": ((rows,), "float32")})
+
+    def decode_rows(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
+        p = encoded.payload
+        return p["q"][start:stop].astype(np.float32) * p["scale"][start:stop, None]
+
+    def decode(self, encoded: Encoded) -> np.ndarray:
+        return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
+
+
+@hookimpl
+def rbe_register_codecs(register):
+    register(Int8Codec)
