@@ -6,7 +6,7 @@
     y = rbe_core.get_backend().linear(x, rbe_core.open("model.rbe")["w"])
 """
 
-from .abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
+from .abc import Backend, Codec, DerivativeEngine, Encoded, Geometry, Quantizer
 from .container import FORMAT_VERSION, RBEFile, open, save
 from .errors import (
     BackendUnavailableError,
@@ -30,6 +30,7 @@ __all__ = [
     "Codec",
     "DerivativeEngine",
     "Encoded",
+    "Geometry",
     "InvalidWeightError",
     "Quantizer",
     "RBEError",

@@ -260,3 +260,34 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def fake_quantize(self, values): ...
+
+
+class Geometry(abc.ABC):
+    """A model of hyperbolic space seen as a radial basis function with a trigonometric phase.
+
+    Contract: ``radial(r, order)`` is the ``order``-th derivative of the geometry's radial function
+    (float64 in, float64 out, exact closed form or an exact derivative cycle);
+    ``angular(theta, order)`` is the ``order``-th derivative of ``sin`` (the Z/4 cycle
+    sin -> cos -> -sin -> -cos); ``basis(r, theta)`` is the pair ``f(r)·cos θ, f(r)·sin θ``.
+    ``cycle`` is the period of the radial derivative cycle, or ``None`` when none exists.
+    """
+
+    name: ClassVar[str]
+    cycle: ClassVar[int | None] = None
+
+    @abc.abstractmethod
+    def radial(self, r, order: int = 0) -> np.ndarray:
+        """d^order/dr^order of the radial function at ``r``."""
+
+    @staticmethod
+    def angular(theta, order: int = 0) -> np.ndarray:
+        """d^order/dθ^order sin θ, read from the Z/4 cycle (sin, cos, -sin, -cos)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        k = int(order) % 4
+        value = np.sin(theta) if k % 2 == 0 else np.cos(theta)
+        return value if k < 2 else -value
+
+    def basis(self, r, theta) -> tuple[np.ndarray, np.ndarray]:
+        """``(f(r)·cos θ, f(r)·sin θ)``: the point's two phase components."""
+        f = self.radial(r)
+        return f * self.angular(theta, 1), f * self.angular(theta, 0)

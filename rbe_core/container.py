@@ -94,7 +94,7 @@ def _parse_headers(raw: Mapping[str, str] | None, keys: set[str]) -> tuple[dict[
         if not isinstance(h, dict):
             raise RBEFormatError(f"tensor {name!r}: header is not an object")
         for key, typ in _HEADER_KEYS.items():
-            if not isinstance(h.get(key), typ):
+            if key not in h or not isinstance(h[key], typ):
                 raise RBEFormatError(f"tensor {name!r}: header field {key!r} missing or of the wrong type")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in h["shape"]):
             raise RBEFormatError(f"tensor {name!r}: shape {h['shape']!r} is not a list of non-negative ints")
