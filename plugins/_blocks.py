@@ -134,6 +134,21 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
         return list(pool.map(fn, items))
 
 
+def rows_from_block_rows(
+    decode_block_rows: Callable[[int, int], np.ndarray], start: int, stop: int, block: int, cols: int
+) -> np.ndarray:
+    """Rows ``start:stop`` (float32, ``cols`` wide) from a decoder of whole block rows.
+
+    ``decode_block_rows(br0, br1)`` returns block rows ``br0:br1`` at padded width.
+    """
+    if stop <= start:
+        return np.zeros((0, cols), dtype=np.float32)
+    br0, br1 = start // block, (stop - 1) // block + 1
+    x = decode_block_rows(br0, br1)
+    off = br0 * block
+    return np.ascontiguousarray(x[start - off : stop - off, :cols], dtype=np.float32)
+
+
 def require(cond: bool, codec_id: str, message: str) -> None:
     """Raise ``RBEFormatError`` with a codec-prefixed ``message`` unless ``cond``."""
     if not cond:

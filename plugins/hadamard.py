@@ -45,7 +45,12 @@ _GPTQ_BLOCK = 128
 
 def _pow2(name: str):
     def check(_inst, _attr, value):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < 1
+            or value & (value - 1)
+        ):
             raise ValueError(f"{name} must be a positive power of two, got {value!r}")
 
     return check
@@ -119,7 +124,9 @@ def _blockwise(x: np.ndarray, blocks: list[int]) -> np.ndarray:
     out = np.empty_like(x)
     start = 0
     for b in blocks:
-        out[..., start : start + b] = fwht(x[..., start : start + b]) * x.dtype.type(1.0 / math.sqrt(b))
+        out[..., start : start + b] = fwht(x[..., start : start + b]) * x.dtype.type(
+            1.0 / math.sqrt(b)
+        )
         start += b
     return out
 
@@ -197,11 +204,15 @@ def round_nearest(wr: np.ndarray, steps: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(wr / safe + half), 0, 2**bits - 1).astype(np.uint8)
 
 
-def hessian(x: np.ndarray, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
+def hessian(
+    x: np.ndarray, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]
+) -> np.ndarray:
     """``X_rotᵀ X_rot / n`` (float64, cols_p²) of activations ``x`` (…, cols) in the rotated basis."""
     x = to_numpy_f32(x)
     if x.ndim < 1 or x.shape[-1] != cols:
-        raise InvalidWeightError(f"calibration must have last dimension {cols}, got shape {x.shape}")
+        raise InvalidWeightError(
+            f"calibration must have last dimension {cols}, got shape {x.shape}"
+        )
     x = x.reshape(-1, cols)
     if x.shape[0] == 0:
         raise InvalidWeightError("calibration activations are empty")
@@ -216,7 +227,9 @@ def hessian(x: np.ndarray, cols: int, cols_p: int, signs: np.ndarray, blocks: li
     return h / x.shape[0]
 
 
-def gptq(wr: np.ndarray, steps: np.ndarray, h: np.ndarray, bits: int, damp: float, act_order: bool) -> np.ndarray:
+def gptq(
+    wr: np.ndarray, steps: np.ndarray, h: np.ndarray, bits: int, damp: float, act_order: bool
+) -> np.ndarray:
     """GPTQ codes (uint8, rows × cols_p) for rotated weights ``wr`` with per-element ``steps``.
 
     Minimises ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` greedily column by column, propagating each column's
@@ -277,7 +290,9 @@ class HadamardCodec(Codec):
 
     def __attrs_post_init__(self):
         if self.max_block < self.group_size:
-            raise ValueError(f"max_block ({self.max_block}) must be >= group_size ({self.group_size})")
+            raise ValueError(
+                f"max_block ({self.max_block}) must be >= group_size ({self.group_size})"
+            )
 
     def layout(self, cols: int) -> tuple[int, np.ndarray, list[int]]:
         """(cols_p, signs, hadamard block sizes) for a weight with ``cols`` input features."""
@@ -299,7 +314,11 @@ class HadamardCodec(Codec):
         else:
             h = hessian(calibration, cols, cols_p, signs, blocks)
             q = gptq(wr, steps, h, self.bits, float(self.damp), self.act_order)
-        payload = {"codes": pack_codes(q, self.bits), "scale_code": scale_code, "row_scale": row_scale}
+        payload = {
+            "codes": pack_codes(q, self.bits),
+            "scale_code": scale_code,
+            "row_scale": row_scale,
+        }
         return Encoded(self, w.shape, payload, dtype=dtype, source=source)
 
     def validate(self, encoded: Encoded) -> None:
@@ -325,8 +344,11 @@ class HadamardCodec(Codec):
         cols_p, signs, blocks = self.layout(cols)
         p = encoded.payload
         q = unpack_codes(p["codes"][start:stop], cols_p, self.bits).astype(np.float32)
-        steps = np.repeat(group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop]),
-                          self.group_size, axis=1)
+        steps = np.repeat(
+            group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop]),
+            self.group_size,
+            axis=1,
+        )
         wr = (q - np.float32((2**self.bits - 1) / 2.0)) * steps
         return np.ascontiguousarray(unrotate(wr, signs, blocks)[:, :cols])
 

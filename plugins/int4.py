@@ -76,10 +76,10 @@ class Int4Codec(Codec):
         _, cols = encoded.matrix_shape
         q = unpack_nibbles(p["q"][start:stop])
         n = q.shape[0]
-        g = q.reshape(n, -1, self.group_size).astype(np.float32)
+        g = q.reshape(n, q.shape[1] // self.group_size, self.group_size).astype(np.float32)
         w = g * p["scale"][start:stop, :, None].astype(np.float32)
         w += p["minimum"][start:stop, :, None].astype(np.float32)
-        return np.ascontiguousarray(w.reshape(n, -1)[:, :cols])
+        return np.ascontiguousarray(w.reshape(n, q.shape[1])[:, :cols])
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)

@@ -22,6 +22,19 @@ from .registry import get_backend, get_codec, list_backends, list_codecs, regist
 
 __version__ = "0.1.0"
 
+#: Model and layer API, imported on first use so ``import rbe_core`` (and every plugin) stays torch-free.
+_LAZY = {"compress_model": "convert", "export_hf": "convert", "load_model": "convert",
+         "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'rbe_core' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT_VERSION",
     "Backend",
@@ -37,11 +50,18 @@ __all__ = [
     "RBEFile",
     "RBEFormatError",
     "UnknownCodecError",
+    "RBEAttention",
+    "RBEEmbedding",
+    "RBEFFN",
+    "RBELinear",
+    "compress_model",
+    "export_hf",
     "get_backend",
     "get_codec",
     "hookimpl",
     "list_backends",
     "list_codecs",
+    "load_model",
     "open",
     "registry",
     "reload_plugins",

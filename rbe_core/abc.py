@@ -135,6 +135,12 @@ class Codec(abc.ABC):
     def bits_per_weight(self, encoded: Encoded) -> float:
         return encoded.bits_per_weight
 
+    def torch_form(self):
+        """Optional, for training: a ``rbe_core.training.TorchForm`` giving this codec's continuous
+        parameters, a differentiable torch decode of them and how to write them back; ``None``
+        (the default) when the codec has nothing to train (see docs/training.md)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.get_config())})"
 
@@ -234,6 +240,8 @@ class DerivativeEngine(abc.ABC):
     Contract: ``backward(encoded, x, grad_out)`` returns ``(grad_input, grads)`` where
     ``grad_input = grad_out @ W`` and ``grads`` maps each continuous payload field of the codec to
     d(loss)/d(field), equal (to float tolerance) to the reference ``autograd`` engine.
+    Implementations may take keyword options (``params``, ``backend``, ``transposed``: see
+    ``rbe_plugins.engines``); the three positional arguments alone must always work.
     """
 
     name: ClassVar[str]

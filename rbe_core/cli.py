@@ -91,5 +91,125 @@ def inspect(path: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _model_errors():
+    """The errors model commands turn into a one-line message and exit status 2."""
+    from .models.common import ModelError
+
+    return (RBEError, ModelError, OSError, ValueError)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
+@click.option("--codec", default=None, help="Codec id or JSON config for every weight matrix (default int8).")
+@click.option("--target-bpw", type=float, default=None, help="Pick codec settings so the average bits/weight <= X.")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="JSON {tensor-name glob: codec}.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tensors encoded in parallel.")
+@click.option("--backend", default=None, help="Run the converted model once on this backend before writing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet):
+    """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
+    if codec is not None and target_bpw is not None:
+        _fail(click.UsageError("give --codec or --target-bpw, not both"))
+    if codec is not None and codec.lstrip().startswith("{"):
+        try:
+            codec = json.loads(codec)
+        except json.JSONDecodeError as exc:
+            _fail(ValueError(f"--codec is not valid JSON: {exc}"))
+    try:
+        path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
+                                       progress=not quiet, verify_backend=backend)
+    except _model_errors() as exc:
+        _fail(exc)
+    f = rbe_core.open(path)
+    enc = [f[n] for n in f]
+    comp = [e for e in enc if e.codec.codec_id != "raw"]
+    bpw = 8.0 * sum(e.nbytes for e in comp) / max(1, sum(e.numel for e in comp))
+    click.echo(f"wrote {path}: {len(enc)} tensors, {path.stat().st_size / 1e6:.2f} MB, "
+               f"{bpw:.3f} bits/weight over {len(comp)} compressed tensors", err=True)
+
+
+def _load(path: str, backend: str | None):
+    from .convert import load_model
+
+    try:
+        return load_model(path, backend)
+    except _model_errors() as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend):
+    """Continue PROMPT with the language model in PATH, streaming tokens; stops at EOS."""
+    model = _load(path, backend)
+    try:
+        for piece in model.stream(prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+            click.echo(piece, nl=False)
+    except _model_errors() as exc:
+        _fail(exc)
+    click.echo()
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("sentences", nargs=-1, required=True)
+@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+def embed(path, sentences, backend):
+    """Print sentence embeddings of SENTENCES as JSON ({"model", "dim", "embeddings"})."""
+    model = _load(path, backend)
+    try:
+        vectors = model.embed(list(sentences))
+    except _model_errors() as exc:
+        _fail(exc)
+    click.echo(json.dumps({"model": path, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
+def export(path, out):
+    """Write the model in PATH as a HF directory (decoded fp32 safetensors, config.json, tokenizer.json)."""
+    from .convert import export_hf
+
+    try:
+        click.echo(f"wrote {export_hf(path, out)}", err=True)
+    except _model_errors() as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--backend", default=None, help="Compute backend for the compressed model.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (default: torch's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
+    """Prefill/decode tokens per second and peak memory: the .rbe model vs the same model dense fp32."""
+    from .models.bench import bench as run_bench
+
+    _load(path, backend)  # fail fast with a clear message before spawning workers
+    try:
+        rows = run_bench(path, backend, prompt_tokens, new_tokens, threads)
+    except _model_errors() as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        decode = f"decode {r['decode_tok_s']:8.1f} tok/s" if "decode_tok_s" in r else "decode      n/a"
+        click.echo(f"{r['variant']:<10} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prompt_tokens']} tokens)  {decode}  "
+                   f"peak RSS {r['peak_rss_mb']:7.1f} MB (after imports {r['base_rss_mb']:.1f} MB)  load {r['load_s']:.2f}s  "
+                   f"threads {r['threads']}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,45 @@
+"""cffi build script (API mode) for ``rbe_backends.cffi._kernels``.
+
+Used by ``setup.py`` through ``cffi_modules``. This script builds the portable part (dispatcher
+and scalar kernels); ``setup.py`` compiles the AVX2 and AVX-512 files separately, each with its
+own flags, links them in and defines ``RBE_WITH_X86_SIMD``; without that step the module has
+only the scalar path.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "src")
+MODULE = "rbe_backends.cffi._kernels"
+
+#: Sources compiled with the extension's common flags.
+PORTABLE_SOURCES = ["dispatch.c", "kernels_scalar.c"]
+#: Per-ISA sources and the only flags that differ for each (compiled by setup.py).
+ISA_SOURCES = {
+    "kernels_avx2.c": ["-mavx2", "-mfma"],
+    "kernels_avx512.c": ["-mavx512f", "-mavx512bw"],
+}
+COMMON_FLAGS = ["-O3", "-fno-math-errno"]
+
+
+def _rel(path: str) -> str:
+    """Sources relative to the working directory (setuptools places objects by source path)."""
+    return os.path.relpath(path)
+
+
+ffibuilder = FFI()
+with open(os.path.join(SRC, "rbe_kernels.h"), encoding="utf-8") as f:
+    ffibuilder.cdef(f.read())
+ffibuilder.set_source(
+    MODULE,
+    '#include "rbe_kernels.h"',
+    sources=[_rel(os.path.join(SRC, s)) for s in PORTABLE_SOURCES],
+    include_dirs=[_rel(SRC)],
+    extra_compile_args=COMMON_FLAGS,
+    extra_link_args=["-pthread"],
+    optional=True,  # rbe installs without a C compiler; the backend then reports why it is off
+)

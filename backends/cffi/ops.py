@@ -1,0 +1,176 @@
+"""Python side of the C kernels: argument checks, ISA and thread choice, and the calls.
+
+Codecs with a C kernel are listed in ``KERNEL_CODECS``; every other codec goes through the
+numpy backend's generic row-chunked path (``rbe_backends.numpy.ops``). The C functions are
+called through cffi in API mode, which releases the GIL for the duration of each call.
+
+Environment: ``RBE_CFFI_ISA=scalar|avx2|avx512`` forces a code path (an error if this CPU or
+build lacks it); ``RBE_CFFI_THREADS=N`` sets the thread count (default: usable cores, at most 8).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from rbe_backends.numpy import ops as generic
+
+from rbe_core.abc import Encoded
+from rbe_core.errors import BackendUnavailableError
+
+try:
+    from ._kernels import ffi, lib
+except ImportError as exc:  # not compiled (no C compiler at install time) or broken build
+    ffi = lib = None
+    IMPORT_ERROR = (
+        f"the compiled module rbe_backends.cffi._kernels cannot be imported ({exc}); "
+        "reinstall rbe on a machine with a C compiler and the Python headers"
+    )
+else:
+    IMPORT_ERROR = ""
+
+ISA_ENV = "RBE_CFFI_ISA"
+THREADS_ENV = "RBE_CFFI_THREADS"
+#: ISA names and their C bit, best first.
+ISAS = {"avx512": 4, "avx2": 2, "scalar": 1}
+KERNEL_CODECS = frozenset({"int8", "int4"})
+#: Below this many multiply-adds per call a second thread costs more than it saves.
+PARALLEL_MIN_WORK = 1 << 18
+
+_ERRORS = {1: "instruction set not available", 2: "invalid arguments", 3: "out of memory"}
+
+
+def _require_lib():
+    if lib is None:
+        raise BackendUnavailableError(f"backend 'cffi' is not available: {IMPORT_ERROR}")
+    return lib
+
+
+def compiled_isas() -> tuple[str, ...]:
+    """ISA paths built into the module, best first."""
+    mask = _require_lib().rbe_isa_compiled()
+    return tuple(name for name, bit in ISAS.items() if mask & bit)
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Compiled ISA paths this CPU can run (checked in C with ``__builtin_cpu_supports``), best first."""
+    mask = _require_lib().rbe_isa_supported()
+    return tuple(name for name, bit in ISAS.items() if mask & bit)
+
+
+def active_isa() -> str:
+    """The path calls use now: ``$RBE_CFFI_ISA`` if set (validated), else the best supported one."""
+    supported = supported_isas()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return supported[0]
+    if forced not in ISAS:
+        raise ValueError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
+    if forced not in supported:
+        why = "this CPU lacks it" if forced in compiled_isas() else "this build does not include it"
+        raise ValueError(f"{ISA_ENV}={forced}: {why} (usable here: {', '.join(supported)})")
+    return forced
+
+
+def thread_count() -> int:
+    """Threads for large calls: ``$RBE_CFFI_THREADS``, else the usable cores (at most 8)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive integer")
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
+
+
+def _threads_for(work: int) -> int:
+    threads = thread_count()  # validates the setting on every call
+    return threads if work >= PARALLEL_MIN_WORK else 1
+
+
+def _array(encoded: Encoded, field: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    arr = encoded.payload[field]
+    if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+        raise ValueError(
+            f"{encoded.codec.codec_id}: payload {field!r} is {arr.dtype}{list(arr.shape)}, "
+            f"the cffi kernel needs {np.dtype(dtype)}{list(shape)}"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def _int4_layout(encoded: Encoded) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = encoded.matrix_shape
+    gs = int(encoded.codec.group_size)
+    cols_p = -(-cols // gs) * gs
+    q = _array(encoded, "q", (rows, cols_p // 2), np.uint8)
+    scale = _array(encoded, "scale", (rows, cols_p // gs), np.float16).view(np.uint16)
+    minimum = _array(encoded, "minimum", (rows, cols_p // gs), np.float16).view(np.uint16)
+    return gs, q, scale, minimum
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"cffi kernel {what} failed: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _call(op: str, a: np.ndarray, encoded: Encoded, out: np.ndarray) -> np.ndarray:
+    lib = _require_lib()
+    rows, cols = encoded.matrix_shape
+    isa = ISAS[active_isa()]
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    n = a.shape[0]
+    threads = _threads_for(n * rows * cols)
+    pa = ffi.from_buffer("float[]", a)
+    po = ffi.from_buffer("float[]", out, require_writable=True)
+    codec_id = encoded.codec.codec_id
+    if codec_id == "int8":
+        q = _array(encoded, "q", (rows, cols), np.int8)
+        scale = _array(encoded, "scale", (rows,), np.float32)
+        fn = lib.rbe_int8_linear if op == "linear" else lib.rbe_int8_grad_input
+        rc = fn(
+            pa,
+            n,
+            ffi.from_buffer("signed char[]", q),
+            ffi.from_buffer("float[]", scale),
+            rows,
+            cols,
+            po,
+            isa,
+            threads,
+        )
+    else:
+        gs, q, scale, minimum = _int4_layout(encoded)
+        fn = lib.rbe_int4_linear if op == "linear" else lib.rbe_int4_grad_input
+        rc = fn(
+            pa,
+            n,
+            ffi.from_buffer("unsigned char[]", q),
+            ffi.from_buffer("unsigned short[]", scale),
+            ffi.from_buffer("unsigned short[]", minimum),
+            rows,
+            cols,
+            gs,
+            po,
+            isa,
+            threads,
+        )
+    _check(rc, f"{codec_id} {op}")
+    return out
+
+
+def linear(x: np.ndarray, encoded: Encoded) -> np.ndarray:
+    """(n, in) float32 @ W.T -> (n, out) float32; C kernel for ``KERNEL_CODECS``, else generic."""
+    if encoded.codec.codec_id not in KERNEL_CODECS:
+        return generic.linear(x, encoded)
+    rows, _ = encoded.matrix_shape
+    return _call("linear", x, encoded, np.empty((x.shape[0], rows), dtype=np.float32))
+
+
+def grad_input(grad_out: np.ndarray, encoded: Encoded) -> np.ndarray:
+    """(n, out) float32 @ W -> (n, in) float32; C kernel for ``KERNEL_CODECS``, else generic."""
+    if encoded.codec.codec_id not in KERNEL_CODECS:
+        return generic.grad_input(grad_out, encoded)
+    _, cols = encoded.matrix_shape
+    return _call(
+        "grad_input", grad_out, encoded, np.empty((grad_out.shape[0], cols), dtype=np.float32)
+    )

@@ -1,0 +1,68 @@
+/* Portable path: plain C on 8-float blocks (always built; compilers may auto-vectorise it with
+ * the target's baseline instructions, but it needs no particular ISA). */
+#include <stdint.h>
+
+#include "rbe_internal.h"
+
+#define ISA_SUFFIX scalar
+#define VLEN 8
+#define GEMV_ROWS 2
+#define TILE_ROWS 2
+#define TILE_BATCH 2
+
+typedef struct {
+    float v[VLEN];
+} VF;
+
+static inline VF vzero(void) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = 0.0f;
+    return r;
+}
+static inline VF vload(const float *p) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = p[i];
+    return r;
+}
+static inline void vstore(float *p, VF a) {
+    for (int i = 0; i < VLEN; i++) p[i] = a.v[i];
+}
+static inline VF vset1(float f) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = f;
+    return r;
+}
+static inline VF vadd(VF a, VF b) {
+    for (int i = 0; i < VLEN; i++) a.v[i] += b.v[i];
+    return a;
+}
+static inline VF vmul(VF a, VF b) {
+    for (int i = 0; i < VLEN; i++) a.v[i] *= b.v[i];
+    return a;
+}
+static inline VF vfma(VF a, VF b, VF c) {
+    for (int i = 0; i < VLEN; i++) c.v[i] += a.v[i] * b.v[i];
+    return c;
+}
+static inline float vhsum(VF a) {
+    /* pairwise, like the SIMD paths */
+    const float s01 = a.v[0] + a.v[4], s23 = a.v[1] + a.v[5];
+    const float s45 = a.v[2] + a.v[6], s67 = a.v[3] + a.v[7];
+    return (s01 + s45) + (s23 + s67);
+}
+static inline VF load_i8(const int8_t *p) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = (float)p[i];
+    return r;
+}
+static inline void q4_unpack32(const uint8_t *p, VF *out) {
+    for (int j = 0; j < 16; j++) {
+        out[(2 * j) / VLEN].v[(2 * j) % VLEN] = (float)(p[j] & 15);
+        out[(2 * j + 1) / VLEN].v[(2 * j + 1) % VLEN] = (float)(p[j] >> 4);
+    }
+}
+static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
+}
+
+#include "kern_impl.h"

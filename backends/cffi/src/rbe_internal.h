@@ -1,0 +1,58 @@
+/* Internal interface between the dispatcher (dispatch.c) and the per-ISA kernel files. */
+#ifndef RBE_INTERNAL_H
+#define RBE_INTERNAL_H
+
+#include <stdint.h>
+
+typedef struct {
+    /* Fused batch-1 products: y[r] = dot(W[r, :cols], x) for r in [r0, r1); W decoded in registers.
+     * int4_gemv needs scratch for 2 * gemv_rows * groups + cols_p floats (cols_p: padded cols). */
+    void (*int8_gemv)(const float *x, const int8_t *q, const float *scale, int64_t cols,
+                      int64_t r0, int64_t r1, float *y);
+    void (*int4_gemv)(const float *x, const uint8_t *q, const uint16_t *scale,
+                      const uint16_t *minimum, int64_t cols, int64_t gs, int64_t r0, int64_t r1,
+                      float *y, float *scratch);
+    /* Decode rows [r0, r0 + nr), columns [c0, c1) into w (row stride ldw). int4 needs c0 even. */
+    void (*int8_decode)(const int8_t *q, const float *scale, int64_t cols, int64_t r0, int nr,
+                        int64_t c0, int64_t c1, float *w, int64_t ldw);
+    void (*int4_decode)(const uint8_t *q, const uint16_t *scale, const uint16_t *minimum,
+                        int64_t cols, int64_t gs, int64_t r0, int nr, int64_t c0, int64_t c1,
+                        float *w, int64_t ldw);
+    /* y[b * ldy + i] = dot(w[i * ldw, :k], x[b * ldx, :k]) for i < nr <= tile_rows,
+     * b < nb <= tile_batch. */
+    void (*dot_tile)(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int nb,
+                     int64_t k, float *y, int64_t ldy);
+    /* out[j] += sum_{i < nr} g[i] * w[i * ldw + j] for j < k (the panel is summed first). */
+    void (*panel_axpy)(const float *w, int64_t ldw, int nr, const float *g, int64_t k,
+                       float *out);
+    int gemv_rows, tile_rows, tile_batch;
+} rbe_kernels;
+
+extern const rbe_kernels rbe_kernels_scalar;
+#ifdef RBE_WITH_X86_SIMD
+extern const rbe_kernels rbe_kernels_avx2;
+extern const rbe_kernels rbe_kernels_avx512;
+#endif
+
+/* Exact IEEE binary16 -> binary32 (normals, subnormals, inf, nan). */
+static inline float rbe_half_to_float(uint16_t h) {
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    uint32_t em = h & 0x7fffu;
+    if (em >= 0x7c00u) {
+        v.u = (em << 13) | 0x7f800000u;
+    } else {
+        v.u = em << 13;
+        v.f *= 0x1p112f; /* rebias the exponent; exact for normals and subnormals */
+    }
+    v.u |= (uint32_t)(h & 0x8000u) << 16;
+    return v.f;
+}
+
+static inline int64_t rbe_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+static inline int64_t rbe_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t rbe_max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+#endif

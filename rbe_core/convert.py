@@ -1,0 +1,238 @@
+"""Model conversion (``compress_model``), loading (``load_model``) and HF export (``export_hf``).
+
+Conversion streams the source tensor by tensor: each is loaded (dequantized for GGUF), encoded
+and dropped, so the working set is about two copies of the largest tensor plus the encoded
+output accumulated for the final atomic ``save``. Norms and biases (1-D tensors) stay ``raw``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .abc import Encoded
+from .container import open as open_rbe
+from .container import save
+from .models import build_model, get_spec, model_metadata
+from .models.common import ModelError, RBEModel
+from .models.sources import open_source
+from .registry import get_backend, get_codec, list_codecs
+
+#: The codec used when neither a codec nor a bit budget is given.
+DEFAULT_CODEC = "int8"
+
+#: Codec settings ``target_bpw`` chooses from, in order of preference (best quality first).
+#: Unregistered ones are skipped, so a new codec joins by adding its config here.
+CANDIDATES: list[dict[str, Any]] = [
+    {"id": "int8"},
+    {"id": "int4", "group_size": 64},
+]
+
+RAW = {"id": "raw"}
+
+
+def load_policy(policy: str | os.PathLike | Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """Policy rules as ``[(glob pattern, codec config)]``, first match wins.
+
+    A policy is a JSON object (or a file holding one) mapping tensor-name glob patterns to a codec
+    id or config, e.g. ``{"*embed*": "raw", "*.mlp.*": {"id": "int8"}}``.
+    """
+    if policy is None:
+        return []
+    if not isinstance(policy, Mapping):
+        try:
+            policy = json.loads(Path(policy).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"policy file {policy}: {exc}") from exc
+    if not isinstance(policy, Mapping):
+        raise ModelError("a policy must be a JSON object {pattern: codec id or config}")
+    rules = []
+    for pattern, conf in policy.items():
+        conf = {"id": conf} if isinstance(conf, str) else conf
+        if not isinstance(conf, Mapping) or not isinstance(conf.get("id"), str):
+            raise ModelError(f"policy rule {pattern!r}: expected a codec id or a config with 'id', got {conf!r}")
+        get_codec(conf)  # fail before any work on an unknown codec or bad config
+        rules.append((pattern, dict(conf)))
+    return rules
+
+
+class _Budget:
+    """Chooses a codec per tensor so the running average bits/weight never exceeds ``target``."""
+
+    def __init__(self, target: float):
+        self.target = target
+        self.codecs = [get_codec(c) for c in CANDIDATES if c["id"] in list_codecs()]
+        if not self.codecs:
+            raise ModelError("no candidate codec for --target-bpw is registered")
+        self.last_bpw: dict[int, float] = {}
+        self.bits = 0.0
+        self.weights = 0
+
+    def _fits(self, bits: float, numel: int) -> bool:
+        return self.bits + bits <= self.target * (self.weights + numel) + 1e-9
+
+    def first_guess(self, numel: int) -> int:
+        """Index of the first candidate predicted (from its last measured bpw) to fit."""
+        for i in range(len(self.codecs)):
+            if i not in self.last_bpw or self._fits(self.last_bpw[i] * numel, numel):
+                return i
+        return len(self.codecs) - 1
+
+    def accept(self, i: int, enc: Encoded, encode) -> Encoded:
+        """Return ``enc`` (from candidate ``i``) or a re-encoding with a later candidate that fits."""
+        while True:
+            self.last_bpw[i] = enc.bits_per_weight
+            if self._fits(8.0 * enc.nbytes, enc.numel):
+                self.bits += 8.0 * enc.nbytes
+                self.weights += enc.numel
+                return enc
+            if i + 1 >= len(self.codecs):
+                ids = ", ".join(c.codec_id for c in self.codecs)
+                raise ModelError(f"no registered codec setting ({ids}) reaches {self.target} bits/weight "
+                                 f"(tensor {enc.source!r} needs {enc.bits_per_weight:.3f} with the smallest)")
+            i += 1
+            enc = encode(self.codecs[i])
+
+
+def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The codec config for ``name``: a policy match, raw for 0/1-D tensors, else ``default``
+    (None means: chosen by the bit budget)."""
+    for pattern, conf in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            return conf
+    return RAW if len(shape) < 2 else default
+
+
+def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
+                   target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
+                   verify_backend: str | None = None) -> Path:
+    """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
+
+    ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
+    ``CANDIDATES`` so the average bits/weight over compressed (non-raw) tensors is at most that;
+    ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
+    ``verify_backend`` runs the converted model once on that backend before writing. Raises
+    ``ModelError`` on bad input; the output appears only when complete (atomic save).
+    """
+    if codec is not None and target_bpw is not None:
+        raise ModelError("give either a codec or a target bits/weight, not both")
+    if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
+        raise ModelError(f"target bits/weight must be a positive number, got {target_bpw}")
+    source = open_source(src)
+    names = source.spec.check(source.config, source.shapes)
+    rules = load_policy(policy)
+    default = None if target_bpw is not None else dict(get_codec(codec or DEFAULT_CODEC).get_config())
+    budget = _Budget(target_bpw) if target_bpw is not None else None
+    plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
+
+    def encode_with(name: str, codec_obj) -> Encoded:
+        return codec_obj.encode(source.load(name), source=name)
+
+    def task(name: str):
+        conf = plans[name]
+        if conf is not None:
+            return None, encode_with(name, get_codec(conf))
+        i = budget.first_guess(math.prod(source.shapes[name]))
+        return i, encode_with(name, budget.codecs[i])
+
+    encoded: dict[str, Encoded] = {}
+    sizes = {n: math.prod(source.shapes[n]) for n in names}
+    # fixed-codec tensors first so the budget knows what they cost before choosing for the rest
+    order = sorted(names, key=lambda n: plans[n] is None)
+    bar = _progress(sum(sizes.values()), progress)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        try:
+            window = max(1, jobs)
+            futures = {n: pool.submit(task, n) for n in order[:window]}
+            for k, name in enumerate(order):
+                bar.set_postfix_str(name, refresh=False)
+                i, enc = futures.pop(name).result()
+                if k + window < len(order):
+                    nxt = order[k + window]
+                    futures[nxt] = pool.submit(task, nxt)
+                if budget is not None and plans[name] is None:
+                    enc = budget.accept(i, enc, lambda c, _n=name: encode_with(_n, c))
+                elif budget is not None and plans[name]["id"] != "raw":
+                    budget.bits += 8.0 * enc.nbytes
+                    budget.weights += enc.numel
+                encoded[name] = enc
+                bar.update(sizes[name])
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    metadata = model_metadata(source.spec, source.config, source.tokenizer_json)
+    if verify_backend is not None:
+        _smoke_test(build_model(metadata, encoded, get_backend(verify_backend)))
+    return save(out, encoded, metadata)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="w", unit_scale=True, disable=not enabled, desc="rbe convert", dynamic_ncols=True)
+
+
+def _smoke_test(model: RBEModel) -> None:
+    """Run a few tokens through ``model``; ``ModelError`` unless the outputs are finite."""
+    ids = torch.arange(min(4, model.config["vocab_size"]))[None]
+    with torch.no_grad():
+        out = model(ids)
+    out = out[0] if isinstance(out, tuple) else out
+    if not torch.isfinite(out).all():
+        raise ModelError("the converted model produces non-finite outputs; nothing was written")
+
+
+def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bool = False) -> RBEModel:
+    """The torch model stored in an .rbe file (``.generate()`` for LMs, ``.embed()`` for encoders).
+
+    ``backend`` names the compute backend (default: ``$RBE_BACKEND`` or the best available);
+    ``dense=True`` decodes every weight into plain fp32 ``nn`` layers (the uncompressed reference).
+    """
+    f = open_rbe(path)
+    tensors = {n: f[n] for n in f}
+    return build_model(f.metadata, tensors, None if dense else get_backend(backend), dense=dense)
+
+
+def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a standard HF directory (model.safetensors with decoded fp32 weights, config.json,
+    tokenizer.json) from an .rbe model file. ``out_dir`` must not exist or be empty; it appears
+    only when complete."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ModelError(f"{out_dir}: exists and is not an empty directory; nothing was written")
+    f = open_rbe(path)
+    info = f.metadata.get("rbe.model")
+    if not isinstance(info, dict):
+        raise ModelError(f"{path}: holds no model description; it was not written by rbe convert")
+    spec, cfg = get_spec(info["architecture"]), info["config"]
+    spec.check(cfg, {n: tuple(h["shape"]) for n, h in f.headers.items()})
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        weights = dict(spec.to_hf(cfg, n, np.ascontiguousarray(f[n].decode())) for n in f)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(spec.hf_config(cfg), indent=2))
+        if f.metadata.get("rbe.tokenizer"):
+            (tmp / "tokenizer.json").write_text(json.dumps(f.metadata["rbe.tokenizer"]))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,72 @@
+"""``rbe bench``: prefill and decode throughput and peak memory, compressed vs dense fp32.
+
+Each variant runs in its own fresh process (spawn) so its peak resident memory (``VmHWM``, which
+a new program image starts afresh, unlike ``ru_maxrss``) is its own; ``base_rss_mb`` is that
+process's peak after imports, before loading the model.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import time
+from typing import Any
+
+import torch
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process image in MB (``ru_maxrss`` where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_tokens: int,
+         threads: int | None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    from ..convert import load_model
+    from .common import CausalLM
+
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    model = load_model(path, backend, dense=dense)
+    load_s = time.perf_counter() - t0
+    causal = isinstance(model, CausalLM)
+    limit = model.config["max_position"] - (new_tokens + 1 if causal else 0)
+    n = max(1, min(prompt_tokens, limit))
+    ids = torch.randint(0, model.config["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {"variant": "dense-fp32" if dense else "rbe", "load_s": load_s, "prompt_tokens": n,
+                           "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        res = model(ids)
+        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        if causal:
+            logits, past = res
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                logits, past = model(tok, past)
+            out["decode_tok_s"] = new_tokens / (time.perf_counter() - t0)
+            out["new_tokens"] = new_tokens
+    out.update(base_rss_mb=base, peak_rss_mb=_rss_mb())
+    return out
+
+
+def bench(path: str, backend: str | None = None, prompt_tokens: int = 64, new_tokens: int = 32,
+          threads: int | None = None) -> list[dict[str, Any]]:
+    """Measure the .rbe model at ``path`` and its dense fp32 twin, one fresh process each
+    (``threads`` sets torch's intra-op threads; default: torch's choice)."""
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for dense in (False, True):
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(_run, (str(path), backend, dense, prompt_tokens, new_tokens, threads)))
+    return rows

@@ -1,0 +1,121 @@
+"""GPT-2 family from the HF safetensors layout.
+
+GPT-2's projections are ``Conv1D`` modules whose weights are stored (in, out), the transpose of
+``nn.Linear``; they stay in that layout in the .rbe and run through ``RBELinear(transposed=True)``.
+Checkpoints saved from ``GPT2Model`` have no name prefix, those from ``GPT2LMHeadModel`` use
+``transformer.``; the prefix is detected and kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import RBEFFN, RBEAttention, layer_norm
+from .common import CausalLM, LayerFactory, ModelError, Spec
+
+_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def mini_gpt2_config(vocab_size: int = 1024) -> dict[str, Any]:
+    """A transformers ``GPT2Config`` dict for a mini GPT-2 (2 layers, 256 wide, 4 heads): fast tests."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
+            "n_positions": 256, "n_embd": 256, "n_layer": 2, "n_head": 4, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, "tie_word_embeddings": True}
+
+
+class GPT2Spec(Spec):
+    name = "gpt2"
+    hf_model_types = ("gpt2",)
+    ignored = ("*.attn.bias", "*.attn.masked_bias")
+
+    @classmethod
+    def from_hf_config(cls, hf, names, extras=None):
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _ACT:
+            raise ModelError(f"gpt2: activation {act!r} is not supported")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ModelError(f"gpt2: {flag}=true is not supported")
+        if hf.get("scale_attn_weights") is False:
+            raise ModelError("gpt2: scale_attn_weights=false is not supported")
+        hidden = int(hf["n_embd"])
+        return {
+            "prefix": "transformer." if any(n.startswith("transformer.") for n in names) else "",
+            "vocab_size": int(hf["vocab_size"]), "hidden_size": hidden, "n_layers": int(hf["n_layer"]),
+            "n_heads": int(hf["n_head"]), "intermediate_size": int(hf.get("n_inner") or 4 * hidden),
+            "eps": float(hf.get("layer_norm_epsilon", 1e-5)), "max_position": int(hf["n_positions"]),
+            "activation": _ACT[act], "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
+            "hf_config": dict(hf),
+        }
+
+    @classmethod
+    def expected(cls, cfg):
+        p, h, i_sz, v = cfg["prefix"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+        req: dict[str, tuple[int, ...]] = {
+            f"{p}wte.weight": (v, h), f"{p}wpe.weight": (cfg["max_position"], h),
+            f"{p}ln_f.weight": (h,), f"{p}ln_f.bias": (h,),
+        }
+        for i in range(cfg["n_layers"]):
+            b = f"{p}h.{i}."
+            req.update({
+                f"{b}ln_1.weight": (h,), f"{b}ln_1.bias": (h,), f"{b}ln_2.weight": (h,), f"{b}ln_2.bias": (h,),
+                f"{b}attn.c_attn.weight": (h, 3 * h), f"{b}attn.c_attn.bias": (3 * h,),
+                f"{b}attn.c_proj.weight": (h, h), f"{b}attn.c_proj.bias": (h,),
+                f"{b}mlp.c_fc.weight": (h, i_sz), f"{b}mlp.c_fc.bias": (i_sz,),
+                f"{b}mlp.c_proj.weight": (i_sz, h), f"{b}mlp.c_proj.bias": (h,),
+            })
+        return req, {"lm_head.weight": (v, h)}
+
+    @classmethod
+    def model_class(cls):
+        return GPT2LMHead
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg, f: LayerFactory, b: str):
+        super().__init__()
+        h, eps = cfg["hidden_size"], cfg["eps"]
+        self.ln_1 = layer_norm(f.param(f"{b}ln_1.weight"), f.param(f"{b}ln_1.bias"), eps)
+        self.attn = RBEAttention(
+            qkv=f.linear(f"{b}attn.c_attn.weight", f"{b}attn.c_attn.bias", transposed=True),
+            o=f.linear(f"{b}attn.c_proj.weight", f"{b}attn.c_proj.bias", transposed=True),
+            n_heads=cfg["n_heads"], head_dim=h // cfg["n_heads"], causal=True)
+        self.ln_2 = layer_norm(f.param(f"{b}ln_2.weight"), f.param(f"{b}ln_2.bias"), eps)
+        self.mlp = RBEFFN(up=f.linear(f"{b}mlp.c_fc.weight", f"{b}mlp.c_fc.bias", transposed=True),
+                          down=f.linear(f"{b}mlp.c_proj.weight", f"{b}mlp.c_proj.bias", transposed=True),
+                          activation=cfg["activation"])
+
+    def forward(self, x, past=None):
+        a, cache = self.attn(self.ln_1(x), past=past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), cache
+
+
+class GPT2LMHead(CausalLM):
+    spec = GPT2Spec
+
+    def __init__(self, cfg, f: LayerFactory, tokenizer=None):
+        super().__init__(cfg, tokenizer)
+        p = cfg["prefix"]
+        self.wte = f.embedding(f"{p}wte.weight")
+        self.wpe = f.embedding(f"{p}wpe.weight")
+        self.blocks = nn.ModuleList(_Block(cfg, f, f"{p}h.{i}.") for i in range(cfg["n_layers"]))
+        self.ln_f = layer_norm(f.param(f"{p}ln_f.weight"), f.param(f"{p}ln_f.bias"), cfg["eps"])
+        self.lm_head = f.linear("lm_head.weight" if f.has("lm_head.weight") else f"{p}wte.weight")
+
+    def forward(self, ids: torch.Tensor, past=None):
+        """Logits (batch, time, vocab) and the per-layer KV cache."""
+        offset = 0 if past is None else past[0][0].shape[2]
+        if offset + ids.shape[1] > self.context_length:
+            raise ModelError(f"sequence of {offset + ids.shape[1]} tokens exceeds the context of {self.context_length}")
+        pos = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        x = self.wte(ids) + self.wpe(pos)[None]
+        caches = []
+        for i, block in enumerate(self.blocks):
+            x, c = block(x, None if past is None else past[i])
+            caches.append(c)
+        return self.lm_head(self.ln_f(x)), caches

@@ -1,0 +1,162 @@
+"""Checkpoint sources: a HF model directory, a lone .safetensors file, or a llama.cpp .gguf file.
+
+A ``Source`` knows the architecture spec, the normalised config, the tokenizer JSON, every tensor's
+name and shape, and loads one tensor at a time (``load``), so conversion can stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from .common import ModelError, Spec
+
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+
+@attrs.define
+class Source:
+    """One checkpoint opened for streaming; ``load(name)`` returns one float tensor (numpy or torch)."""
+
+    path: Path
+    spec: type[Spec]
+    config: dict[str, Any]
+    tokenizer_json: str | None
+    shapes: dict[str, tuple[int, ...]]
+    _loader: Any
+
+    def load(self, name: str):
+        return self._loader(name)
+
+
+def open_source(path: str | Path) -> Source:
+    """Open a HF directory, .safetensors file or .gguf file; ``ModelError`` for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_source(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _hf_source(path)
+    raise ModelError(f"{path}: not a HF model directory, .safetensors file or .gguf file")
+
+
+def _hf_source(path: Path) -> Source:
+    from safetensors import safe_open
+
+    from . import spec_for_hf
+
+    folder = path if path.is_dir() else path.parent
+    files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise ModelError(f"{folder}: no .safetensors weights (pytorch .bin checkpoints are not read: no pickle)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{folder}: no config.json beside the weights")
+    hf = json.loads(config_path.read_text())
+    handles, owner, shapes = [], {}, {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:
+            raise ModelError(f"{file}: not a readable safetensors file: {exc}") from exc
+        handles.append(handle)
+        for key in handle.keys():
+            owner[key] = handle
+            shapes[key] = tuple(handle.get_slice(key).get_shape())
+    spec = spec_for_hf(hf.get("model_type"))
+    extras = _sentence_transformers_extras(folder)
+    try:
+        cfg = spec.from_hf_config(hf, list(shapes), extras)
+    except KeyError as exc:
+        raise ModelError(f"{config_path}: missing key {exc}") from exc
+    tok = folder / "tokenizer.json"
+    return Source(path, spec, cfg, tok.read_text() if tok.is_file() else None, shapes,
+                  lambda name: owner[name].get_tensor(name))
+
+
+def _sentence_transformers_extras(folder: Path) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    modules = folder / "modules.json"
+    if modules.is_file():
+        kinds = [m.get("type", "") for m in json.loads(modules.read_text())]
+        extras["normalize"] = any(k.endswith("Normalize") for k in kinds)
+    st = folder / "sentence_bert_config.json"
+    if st.is_file():
+        extras["max_seq_length"] = json.loads(st.read_text()).get("max_seq_length")
+    return extras
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """GGUF key/values as Python values (strings, numbers, lists)."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field type this gguf version cannot render: not needed by rbe
+            continue
+    return out
+
+
+def gguf_tokenizer_json(kv: Mapping[str, Any]) -> str | None:
+    """A ``tokenizers`` JSON for a GGUF file's embedded byte-level BPE vocabulary and merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    kind = kv.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+    pre = kv.get("tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(kv.get("tokenizer.ggml.add_space_prefix", False)),
+                                          use_regex=True)
+    if pre == "smollm":  # llama.cpp: split every digit, then the GPT-2 regex
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("default", "gpt2", "gpt-2"):
+        pre_tok = byte_level
+    else:
+        raise ModelError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: default, gpt2, smollm)")
+    merges = [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tok
+    tok.decoder = decoders.ByteLevel()
+    types = kv.get("tokenizer.ggml.token_type") or []
+    special = [t for t, ty in zip(tokens, types, strict=False) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    bos = kv.get("tokenizer.ggml.bos_token_id")
+    if kv.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok.to_str()
+
+
+def _gguf_source(path: Path) -> Source:
+    import gguf
+
+    from . import get_spec
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable GGUF file: {exc}") from exc
+    kv = gguf_metadata(reader)
+    spec = get_spec(kv.get("general.architecture", "?"))
+    if not hasattr(spec, "from_gguf"):
+        raise ModelError(f"{path}: GGUF architecture {spec.name!r} is not supported (llama only)")
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    cfg = spec.from_gguf(kv, list(shapes))
+
+    def load(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
+
+    return Source(path, spec, cfg, gguf_tokenizer_json(kv), shapes, load)

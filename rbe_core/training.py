@@ -1,0 +1,344 @@
+"""Training in the compressed domain (issue 7).
+
+Two ways to train a model whose linear layers are ``RBELinear``:
+
+- **codec parameters** (``prepare_for_training(model)``): each layer's continuous codec parameters
+  (int8 row scales, int4 group scales and minima, ...) become torch Parameters. The forward runs
+  the backend's fused kernel on the codes *as stored* (parameters written back and rounded to
+  their storage type), the backward takes ``grad_input`` from the codes through the backend and
+  the parameter gradients from a ``DerivativeEngine`` (``autograd`` or ``cyclic``); the gradient
+  reaches the float32 shadow parameter straight through the storage rounding.
+- **quantization-aware** (``prepare_for_training(model, quantizer="lsq")``): each layer keeps a
+  float32 shadow weight; the forward sees ``quantizer.fake_quantize(shadow)`` on the codec's grid.
+
+Either way ``finalize(model)`` writes the trained values back into valid ``Encoded`` tensors, puts
+plain ``RBELinear`` layers back and returns ``{layer name: Encoded}`` for ``rbe_core.save``.
+
+A codec takes part by returning a :class:`TorchForm` from ``Codec.torch_form()``; built-in codecs
+whose modules predate that hook have theirs in ``rbe_plugins.torch_forms``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
+from .errors import RBEError
+from .layers import RBELinear
+from .registry import registry
+
+
+class TorchForm(abc.ABC):
+    """How training sees one codec.
+
+    Contract:
+    - ``fields``: names of the continuous parameters.
+    - ``params(encoded)``: ``{field: float64 ndarray}``, the values the decode uses now.
+    - ``decode(encoded, params)``: the (rows, cols) weight as a torch tensor computed from ``params``
+      (torch tensors of one float dtype and device; the result has that dtype) and ``encoded``'s
+      discrete fields; differentiable in ``params``; equals ``encoded.decode()`` to float32 rounding
+      when ``params == self.params(encoded)``.
+    - ``write(encoded, params)``: a valid ``Encoded`` of the same codec holding ``params`` rounded
+      to their storage type (numpy or torch values accepted).
+    - Optional uniform grid for quantization-aware training: ``grid(encoded)`` returns
+      ``(bits, signed, group)`` (``group`` None: one step per row; the steps are the field
+      ``scale``, the offsets ``minimum`` when unsigned) and ``pack(encoded, codes, step, offset)``
+      writes codes of shape (rows, groups, group) with steps/offsets of shape (rows, groups, 1)
+      into a payload; ``step_dtype`` is the storage type of steps and offsets.
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ()
+    step_dtype: ClassVar[str] = "float32"
+
+    def grid(self, encoded: Encoded) -> tuple[int, bool, int | None] | None:
+        return None
+
+    @abc.abstractmethod
+    def params(self, encoded: Encoded) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def decode(self, encoded: Encoded, params: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def write(self, encoded: Encoded, params: Mapping[str, Any]) -> Encoded: ...
+
+    def pack(self, encoded: Encoded, codes: np.ndarray, step: np.ndarray, offset: np.ndarray | None) -> Encoded:
+        raise NotImplementedError(f"{encoded.codec.codec_id} stores no uniform grid")
+
+
+def sin_cycle(t: torch.Tensor, order) -> torch.Tensor:
+    """``sin⁽ᵈ⁾(t) = sin(t + d·π/2)`` read from the Z/4 cycle (sin, cos, −sin, −cos); ``order`` is an
+    int or an integer tensor broadcastable to ``t`` (only its low 2 bits matter)."""
+    d = torch.as_tensor(order, device=t.device) % 4
+    base = torch.where(d % 2 == 0, torch.sin(t), torch.cos(t))
+    return torch.where(d >= 2, -base, base)
+
+
+class PhaseForm(TorchForm):
+    """A form whose weights are sums of products of factors read through the sin derivative
+    cycle (seed 002)::
+
+        v = Σ_terms coef · Π_k sin⁽ᵈᵏ⁾(arg_k),        W = place(v)
+
+    ``terms(encoded, params)`` returns ``[(coef, [(order, arg), ...]), ...]``: ``coef`` and each
+    ``arg`` are cheap (affine or product) torch functions of ``params``, broadcastable to ``v``;
+    ``order`` is the factor's 2-bit derivative counter (int tensor). ``place`` maps ``v`` to the
+    (rows, cols) weight and ``gather`` is its adjoint (dL/dW -> dL/dv). The ``cyclic`` engine
+    differentiates the factors from the cycle (d/dt sin⁽ᵈ⁾ = sin⁽ᵈ⁺¹⁾) instead of through autograd.
+    """
+
+    @abc.abstractmethod
+    def terms(self, encoded: Encoded, params: Mapping[str, torch.Tensor]) -> list: ...
+
+    @abc.abstractmethod
+    def place(self, encoded: Encoded, v: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def gather(self, encoded: Encoded, grad_w: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, encoded: Encoded, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = 0
+        for coef, factors in self.terms(encoded, params):
+            v = coef
+            for order, arg in factors:
+                v = v * sin_cycle(arg, order)
+            total = total + v
+        return self.place(encoded, total)
+
+
+def torch_form(codec: Codec) -> TorchForm:
+    """The codec's training form; raises ``RBEError`` naming the codec when it has none."""
+    form = codec.torch_form()
+    if form is None:
+        builtin = importlib.import_module("rbe_plugins.torch_forms").BUILTIN_FORMS
+        form = builtin.get(codec.codec_id)
+    if form is None:
+        raise RBEError(f"codec {codec.codec_id!r} has no torch form (Codec.torch_form); it cannot be trained "
+                       "in the compressed domain; use a quantizer (quantization-aware training) instead")
+    return form
+
+
+def _lookup(kind: str, name: str):
+    entry = registry().lookup(kind, name)
+    if entry is None:
+        known = ", ".join(sorted(registry().entries[kind])) or "none"
+        raise RBEError(f"unknown {kind[:-1]} {name!r}; registered: {known}")
+    return entry.obj
+
+
+def get_engine(name: str = "autograd") -> DerivativeEngine:
+    """A derivative engine instance by registered name."""
+    return _lookup("engines", name)()
+
+
+def get_quantizer(name: str, **kwargs) -> Quantizer:
+    """A quantizer instance by registered name (``kwargs`` go to its constructor)."""
+    return _lookup("quantizers", name)(**kwargs)
+
+
+def as_numpy(value) -> np.ndarray:
+    """float64 numpy view of a numpy array or torch tensor (detached, on the CPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+class _EngineLinear(torch.autograd.Function):
+    """y = x @ W.T + b (x @ W + b when transposed) from the stored codes; backward via the engine."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, *params):
+        encoded = layer.encoded
+        ctx.layer, ctx.encoded = layer, encoded
+        ctx.save_for_backward(x)
+        if layer.transposed:
+            out = layer.backend.linear_grad_input(x, encoded)
+            return out if bias is None else out + bias.to(out.dtype)
+        return layer.backend.linear(x, encoded, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        grad_out = grad_out.contiguous()
+        grad_input, grads = layer.engine.backward(ctx.encoded, x, grad_out, backend=layer.backend,
+                                                  transposed=layer.transposed)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        param_grads = [grads[f].to(p.dtype).reshape(p.shape) for f, p in zip(layer.fields, layer.shadow, strict=True)]
+        return (grad_input if ctx.needs_input_grad[0] else None, grad_bias, None, *param_grads)
+
+
+class TrainableRBELinear(nn.Module):
+    """An ``RBELinear`` whose codec parameters are trainable (see the module docstring).
+
+    ``shadow`` holds one float32 Parameter per field of the codec's torch form; ``encoded`` is the
+    layer's current codes (rewritten from the shadow when it changed).
+    """
+
+    def __init__(self, layer: RBELinear, engine: str | DerivativeEngine = "autograd", backend: Backend | None = None):
+        super().__init__()
+        self.form = torch_form(layer.encoded.codec)
+        self.engine = get_engine(engine) if isinstance(engine, str) else engine
+        self.backend = backend or layer.backend
+        self.transposed = layer.transposed
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.fields = self.form.fields
+        self.bias = layer.bias
+        values = self.form.params(layer.encoded)
+        self.shadow = nn.ParameterList(
+            [nn.Parameter(torch.from_numpy(values[f]).float()) for f in self.fields])
+        self._base = layer.encoded
+        self._cache: tuple[tuple[int, ...], Encoded] | None = None
+
+    @property
+    def encoded(self) -> Encoded:
+        key = tuple(p._version for p in self.shadow) + tuple(p.data_ptr() for p in self.shadow)
+        if self._cache is None or self._cache[0] != key:
+            written = self.form.write(self._base, dict(zip(self.fields, self.shadow, strict=True)))
+            self._cache = (key, written)
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _EngineLinear.apply(x, self.bias, self, *self.shadow)
+
+    def finalize(self) -> RBELinear:
+        """A plain ``RBELinear`` holding the trained codes."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return RBELinear(self.encoded, bias, self.backend, transposed=self.transposed)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"codec={self._base.codec.codec_id}, fields={list(self.fields)}, engine={self.engine.name}")
+
+
+class QATLinear(nn.Module):
+    """Quantization-aware training: a float32 shadow weight seen through ``quantizer.fake_quantize``.
+
+    With a uniform quantizer (``ste``/``lsq``) on a codec with a ``TorchForm.grid`` (int8, int4) the
+    quantizer works on exactly the codec's grid, is initialised from the stored steps and offsets
+    (so training starts from the compressed model) and ``finalize`` writes its codes and steps
+    into the payload. Otherwise (codebook quantizer, or codecs without a grid) the quantizer is
+    fitted to the shadow weight and ``finalize`` re-encodes the fake-quantized weight with the
+    layer's codec.
+    """
+
+    def __init__(self, layer: RBELinear, quantizer: str | Quantizer = "ste", **quantizer_kwargs):
+        super().__init__()
+        self._base = layer.encoded
+        self.backend, self.transposed = layer.backend, layer.transposed
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bias = layer.bias
+        rows, cols = self._base.matrix_shape
+        self.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(self._base.decode()).reshape(rows, cols)))
+        form = _form_or_none(self._base.codec)
+        grid = None if form is None else form.grid(self._base)
+        name = quantizer if isinstance(quantizer, str) else quantizer.name
+        # uniform quantizers (those with ``steps``) can work on the codec's own grid
+        self.on_grid = grid is not None and hasattr(_lookup("quantizers", name), "steps")
+        self.form = form if self.on_grid else None
+        if self.on_grid:
+            bits, signed, group = grid
+            self.group = group or cols
+            quantizer_kwargs = {"bits": bits, "signed": signed, "step_dtype": form.step_dtype, **quantizer_kwargs}
+        else:
+            self.group = cols
+        self.quantizer = get_quantizer(quantizer, **quantizer_kwargs) if isinstance(quantizer, str) else quantizer
+        with torch.no_grad():
+            if self.on_grid:
+                params = self.form.params(self._base)
+                step = torch.from_numpy(params["scale"]).float().reshape(rows, -1, 1)
+                offset = params.get("minimum")
+                self.quantizer.steps(step, None if offset is None else torch.from_numpy(offset).float().reshape(rows, -1, 1))
+            else:
+                self.quantizer.fit(self._groups(self.weight))
+        self.quantizer_params = nn.ParameterList(self.quantizer.parameters())
+
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
+        rows, cols = w.shape
+        pad = -cols % self.group
+        return F.pad(w, (0, pad)).reshape(rows, -1, self.group)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward sees, in stored (rows, cols) layout."""
+        rows, cols = self.weight.shape
+        return self.quantizer.fake_quantize(self._groups(self.weight)).reshape(rows, -1)[:, :cols]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().to(x.dtype)
+        if not self.transposed:
+            return F.linear(x, w, self.bias)
+        out = x @ w
+        return out if self.bias is None else out + self.bias
+
+    def finalize(self) -> RBELinear:
+        with torch.no_grad():
+            if self.on_grid:
+                step, offset = self.quantizer.stored_steps(np.dtype(self.form.step_dtype))
+                codes = self.quantizer.quantize(as_numpy(self._groups(self.weight)))
+                encoded = self.form.pack(self._base, codes, step, offset)
+            else:
+                w = self.quantized_weight().reshape(self._base.shape)
+                encoded = self._base.codec.encode(w, source=self._base.source)
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return RBELinear(encoded, bias, self.backend, transposed=self.transposed)
+
+
+def _form_or_none(codec: Codec) -> TorchForm | None:
+    try:
+        return torch_form(codec)
+    except RBEError:
+        return None
+
+
+_TRAINABLE = (TrainableRBELinear, QATLinear)
+
+
+def prepare_for_training(model: nn.Module, *, engine: str = "autograd", quantizer: str | None = None,
+                         backend: Backend | None = None, **quantizer_kwargs) -> list[str]:
+    """Replace every ``RBELinear`` in ``model`` (in place) by a trainable layer; return their names.
+
+    Without ``quantizer`` the codec parameters train through ``engine`` (``TrainableRBELinear``);
+    with one, each layer trains a shadow weight through that quantizer (``QATLinear``). Every other
+    parameter of ``model`` is frozen (``requires_grad=False``) except the replaced layers' biases.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, RBELinear):
+            continue
+        if quantizer is None:
+            new = TrainableRBELinear(module, engine, backend)
+        else:
+            new = QATLinear(module, quantizer, **quantizer_kwargs)
+        if new.bias is not None:
+            new.bias.requires_grad_(True)
+        _set_child(model, name, new)
+        names.append(name)
+    return names
+
+
+def finalize(model: nn.Module) -> dict[str, Encoded]:
+    """Put plain ``RBELinear`` layers back (in place); return ``{layer name: trained Encoded}``."""
+    out = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _TRAINABLE):
+            layer = module.finalize()
+            _set_child(model, name, layer)
+            out[name] = layer.encoded
+    return out
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("prepare_for_training needs a model containing RBELinear layers, not one itself")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,58 @@
+"""Build hook for the cffi backend's C kernels; all metadata lives in pyproject.toml.
+
+``cffi_modules`` builds ``rbe_backends.cffi._kernels`` (API mode) from the portable sources.
+``BuildExt`` additionally compiles each per-ISA source with its own flags (AVX2+FMA,
+AVX-512F+BW) when the *target* is x86, links the objects in and defines ``RBE_WITH_X86_SIMD``;
+which path runs is decided at run time in C (``__builtin_cpu_supports``), never from the build
+machine's CPU. The extension is optional: if it cannot be compiled, rbe still installs and the
+``cffi`` backend reports itself unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends", "cffi"))
+import build_ffi  # noqa: E402  (the cffi build script, also named in cffi_modules)
+
+sys.path.pop(0)
+
+
+def _x86_target() -> bool:
+    plat = sysconfig.get_platform().lower()
+    return any(tag in plat for tag in ("x86_64", "amd64", "i686", "i386")) and os.name == "posix"
+
+
+class BuildExt(build_ext):
+    """build_ext that adds the separately-flagged ISA objects to the cffi kernel module."""
+
+    def build_extension(self, ext):
+        if ext.name == build_ffi.MODULE and _x86_target() and self.compiler.compiler_type == "unix":
+            try:
+                objects = []
+                for name, flags in build_ffi.ISA_SOURCES.items():
+                    src = os.path.relpath(os.path.join(build_ffi.SRC, name))
+                    objects += self.compiler.compile(
+                        [src],
+                        output_dir=self.build_temp,
+                        include_dirs=[os.path.relpath(build_ffi.SRC)],
+                        extra_postargs=[*build_ffi.COMMON_FLAGS, *flags],
+                        debug=self.debug,
+                    )
+            except CompileError as exc:
+                self.warn(
+                    f"rbe: SIMD kernels not built ({exc}); the cffi backend will run scalar only"
+                )
+            else:
+                ext.extra_objects = [*ext.extra_objects, *objects]
+                ext.define_macros = [*ext.define_macros, ("RBE_WITH_X86_SIMD", "1")]
+        super().build_extension(ext)
+
+
+setup(cffi_modules=["backends/cffi/build_ffi.py:ffibuilder"], cmdclass={"build_ext": BuildExt})

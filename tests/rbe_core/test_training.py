@@ -1,0 +1,113 @@
+"""Training in the compressed domain: trainable layers, a tiny fit, finalize -> save -> open."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rbe_core
+from rbe_core.layers import RBELinear
+from rbe_core.training import QATLinear, TrainableRBELinear, finalize, prepare_for_training
+
+SETUPS = [
+    ({"id": "int8"}, {}),
+    ({"id": "int4", "group_size": 16}, {}),
+    ({"id": "packed128", "block": 8}, {"engine": "cyclic"}),
+    ({"id": "cyclic16", "group_size": 16}, {"engine": "cyclic"}),
+    ({"id": "int8"}, {"quantizer": "ste"}),
+    ({"id": "int4", "group_size": 16}, {"quantizer": "lsq"}),
+    ({"id": "int4", "group_size": 16}, {"quantizer": "codebook", "bits": 4}),
+]
+
+
+def _ids(setup):
+    cfg, kw = setup
+    return f"{cfg['id']}-{kw.get('quantizer') or kw.get('engine', 'autograd')}"
+
+
+def _model(cfg, backend, transposed_last=False):
+    gen = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(32, 24, generator=gen) * 0.3, torch.randn(8, 32, generator=gen) * 0.3
+    codec = rbe_core.get_codec(cfg)
+    last = RBELinear.from_encoded(codec.encode(w2.T.contiguous() if transposed_last else w2), torch.zeros(8),
+                                  backend, transposed=transposed_last)
+    return nn.Sequential(RBELinear.from_encoded(codec.encode(w1), torch.zeros(32), backend), nn.Tanh(), last)
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=_ids)
+def test_training_reduces_loss_and_finalizes(setup, backend, tmp_path):
+    cfg, kw = setup
+    model = _model(cfg, backend)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 24, generator=gen)
+    with torch.no_grad():
+        target = model(x) * 1.3 + 0.1  # a nearby function the codes must move to reach
+    names = prepare_for_training(model, **kw)
+    assert names == ["0", "2"]
+    layer_type = QATLinear if "quantizer" in kw else TrainableRBELinear
+    assert all(isinstance(model[int(n)], layer_type) for n in names)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=2e-3)
+    losses = []
+    for _ in range(15):
+        loss = ((model(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        trained_out = model(x)
+    assert np.mean(losses[-3:]) < 0.8 * losses[0]
+    snapped = {n: model[int(n)].quantized_weight().detach() for n in names if isinstance(model[int(n)], QATLinear)}
+    encoded = finalize(model)
+    assert set(encoded) == {"0", "2"} and all(isinstance(m, RBELinear) for m in (model[0], model[2]))
+    with torch.no_grad():
+        final_out = model(x)
+    if kw.get("quantizer") == "codebook":  # no codec stores a codebook: the snapped weight is re-encoded
+        for n, w in snapped.items():
+            np.testing.assert_array_equal(encoded[n].decode(), rbe_core.get_codec(cfg).encode(w).decode())
+    else:  # engines and on-grid quantizers write exactly what the forward trained on
+        torch.testing.assert_close(final_out, trained_out, rtol=1e-5, atol=1e-5)
+    path = rbe_core.save(tmp_path / "trained.rbe", encoded)
+    with rbe_core.open(path) as f:
+        for name, enc in encoded.items():
+            assert f[name].codec.get_config() == enc.codec.get_config()
+            np.testing.assert_array_equal(f[name].decode(), enc.decode())
+
+
+@pytest.mark.parametrize("engine", ["autograd", "cyclic"])
+def test_trainable_layer_gradients_match_dense_reference(engine, backend):
+    model = _model({"id": "packed128", "block": 8}, backend, transposed_last=True)
+    prepare_for_training(model, engine=engine)
+    layer = model[2]
+    assert layer.transposed
+    x = torch.randn(5, 32, requires_grad=True)
+    out = layer(x)
+    params = {f: p.detach().double().clone().requires_grad_() for f, p in zip(layer.fields, layer.shadow, strict=True)}
+    w = layer.form.decode(layer.encoded, params)
+    x64 = x.detach().double().requires_grad_()
+    ref = x64 @ w + layer.bias.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    up = torch.randn_like(out)
+    (out * up).sum().backward()
+    (ref * up.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    for f, p in zip(layer.fields, layer.shadow, strict=True):
+        torch.testing.assert_close(p.grad.double(), params[f].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_freezes_everything_else(backend):
+    model = _model({"id": "int8"}, backend)
+    model.append(nn.LayerNorm(8))
+    prepare_for_training(model)
+    assert not any(p.requires_grad for p in model[3].parameters())
+    assert model[0].bias.requires_grad and all(p.requires_grad for p in model[0].shadow)
+
+
+def test_untrainable_codec_names_itself(backend):
+    enc = rbe_core.get_codec("raw").encode(np.ones((4, 4), np.float32))
+    model = nn.Sequential(RBELinear.from_encoded(enc, None, backend))
+    with pytest.raises(rbe_core.RBEError, match="'raw' has no torch form"):
+        prepare_for_training(model)
