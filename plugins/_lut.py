@@ -60,6 +60,12 @@ class LutGroupCodec(Codec):
         code = codes[nearest_level(target, levels)]
         return Encoded(self, w.shape, {"code": code, "scale": scale}, dtype=dtype, source=source)
 
+    def torch_form(self):
+        """Training form (``rbe_plugins.torch_forms``; imports torch on first use)."""
+        from .torch_forms import FORMS
+
+        return FORMS[self.codec_id]
+
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)
         cols_p = round_up(cols, self.group_size)

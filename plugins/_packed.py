@@ -158,6 +158,12 @@ class PackedCodec(Codec):
         rows, cols = matrix_shape(shape)
         return round_up(rows, self.block) // self.block, round_up(cols, self.block) // self.block
 
+    def torch_form(self):
+        """Training form (``rbe_plugins.torch_forms``; imports torch on first use)."""
+        from .torch_forms import FORMS
+
+        return FORMS[self.codec_id]
+
     def validate(self, encoded: Encoded) -> None:
         if len(encoded.shape) < 2:
             raise RBEFormatError(f"{self.codec_id}: shape {list(encoded.shape)} is not 2-D or more")

@@ -36,6 +36,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
+from rbe_core.calibration import Gram
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 
 _SCALE_LEVELS = 255
@@ -227,6 +228,16 @@ def hessian(
     return h / x.shape[0]
 
 
+def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
+    """``R H Rᵀ`` (float64, cols_p²) of a :class:`rbe_core.calibration.Gram` (un-rotated ``XᵀX``)."""
+    h = np.asarray(gram.hessian, dtype=np.float64)
+    if h.shape != (cols, cols) or not np.isfinite(h).all():
+        raise InvalidWeightError(f"calibration Gram must be a finite ({cols}, {cols}) matrix, got {h.shape}")
+    hp = np.zeros((cols_p, cols_p), dtype=np.float64)
+    hp[:cols, :cols] = h
+    return rotate(np.ascontiguousarray(rotate(hp, signs, blocks).T), signs, blocks)
+
+
 def gptq(
     wr: np.ndarray, steps: np.ndarray, h: np.ndarray, bits: int, damp: float, act_order: bool
 ) -> np.ndarray:
@@ -280,6 +291,8 @@ class HadamardCodec(Codec):
     """Randomized-Hadamard rotation, 8-bit group scales, GPTQ (or RTN) ``bits``-bit codes."""
 
     codec_id = "hadamard"
+    #: ``encode`` uses calibration (activations or a ``Gram``): conversion passes it layer by layer.
+    accepts_calibration = True
 
     bits: int = attrs.field(default=4, validator=_bits_ok)
     group_size: int = attrs.field(default=64, validator=_pow2("group_size"))
@@ -300,7 +313,7 @@ class HadamardCodec(Codec):
         return cols_p, sign_vector(cols_p, self.seed), hadamard_blocks(cols_p, self.max_block)
 
     def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
-        """Encode; ``calibration`` (…, cols) activations switch rounding from RTN to GPTQ."""
+        """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches RTN to GPTQ."""
         w, dtype = as_weight(weight)
         rows, cols = matrix_shape(w.shape)
         cols_p, signs, blocks = self.layout(cols)
@@ -312,7 +325,10 @@ class HadamardCodec(Codec):
         if calibration is None:
             q = round_nearest(wr, steps, self.bits)
         else:
-            h = hessian(calibration, cols, cols_p, signs, blocks)
+            if isinstance(calibration, Gram):
+                h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
+            else:
+                h = hessian(calibration, cols, cols_p, signs, blocks)
             q = gptq(wr, steps, h, self.bits, float(self.damp), self.act_order)
         payload = {
             "codes": pack_codes(q, self.bits),
@@ -361,6 +377,12 @@ class HadamardCodec(Codec):
         xp = np.zeros((x.shape[0], cols_p), dtype=np.float32)
         xp[:, :cols] = x
         return rotate(xp, signs, blocks)
+
+    def torch_form(self):
+        """Training form (``rbe_plugins.torch_forms_hadamard``; imports torch on first use)."""
+        from .torch_forms_hadamard import FORM
+
+        return FORM
 
 
 @hookimpl

@@ -58,6 +58,12 @@ class Int4Codec(Codec):
         q = pack_nibbles(q.reshape(rows, -1))
         return Encoded(self, w.shape, {"q": q, "scale": scale, "minimum": minimum}, dtype=dtype, source=source)
 
+    def torch_form(self):
+        """Training form (``rbe_plugins.torch_forms``; imports torch on first use)."""
+        from .torch_forms import FORMS
+
+        return FORMS[self.codec_id]
+
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)
         cols_p = self._padded_cols(cols)

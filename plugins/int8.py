@@ -11,7 +11,7 @@ import numpy as np
 
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
-from rbe_core.arrays import as_weight, matrix_shape
+from rbe_core.arrays import as_weight, matrix_shape, row_chunks
 
 
 @attrs.define(frozen=True)
@@ -20,11 +20,22 @@ class Int8Codec(Codec):
 
     def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
         w, dtype = as_weight(weight)
-        w2 = w.reshape(matrix_shape(w.shape))
-        scale = (np.abs(w2).max(axis=1) / 127.0).astype(np.float32)
-        safe = np.where(scale > 0, scale, np.float32(1.0))
-        q = np.clip(np.rint(w2 / safe[:, None]), -127, 127).astype(np.int8)
+        rows, cols = matrix_shape(w.shape)
+        w2 = w.reshape(rows, cols)
+        scale = np.empty(rows, np.float32)
+        q = np.empty((rows, cols), np.int8)
+        for start, stop in row_chunks(rows, cols):  # bounded temporaries, even for embeddings
+            block = w2[start:stop]
+            scale[start:stop] = np.abs(block).max(axis=1) / np.float32(127.0)
+            safe = np.where(scale[start:stop] > 0, scale[start:stop], np.float32(1.0))
+            q[start:stop] = np.clip(np.rint(block / safe[:, None]), -127, 127)
         return Encoded(self, w.shape, {"q": q, "scale": scale}, dtype=dtype, source=source)
+
+    def torch_form(self):
+        """Training form (``rbe_plugins.torch_forms``; imports torch on first use)."""
+        from .torch_forms import FORMS
+
+        return FORMS[self.codec_id]
 
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)

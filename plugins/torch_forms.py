@@ -1,7 +1,7 @@
 """Training forms (``rbe_core.training.TorchForm``) of the built-in codecs.
 
-These codecs were written before ``Codec.torch_form`` existed; ``rbe_core.training.torch_form``
-falls back to ``BUILTIN_FORMS`` for them. Each form mirrors its codec's decode in torch (see the
+Each codec's ``torch_form()`` returns its entry of ``FORMS``; this module imports torch, so codecs
+import it only when training asks for a form. Each form mirrors its codec's decode in torch (see the
 codec modules for the layouts) and writes trained values back with the codec's own packing.
 
 - ``int8``: ``scale`` (rows,).            - ``int4``: ``scale``, ``minimum`` (rows, groups).
@@ -223,7 +223,7 @@ class PackedForm(PhaseForm):
         return _rebuild(encoded, {"code": encoded.codec.pack(q)})
 
 
-BUILTIN_FORMS: dict[str, TorchForm] = {
+FORMS: dict[str, TorchForm] = {
     "int8": Int8Form(),
     "int4": Int4Form(),
     "cyclic8": LutScaleForm(),

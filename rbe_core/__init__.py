@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 
 #: Model and layer API, imported on first use so ``import rbe_core`` (and every plugin) stays torch-free.
 _LAZY = {"compress_model": "convert", "export_hf": "convert", "load_model": "convert",
-         "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers"}
+         "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers",
+         "RBETensor": "tensor", "finetune": "finetuning"}
 
 
 def __getattr__(name: str):
@@ -54,8 +55,10 @@ __all__ = [
     "RBEEmbedding",
     "RBEFFN",
     "RBELinear",
+    "RBETensor",
     "compress_model",
     "export_hf",
+    "finetune",
     "get_backend",
     "get_codec",
     "hookimpl",

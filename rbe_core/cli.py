@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -20,8 +21,39 @@ def _fail(exc: Exception) -> None:
 
 @click.group()
 @click.version_option(rbe_core.__version__, prog_name="rbe")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log what rbe decides (e.g. the automatic backend) to stderr.")
+def main(verbose: bool) -> None:
     """Compress neural-network weights into block codes and run them."""
+    _log_to_stderr(verbose)
+
+
+_HANDLER_NAME = "rbe-cli"
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    """Route the ``rbe`` logger's INFO messages to stderr when ``verbose`` (once per process)."""
+    logger = logging.getLogger("rbe")
+    for h in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+        logger.removeHandler(h)
+    if verbose:
+        handler = logging.StreamHandler(click.get_text_stream("stderr"))
+        handler.set_name(_HANDLER_NAME)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def backend_option(help_text: str = "Compute backend (default: $RBE_BACKEND or the best available, logged with -v)."):
+    """The ``--backend NAME`` option shared by every command that computes."""
+    return click.option("--backend", default=None, metavar="NAME", help=help_text)
+
+
+def _check_backend(name: str | None) -> str:
+    """Resolve the backend now (by name, ``$RBE_BACKEND`` or the best available), so an unknown or
+    unavailable one fails with its reason before any work; returns the name."""
+    try:
+        return rbe_core.get_backend(name).name
+    except RBEError as exc:
+        _fail(exc)
 
 
 @main.command()
@@ -105,12 +137,14 @@ def _model_errors():
 @click.option("--target-bpw", type=float, default=None, help="Pick codec settings so the average bits/weight <= X.")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="JSON {tensor-name glob: codec}.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tensors encoded in parallel.")
-@click.option("--backend", default=None, help="Run the converted model once on this backend before writing.")
+@backend_option("Run the converted model once on this backend before writing (default: no check run).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
     if codec is not None and target_bpw is not None:
         _fail(click.UsageError("give --codec or --target-bpw, not both"))
+    if backend is not None:
+        _check_backend(backend)
     if codec is not None and codec.lstrip().startswith("{"):
         try:
             codec = json.loads(codec)
@@ -132,6 +166,7 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet):
 def _load(path: str, backend: str | None):
     from .convert import load_model
 
+    backend = _check_backend(backend)
     try:
         return load_model(path, backend)
     except _model_errors() as exc:
@@ -146,7 +181,7 @@ def _load(path: str, backend: str | None):
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
-@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+@backend_option()
 def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend):
     """Continue PROMPT with the language model in PATH, streaming tokens; stops at EOS."""
     model = _load(path, backend)
@@ -161,7 +196,7 @@ def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend):
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.argument("sentences", nargs=-1, required=True)
-@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+@backend_option()
 def embed(path, sentences, backend):
     """Print sentence embeddings of SENTENCES as JSON ({"model", "dim", "embeddings"})."""
     model = _load(path, backend)
@@ -189,13 +224,15 @@ def export(path, out):
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--backend", default=None, help="Compute backend for the compressed model.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (default: torch's).")
+@backend_option("Compute backend for the compressed model (default: $RBE_BACKEND or the best available).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch intra-op and cffi threads (default: each one's own choice).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
     """Prefill/decode tokens per second and peak memory: the .rbe model vs the same model dense fp32."""
     from .models.bench import bench as run_bench
 
+    backend = _check_backend(backend)
     _load(path, backend)  # fail fast with a clear message before spawning workers
     try:
         rows = run_bench(path, backend, prompt_tokens, new_tokens, threads)
@@ -206,9 +243,43 @@ def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
         return
     for r in rows:
         decode = f"decode {r['decode_tok_s']:8.1f} tok/s" if "decode_tok_s" in r else "decode      n/a"
-        click.echo(f"{r['variant']:<10} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prompt_tokens']} tokens)  {decode}  "
+        click.echo(f"{r['variant'] + ' ' + r.get('backend', 'torch'):<16} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prompt_tokens']} tokens)  {decode}  "
                    f"peak RSS {r['peak_rss_mb']:7.1f} MB (after imports {r['base_rss_mb']:.1f} MB)  load {r['load_s']:.2f}s  "
-                   f"threads {r['threads']}")
+                   f"threads {r['threads']}  load {r['load_avg']:.2f}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text to train on.")
+@click.option("--steps", required=True, type=click.IntRange(1), help="Optimizer steps (in total, resumed ones included).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
+@click.option("--teacher", default=None, type=click.Path(exists=True), help="Uncompressed model to distil from "
+              "(HF dir, .safetensors, .gguf or .rbe); without it: LM loss (encoders: contrastive).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(2), default=1024, show_default=True, help="Tokens per step.")
+@click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--engine", default="autograd", show_default=True, help="Derivative engine for the codec parameters.")
+@click.option("--quantizer", default=None, help="Train shadow weights through this quantizer instead (ste, lsq, ...).")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True, help="0 = no checkpoints.")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False), help="Default: OUT.ckpt")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine, quantizer, checkpoint_every,
+             checkpoint_dir, resume, seed, backend, quiet):
+    """Train the codec parameters of the model in PATH on the text in --data; write the result to OUT."""
+    from .finetuning import finetune as run_finetune
+
+    try:
+        res = run_finetune(path, data, out, steps=steps, teacher=teacher, lr=lr, batch_tokens=batch_tokens,
+                           seq_len=seq_len, engine=engine, quantizer=quantizer, checkpoint_every=checkpoint_every,
+                           checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, backend=backend,
+                           progress=not quiet)
+    except _model_errors() as exc:
+        _fail(exc)
+    last = f", final loss {res.losses[-1]:.4f}" if res.losses else ""
+    click.echo(f"wrote {res.path}: steps {res.start_step}..{res.steps}{last}", err=True)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import struct
+import tempfile
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from .abc import Encoded
 from .errors import ChecksumError, RBEError, RBEFormatError
@@ -42,37 +44,173 @@ def _as_encoded(name: str, value) -> Encoded:
     raise TypeError(f"tensor {name!r}: expected an Encoded value or an array, got {type(value).__name__}")
 
 
+#: numpy dtype -> safetensors dtype code, in the order safetensors itself lays tensors out
+#: (descending alignment, so every tensor stays aligned when the data section starts 8-aligned).
+_ST_DTYPES = {np.dtype(t): code for t, code in [
+    ("uint64", "U64"), ("int64", "I64"), ("float64", "F64"), ("complex64", "C64"), ("float32", "F32"),
+    ("uint32", "U32"), ("int32", "I32"), ("float16", "F16"), ("uint16", "U16"), ("int16", "I16"),
+    ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL")]}
+_ST_RANK = {code: i for i, code in enumerate(_ST_DTYPES.values())}
+_COPY_CHUNK = 4 << 20
+
+
+def _remove(fh, *paths: Path) -> None:
+    if fh is not None:
+        fh.close()
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
+    """Append ``length`` bytes of ``src_fd`` starting at ``offset`` to the file object ``dst``."""
+    while length > 0:
+        chunk = os.pread(src_fd, min(length, _COPY_CHUNK), offset)
+        if not chunk:
+            raise OSError(f"spill file ended {length} bytes early")
+        dst.write(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+
+
+class Writer:
+    """Streams encoded tensors into an .rbe file without holding them in memory.
+
+    ``add(name, value)`` appends the payload bytes of one tensor (an ``Encoded``, or an array
+    stored with the ``raw`` codec) to a hidden spill file next to ``path`` and keeps only its
+    small header. ``close()`` writes the safetensors file (header, then the payloads copied from
+    the spill file in safetensors' own order), fsyncs it and renames it onto ``path``. The user
+    metadata can be given to the constructor, updated through ``.metadata`` at any time, or passed
+    to ``close()`` (a converter knows it only at the end).
+
+    As a context manager the writer closes on a normal exit and aborts on any exception
+    (KeyboardInterrupt included): nothing is left at ``path`` or in its directory. Duplicate names
+    raise ``ValueError``; a writer that was closed or aborted refuses further use.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None):
+        self.path = Path(path)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._headers: dict[str, dict[str, Any]] = {}
+        self._entries: list[tuple[str, str, tuple[int, ...], int, int]] = []  # key, code, shape, at, n
+        self._keys: set[str] = set()
+        self._size = 0
+        fd, spill = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".spill", dir=self.path.parent)
+        self._spill_path = Path(spill)
+        self._spill = builtins.open(fd, "wb")
+        self._tmp = self._spill_path.with_suffix(".tmp")
+        self._cleanup = weakref.finalize(self, _remove, self._spill, self._spill_path, self._tmp)
+
+    @property
+    def closed(self) -> bool:
+        return not self._cleanup.alive
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._headers
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"writer for {self.path} is closed")
+
+    def add(self, name: str, value) -> None:
+        """Append tensor ``name``; its payload goes to disk now and is not kept."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if name in self._headers:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        enc = _as_encoded(name, value)
+        arrays = {f"{name}/{field}": np.ascontiguousarray(arr) for field, arr in enc.payload.items()}
+        for key, arr in arrays.items():
+            if key in self._keys:
+                raise ValueError(f"payload key {key!r} of tensor {name!r} collides with an earlier tensor")
+            if arr.dtype.newbyteorder("=") not in _ST_DTYPES:
+                raise TypeError(f"tensor {name!r}: payload dtype {arr.dtype} cannot be stored in safetensors")
+        header = enc.header(plugin=codec_plugin(enc.codec.codec_id))
+        entries, at = [], self._size
+        try:
+            for key, arr in arrays.items():
+                self._spill.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+                entries.append((key, _ST_DTYPES[arr.dtype.newbyteorder("=")], arr.shape, at, arr.nbytes))
+                at += arr.nbytes
+        except BaseException:
+            self._spill.seek(self._size)  # drop this tensor's partial bytes; the writer stays usable
+            self._spill.truncate()
+            raise
+        self._entries += entries
+        self._keys.update(arrays)
+        self._size = at
+        self._headers[name] = header
+
+    def _header_bytes(self) -> tuple[bytes, list[tuple[str, str, tuple[int, ...], int, int]]]:
+        meta = {
+            "rbe.format": FORMAT_VERSION,
+            "rbe.tensors": json.dumps(self._headers, sort_keys=True),
+            "rbe.metadata": json.dumps(self.metadata, sort_keys=True),
+        }
+        order = sorted(self._entries, key=lambda e: (_ST_RANK[e[1]], e[0]))
+        header: dict[str, Any] = {"__metadata__": meta}
+        offset = 0
+        for key, code, shape, _, n in order:
+            header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        return blob + b" " * (-len(blob) % 8), order
+
+    def close(self, metadata: Mapping[str, Any] | None = None, *, check=None) -> Path:
+        """Write the file and rename it onto ``path``; return ``path``.
+
+        ``metadata`` (when given) replaces ``.metadata``. ``check(tmp_path)``, when given, is called
+        with the complete temporary file before the rename; if it raises, nothing is written.
+        """
+        self._check_open()
+        try:
+            if metadata is not None:
+                self.metadata = dict(metadata)
+            blob, order = self._header_bytes()
+            self._spill.flush()
+            src = self._spill.fileno()
+            with builtins.open(self._tmp, "xb") as out:
+                out.write(struct.pack("<Q", len(blob)))
+                out.write(blob)
+                for _, _, _, at, n in order:
+                    _copy_range(src, out, at, n)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(self._tmp, 0o666 & ~_UMASK)
+            if check is not None:
+                check(self._tmp)
+            os.replace(self._tmp, self.path)
+        finally:
+            self._cleanup()
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written so far (idempotent)."""
+        self._cleanup()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self.closed:
+            self.close()
+
+
 def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``tensors`` (name -> Encoded, or a plain array stored with the ``raw`` codec) atomically.
 
-    The file appears at ``path`` only when complete: it is written to a temporary file in the
-    same directory and renamed; an interrupted write leaves nothing behind.
+    The file appears at ``path`` only when complete (see ``Writer``); an interrupted write leaves
+    nothing behind.
     """
-    path = Path(path)
-    headers: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        enc = _as_encoded(name, value)
-        headers[name] = enc.header(plugin=codec_plugin(enc.codec.codec_id))
-        for field, arr in enc.payload.items():
-            arrays[f"{name}/{field}"] = np.ascontiguousarray(arr)
-    meta = {
-        "rbe.format": FORMAT_VERSION,
-        "rbe.tensors": json.dumps(headers, sort_keys=True),
-        "rbe.metadata": json.dumps(dict(metadata or {}), sort_keys=True),
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.numpy.save_file(arrays, str(tmp), metadata=meta)
-        with builtins.open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files; follow the umask like open()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with Writer(path, metadata) as writer:
+        for name, value in tensors.items():
+            writer.add(name, value)
+    return writer.path
 
 
 def _parse_headers(raw: Mapping[str, str] | None, keys: set[str]) -> tuple[dict[str, dict], dict]:

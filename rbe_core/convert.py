@@ -1,8 +1,9 @@
 """Model conversion (``compress_model``), loading (``load_model``) and HF export (``export_hf``).
 
 Conversion streams the source tensor by tensor: each is loaded (dequantized for GGUF), encoded
-and dropped, so the working set is about two copies of the largest tensor plus the encoded
-output accumulated for the final atomic ``save``. Norms and biases (1-D tensors) stay ``raw``.
+and streamed to disk through ``container.Writer``, so the working set is about two copies of the
+largest tensor plus a fixed overhead; the output appears atomically at the end. Norms and biases
+(1-D tensors) stay ``raw``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from .abc import Encoded
+from .container import Writer
 from .container import open as open_rbe
-from .container import save
 from .models import build_model, get_spec, model_metadata
 from .models.common import ModelError, RBEModel
 from .models.sources import open_source
@@ -34,10 +35,8 @@ DEFAULT_CODEC = "int8"
 
 #: Codec settings ``target_bpw`` chooses from, in order of preference (best quality first).
 #: Unregistered ones are skipped, so a new codec joins by adding its config here.
-CANDIDATES: list[dict[str, Any]] = [
-    {"id": "int8"},
-    {"id": "int4", "group_size": 64},
-]
+#: The flagship ``hadamard`` codec at 8..2 bits; with calibration the bits are allocated per tensor.
+CANDIDATES: list[dict[str, Any]] = [{"id": "hadamard", "bits": b} for b in (8, 6, 5, 4, 3, 2)]
 
 RAW = {"id": "raw"}
 
@@ -116,14 +115,18 @@ def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | No
 
 def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
                    target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
-                   verify_backend: str | None = None) -> Path:
+                   verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None) -> Path:
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
     ``CANDIDATES`` so the average bits/weight over compressed (non-raw) tensors is at most that;
     ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
-    ``verify_backend`` runs the converted model once on that backend before writing. Raises
-    ``ModelError`` on bad input; the output appears only when complete (atomic save).
+    ``verify_backend`` runs the converted model (read back from the complete temporary file) once
+    on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
+    off) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
+    weight by sensitivity and weights are encoded layer-sequentially with GPTQ
+    (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
+    when complete, and an error or Ctrl-C leaves nothing behind.
     """
     if codec is not None and target_bpw is not None:
         raise ModelError("give either a codec or a target bits/weight, not both")
@@ -135,9 +138,20 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     default = None if target_bpw is not None else dict(get_codec(codec or DEFAULT_CODEC).get_config())
     budget = _Budget(target_bpw) if target_bpw is not None else None
     plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
+    pre: dict[str, Encoded] = {}
+    if calibration is not False and (budget is not None or getattr(get_codec(default or RAW), "accepts_calibration", False)):
+        from .calibration import calibrated_encodings, read_text
+
+        candidates = [c for c in CANDIDATES if c["id"] in list_codecs()]
+        try:
+            pre = calibrated_encodings(source, names, plans, target_bpw, read_text(None if calibration is True else calibration),
+                                       candidates, jobs=jobs, progress=progress)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from exc
+        plans.update({n: dict(e.codec.get_config()) for n, e in pre.items()})
 
     def encode_with(name: str, codec_obj) -> Encoded:
-        return codec_obj.encode(source.load(name), source=name)
+        return pre.pop(name) if name in pre else codec_obj.encode(source.load(name), source=name)
 
     def task(name: str):
         conf = plans[name]
@@ -146,12 +160,11 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
         i = budget.first_guess(math.prod(source.shapes[name]))
         return i, encode_with(name, budget.codecs[i])
 
-    encoded: dict[str, Encoded] = {}
     sizes = {n: math.prod(source.shapes[n]) for n in names}
     # fixed-codec tensors first so the budget knows what they cost before choosing for the rest
     order = sorted(names, key=lambda n: plans[n] is None)
-    bar = _progress(sum(sizes.values()), progress)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    with Writer(out) as writer, ThreadPoolExecutor(max(1, jobs)) as pool:
+        bar = _progress(sum(sizes.values()), progress)
         try:
             window = max(1, jobs)
             futures = {n: pool.submit(task, n) for n in order[:window]}
@@ -166,7 +179,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
                 elif budget is not None and plans[name]["id"] != "raw":
                     budget.bits += 8.0 * enc.nbytes
                     budget.weights += enc.numel
-                encoded[name] = enc
+                writer.add(name, enc)
                 bar.update(sizes[name])
         except BaseException:
             for f in futures.values():
@@ -174,10 +187,9 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
             raise
         finally:
             bar.close()
-    metadata = model_metadata(source.spec, source.config, source.tokenizer_json)
-    if verify_backend is not None:
-        _smoke_test(build_model(metadata, encoded, get_backend(verify_backend)))
-    return save(out, encoded, metadata)
+        metadata = model_metadata(source.spec, source.config, source.tokenizer_json)
+        check = None if verify_backend is None else (lambda tmp: _smoke_test(load_model(tmp, verify_backend)))
+        return writer.close(metadata, check=check)
 
 
 def _progress(total: int, enabled: bool):

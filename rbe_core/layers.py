@@ -18,16 +18,21 @@ from .abc import Backend, Encoded
 from .registry import get_backend
 
 
+def _fused_forward(x, bias, encoded, backend, transposed):
+    """``x @ W.T + b`` (``x @ W + b`` when ``transposed``) through the backend's fused kernels."""
+    if transposed:
+        out = backend.linear_grad_input(x, encoded)
+        return out if bias is None else out + bias.to(out.dtype)
+    return backend.linear(x, encoded, bias)
+
+
 class _FusedLinear(torch.autograd.Function):
     """y = x @ W.T + b (or x @ W + b when ``transposed``) with W kept encoded in both passes."""
 
     @staticmethod
     def forward(ctx, x, bias, encoded, backend, transposed):
         ctx.encoded, ctx.backend, ctx.transposed = encoded, backend, transposed
-        if transposed:
-            out = backend.linear_grad_input(x, encoded)
-            return out if bias is None else out + bias.to(out.dtype)
-        return backend.linear(x, encoded, bias)
+        return _fused_forward(x, bias, encoded, backend, transposed)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -71,7 +76,10 @@ class RBELinear(nn.Module):
         return cls(encoded, bias, backend, transposed=transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FusedLinear.apply(x, self.bias, self.encoded, self.backend, self.transposed)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return _FusedLinear.apply(x, self.bias, self.encoded, self.backend, self.transposed)
+        # nothing to differentiate (inference): skip the autograd.Function machinery
+        return _fused_forward(x, self.bias, self.encoded, self.backend, self.transposed)
 
     def dense_weight(self) -> torch.Tensor:
         """The decoded weight in ``nn.Linear`` layout (out, in); materialises it (for export/reference)."""
@@ -122,14 +130,25 @@ class RotaryEmbedding(nn.Module):
         self.dim, self.style = dim, style
         inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._last: tuple | None = None
+
+    def _angles(self, offset: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions offset .. offset + n - 1; the last pair is kept, since every
+        layer of a model (and q and k) asks for the same positions in one forward pass."""
+        key = (offset, n, str(device), self.inv_freq.data_ptr(), torch.is_inference_mode_enabled())
+        if self._last is None or self._last[0] != key:
+            pos = torch.arange(offset, offset + n, dtype=torch.float32, device=device)
+            freqs = torch.outer(pos, self.inv_freq.to(device))
+            cos, sin = freqs.cos(), freqs.sin()
+            if self.style == "half":
+                cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+            self._last = (key, cos, sin)
+        return self._last[1], self._last[2]
 
     def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """Rotate ``x`` (batch, heads, time, dim) for positions offset .. offset + time - 1."""
-        pos = torch.arange(offset, offset + x.shape[-2], dtype=torch.float32, device=x.device)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = self._angles(offset, x.shape[-2], x.device)
         if self.style == "half":
-            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
             x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2:]
             return x * cos + torch.cat((-x2, x1), -1) * sin
         x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -175,20 +194,22 @@ class RBEAttention(nn.Module):
         if past is not None:
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         cache = (k, v)
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        total = k.shape[2]
-        keep = torch.ones(s, total, dtype=torch.bool, device=x.device)
-        if self.causal:
-            qpos = torch.arange(offset, offset + s, device=x.device)[:, None]
-            keep = keep & (torch.arange(total, device=x.device)[None, :] <= qpos)
-        keep = keep[None, None]
-        if key_padding_mask is not None:
-            keep = keep & key_padding_mask.bool()[:, None, None, :]
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-        out = torch.softmax(scores.float(), -1).to(q.dtype) @ v
+        # grouped queries: the `rep` query heads of one kv head share its keys and values
+        # (a view over the heads, instead of repeating the cache `rep` times)
+        rep, total = self.n_heads // self.n_kv_heads, k.shape[2]
+        qg = q.reshape(b, self.n_kv_heads, rep * s, self.head_dim)
+        scores = (qg @ k.transpose(-1, -2)).view(b, self.n_heads, s, total) / math.sqrt(self.head_dim)
+        if key_padding_mask is not None or (self.causal and s > 1):  # else every key is visible
+            keep = torch.ones(s, total, dtype=torch.bool, device=x.device)
+            if self.causal:
+                qpos = torch.arange(offset, offset + s, device=x.device)[:, None]
+                keep = keep & (torch.arange(total, device=x.device)[None, :] <= qpos)
+            keep = keep[None, None]
+            if key_padding_mask is not None:
+                keep = keep & key_padding_mask.bool()[:, None, None, :]
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), -1).to(q.dtype)
+        out = (probs.view(b, self.n_kv_heads, rep * s, total) @ v).view(b, self.n_heads, s, self.head_dim)
         return self.o(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)), cache
 
 

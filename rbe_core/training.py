@@ -14,14 +14,13 @@ Two ways to train a model whose linear layers are ``RBELinear``:
 Either way ``finalize(model)`` writes the trained values back into valid ``Encoded`` tensors, puts
 plain ``RBELinear`` layers back and returns ``{layer name: Encoded}`` for ``rbe_core.save``.
 
-A codec takes part by returning a :class:`TorchForm` from ``Codec.torch_form()``; built-in codecs
-whose modules predate that hook have theirs in ``rbe_plugins.torch_forms``.
+A codec takes part by returning a :class:`TorchForm` from ``Codec.torch_form()`` (the built-in
+codecs keep theirs in ``rbe_plugins.torch_forms``).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -117,9 +116,6 @@ class PhaseForm(TorchForm):
 def torch_form(codec: Codec) -> TorchForm:
     """The codec's training form; raises ``RBEError`` naming the codec when it has none."""
     form = codec.torch_form()
-    if form is None:
-        builtin = importlib.import_module("rbe_plugins.torch_forms").BUILTIN_FORMS
-        form = builtin.get(codec.codec_id)
     if form is None:
         raise RBEError(f"codec {codec.codec_id!r} has no torch form (Codec.torch_form); it cannot be trained "
                        "in the compressed domain; use a quantizer (quantization-aware training) instead")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from rbe_core import hookimpl
 from rbe_core.abc import NumpyKernelBackend
+from rbe_core.arrays import is_torch, to_numpy_f32
 
 from . import ops
 
@@ -40,6 +41,36 @@ class CffiBackend(NumpyKernelBackend):
         except ValueError as exc:
             active = f"invalid: {exc}"
         return (*ops.supported_isas(), f"active={active}", f"threads={ops.thread_count()}")
+
+    def linear(self, x, encoded, bias=None):
+        if not self._direct(x, encoded):
+            return super().linear(x, encoded, bias)
+        out = self._torch_call("linear", x, encoded)
+        if bias is not None:
+            out.numpy()[...] += to_numpy_f32(bias)
+        return out.to(x.dtype)
+
+    def linear_grad_input(self, grad_out, encoded):
+        if not self._direct(grad_out, encoded):
+            return super().linear_grad_input(grad_out, encoded)
+        return self._torch_call("grad_input", grad_out, encoded).to(grad_out.dtype)
+
+    def _direct(self, x, encoded) -> bool:
+        """CPU torch input to a C kernel: run on its memory, skipping the numpy round trip."""
+        return is_torch(x) and x.device.type == "cpu" and encoded.codec.codec_id in ops.KERNEL_CODECS
+
+    @staticmethod
+    def _torch_call(op: str, t, encoded):
+        import torch
+
+        rows, cols = encoded.matrix_shape
+        width, out_width = (cols, rows) if op == "linear" else (rows, cols)
+        if t.shape[-1] != width:
+            raise ValueError(f"input's last dimension is {t.shape[-1]}, the weight expects {width}")
+        a = t.detach().reshape(-1, width).to(torch.float32).contiguous()
+        out = torch.empty((a.shape[0], out_width), dtype=torch.float32)
+        ops.call_into(op, a.numpy(), encoded, out.numpy())
+        return out.reshape(*t.shape[:-1], out_width)
 
     def linear_np(self, x, encoded):
         return ops.linear(x, encoded)

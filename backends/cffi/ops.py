@@ -10,7 +10,9 @@ build lacks it); ``RBE_CFFI_THREADS=N`` sets the thread count (default: usable c
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 
 import numpy as np
 from rbe_backends.numpy import ops as generic
@@ -52,6 +54,7 @@ def compiled_isas() -> tuple[str, ...]:
     return tuple(name for name, bit in ISAS.items() if mask & bit)
 
 
+@functools.cache
 def supported_isas() -> tuple[str, ...]:
     """Compiled ISA paths this CPU can run (checked in C with ``__builtin_cpu_supports``), best first."""
     mask = _require_lib().rbe_isa_supported()
@@ -79,6 +82,11 @@ def thread_count() -> int:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive integer")
         return int(value)
+    return _usable_cores()
+
+
+@functools.cache
+def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, cores or 1))
 
@@ -113,48 +121,51 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"cffi kernel {what} failed: {_ERRORS.get(rc, f'error {rc}')}")
 
 
-def _call(op: str, a: np.ndarray, encoded: Encoded, out: np.ndarray) -> np.ndarray:
+#: Per encoded tensor: (linear fn, grad fn, weight arguments as cffi pointers, arrays they point into).
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepared(encoded: Encoded):
+    """The C functions and weight arguments for ``encoded``, checked and converted once."""
+    hit = _PREPARED.get(encoded)
+    if hit is not None:
+        return hit
     lib = _require_lib()
     rows, cols = encoded.matrix_shape
-    isa = ISAS[active_isa()]
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    n = a.shape[0]
-    threads = _threads_for(n * rows * cols)
-    pa = ffi.from_buffer("float[]", a)
-    po = ffi.from_buffer("float[]", out, require_writable=True)
-    codec_id = encoded.codec.codec_id
-    if codec_id == "int8":
+    if encoded.codec.codec_id == "int8":
         q = _array(encoded, "q", (rows, cols), np.int8)
         scale = _array(encoded, "scale", (rows,), np.float32)
-        fn = lib.rbe_int8_linear if op == "linear" else lib.rbe_int8_grad_input
-        rc = fn(
-            pa,
-            n,
-            ffi.from_buffer("signed char[]", q),
-            ffi.from_buffer("float[]", scale),
-            rows,
-            cols,
-            po,
-            isa,
-            threads,
-        )
+        keep = (q, scale)
+        args = (ffi.from_buffer("signed char[]", q), ffi.from_buffer("float[]", scale), rows, cols)
+        fns = lib.rbe_int8_linear, lib.rbe_int8_grad_input
     else:
         gs, q, scale, minimum = _int4_layout(encoded)
-        fn = lib.rbe_int4_linear if op == "linear" else lib.rbe_int4_grad_input
-        rc = fn(
-            pa,
-            n,
+        keep = (q, scale, minimum)
+        args = (
             ffi.from_buffer("unsigned char[]", q),
             ffi.from_buffer("unsigned short[]", scale),
             ffi.from_buffer("unsigned short[]", minimum),
             rows,
             cols,
             gs,
-            po,
-            isa,
-            threads,
         )
-    _check(rc, f"{codec_id} {op}")
+        fns = lib.rbe_int4_linear, lib.rbe_int4_grad_input
+    _PREPARED[encoded] = hit = (*fns, args, keep)
+    return hit
+
+
+def call_into(op: str, a: np.ndarray, encoded: Encoded, out: np.ndarray) -> np.ndarray:
+    """Run the C kernel ``op`` ('linear' or 'grad_input') on float32 C-contiguous ``a`` (n, k)
+    into float32 C-contiguous ``out``; the codec must be in ``KERNEL_CODECS``."""
+    rows, cols = encoded.matrix_shape
+    isa = ISAS[active_isa()]
+    n = a.shape[0]
+    threads = _threads_for(n * rows * cols)
+    fn_linear, fn_grad, args, _ = _prepared(encoded)
+    fn = fn_linear if op == "linear" else fn_grad
+    rc = fn(ffi.from_buffer("float[]", a), n, *args, ffi.from_buffer("float[]", out, require_writable=True),
+            isa, threads)
+    _check(rc, f"{encoded.codec.codec_id} {op}")
     return out
 
 
@@ -163,7 +174,8 @@ def linear(x: np.ndarray, encoded: Encoded) -> np.ndarray:
     if encoded.codec.codec_id not in KERNEL_CODECS:
         return generic.linear(x, encoded)
     rows, _ = encoded.matrix_shape
-    return _call("linear", x, encoded, np.empty((x.shape[0], rows), dtype=np.float32))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return call_into("linear", x, encoded, np.empty((x.shape[0], rows), dtype=np.float32))
 
 
 def grad_input(grad_out: np.ndarray, encoded: Encoded) -> np.ndarray:
@@ -171,6 +183,5 @@ def grad_input(grad_out: np.ndarray, encoded: Encoded) -> np.ndarray:
     if encoded.codec.codec_id not in KERNEL_CODECS:
         return generic.grad_input(grad_out, encoded)
     _, cols = encoded.matrix_shape
-    return _call(
-        "grad_input", grad_out, encoded, np.empty((grad_out.shape[0], cols), dtype=np.float32)
-    )
+    grad_out = np.ascontiguousarray(grad_out, dtype=np.float32)
+    return call_into("grad_input", grad_out, encoded, np.empty((grad_out.shape[0], cols), dtype=np.float32))

@@ -1,55 +1,164 @@
 """Kernels in torch ops (CPU or CUDA): row-chunked decode inside the matmul.
 
-``ROW_DECODERS`` holds the codecs decoded natively on the device; any other codec decodes its
-rows with the codec's own numpy ``decode_rows`` and copies them over (logged once per codec).
+Memory budget: a call materialises at most ``chunk_elements(device)`` decoded float32 weights
+at once (``RBE_TORCH_CHUNK_MB`` MiB of float32, default 4 MiB on CPU, where a chunk that stays
+in cache is fastest, and 64 MiB on CUDA, where fewer and larger launches win), never the whole
+weight. Per-(tensor, device) prepared payloads are cached: the codes themselves (shared with
+the numpy payload on CPU, copied once to a GPU) plus float32 scales and minima.
+
+Native codecs: ``int8`` computes ``(x @ q.T) * scale`` (the scale leaves the inner loop);
+``int4`` splits each chunk into its even and odd columns (low and high nibbles), so
+``y = x_even @ (lo * s).T + x_odd @ (hi * s).T + group_sums(x) @ minimum.T`` needs one
+promoting multiply per half and no interleaving copy; ``raw`` reads the stored floats. Any other
+codec decodes rows with its numpy ``decode_rows`` and copies them over (logged once per codec).
+``decode_rows`` is exact (the codec's own float32 arithmetic, in the same order).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
-from rbe_core.arrays import row_chunks
 
 log = logging.getLogger("rbe")
 
-_DEVICE_PAYLOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CHUNK_ENV = "RBE_TORCH_CHUNK_MB"
+#: Default decoded-weight budget per call in MiB of float32, by device type.
+DEFAULT_CHUNK_MB = {"cpu": 4, "cuda": 64}
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
 
 
-def _int8_rows(p, start, stop):
-    return p["q"][start:stop].float() * p["scale"][start:stop, None]
+def chunk_elements(device: torch.device) -> int:
+    """Decoded float32 weights one call may hold at once on ``device`` (``$RBE_TORCH_CHUNK_MB``)."""
+    value = os.environ.get(CHUNK_ENV, "").strip()
+    if value:
+        try:
+            mb = float(value)
+        except ValueError:
+            mb = -1.0
+        if not mb > 0:
+            raise ValueError(f"{CHUNK_ENV}={value!r}: expected a positive number of MiB")
+    else:
+        mb = DEFAULT_CHUNK_MB.get(device.type, DEFAULT_CHUNK_MB["cuda"])
+    return max(1, int(mb * (1 << 20)) // 4)
+
+
+def row_steps(rows: int, cols: int, device: torch.device):
+    """(start, stop) row ranges whose decoded float32 size fits the device's budget."""
+    step = max(1, chunk_elements(device) // max(cols, 1))
+    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
+def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def _prep_int8(enc: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"q": _t(enc.payload["q"], device), "scale": _t(enc.payload["scale"], device)}
+
+
+def _prep_int4(enc: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
+    p, gs = enc.payload, int(enc.codec.group_size)
+    rows = enc.matrix_shape[0]
+    groups = p["scale"].shape[1]
+    return {
+        "q": _t(p["q"], device).view(rows, groups, gs // 2),
+        "scale": _t(p["scale"].astype(np.float32), device).unsqueeze(-1),
+        "minimum": _t(p["minimum"].astype(np.float32), device).unsqueeze(-1),
+    }
+
+
+def _prep_raw(enc: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"data": _t(enc.payload["data"], device).view(enc.matrix_shape)}
+
+
+def _int8_rows(p, start, stop, cols):
+    return p["q"][start:stop].float().mul_(p["scale"][start:stop, None])
+
+
+def _int4_rows(p, start, stop, cols):
+    q = p["q"][start:stop]
+    w = torch.stack((q & 15, q >> 4), -1).flatten(-2).float()
+    return w.mul_(p["scale"][start:stop]).add_(p["minimum"][start:stop]).flatten(1)[:, :cols]
 
 
 def _raw_rows(p, start, stop, cols):
-    return p["data"].view(-1, cols)[start:stop].float()
+    return p["data"][start:stop].float()
 
 
-ROW_DECODERS = {
-    "int8": lambda p, s, e, cols: _int8_rows(p, s, e),
-    "raw": _raw_rows,
+def _buffer(steps, width: int, like: torch.Tensor) -> torch.Tensor:
+    """One float32 scratch chunk reused by every step of a call (a fresh allocation per chunk
+    costs page faults that can exceed the arithmetic on CPU)."""
+    return torch.empty(max(e - s for s, e in steps) * width, dtype=torch.float32, device=like.device)
+
+
+def _int8_linear(x, p, steps, out):
+    q, scale = p["q"], p["scale"]
+    buf = _buffer(steps, q.shape[1], x)
+    for s, e in steps:
+        w = buf[: (e - s) * q.shape[1]].view(e - s, -1).copy_(q[s:e])
+        o = out[:, s:e]
+        torch.mm(x, w.T, out=o) if o.is_contiguous() else o.copy_(x @ w.T)
+        o.mul_(scale[s:e])
+
+
+def _int4_linear(x, p, steps, out):
+    rows, groups, half = p["q"].shape
+    cols_p = 2 * groups * half
+    # zero inputs for the padding columns, so their (near-zero) decoded weights add nothing
+    x = F.pad(x, (0, cols_p - x.shape[1])) if x.shape[1] != cols_p else x.contiguous()
+    xg = x.view(-1, groups, half, 2)
+    x_lo, x_hi = xg[..., 0].flatten(1), xg[..., 1].flatten(1)
+    # the minimum term for every row at once: (n, groups) group sums @ minimum.T
+    torch.matmul(xg.sum((2, 3)), p["minimum"].squeeze(-1).T, out=out)
+    buf = _buffer(steps, groups * half, x)
+    for s, e in steps:
+        q, scale, o = p["q"][s:e], p["scale"][s:e], out[:, s:e]
+        w = buf[: (e - s) * groups * half].view(e - s, groups, half)
+        o.addmm_(x_lo, w.copy_(q & 15).mul_(scale).view(e - s, -1).T)
+        o.addmm_(x_hi, w.copy_(q >> 4).mul_(scale).view(e - s, -1).T)
+
+
+def _int8_grad(g, p, steps, out):
+    q, scale = p["q"], p["scale"]
+    buf = _buffer(steps, q.shape[1], g)
+    for s, e in steps:
+        w = buf[: (e - s) * q.shape[1]].view(e - s, -1).copy_(q[s:e])
+        out.addmm_(g[:, s:e] * scale[s:e], w)
+
+
+#: codec id -> (prepare payload for a device, exact row decoder, fused linear or None, grad or None)
+KERNELS: dict[str, tuple[Callable, Callable, Callable | None, Callable | None]] = {
+    "int8": (_prep_int8, _int8_rows, _int8_linear, _int8_grad),
+    "int4": (_prep_int4, _int4_rows, _int4_linear, None),
+    "raw": (_prep_raw, _raw_rows, None, None),
 }
 
 
-def device_payload(encoded: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
-    """The payload arrays as tensors on ``device``, copied once per (encoded tensor, device)."""
-    per_device = _DEVICE_PAYLOADS.setdefault(encoded, {})
+def prepared(encoded: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
+    """The codec's payload as tensors ready for its kernels on ``device``, built once per pair."""
+    per_device = _PREPARED.setdefault(encoded, {})
     key = str(device)
     if key not in per_device:
-        per_device[key] = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in encoded.payload.items()}
+        per_device[key] = KERNELS[encoded.codec.codec_id][0](encoded, device)
     return per_device[key]
 
 
 def decode_rows(encoded: Encoded, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    rows, cols = encoded.matrix_shape
+    """Rows ``start:stop`` of the (rows, cols) weight as float32 on ``device``."""
     codec_id = encoded.codec.codec_id
-    fn = ROW_DECODERS.get(codec_id)
-    if fn is not None:
-        return fn(device_payload(encoded, device), start, stop, cols)
+    kernel = KERNELS.get(codec_id)
+    if kernel is not None:
+        return kernel[1](prepared(encoded, device), start, stop, encoded.matrix_shape[1])
     if codec_id not in _WARNED:
         _WARNED.add(codec_id)
         log.info("rbe torch backend: no native kernel for %r; decoding rows with the codec's numpy path", codec_id)
@@ -60,8 +169,13 @@ def linear(x: torch.Tensor, encoded: Encoded) -> torch.Tensor:
     """(n, in) @ W.T -> (n, out), float32 on x's device."""
     rows, cols = encoded.matrix_shape
     out = torch.empty((x.shape[0], rows), dtype=torch.float32, device=x.device)
-    for start, stop in row_chunks(rows, cols):
-        torch.matmul(x, decode_rows(encoded, start, stop, x.device).T, out=out[:, start:stop])
+    steps = row_steps(rows, cols, x.device)
+    kernel = KERNELS.get(encoded.codec.codec_id)
+    if kernel is not None and kernel[2] is not None:
+        kernel[2](x, prepared(encoded, x.device), steps, out)
+        return out
+    for s, e in steps:
+        torch.matmul(x, decode_rows(encoded, s, e, x.device).T, out=out[:, s:e])
     return out
 
 
@@ -69,6 +183,11 @@ def grad_input(grad_out: torch.Tensor, encoded: Encoded) -> torch.Tensor:
     """(n, out) @ W -> (n, in)."""
     rows, cols = encoded.matrix_shape
     out = torch.zeros((grad_out.shape[0], cols), dtype=torch.float32, device=grad_out.device)
-    for start, stop in row_chunks(rows, cols):
-        out.addmm_(grad_out[:, start:stop], decode_rows(encoded, start, stop, grad_out.device))
+    steps = row_steps(rows, cols, grad_out.device)
+    kernel = KERNELS.get(encoded.codec.codec_id)
+    if kernel is not None and kernel[3] is not None:
+        kernel[3](grad_out, prepared(encoded, grad_out.device), steps, out)
+        return out
+    for s, e in steps:
+        out.addmm_(grad_out[:, s:e], decode_rows(encoded, s, e, grad_out.device))
     return out

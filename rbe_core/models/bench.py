@@ -8,6 +8,7 @@ process's peak after imports, before loading the model.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import time
 from typing import Any
@@ -31,7 +32,9 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
          threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
+        os.environ["RBE_CFFI_THREADS"] = str(threads)  # the cffi backend's own pool: same core count
     from ..convert import load_model
+    from ..registry import get_backend
     from .common import CausalLM
 
     base = _rss_mb()
@@ -42,7 +45,8 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
     limit = model.config["max_position"] - (new_tokens + 1 if causal else 0)
     n = max(1, min(prompt_tokens, limit))
     ids = torch.randint(0, model.config["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
-    out: dict[str, Any] = {"variant": "dense-fp32" if dense else "rbe", "load_s": load_s, "prompt_tokens": n,
+    out: dict[str, Any] = {"variant": "dense-fp32" if dense else "rbe", "backend": "torch" if dense else get_backend(backend).name,
+                           "load_s": load_s, "prompt_tokens": n,
                            "threads": torch.get_num_threads()}
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -56,17 +60,31 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
                 logits, past = model(tok, past)
             out["decode_tok_s"] = new_tokens / (time.perf_counter() - t0)
             out["new_tokens"] = new_tokens
-    out.update(base_rss_mb=base, peak_rss_mb=_rss_mb())
+    out.update(base_rss_mb=base, peak_rss_mb=_rss_mb(), load_avg=os.getloadavg()[0])
     return out
+
+
+#: Set for both variants' processes unless already set: OpenMP workers that spin after each
+#: parallel region fight the other jobs and the cffi pool for shared cores (measured on a loaded
+#: 2-core machine: dense fp32 decode 460 -> 71 ms/token with it). It only helps the baseline.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def bench(path: str, backend: str | None = None, prompt_tokens: int = 64, new_tokens: int = 32,
           threads: int | None = None) -> list[dict[str, Any]]:
     """Measure the .rbe model at ``path`` and its dense fp32 twin, one fresh process each
-    (``threads`` sets torch's intra-op threads; default: torch's choice)."""
+    (``threads`` sets torch's intra-op threads and the cffi backend's threads; default: their own
+    choice). ``load_avg`` in each row is the 1-minute load average when that variant finished:
+    above the core count, other jobs shared the cores and both figures are pessimistic."""
     ctx = multiprocessing.get_context("spawn")
     rows = []
-    for dense in (False, True):
-        with ctx.Pool(1) as pool:
-            rows.append(pool.apply(_run, (str(path), backend, dense, prompt_tokens, new_tokens, threads)))
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)  # inherited by the spawned workers, read when they load torch
+    try:
+        for dense in (False, True):
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(_run, (str(path), backend, dense, prompt_tokens, new_tokens, threads)))
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
     return rows

@@ -11,9 +11,9 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from rbe_backends.cffi import CffiBackend, ops
 
 import rbe_core
+from rbe_backends.cffi import CffiBackend, ops
 from rbe_core.errors import BackendUnavailableError
 
 _OK, _REASON = CffiBackend.availability()

@@ -1,4 +1,4 @@
-"""Write golden files for the seed codecs: ``tests/golden/<codec_id>/`` with ``config.json``,
+"""Write golden files for the built-in codecs: ``tests/golden/<codec_id>/`` with ``config.json``,
 ``encoded.safetensors`` (payload; shape and dtype in its metadata) and ``expected.safetensors``
 (the decode). A codec's folder is written only when it does not exist yet, so files written by an
 earlier version stay the reference every later version must decode bit-exactly.
@@ -18,6 +18,8 @@ import rbe_core
 
 HERE = Path(__file__).parent
 CONFIGS = {
+    "int8": {"id": "int8"},
+    "raw": {"id": "raw", "storage": "float16"},
     "int4": {"id": "int4", "group_size": 16},
     "cyclic8": {"id": "cyclic8", "group_size": 16},
     "cyclic16": {"id": "cyclic16", "group_size": 16},

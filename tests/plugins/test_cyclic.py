@@ -6,10 +6,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from rbe_plugins.cyclic8 import cyclic8_table
-from rbe_plugins.cyclic16 import cyclic16_table
 
 import rbe_core
+from rbe_plugins.cyclic8 import cyclic8_table
+from rbe_plugins.cyclic16 import cyclic16_table
 
 
 def test_cyclic8_tables_follow_real_cycles():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rbe_plugins.engines import weight_grad
 
 import rbe_core
 from rbe_core.errors import RBEError
 from rbe_core.training import PhaseForm, get_engine, sin_cycle, torch_form
+from rbe_plugins.engines import weight_grad
 
 CODECS = [
     {"id": "int8"},

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rbe_plugins.hybrid import GRADES, grade_of
 
 import rbe_core
 from rbe_core.errors import RBEFormatError
+from rbe_plugins.hybrid import GRADES, grade_of
 
 
 def sincos(n=256):

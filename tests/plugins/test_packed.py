@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rbe_plugins._packed import render_atoms
 
 import rbe_core
 from rbe_core.errors import RBEFormatError
+from rbe_plugins._packed import render_atoms
 
 
 def atom_params(n, rng, dc=0.0):

@@ -72,14 +72,11 @@ def test_torch_and_bfloat16_input_round_trip(tmp_path):
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
-    import safetensors.numpy
-
-    def explode(arrays, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
+    def explode(src_fd, dst, offset, length):
+        dst.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", explode)
+    monkeypatch.setattr(rbe_core.container, "_copy_range", explode)
     with pytest.raises(KeyboardInterrupt):
         rbe_core.save(tmp_path / "out.rbe", sample_tensors())
     assert os.listdir(tmp_path) == []
@@ -240,3 +237,124 @@ def test_hostile_files_only_raise_typed_errors(tmp_path_factory, ops):
         _open_and_decode_all(path)
     except RBEError:
         pass
+
+
+# --- streaming writer ----------------------------------------------------------------------------
+
+
+def _parsed(path):
+    header, body = read_header(path)
+    meta = header.pop("__metadata__")
+    return meta, header, body
+
+
+def test_writer_round_trip_with_metadata_given_at_close(tmp_path):
+    tensors = sample_tensors(3)
+    path = tmp_path / "w.rbe"
+    with rbe_core.container.Writer(path, {"early": 1}) as w:
+        for name, value in tensors.items():
+            w.add(name, value)
+        assert len(w) == 2 and "layer.bias" in w and not path.exists()
+        assert w.close({"late": {"x": [1, 2]}}) == path
+    assert w.closed and os.listdir(tmp_path) == ["w.rbe"]
+    f = rbe_core.open(path)
+    assert f.metadata == {"late": {"x": [1, 2]}}
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(f[name].decode(), rbe_core.container._as_encoded(name, value).decode())
+
+
+def test_writer_metadata_attribute_is_read_at_close(tmp_path):
+    path = tmp_path / "w.rbe"
+    with rbe_core.container.Writer(path) as w:
+        w.add("b", np.ones(3, np.float32))
+        w.metadata["config"] = {"d": 4}
+    assert rbe_core.open(path).metadata == {"config": {"d": 4}}
+
+
+def test_writer_output_matches_safetensors_own_writer(tmp_path):
+    """Same header entries in the same order and the same data bytes as safetensors.numpy.save_file
+    (which randomises the order of __metadata__ keys, so those are compared as a dict)."""
+    import safetensors
+    import safetensors.numpy
+
+    rng = np.random.default_rng(5)
+    payload = {"a": rng.standard_normal(7), "b": rng.integers(-9, 9, (3, 5)).astype(np.int8),
+               "c": rng.standard_normal((2, 3)).astype(np.float16), "d": np.arange(5, dtype=np.uint8),
+               "e": np.array([True, False]), "f": rng.standard_normal(3).astype(np.float32),
+               "g": np.arange(4, dtype=np.int64), "h": np.arange(3, dtype=">i4")}
+    codec = rbe_core.get_codec("raw")
+    path = tmp_path / "ours.rbe"
+    with rbe_core.container.Writer(path, {"k": "v"}) as w:
+        for name in reversed(sorted(payload)):  # arrival order must not matter
+            w.add(name, rbe_core.Encoded(codec, (1,), {"data": payload[name]}))
+        w.close(check=lambda tmp: safetensors.safe_open(str(tmp), framework="numpy"))
+    meta, entries, body = _parsed(path)
+    ref = tmp_path / "ref.safetensors"
+    safetensors.numpy.save_file({f"{n}/data": a for n, a in payload.items()}, str(ref), metadata=meta)
+    ref_meta, ref_entries, ref_body = _parsed(ref)
+    assert meta == ref_meta
+    assert list(entries.items()) == list(ref_entries.items())
+    assert body == ref_body
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        for name, arr in payload.items():
+            np.testing.assert_array_equal(f.get_tensor(f"{name}/data"), arr)
+
+
+def test_save_output_loads_with_safe_open(good_file):
+    import safetensors
+
+    with safetensors.safe_open(str(good_file), framework="numpy") as f:
+        assert set(f.keys()) == {"layer.weight/q", "layer.weight/scale", "layer.bias/data"}
+        assert json.loads(f.metadata()["rbe.metadata"]) == {"model": {"name": "t"}}
+
+
+def test_writer_rejects_duplicates_and_bad_names(tmp_path):
+    with rbe_core.container.Writer(tmp_path / "w.rbe") as w:
+        w.add("x", np.ones(2, np.float32))
+        with pytest.raises(ValueError, match="duplicate tensor name 'x'"):
+            w.add("x", np.ones(2, np.float32))
+        with pytest.raises(ValueError, match="non-empty"):
+            w.add("", np.ones(2, np.float32))
+        with pytest.raises(TypeError, match="Encoded value or an array"):
+            w.add("y", [1.0])
+        w.add("z", np.zeros(1, np.float32))  # still usable after rejected input
+    assert set(rbe_core.open(tmp_path / "w.rbe")) == {"x", "z"}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_writer_interrupted_leaves_nothing(tmp_path, exc):
+    (tmp_path / "w.rbe").write_bytes(b"old")  # an existing file is kept as it was
+    with pytest.raises(exc):
+        with rbe_core.container.Writer(tmp_path / "w.rbe") as w:
+            w.add("a", np.ones(1000, np.float32))
+            assert len(os.listdir(tmp_path)) == 2  # the old file and the hidden spill file
+            raise exc
+    assert os.listdir(tmp_path) == ["w.rbe"] and (tmp_path / "w.rbe").read_bytes() == b"old"
+    with pytest.raises(ValueError, match="closed"):
+        w.add("b", np.ones(1, np.float32))
+
+
+def test_writer_failed_check_or_bad_metadata_writes_nothing(tmp_path):
+    def reject(tmp):
+        assert rbe_core.open(tmp)["a"].shape == (3,)  # the temporary file is complete
+        raise RuntimeError("verification failed")
+
+    with pytest.raises(RuntimeError, match="verification"):
+        with rbe_core.container.Writer(tmp_path / "w.rbe") as w:
+            w.add("a", np.ones(3, np.float32))
+            w.close(check=reject)
+    with pytest.raises(TypeError):
+        rbe_core.save(tmp_path / "w.rbe", {"a": np.ones(3, np.float32)}, metadata={"x": object()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_abandoned_writer_cleans_up(tmp_path):
+    import gc
+
+    w = rbe_core.container.Writer(tmp_path / "w.rbe")
+    w.add("a", np.ones(3, np.float32))
+    del w
+    gc.collect()
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,5 @@
-/* Public entry points: argument checks, runtime ISA dispatch, and the pthread row/column split.
+/* Public entry points: argument checks, runtime ISA dispatch, and a persistent pthread pool that
+ * splits rows (linear) or columns (grad_input) into dynamically claimed chunks.
  * Called from Python through cffi (API mode), which releases the GIL around each call. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* posix_memalign, pthreads */
@@ -58,13 +59,6 @@ typedef struct {
     const uint16_t *sh, *mh;
     float *out;
 } job;
-
-typedef struct {
-    const job *j;
-    int64_t start, stop;
-    int err;
-    pthread_t tid;
-} part;
 
 static void *aligned_floats(int64_t count) {
     void *p = NULL;
@@ -131,39 +125,115 @@ static int grad_cols(const job *j, int64_t c0, int64_t c1) {
     return 0;
 }
 
-static void *run_part(void *arg) {
-    part *p = arg;
-    p->err = p->j->op == OP_LINEAR ? linear_rows(p->j, p->start, p->stop)
-                                   : grad_cols(p->j, p->start, p->stop);
+/* ---- persistent worker pool with dynamic chunk claiming ----
+ * Workers are started once (lazily, grown on demand) and sleep on a condition variable between
+ * calls. A call cuts its range into chunks; the caller and every worker that wakes in time claim
+ * chunks from an atomic counter. The caller never waits for a worker that has not started
+ * (on a loaded machine that could take a whole scheduler time slice): it only waits for chunks
+ * already claimed. A second concurrent caller, or a child after fork(), runs alone. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    pthread_mutex_t submit; /* one call uses the pool at a time */
+    int nworkers, active, open;
+    uint64_t generation;
+    const job *j;
+    int64_t total, chunk;
+    int64_t next; /* next chunk start, claimed with __atomic_fetch_add */
+    int err;
+    pthread_t tids[RBE_MAX_THREADS];
+} pool_t;
+
+static pool_t pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
+                      .wake = PTHREAD_COND_INITIALIZER,
+                      .done = PTHREAD_COND_INITIALIZER,
+                      .submit = PTHREAD_MUTEX_INITIALIZER};
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static int run_range(const job *j, int64_t start, int64_t stop) {
+    return j->op == OP_LINEAR ? linear_rows(j, start, stop) : grad_cols(j, start, stop);
+}
+
+/* Claim and run chunks of the current call until none is left; returns the first error. */
+static int drain(const job *j) {
+    int err = 0;
+    for (;;) {
+        const int64_t s = __atomic_fetch_add(&pool.next, pool.chunk, __ATOMIC_RELAXED);
+        if (s >= pool.total) return err;
+        const int e = run_range(j, s, rbe_min(pool.total, s + pool.chunk));
+        if (!err) err = e;
+    }
+}
+
+/* arg: the generation current when the worker was created (the call that starts it is the next). */
+static void *worker(void *arg) {
+    uint64_t seen = (uint64_t)(uintptr_t)arg;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (!pool.open || pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.generation;
+        const job *j = pool.j;
+        pool.active++;
+        pthread_mutex_unlock(&pool.mu);
+        const int err = drain(j);
+        pthread_mutex_lock(&pool.mu);
+        if (err && !pool.err) pool.err = err;
+        if (--pool.active == 0) pthread_cond_signal(&pool.done);
+    }
     return NULL;
 }
 
-/* Split [0, total) into nthreads ranges (multiples of align); the caller runs the first. */
+static void reset_after_fork(void) {
+    /* the child has only the forking thread: forget the workers, start afresh if needed */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.submit, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.nworkers = pool.active = pool.open = 0;
+}
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+
+/* Grow the pool to `want` workers (as many as can be started); returns how many exist. */
+static int ensure_workers(int want) {
+    pthread_once(&atfork_once, register_atfork);
+    while (pool.nworkers < want) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&pool.tids[pool.nworkers], &attr, worker,
+                                      (void *)(uintptr_t)pool.generation);
+        pthread_attr_destroy(&attr);
+        if (rc) break;
+        pool.nworkers++;
+    }
+    return pool.nworkers;
+}
+
+/* Run [0, total) (multiples of align) on the caller plus up to nthreads - 1 pool workers. */
 static int run(const job *j, int nthreads) {
     const int64_t total = j->op == OP_LINEAR ? j->rows : j->cols;
     const int64_t align = j->op == OP_LINEAR ? 4 : 64;
     const int64_t units = (total + align - 1) / align;
     int nt = nthreads < 1 ? 1 : (nthreads > RBE_MAX_THREADS ? RBE_MAX_THREADS : nthreads);
     if (nt > units) nt = (int)units;
-    part parts[RBE_MAX_THREADS];
-    int started[RBE_MAX_THREADS] = {0};
-    for (int t = 0; t < nt; t++) {
-        parts[t].j = j;
-        parts[t].err = 0;
-        parts[t].start = rbe_min(total, units * t / nt * align);
-        parts[t].stop = rbe_min(total, units * (t + 1) / nt * align);
-    }
-    for (int t = 1; t < nt; t++)
-        started[t] = pthread_create(&parts[t].tid, NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    int err = parts[0].err;
-    for (int t = 1; t < nt; t++) {
-        if (started[t])
-            pthread_join(parts[t].tid, NULL);
-        else
-            run_part(&parts[t]); /* could not start a thread: do its share here */
-        if (!err) err = parts[t].err;
-    }
+    if (nt == 1 || pthread_mutex_trylock(&pool.submit) != 0) return run_range(j, 0, total);
+    /* about 4 chunks per thread: enough to balance uneven progress, few enough to stay cheap */
+    const int64_t per = (units + 4 * nt - 1) / (4 * nt);
+    pthread_mutex_lock(&pool.mu);
+    const int workers = ensure_workers(nt - 1);
+    pool.j = j, pool.total = total, pool.chunk = per * align;
+    pool.next = 0, pool.err = 0, pool.open = workers > 0;
+    pool.generation++;
+    if (workers) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    int err = drain(j);
+    pthread_mutex_lock(&pool.mu);
+    pool.open = 0; /* late wakers sleep again */
+    while (pool.active) pthread_cond_wait(&pool.done, &pool.mu);
+    if (!err) err = pool.err;
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.submit);
     return err;
 }
 
