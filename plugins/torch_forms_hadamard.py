@@ -11,19 +11,26 @@ by the same relative amount:
 the mid-rise offset, multiply by ``row_scale · scale_code`` per group (the steps in the rotated
 basis), then apply the inverse rotation (block-wise orthonormal Walsh–Hadamard, then the ±1 signs)
 and drop the padded columns. All-zero rows and groups (scale 0) stay exactly zero.
+
+``linear`` is the training path (``TrainableRBELinear`` uses it): it rotates the activations
+instead of the weight (``x @ W.T == rotate(x) @ W_rot.T``), so a step costs about a dense
+step, where differentiating ``decode`` costs a Hadamard transform of every weight, twice.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
 from rbe_core.training import TorchForm, as_numpy
 
-from .hadamard import unpack_codes
+from .hadamard import fwht, unpack_codes
 
 #: log of a zero scale: exp() of it underflows to 0 in float32 and float64 alike.
 _LOG_ZERO = -1000.0
@@ -35,26 +42,56 @@ def _log(values: np.ndarray) -> np.ndarray:
         return np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), _LOG_ZERO)
 
 
-def torch_fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order, as ``hadamard.fwht``) on the last axis."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        y = y.reshape(y.shape[0], n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
-    return y.reshape(*lead, n)
+@functools.lru_cache(maxsize=16)
+def _hadamard_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The orthonormal (symmetric) Sylvester Hadamard matrix ``H_b / sqrt(b)``."""
+    return torch.from_numpy(fwht(np.eye(b)) / math.sqrt(b)).to(device, dtype)
+
+
+def _blockwise(x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """``hadamard._blockwise`` in torch: one matmul per block (BLAS beats a torch butterfly here)."""
+    parts, start = [], 0
+    for b in blocks:
+        parts.append(x[..., start:start + b] @ _hadamard_matrix(b, x.dtype, x.device))
+        start += b
+    return torch.cat(parts, -1)
+
+
+class _Unrotate(torch.autograd.Function):
+    """``x ↦ x · R`` with ``R = B · diag(signs)``, B the block-diagonal orthonormal (symmetric)
+    Hadamard; its vector-Jacobian product is ``g ↦ g · Rᵀ = blockwise(g · signs)`` (the rotation)."""
+
+    @staticmethod
+    def forward(ctx, x, signs, blocks):
+        ctx.signs, ctx.blocks = signs, blocks
+        return _blockwise(x, blocks) * signs
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _blockwise(grad * ctx.signs, ctx.blocks), None, None
 
 
 def torch_unrotate(x: torch.Tensor, signs: np.ndarray, blocks: list[int]) -> torch.Tensor:
-    """Rows of ``x`` times ``R`` (``hadamard.unrotate`` in torch, differentiable)."""
-    parts, start = [], 0
-    for b in blocks:
-        parts.append(torch_fwht(x[..., start:start + b]) * (1.0 / math.sqrt(b)))
-        start += b
-    return torch.cat(parts, -1) * torch.from_numpy(signs).to(x.device, x.dtype)
+    """Rows of ``x`` times ``R`` (``hadamard.unrotate`` in torch; differentiable, one FWHT per pass)."""
+    return _Unrotate.apply(x, torch.from_numpy(signs).to(x.device, x.dtype), blocks)
+
+
+class _CodeCache:
+    """Unpacked codes per packed ``codes`` array (shared by every rewrite of a trained layer),
+    dropped when that array is freed."""
+
+    def __init__(self):
+        self._items: dict[int, np.ndarray] = {}
+
+    def get(self, packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+        key = id(packed)
+        if key not in self._items:
+            self._items[key] = unpack_codes(packed, n, bits)
+            weakref.finalize(packed, self._items.pop, key, None)
+        return self._items[key]
+
+
+_CODES = _CodeCache()
 
 
 class HadamardForm(TorchForm):
@@ -71,11 +108,31 @@ class HadamardForm(TorchForm):
         rows, cols = encoded.matrix_shape
         cols_p, signs, blocks = codec.layout(cols)
         log_row, log_group = params["log_row_scale"], params["log_scale"]
-        q = torch.from_numpy(unpack_codes(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
+        q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
         centred = q.to(log_row.dtype) - (2**codec.bits - 1) / 2.0
         steps = torch.exp(log_row)[:, None] * torch.exp(log_group)
         wr = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
         return torch_unrotate(wr, signs, blocks)[:, :cols]
+
+    def linear(self, x: torch.Tensor, encoded: Encoded, params, transposed: bool = False) -> torch.Tensor:
+        """``x @ W.T`` (``x @ W`` when ``transposed``) in the rotated basis, ``W = W_rot · R``: the
+        activations are rotated instead of the weight, and the group scales are seen rounded to
+        their uint8 codes (straight through), so the forward is the stored model's."""
+        codec = encoded.codec
+        rows, cols = encoded.matrix_shape
+        cols_p, signs, blocks = codec.layout(cols)
+        log_row = params["log_row_scale"]
+        scale = torch.exp(params["log_scale"])
+        scale = scale + (torch.clamp(torch.round(scale), 0, 255) - scale).detach()
+        q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
+        centred = q.to(log_row.dtype) - (2**codec.bits - 1) / 2.0
+        steps = torch.exp(log_row)[:, None] * scale
+        w_rot = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
+        sign = torch.from_numpy(signs).to(x.device, x.dtype)
+        if transposed:
+            return (_blockwise(x @ w_rot.to(x.dtype), blocks) * sign)[..., :cols]
+        xr = _blockwise(F.pad(x, (0, cols_p - cols)) * sign, blocks)
+        return xr @ w_rot.to(x.dtype).T
 
     def write(self, encoded: Encoded, params) -> Encoded:
         row_scale = np.exp(as_numpy(params["log_row_scale"])).astype(np.float32)

@@ -6,8 +6,8 @@ accepts calibration). The source is built as rbe's own dense fp32 model and run 
 1. **Sensitivity** (only under a bit budget): one forward + backward pass records, for every
    weight ``W`` of a Linear layer, the mean squared input per input feature ``d`` and the mean
    squared loss gradient per output feature ``f`` (next-token cross-entropy for causal LMs; a
-   random projection of the last hidden states for encoders, whose expected square is the output
-   Jacobian's). Each candidate codec setting is encoded without calibration, and its loss proxy is
+   random projection of the sentence embedding for encoders, whose expected square is the
+   embedding Jacobian's). Each candidate codec setting is encoded without calibration, and its loss proxy is
    ``Σ_jk f_j ΔW_jk² d_k`` (a diagonal Fisher / Hessian estimate).
 2. **Allocation**: every tensor starts at its cheapest setting; upgrades are taken greedily by
    loss-proxy reduction per stored bit while the bits of all budgeted tensors (everything stored
@@ -110,7 +110,7 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
     return model, factory
 
 
-def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: int = 8) -> list[tuple[tuple, Any]]:
+def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: int = 4) -> list[tuple[tuple, Any]]:
     """Model inputs from ``text``: ``[(args, token mask or None)]``, about ``max_tokens`` tokens in all.
 
     Causal LMs get windows of ``window`` tokens (the model's own tokenizer; seeded random ids when the
@@ -135,14 +135,19 @@ def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: 
         gen = torch.Generator().manual_seed(0)
         return [((torch.randint(0, vocab, (batch, 64), generator=gen),), None)
                 for _ in range(max(1, max_tokens // (64 * batch)))]
-    for i in range(0, len(sents), 4 * batch):
-        enc = tok.encode_batch(sents[i : i + 4 * batch])
+    lengths = [len(tok.encode(s).ids) for s in sents]
+    chosen = []
+    for s, n in zip(sents, lengths, strict=True):  # text order, about max_tokens tokens
+        if used >= max_tokens:
+            break
+        chosen.append((n, s))
+        used += n
+    chosen = [s for _n, s in sorted(chosen)]  # similar lengths together: little padding
+    for i in range(0, len(chosen), 2 * batch):
+        enc = tok.encode_batch(chosen[i : i + 2 * batch])
         ids = torch.tensor([e.ids for e in enc])
         mask = torch.tensor([e.attention_mask for e in enc])
         out.append(((ids, mask, torch.tensor([e.type_ids for e in enc])), mask.reshape(-1).bool()))
-        used += int(mask.sum())
-        if used >= max_tokens:
-            break
     return out
 
 
@@ -193,9 +198,12 @@ def sensitivity(model, factory, data) -> dict[str, tuple[np.ndarray, np.ndarray]
                     logits = out[0][:, :-1]
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), args[0][:, 1:].reshape(-1),
                                            reduction="sum")
-                else:
-                    r = torch.randn(out.shape, generator=gen)
-                    loss = (out * r * (1.0 if mask is None else mask.reshape(out.shape[:2])[..., None])).sum()
+                else:  # the sentence embedding (masked mean, normalised when the model does) · random r
+                    m = torch.ones(out.shape[:2]) if mask is None else mask.reshape(out.shape[:2]).float()
+                    pooled = (out * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
+                    if model.config.get("normalize"):
+                        pooled = F.normalize(pooled, dim=-1)
+                    loss = (pooled * torch.randn(pooled.shape, generator=gen)).sum()
                 loss.backward()
             count += int(args[0].numel() if mask is None else mask.sum())
     finally:
@@ -250,6 +258,16 @@ def allocate(costs: Mapping[str, list[float]], errors: Mapping[str, list[float]]
         if up:
             heapq.heappush(heap, (-up[0], n, pick[n], up[1]))
     return pick
+
+
+def _extrapolated(codec, settings: list) -> Any:
+    """The 4-bit setting of the same codec whose error predicts ``codec``'s (bits > 4), else None."""
+    if getattr(codec, "bits", 0) <= 4:
+        return None
+    for c in settings:
+        if getattr(c, "bits", None) == 4 and type(c) is type(codec) and attrs.evolve(c, bits=codec.bits) == codec:
+            return c
+    return None
 
 
 class _Stop(Exception):
@@ -404,18 +422,28 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     budgeted = [n for n in linears if plans[n] is None]
     if budgeted:
         settings = [get_codec(c) for c in candidates]
-        sens = sensitivity(model, factory, data)
-        costs, errors = {}, {}
+        sens = sensitivity(model, factory, data[: max(1, len(data) // 2)])  # a diagonal estimate: half the text
+        costs, errors, nbytes = {}, {}, {}
         for n in budgeted:
             layer, transposed = factory.linears[n]
             w = layer.weight.detach().numpy()
             w = np.ascontiguousarray(w.T if transposed else w)
             f, d = sens.get(n, (np.ones(w.shape[1 if transposed else 0]), np.ones(w.shape[0 if transposed else 1])))
             costs[n], errors[n] = [], []
-            for c in settings:
-                enc = c.encode(w, source=n)
-                costs[n].append(8.0 * enc.nbytes)
-                errors[n].append(loss_proxy(enc.decode().reshape(w.shape) - w, f, d, transposed))
+            for i, c in enumerate(settings):
+                if _extrapolated(c, settings) is None:
+                    enc = c.encode(w, source=n)
+                    nbytes[i, w.shape] = enc.nbytes - len(n)  # the header holds the name
+                    errors[n].append(loss_proxy(enc.decode().reshape(w.shape) - w, f, d, transposed))
+                else:
+                    errors[n].append(None)
+                if (i, w.shape) not in nbytes:
+                    nbytes[i, w.shape] = c.encode(np.zeros_like(w)).nbytes
+                costs[n].append(8.0 * (nbytes[i, w.shape] + len(n)))
+            for i, c in enumerate(settings):  # uniform-quantizer noise: ×1/4 per extra bit
+                if errors[n][i] is None:
+                    j = settings.index(_extrapolated(c, settings))
+                    errors[n][i] = errors[n][j] * 4.0 ** (settings[j].bits - c.bits)
         weights = sum(int(np.prod(source.shapes[n])) for n in budgeted)
         try:
             pick = allocate(costs, errors, target_bpw * weights)

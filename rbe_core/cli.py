@@ -36,7 +36,7 @@ def _log_to_stderr(verbose: bool) -> None:
     for h in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
         logger.removeHandler(h)
     if verbose:
-        handler = logging.StreamHandler(click.get_text_stream("stderr"))
+        handler = logging.StreamHandler(sys.stderr)  # read now: the stream of this invocation
         handler.set_name(_HANDLER_NAME)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -139,7 +139,10 @@ def _model_errors():
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tensors encoded in parallel.")
 @backend_option("Run the converted model once on this backend before writing (default: no check run).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet):
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibration text file for --target-bpw / calibrated codecs (default: a built-in text).")
+@click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
+def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, no_calibration):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
     if codec is not None and target_bpw is not None:
         _fail(click.UsageError("give --codec or --target-bpw, not both"))
@@ -152,7 +155,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet):
             _fail(ValueError(f"--codec is not valid JSON: {exc}"))
     try:
         path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
-                                       progress=not quiet, verify_backend=backend)
+                                       progress=not quiet, verify_backend=backend,
+                                       calibration=False if no_calibration else calibration)
     except _model_errors() as exc:
         _fail(exc)
     f = rbe_core.open(path)
@@ -264,13 +268,14 @@ def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False), help="Default: OUT.ckpt")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", default=None, help="Compute backend (default: $RBE_BACKEND or the best available).")
+@backend_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine, quantizer, checkpoint_every,
              checkpoint_dir, resume, seed, backend, quiet):
     """Train the codec parameters of the model in PATH on the text in --data; write the result to OUT."""
     from .finetuning import finetune as run_finetune
 
+    backend = _check_backend(backend)
     try:
         res = run_finetune(path, data, out, steps=steps, teacher=teacher, lr=lr, batch_tokens=batch_tokens,
                            seq_len=seq_len, engine=engine, quantizer=quantizer, checkpoint_every=checkpoint_every,
@@ -280,6 +285,34 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
         _fail(exc)
     last = f", final loss {res.losses[-1]:.4f}" if res.losses else ""
     click.echo(f"wrote {res.path}: steps {res.start_step}..{res.steps}{last}", err=True)
+
+
+@main.command("eval")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation text (use one the model was not calibrated on).")
+@click.option("--reference", type=click.Path(exists=True), default=None,
+              help="Reference model (HF dir, .safetensors, .gguf or .rbe): adds KL/top-1 or embedding cosines.")
+@click.option("--window", type=click.IntRange(2), default=512, show_default=True, help="Causal LMs: tokens per window.")
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Causal LMs: first N tokens; encoders: first N sentences.")
+@click.option("--backend", default=None, help="Compute backend for the compressed model.")
+@click.option("--dense", is_flag=True, help="Decode the weights once instead of fused kernels (faster, same numbers).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_(path, text_file, reference, window, max_tokens, backend, dense, as_json):
+    """Perplexity (+ KL and top-1 vs --reference) of a causal LM, or embedding cosines of an encoder."""
+    from .evaluate import evaluate
+
+    try:
+        with open(text_file, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        res = evaluate(path, text, reference, window=window, max_tokens=max_tokens, backend=backend, dense=dense)
+    except _model_errors() as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    for key, value in res.items():
+        click.echo(f"{key:<16} {value:.6g}" if isinstance(value, float) else f"{key:<16} {value}")
 
 
 if __name__ == "__main__":

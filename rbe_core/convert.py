@@ -115,7 +115,8 @@ def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | No
 
 def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
                    target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
-                   verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None) -> Path:
+                   verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None,
+                   calibration_tokens: int = 4096) -> Path:
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
@@ -123,7 +124,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
     ``verify_backend`` runs the converted model (read back from the complete temporary file) once
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
-    off) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
+    off; ``calibration_tokens`` of it) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
     weight by sensitivity and weights are encoded layer-sequentially with GPTQ
     (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
     when complete, and an error or Ctrl-C leaves nothing behind.
@@ -145,7 +146,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
         candidates = [c for c in CANDIDATES if c["id"] in list_codecs()]
         try:
             pre = calibrated_encodings(source, names, plans, target_bpw, read_text(None if calibration is True else calibration),
-                                       candidates, jobs=jobs, progress=progress)
+                                       candidates, jobs=jobs, progress=progress, max_tokens=calibration_tokens)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         plans.update({n: dict(e.codec.get_config()) for n, e in pre.items()})

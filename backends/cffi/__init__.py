@@ -48,16 +48,18 @@ class CffiBackend(NumpyKernelBackend):
         out = self._torch_call("linear", x, encoded)
         if bias is not None:
             out.numpy()[...] += to_numpy_f32(bias)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def linear_grad_input(self, grad_out, encoded):
         if not self._direct(grad_out, encoded):
             return super().linear_grad_input(grad_out, encoded)
-        return self._torch_call("grad_input", grad_out, encoded).to(grad_out.dtype)
+        out = self._torch_call("grad_input", grad_out, encoded)
+        return out if out.dtype == grad_out.dtype else out.to(grad_out.dtype)
 
-    def _direct(self, x, encoded) -> bool:
+    @staticmethod
+    def _direct(x, encoded) -> bool:
         """CPU torch input to a C kernel: run on its memory, skipping the numpy round trip."""
-        return is_torch(x) and x.device.type == "cpu" and encoded.codec.codec_id in ops.KERNEL_CODECS
+        return is_torch(x) and encoded.codec.codec_id in ops.KERNEL_CODECS and x.device.type == "cpu"
 
     @staticmethod
     def _torch_call(op: str, t, encoded):
@@ -67,10 +69,12 @@ class CffiBackend(NumpyKernelBackend):
         width, out_width = (cols, rows) if op == "linear" else (rows, cols)
         if t.shape[-1] != width:
             raise ValueError(f"input's last dimension is {t.shape[-1]}, the weight expects {width}")
-        a = t.detach().reshape(-1, width).to(torch.float32).contiguous()
-        out = torch.empty((a.shape[0], out_width), dtype=torch.float32)
+        a = t.detach().reshape(-1, width)
+        if a.dtype != torch.float32 or not a.is_contiguous():
+            a = a.to(torch.float32).contiguous()
+        out = a.new_empty((a.shape[0], out_width))
         ops.call_into(op, a.numpy(), encoded, out.numpy())
-        return out.reshape(*t.shape[:-1], out_width)
+        return out.view(*t.shape[:-1], out_width)
 
     def linear_np(self, x, encoded):
         return ops.linear(x, encoded)

@@ -15,8 +15,8 @@ import os
 import weakref
 
 import numpy as np
-from rbe_backends.numpy import ops as generic
 
+from rbe_backends.numpy import ops as generic
 from rbe_core.abc import Encoded
 from rbe_core.errors import BackendUnavailableError
 

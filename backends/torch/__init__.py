@@ -29,7 +29,13 @@ class TorchBackend(Backend):
     def features(cls):
         import torch
 
-        return (f"torch-{torch.__version__}", cls.device_type, f"threads={torch.get_num_threads()}")
+        from . import ops
+
+        try:
+            chunk = f"chunk={ops.chunk_elements(torch.device(cls.device_type)) * 4 / (1 << 20):g}MiB"
+        except ValueError as exc:  # a bad $RBE_TORCH_CHUNK_MB: shown here, raised by the kernels
+            chunk = f"chunk=invalid ({exc})"
+        return (f"torch-{torch.__version__}", cls.device_type, f"threads={torch.get_num_threads()}", chunk)
 
     @property
     def device(self):

@@ -107,7 +107,10 @@ def _int8_linear(x, p, steps, out):
     for s, e in steps:
         w = buf[: (e - s) * q.shape[1]].view(e - s, -1).copy_(q[s:e])
         o = out[:, s:e]
-        torch.mm(x, w.T, out=o) if o.is_contiguous() else o.copy_(x @ w.T)
+        if o.is_contiguous():  # batch 1: straight into the output
+            torch.mm(x, w.T, out=o)
+        else:
+            o.copy_(x @ w.T)
         o.mul_(scale[s:e])
 
 

@@ -10,6 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import rbe_core
+from rbe_core import Encoded, InvalidWeightError, RBEFormatError
 from rbe_plugins.hadamard import (
     HadamardCodec,
     fwht,
@@ -20,9 +23,6 @@ from rbe_plugins.hadamard import (
     unpack_codes,
     unrotate,
 )
-
-import rbe_core
-from rbe_core import Encoded, InvalidWeightError, RBEFormatError
 
 
 def _sylvester(n: int) -> np.ndarray:
@@ -310,3 +310,65 @@ def test_real_minilm_layer_beats_round_to_nearest():
         rtn_bpw = bits + 32 / rtn_group  # fp16 scale + fp16 minimum per group
         assert enc.bits_per_weight <= rtn_bpw
         assert _out_err(x, w, enc.decode()) < 0.85 * _out_err(x, w, _rtn_affine(w, bits, rtn_group))
+
+
+def test_gram_calibration_equals_activations(rng):
+    from rbe_core.calibration import Gram
+
+    x = _correlated(rng, 512, 96)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    codec = HadamardCodec(bits=3)
+    xd = x.astype(np.float64)
+    a = codec.encode(w, calibration=x)
+    b = codec.encode(w, calibration=Gram(xd.T @ xd, x.shape[0]))
+    assert np.allclose(a.decode(), b.decode(), atol=1e-5)
+    with pytest.raises(InvalidWeightError, match="Gram"):
+        codec.encode(w, calibration=Gram(np.eye(5), 1))
+
+
+def test_allocate_greedy_respects_budget():
+    from rbe_core.calibration import allocate
+
+    costs = {"a": [3.0, 4.0, 5.0], "b": [3.0, 4.0, 5.0]}
+    errors = {"a": [100.0, 25.0, 6.0], "b": [1.0, 0.25, 0.06]}
+    assert allocate(costs, errors, 7.0) == {"a": 1, "b": 1} or allocate(costs, errors, 8.0) == {"a": 2, "b": 0}
+    assert allocate(costs, errors, 8.0) == {"a": 2, "b": 0}  # the sensitive tensor gets the bits
+    assert allocate(costs, errors, 100.0) == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="budget"):
+        allocate(costs, errors, 5.0)
+
+
+def test_calibrated_conversion_beats_round_to_nearest(tmp_path):
+    """compress_model with layer-sequential GPTQ vs the same codec without calibration (equal bits)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "rbe_core"))
+    from _model_helpers import tiny_llama
+
+    from rbe_core.calibration import batches, read_text
+
+    model = tiny_llama(num_hidden_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like inputs: low-rank embeddings and a few outlier channels
+        model.model.embed_tokens.weight.copy_(torch.randn(300, 6, generator=gen) @ torch.randn(6, 64, generator=gen))
+        model.model.layers[0].input_layernorm.weight[:4] *= 8.0
+        model.model.layers[0].post_attention_layernorm.weight[:4] *= 8.0
+    model.save_pretrained(tmp_path / "hf")
+    codec = {"id": "hadamard", "bits": 3}
+    cal = rbe_core.compress_model(tmp_path / "hf", tmp_path / "c.rbe", codec=codec, progress=False,
+                                  calibration_tokens=256)
+    rtn = rbe_core.compress_model(tmp_path / "hf", tmp_path / "r.rbe", codec=codec, progress=False,
+                                  calibration=False)
+    assert rbe_core.open(cal).headers.keys() == rbe_core.open(rtn).headers.keys()
+    ref = rbe_core.load_model(rbe_core.compress_model(tmp_path / "hf", tmp_path / "f.rbe", codec="raw",
+                                                      progress=False), dense=True)
+    (ids,), _ = batches(ref, read_text(None), max_tokens=128, window=64)[0]  # no tokenizer: seeded ids
+    ids = (ids * 7 + 3) % ref.config["vocab_size"]  # tokens the calibration did not see
+
+    def err(path):
+        with torch.no_grad():
+            return float((rbe_core.load_model(path, dense=True)(ids)[0] - ref(ids)[0]).square().mean())
+
+    assert err(cal) < 0.9 * err(rtn)
+    f = rbe_core.open(cal)
+    assert {f.headers[n]["codec"]["id"] for n in f if "proj" in n} == {"hadamard"}

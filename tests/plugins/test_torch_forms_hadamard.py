@@ -1,5 +1,5 @@
-"""The hadamard codec's training form: decode mirrors the codec, write round-trips, gradcheck of
-the autograd engine (float64), and a trainable layer built on it."""
+"""The hadamard codec's training form: decode and the rotated-basis linear mirror the codec, write
+round-trips, gradcheck of the autograd engine (float64), and a trainable layer built on it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 import rbe_core
 from rbe_core.training import TrainableRBELinear, get_engine, torch_form
 from rbe_plugins.engines import weight_grad
-from rbe_plugins.torch_forms_hadamard import torch_fwht
 
 CODECS = [
     {"id": "hadamard", "bits": 3, "group_size": 8},
@@ -28,13 +27,6 @@ def encoded(request):
     w = np.random.default_rng(5).standard_normal((6, 20)).astype(np.float32)
     w[1] = 0.0  # an all-zero row (zero scales) stays zero
     return rbe_core.get_codec(request.param).encode(w)
-
-
-def test_fwht_matches_codec():
-    from rbe_plugins.hadamard import fwht
-
-    x = np.random.default_rng(0).standard_normal((3, 16))
-    np.testing.assert_allclose(torch_fwht(torch.from_numpy(x)).numpy(), fwht(x), atol=1e-12)
 
 
 def test_form_decode_matches_codec(encoded):
@@ -96,3 +88,14 @@ def test_trainable_layer_matches_dense_reference(encoded):
     for f, p in zip(form.fields, layer.shadow, strict=True):
         ref = leaves[f].grad.float()
         torch.testing.assert_close(p.grad, ref, atol=1e-3 * float(ref.abs().max()) + 1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rotated_linear_matches_decode(encoded, transposed):
+    form = torch_form(encoded.codec)
+    params = {k: torch.from_numpy(v) for k, v in form.params(encoded).items()}
+    w = encoded.decode().astype(np.float64)
+    x = torch.randn(4, w.shape[0] if transposed else w.shape[1], dtype=torch.float64)
+    ref = x.numpy() @ (w if transposed else w.T)
+    got = form.linear(x, encoded, params, transposed).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())

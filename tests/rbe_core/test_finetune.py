@@ -34,7 +34,7 @@ def text(tmp_path_factory):
 def llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     write_gguf(tiny_llama(tie_word_embeddings=True), d / "tiny.gguf")
-    rbe = rbe_core.compress_model(d / "tiny.gguf", d / "tiny.rbe", codec=CODEC, progress=False)
+    rbe = rbe_core.compress_model(d / "tiny.gguf", d / "tiny.rbe", codec=CODEC, progress=False, calibration=False)
     return d / "tiny.gguf", rbe
 
 
@@ -55,11 +55,11 @@ def bert(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     tiny_bert().save_pretrained(d / "hf")
     (d / "hf" / "tokenizer.json").write_text(_bert_tokenizer_json())
-    return d / "hf", rbe_core.compress_model(d / "hf", d / "bert.rbe", codec=CODEC, progress=False)
+    return d / "hf", rbe_core.compress_model(d / "hf", d / "bert.rbe", codec=CODEC, progress=False, calibration=False)
 
 
 def _run(src, text, out, **kw):
-    args = {"steps": 6, "lr": 3e-2, "batch_tokens": 64, "seq_len": 16, "progress": False, **kw}
+    args = {"steps": 4, "lr": 3e-2, "batch_tokens": 32, "seq_len": 16, "progress": False, **kw}
     return rbe_core.finetune(src, text, out, **args)
 
 
@@ -105,7 +105,7 @@ def test_resume_matches_uninterrupted_run(llama, text, tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # Ctrl-C during step 4, after the checkpoint of step 2
+        if calls["n"] == 3:  # Ctrl-C during step 3, after the checkpoint of step 2
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

@@ -136,6 +136,7 @@ typedef struct {
     pthread_cond_t wake, done;
     pthread_mutex_t submit; /* one call uses the pool at a time */
     int nworkers, active, open;
+    int slots; /* workers that may still join the current call (nthreads - 1 at most) */
     uint64_t generation;
     const job *j;
     int64_t total, chunk;
@@ -172,6 +173,8 @@ static void *worker(void *arg) {
     for (;;) {
         while (!pool.open || pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.mu);
         seen = pool.generation;
+        if (pool.slots == 0) continue; /* this call asked for fewer threads than the pool has */
+        pool.slots--;
         const job *j = pool.j;
         pool.active++;
         pthread_mutex_unlock(&pool.mu);
@@ -189,7 +192,7 @@ static void reset_after_fork(void) {
     pthread_mutex_init(&pool.submit, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
-    pool.nworkers = pool.active = pool.open = 0;
+    pool.nworkers = pool.active = pool.open = pool.slots = 0;
 }
 
 static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
@@ -224,6 +227,7 @@ static int run(const job *j, int nthreads) {
     const int workers = ensure_workers(nt - 1);
     pool.j = j, pool.total = total, pool.chunk = per * align;
     pool.next = 0, pool.err = 0, pool.open = workers > 0;
+    pool.slots = workers < nt - 1 ? workers : nt - 1;
     pool.generation++;
     if (workers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
