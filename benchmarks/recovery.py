@@ -65,7 +65,14 @@ def main() -> None:
     text = args.eval_text.read_text(encoding="utf-8")
 
     def quality(path: Path) -> dict:
-        return evaluate(path, text, source, window=args.window, max_tokens=args.eval_tokens, dense=True)
+        """``evaluate`` figures, kept next to the model (reused while the model file is unchanged)."""
+        cache = path.with_name(path.name + ".eval.json")
+        key = [str(args.eval_text), args.window, args.eval_tokens, str(source), path.stat().st_mtime]
+        if cache.exists() and json.loads(cache.read_text())["key"] == key:
+            return json.loads(cache.read_text())["result"]
+        result = evaluate(path, text, source, window=args.window, max_tokens=args.eval_tokens, dense=True)
+        cache.write_text(json.dumps({"key": key, "result": result}))
+        return result
 
     src_q, before = quality(dense), quality(compressed)
     res = rbe_core.finetune(compressed, args.calib, tuned, steps=args.steps, teacher=source, lr=args.lr,

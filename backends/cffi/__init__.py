@@ -1,6 +1,6 @@
 """``cffi``: C kernels with runtime SIMD dispatch (AVX-512, AVX2+FMA, portable scalar).
 
-Fused decode+GEMV/GEMM for ``int8`` and ``int4`` (weights are decoded in registers for batch 1,
+Fused decode+GEMV/GEMM for ``int8``, ``int4`` and ``hadamard`` (input rotated once in C; weights are decoded in registers for batch 1,
 a few rows at a time otherwise; never the whole matrix), on up to ``RBE_CFFI_THREADS`` pthreads,
 with the GIL released. Other codecs run through the numpy backend's generic row-chunked path and
 ``supports()`` is False for them. The C module is built at ``pip install``; when it is missing,
@@ -42,6 +42,11 @@ class CffiBackend(NumpyKernelBackend):
             active = f"invalid: {exc}"
         return (*ops.supported_isas(), f"active={active}", f"threads={ops.thread_count()}")
 
+    def supports(self, codec_id: str) -> bool:
+        if codec_id == ops.had.CODEC_ID:  # only while the codec still writes the layout we know
+            return ops.had.default_supported()
+        return codec_id in self.kernels
+
     def linear(self, x, encoded, bias=None):
         if not self._direct(x, encoded):
             return super().linear(x, encoded, bias)
@@ -59,7 +64,7 @@ class CffiBackend(NumpyKernelBackend):
     @staticmethod
     def _direct(x, encoded) -> bool:
         """CPU torch input to a C kernel: run on its memory, skipping the numpy round trip."""
-        return is_torch(x) and encoded.codec.codec_id in ops.KERNEL_CODECS and x.device.type == "cpu"
+        return is_torch(x) and x.device.type == "cpu" and ops.has_kernel(encoded)
 
     @staticmethod
     def _torch_call(op: str, t, encoded):

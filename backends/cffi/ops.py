@@ -1,7 +1,9 @@
 """Python side of the C kernels: argument checks, ISA and thread choice, and the calls.
 
 Codecs with a C kernel are listed in ``KERNEL_CODECS``; every other codec goes through the
-numpy backend's generic row-chunked path (``rbe_backends.numpy.ops``). The C functions are
+numpy backend's generic row-chunked path (``rbe_backends.numpy.ops``). ``hadamard`` payloads run
+in C only when ``rbe_backends.numpy.hadamard.native`` recognises their layout exactly (the input
+is rotated in C, then multiplied by the codes in the rotated basis); others take the generic path. The C functions are
 called through cffi in API mode, which releases the GIL for the duration of each call.
 
 Environment: ``RBE_CFFI_ISA=scalar|avx2|avx512`` forces a code path (an error if this CPU or
@@ -16,6 +18,7 @@ import weakref
 
 import numpy as np
 
+from rbe_backends.numpy import hadamard as had
 from rbe_backends.numpy import ops as generic
 from rbe_core.abc import Encoded
 from rbe_core.errors import BackendUnavailableError
@@ -35,7 +38,7 @@ ISA_ENV = "RBE_CFFI_ISA"
 THREADS_ENV = "RBE_CFFI_THREADS"
 #: ISA names and their C bit, best first.
 ISAS = {"avx512": 4, "avx2": 2, "scalar": 1}
-KERNEL_CODECS = frozenset({"int8", "int4"})
+KERNEL_CODECS = frozenset({"int8", "int4", "hadamard"})
 #: Below this many multiply-adds per call a second thread costs more than it saves.
 PARALLEL_MIN_WORK = 1 << 18
 
@@ -116,6 +119,12 @@ def _int4_layout(encoded: Encoded) -> tuple[int, np.ndarray, np.ndarray, np.ndar
     return gs, q, scale, minimum
 
 
+def has_kernel(encoded: Encoded) -> bool:
+    """True when ``encoded`` runs in C (for hadamard: only the exact layout the kernel knows)."""
+    codec_id = encoded.codec.codec_id
+    return codec_id in ("int8", "int4") or (codec_id == had.CODEC_ID and had.native(encoded))
+
+
 def _check(rc: int, what: str) -> None:
     if rc:
         raise RuntimeError(f"cffi kernel {what} failed: {_ERRORS.get(rc, f'error {rc}')}")
@@ -138,6 +147,9 @@ def _prepared(encoded: Encoded):
         keep = (q, scale)
         args = (ffi.from_buffer("signed char[]", q), ffi.from_buffer("float[]", scale), rows, cols)
         fns = lib.rbe_int8_linear, lib.rbe_int8_grad_input
+    elif encoded.codec.codec_id == had.CODEC_ID:
+        keep, args = _hadamard_args(encoded)
+        fns = lib.rbe_hadamard_linear, lib.rbe_hadamard_grad_input
     else:
         gs, q, scale, minimum = _int4_layout(encoded)
         keep = (q, scale, minimum)
@@ -154,9 +166,38 @@ def _prepared(encoded: Encoded):
     return hit
 
 
+def _hadamard_args(encoded: Encoded):
+    """Weight arguments of ``rbe_hadamard_*`` (after ``n``, before ``out``) and their arrays."""
+    found = had.layout(encoded)
+    if found is None:
+        raise ValueError("hadamard: payload layout not supported by the cffi kernel")
+    cols_p, signs, blocks = found
+    rows, cols = encoded.matrix_shape
+    p = encoded.payload
+    codes = np.ascontiguousarray(p["codes"])
+    scale_code = np.ascontiguousarray(p["scale_code"])
+    row_scale = np.ascontiguousarray(p["row_scale"])
+    blocks_arr = np.asarray(blocks, dtype=np.int64)
+    keep = (codes, scale_code, row_scale, signs, blocks_arr)
+    args = (
+        cols,
+        ffi.from_buffer("unsigned char[]", codes),
+        ffi.from_buffer("unsigned char[]", scale_code),
+        ffi.from_buffer("float[]", row_scale),
+        rows,
+        cols_p,
+        int(encoded.codec.group_size),
+        int(encoded.codec.bits),
+        ffi.from_buffer("float[]", signs),
+        ffi.from_buffer("long long[]", blocks_arr),
+        len(blocks),
+    )
+    return keep, args
+
+
 def call_into(op: str, a: np.ndarray, encoded: Encoded, out: np.ndarray) -> np.ndarray:
     """Run the C kernel ``op`` ('linear' or 'grad_input') on float32 C-contiguous ``a`` (n, k)
-    into float32 C-contiguous ``out``; the codec must be in ``KERNEL_CODECS``."""
+    into float32 C-contiguous ``out``; ``has_kernel(encoded)`` must hold."""
     rows, cols = encoded.matrix_shape
     isa = ISAS[active_isa()]
     n = a.shape[0]
@@ -170,8 +211,8 @@ def call_into(op: str, a: np.ndarray, encoded: Encoded, out: np.ndarray) -> np.n
 
 
 def linear(x: np.ndarray, encoded: Encoded) -> np.ndarray:
-    """(n, in) float32 @ W.T -> (n, out) float32; C kernel for ``KERNEL_CODECS``, else generic."""
-    if encoded.codec.codec_id not in KERNEL_CODECS:
+    """(n, in) float32 @ W.T -> (n, out) float32; C kernel when ``has_kernel``, else generic."""
+    if not has_kernel(encoded):
         return generic.linear(x, encoded)
     rows, _ = encoded.matrix_shape
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -179,8 +220,8 @@ def linear(x: np.ndarray, encoded: Encoded) -> np.ndarray:
 
 
 def grad_input(grad_out: np.ndarray, encoded: Encoded) -> np.ndarray:
-    """(n, out) float32 @ W -> (n, in) float32; C kernel for ``KERNEL_CODECS``, else generic."""
-    if encoded.codec.codec_id not in KERNEL_CODECS:
+    """(n, out) float32 @ W -> (n, in) float32; C kernel when ``has_kernel``, else generic."""
+    if not has_kernel(encoded):
         return generic.grad_input(grad_out, encoded)
     _, cols = encoded.matrix_shape
     grad_out = np.ascontiguousarray(grad_out, dtype=np.float32)

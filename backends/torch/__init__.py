@@ -17,7 +17,7 @@ class TorchBackend(Backend):
     name = "torch"
     priority = 20
     device_type = "cpu"
-    kernels = frozenset({"int8", "raw"})
+    kernels = frozenset({"int8", "raw", "hadamard"})
 
     @classmethod
     def availability(cls):
@@ -36,6 +36,13 @@ class TorchBackend(Backend):
         except ValueError as exc:  # a bad $RBE_TORCH_CHUNK_MB: shown here, raised by the kernels
             chunk = f"chunk=invalid ({exc})"
         return (f"torch-{torch.__version__}", cls.device_type, f"threads={torch.get_num_threads()}", chunk)
+
+    def supports(self, codec_id: str) -> bool:
+        if codec_id == "hadamard":  # only while the codec still writes the layout we know
+            from rbe_backends.numpy import hadamard
+
+            return hadamard.default_supported()
+        return codec_id in self.kernels
 
     @property
     def device(self):

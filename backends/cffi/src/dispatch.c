@@ -4,6 +4,7 @@
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* posix_memalign, pthreads */
 #endif
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -51,12 +52,15 @@ enum { OP_LINEAR, OP_GRAD };
 
 typedef struct {
     const rbe_kernels *k;
-    int op, is_int4;
+    int op, is_int4, is_had;
     const float *in; /* x (linear) or g (grad) */
     int64_t n, rows, cols, gs;
     const void *q;
     const float *scale8;
     const uint16_t *sh, *mh;
+    const uint8_t *sc; /* hadamard: scale_code; row_scale in scale8; cols is the padded width */
+    const float *xsum; /* hadamard batch 1: per-group sums of the rotated input */
+    int bits;
     float *out;
 } job;
 
@@ -68,7 +72,9 @@ static void *aligned_floats(int64_t count) {
 
 static void decode(const job *j, int64_t r0, int nr, int64_t c0, int64_t c1, float *w,
                    int64_t ldw) {
-    if (j->is_int4)
+    if (j->is_had)
+        j->k->had_decode(j->q, j->sc, j->scale8, j->cols, j->gs, j->bits, r0, nr, c0, c1, w, ldw);
+    else if (j->is_int4)
         j->k->int4_decode(j->q, j->sh, j->mh, j->cols, j->gs, r0, nr, c0, c1, w, ldw);
     else
         j->k->int8_decode(j->q, j->scale8, j->cols, r0, nr, c0, c1, w, ldw);
@@ -77,7 +83,15 @@ static void decode(const job *j, int64_t r0, int nr, int64_t c0, int64_t c1, flo
 /* y rows [r0, r1) of every batch row. */
 static int linear_rows(const job *j, int64_t r0, int64_t r1) {
     const rbe_kernels *k = j->k;
-    if (j->n == 1) {
+    if (j->n == 1 && j->is_had && j->bits == 4 && j->gs % 32 == 0) {
+        float *scratch = aligned_floats(j->cols);
+        if (!scratch) return RBE_E_NOMEM;
+        k->had4_gemv(j->in, j->xsum, j->q, j->sc, j->scale8, j->cols, j->gs, r0, r1, j->out,
+                     scratch);
+        free(scratch);
+        return 0;
+    }
+    if (j->n == 1 && !j->is_had) {
         if (!j->is_int4) {
             k->int8_gemv(j->in, j->q, j->scale8, j->cols, r0, r1, j->out);
             return 0;
@@ -295,4 +309,91 @@ int rbe_int4_grad_input(const float *g, long long n, const unsigned char *q,
     j.op = OP_GRAD, j.is_int4 = 1, j.in = g, j.n = n, j.rows = rows, j.cols = cols;
     j.gs = group_size, j.q = q, j.sh = scale, j.mh = minimum, j.out = out;
     return run(&j, nthreads);
+}
+
+/* ---- hadamard: rotate the input once, then the products in the rotated basis ---- */
+
+/* Blocks must be powers of two summing to cols_p; the group size must divide cols_p. */
+static int had_args(long long cols, long long cols_p, long long gs, int bits,
+                    const long long *blocks, int nblocks) {
+    if (bits < 2 || bits > 8 || gs < 1 || cols_p < cols || cols_p % gs || nblocks < 1) return RBE_E_ARGS;
+    long long total = 0;
+    for (int i = 0; i < nblocks; i++) {
+        if (blocks[i] < 1 || (blocks[i] & (blocks[i] - 1))) return RBE_E_ARGS;
+        total += blocks[i];
+    }
+    return total == cols_p ? 0 : RBE_E_ARGS;
+}
+
+/* Orthonormal block-diagonal Walsh-Hadamard transform of v in place, in the codec's order
+ * (Sylvester butterflies, then the float32 1/sqrt(block) scale). */
+static void fwht_blocks(float *v, const long long *blocks, int nblocks) {
+    for (int bi = 0; bi < nblocks; bi++) {
+        const int64_t b = blocks[bi];
+        for (int64_t h = 1; h < b; h *= 2)
+            for (int64_t i = 0; i < b; i += 2 * h)
+                for (int64_t t = i; t < i + h; t++) {
+                    const float a = v[t], c = v[t + h];
+                    v[t] = a + c;
+                    v[t + h] = a - c;
+                }
+        const float s = (float)(1.0 / sqrt((double)b));
+        for (int64_t t = 0; t < b; t++) v[t] *= s;
+        v += b;
+    }
+}
+
+int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsigned char *codes,
+                        const unsigned char *scale_code, const float *row_scale, long long rows,
+                        long long cols_p, long long group_size, int bits, const float *signs,
+                        const long long *blocks, int nblocks, float *y, int isa, int nthreads) {
+    job j = {0};
+    int err = check(n, rows, cols, &j.k, isa);
+    if (!err) err = had_args(cols, cols_p, group_size, bits, blocks, nblocks);
+    if (err || n == 0) return err;
+    const int64_t groups = cols_p / group_size;
+    float *xr = aligned_floats(n * cols_p + groups);
+    if (!xr) return RBE_E_NOMEM;
+    float *xsum = xr + n * cols_p;
+    for (int64_t b = 0; b < n; b++) { /* xr = pad(x) @ R^T: signs, then the transform */
+        float *v = xr + b * cols_p;
+        for (int64_t c = 0; c < cols; c++) v[c] = x[b * cols + c] * signs[c];
+        memset(v + cols, 0, (size_t)(cols_p - cols) * sizeof(float));
+        fwht_blocks(v, blocks, nblocks);
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        float t = 0.0f;
+        for (int64_t c = g * group_size; c < (g + 1) * group_size; c++) t += xr[c];
+        xsum[g] = t;
+    }
+    j.op = OP_LINEAR, j.is_had = 1, j.in = xr, j.n = n, j.rows = rows, j.cols = cols_p;
+    j.gs = group_size, j.bits = bits, j.q = codes, j.sc = scale_code, j.scale8 = row_scale;
+    j.xsum = xsum, j.out = y;
+    err = run(&j, nthreads);
+    free(xr);
+    return err;
+}
+
+int rbe_hadamard_grad_input(const float *g, long long n, long long cols, const unsigned char *codes,
+                            const unsigned char *scale_code, const float *row_scale,
+                            long long rows, long long cols_p, long long group_size, int bits,
+                            const float *signs, const long long *blocks, int nblocks, float *out,
+                            int isa, int nthreads) {
+    job j = {0};
+    int err = check(n, rows, cols, &j.k, isa);
+    if (!err) err = had_args(cols, cols_p, group_size, bits, blocks, nblocks);
+    if (err || n == 0) return err;
+    float *acc = aligned_floats(n * cols_p);
+    if (!acc) return RBE_E_NOMEM;
+    j.op = OP_GRAD, j.is_had = 1, j.in = g, j.n = n, j.rows = rows, j.cols = cols_p;
+    j.gs = group_size, j.bits = bits, j.q = codes, j.sc = scale_code, j.scale8 = row_scale;
+    j.out = acc;
+    err = run(&j, nthreads);
+    for (int64_t b = 0; !err && b < n; b++) { /* out = (g @ W_rot) @ R, first cols columns */
+        float *v = acc + b * cols_p;
+        fwht_blocks(v, blocks, nblocks);
+        for (int64_t c = 0; c < cols; c++) out[b * cols + c] = v[c] * signs[c];
+    }
+    free(acc);
+    return err;
 }

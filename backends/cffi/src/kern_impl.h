@@ -5,7 +5,8 @@
  * vstore(p, v), vset1(f), vadd(a, b), vmul(a, b), vfma(a, b, c) = a * b + c, vhsum(v),
  * load_i8(p) (VLEN int8 -> VF), q4_unpack32(p, VF out[32 / VLEN]) (16 packed bytes -> 32
  * values in column order), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH.
- * Optional: define RBE_HAVE_INT4_GEMV and int4_gemv_<isa> (same contract) before including.
+ * Optional: define RBE_HAVE_INT4_GEMV and int4_gemv_<isa>, or RBE_HAVE_HAD4_GEMV and
+ * had4_gemv_<isa> (same contracts) before including.
  */
 #include "rbe_internal.h"
 
@@ -186,8 +187,101 @@ static void FN(panel_axpy)(const float *w, int64_t ldw, int nr, const float *g, 
     }
 }
 
+/* hadamard: the code of column c of a row, from its little-endian bit stream (bits in 2..8;
+ * a code spans at most two bytes; the second is read only when it is inside the row). */
+static inline unsigned FN(had_code)(const uint8_t *qr, int64_t rowbytes, int bits, int64_t c) {
+    const int64_t bit = c * bits, byte = bit >> 3;
+    unsigned v = qr[byte];
+    if (byte + 1 < rowbytes) v |= (unsigned)qr[byte + 1] << 8;
+    return (v >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
+/* Rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight into w (row stride
+ * ldw): w = (q - half) * (row_scale[r] * scale_code[r, c / gs]), decode's exact arithmetic. */
+static void FN(had_decode)(const uint8_t *codes, const uint8_t *sc, const float *rs,
+                           int64_t cols_p, int64_t gs, int bits, int64_t r0, int nr, int64_t c0,
+                           int64_t c1, float *w, int64_t ldw) {
+    const int64_t groups = cols_p / gs, rowbytes = (cols_p * bits + 7) / 8;
+    const float half = (float)((1 << bits) - 1) * 0.5f;
+    const VF nhalf = vset1(-half);
+    for (int i = 0; i < nr; i++) {
+        const int64_t r = r0 + i;
+        const uint8_t *qr = codes + r * rowbytes;
+        float *wr = w + i * ldw - c0;
+        int64_t c = c0;
+        if (bits == 4) {
+            for (; c + 32 <= c1; c += 32) {
+                VF qv[NV];
+                q4_unpack32(qr + c / 2, qv);
+                for (int k = 0; k < NV; k++) vstore(wr + c + k * VLEN, vadd(qv[k], nhalf));
+            }
+        } else if (bits == 8) {
+            for (; c < c1; c++) wr[c] = (float)qr[c] - half;
+        } else if (bits == 2) {
+            for (; c < c1; c++) wr[c] = (float)((qr[c >> 2] >> ((c & 3) * 2)) & 3) - half;
+        }
+        for (; c < c1; c++) wr[c] = (float)FN(had_code)(qr, rowbytes, bits, c) - half;
+        for (int64_t g = c0 / gs; g * gs < c1; g++) {
+            const float st = rs[r] * (float)sc[r * groups + g];
+            const VF sv = vset1(st);
+            const int64_t ce = rbe_min((g + 1) * gs, c1);
+            c = rbe_max(g * gs, c0);
+            for (; c + VLEN <= ce; c += VLEN) vstore(wr + c, vmul(vload(wr + c), sv));
+            for (; c < ce; c++) wr[c] *= st;
+        }
+    }
+}
+
+#ifndef RBE_HAVE_HAD4_GEMV /* the ISA file may bring its own */
+/* hadamard 4-bit, batch 1, group size a multiple of 32: y[r] = sum_g step[r, g] *
+ * (dot(q[r, g], xr[g]) - half * xsum[g]) for r in [r0, r1); codes are unpacked in registers,
+ * each group's products are summed before one multiply by its step. */
+static void FN(had4_gemv)(const float *xr, const float *xsum, const uint8_t *codes,
+                          const uint8_t *sc, const float *rs, int64_t cols_p, int64_t gs,
+                          int64_t r0, int64_t r1, float *y, float *scratch) {
+    (void)scratch;
+    const int64_t groups = cols_p / gs, qstride = cols_p / 2;
+    for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
+        const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
+        const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];
+        float rsr[GEMV_ROWS], corr[GEMV_ROWS];
+        VF acc[GEMV_ROWS];
+        for (int i = 0; i < GEMV_ROWS; i++) {
+            const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
+            qr[i] = codes + ri * qstride;
+            sr[i] = sc + ri * groups;
+            rsr[i] = rs[ri];
+            corr[i] = 0.0f;
+            acc[i] = vzero();
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            VF ga[GEMV_ROWS][NV];
+            for (int i = 0; i < GEMV_ROWS; i++)
+                for (int k = 0; k < NV; k++) ga[i][k] = vzero();
+            for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
+                VF xv[NV];
+                for (int k = 0; k < NV; k++) xv[k] = vload(xr + c + k * VLEN);
+                for (int i = 0; i < GEMV_ROWS; i++) {
+                    VF qv[NV];
+                    q4_unpack32(qr[i] + c / 2, qv);
+                    for (int k = 0; k < NV; k++) ga[i][k] = vfma(qv[k], xv[k], ga[i][k]);
+                }
+            }
+            for (int i = 0; i < GEMV_ROWS; i++) {
+                const float st = rsr[i] * (float)sr[i][g];
+                VF s = ga[i][0];
+                for (int k = 1; k < NV; k++) s = vadd(s, ga[i][k]);
+                acc[i] = vfma(s, vset1(st), acc[i]);
+                corr[i] += st * xsum[g];
+            }
+        }
+        for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) - 7.5f * corr[i];
+    }
+}
+#endif
+
 const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = {
     FN(int8_gemv), FN(int4_gemv),  FN(int8_decode), FN(int4_decode),
-    FN(dot_tile),  FN(panel_axpy), GEMV_ROWS,       TILE_ROWS,
-    TILE_BATCH,
+    FN(dot_tile),  FN(panel_axpy), FN(had_decode),  FN(had4_gemv),
+    GEMV_ROWS,     TILE_ROWS,      TILE_BATCH,
 };

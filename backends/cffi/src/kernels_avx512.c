@@ -101,4 +101,54 @@ static void int4_gemv_avx512(const float *x, const uint8_t *q, const uint16_t *s
     }
 }
 
+/* hadamard 4-bit batch 1 with the same table trick: T[k] = (k - 7.5) * step, the exact decoded
+ * values (decode's own float32 arithmetic), so no per-group correction is needed. x is split
+ * into even/odd columns of each 32-column block once per call (into scratch). */
+#define RBE_HAVE_HAD4_GEMV
+static void had4_gemv_avx512(const float *xr, const float *xsum, const uint8_t *codes,
+                             const uint8_t *sc, const float *rs, int64_t cols_p, int64_t gs,
+                             int64_t r0, int64_t r1, float *y, float *scratch) {
+    (void)xsum;
+    const int64_t groups = cols_p / gs, qstride = cols_p / 2;
+    for (int64_t c = 0; c < cols_p; c += 32)
+        for (int t = 0; t < 16; t++) {
+            scratch[c + t] = xr[c + 2 * t];
+            scratch[c + 16 + t] = xr[c + 2 * t + 1];
+        }
+    const __m512 centred = _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f,
+                                          0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f);
+    for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
+        const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
+        const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];
+        float rsr[GEMV_ROWS];
+        __m512 acc[GEMV_ROWS][2];
+        for (int i = 0; i < GEMV_ROWS; i++) {
+            const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
+            qr[i] = codes + ri * qstride;
+            sr[i] = sc + ri * groups;
+            rsr[i] = rs[ri];
+            acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 table[GEMV_ROWS];
+            for (int i = 0; i < GEMV_ROWS; i++)
+                table[i] = _mm512_mul_ps(centred, _mm512_set1_ps(rsr[i] * (float)sr[i][g]));
+            for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
+                const __m512 xev = _mm512_loadu_ps(scratch + c);
+                const __m512 xov = _mm512_loadu_ps(scratch + c + 16);
+                for (int i = 0; i < GEMV_ROWS; i++) {
+                    const __m512i b =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr[i] + c / 2)));
+                    const __m512 we = _mm512_permutexvar_ps(b, table[i]);
+                    const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[i]);
+                    acc[i][0] = _mm512_fmadd_ps(we, xev, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(wo, xov, acc[i][1]);
+                }
+            }
+        }
+        for (int i = 0; i < nr; i++)
+            y[r + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+    }
+}
+
 #include "kern_impl.h"

@@ -25,6 +25,16 @@ typedef struct {
     /* out[j] += sum_{i < nr} g[i] * w[i * ldw + j] for j < k (the panel is summed first). */
     void (*panel_axpy)(const float *w, int64_t ldw, int nr, const float *g, int64_t k,
                        float *out);
+    /* hadamard: rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight
+     * (q - half) * step into w (row stride ldw); codes are bits-bit little-endian streams. */
+    void (*had_decode)(const uint8_t *codes, const uint8_t *scale_code, const float *row_scale,
+                       int64_t cols_p, int64_t gs, int bits, int64_t r0, int nr, int64_t c0,
+                       int64_t c1, float *w, int64_t ldw);
+    /* hadamard 4-bit batch-1 product on the rotated input xr (xsum: its per-group sums);
+     * needs gs % 32 == 0 and scratch for cols_p floats. */
+    void (*had4_gemv)(const float *xr, const float *xsum, const uint8_t *codes,
+                      const uint8_t *scale_code, const float *row_scale, int64_t cols_p,
+                      int64_t gs, int64_t r0, int64_t r1, float *y, float *scratch);
     int gemv_rows, tile_rows, tile_batch;
 } rbe_kernels;
 
