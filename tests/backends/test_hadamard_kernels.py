@@ -48,8 +48,8 @@ def no_decode(monkeypatch):
     monkeypatch.setattr(codec_cls, "decode_rows", refuse)
 
 
-def check(backend, enc, rng, as_torch: bool = False):
-    """linear and linear_grad_input agree with the decoded weight (≤ 1e-5) for batch 1 and 5."""
+def check(backend, enc, rng, as_torch: bool = False, tol: float = 1e-6):
+    """linear and linear_grad_input agree with the decoded weight (≤ tol) for batch 1 and 5."""
     rows, cols = enc.matrix_shape
     dense = _DECODE_ROWS(enc.codec, enc, 0, rows).astype(np.float64)
     for n in (1, 5):
@@ -60,8 +60,8 @@ def check(backend, enc, rng, as_torch: bool = False):
         assert isinstance(y, torch.Tensor) == as_torch and tuple(y.shape) == (n, rows)
         assert tuple(gi.shape) == (n, cols)
         y, gi = (np.asarray(y.cpu()), np.asarray(gi.cpu())) if as_torch else (y, gi)
-        assert rel(y, x @ dense.T) <= 1e-5
-        assert rel(gi, g @ dense) <= 1e-5
+        assert rel(y, x @ dense.T) <= tol
+        assert rel(gi, g @ dense) <= tol
 
 
 def test_layout_is_recognised_exactly():
@@ -127,7 +127,7 @@ def test_cffi_threads_do_not_change_results(monkeypatch, rng, no_decode):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_torch_native(device, bits, shape, rng, no_decode):
     backend = rbe_core.get_backend("torch" if device == "cpu" else "cuda")
-    check(backend, encoded(bits, shape), rng, as_torch=True)
+    check(backend, encoded(bits, shape), rng, as_torch=True, tol=1e-5)  # GPU matmuls: looser
 
 
 @pytest.mark.parametrize("bits", [3, 4])

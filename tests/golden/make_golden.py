@@ -20,6 +20,7 @@ HERE = Path(__file__).parent
 CONFIGS = {
     "int8": {"id": "int8"},
     "raw": {"id": "raw", "storage": "float16"},
+    "hadamard": {"id": "hadamard", "bits": 3, "group_size": 8},
     "int4": {"id": "int4", "group_size": 16},
     "cyclic8": {"id": "cyclic8", "group_size": 16},
     "cyclic16": {"id": "cyclic16", "group_size": 16},

@@ -59,7 +59,6 @@ typedef struct {
     const float *scale8;
     const uint16_t *sh, *mh;
     const uint8_t *sc; /* hadamard: scale_code; row_scale in scale8; cols is the padded width */
-    const float *xsum; /* hadamard batch 1: per-group sums of the rotated input */
     int bits;
     float *out;
 } job;
@@ -86,8 +85,7 @@ static int linear_rows(const job *j, int64_t r0, int64_t r1) {
     if (j->n == 1 && j->is_had && j->bits == 4 && j->gs % 32 == 0) {
         float *scratch = aligned_floats(j->cols);
         if (!scratch) return RBE_E_NOMEM;
-        k->had4_gemv(j->in, j->xsum, j->q, j->sc, j->scale8, j->cols, j->gs, r0, r1, j->out,
-                     scratch);
+        k->had4_gemv(j->in, j->q, j->sc, j->scale8, j->cols, j->gs, r0, r1, j->out, scratch);
         free(scratch);
         return 0;
     }
@@ -351,24 +349,17 @@ int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsig
     int err = check(n, rows, cols, &j.k, isa);
     if (!err) err = had_args(cols, cols_p, group_size, bits, blocks, nblocks);
     if (err || n == 0) return err;
-    const int64_t groups = cols_p / group_size;
-    float *xr = aligned_floats(n * cols_p + groups);
+    float *xr = aligned_floats(n * cols_p);
     if (!xr) return RBE_E_NOMEM;
-    float *xsum = xr + n * cols_p;
     for (int64_t b = 0; b < n; b++) { /* xr = pad(x) @ R^T: signs, then the transform */
         float *v = xr + b * cols_p;
         for (int64_t c = 0; c < cols; c++) v[c] = x[b * cols + c] * signs[c];
         memset(v + cols, 0, (size_t)(cols_p - cols) * sizeof(float));
         fwht_blocks(v, blocks, nblocks);
     }
-    for (int64_t g = 0; g < groups; g++) {
-        float t = 0.0f;
-        for (int64_t c = g * group_size; c < (g + 1) * group_size; c++) t += xr[c];
-        xsum[g] = t;
-    }
     j.op = OP_LINEAR, j.is_had = 1, j.in = xr, j.n = n, j.rows = rows, j.cols = cols_p;
     j.gs = group_size, j.bits = bits, j.q = codes, j.sc = scale_code, j.scale8 = row_scale;
-    j.xsum = xsum, j.out = y;
+    j.out = y;
     err = run(&j, nthreads);
     free(xr);
     return err;

@@ -234,9 +234,9 @@ static void FN(had_decode)(const uint8_t *codes, const uint8_t *sc, const float 
 
 #ifndef RBE_HAVE_HAD4_GEMV /* the ISA file may bring its own */
 /* hadamard 4-bit, batch 1, group size a multiple of 32: y[r] = sum_g step[r, g] *
- * (dot(q[r, g], xr[g]) - half * xsum[g]) for r in [r0, r1); codes are unpacked in registers,
- * each group's products are summed before one multiply by its step. */
-static void FN(had4_gemv)(const float *xr, const float *xsum, const uint8_t *codes,
+ * dot(q[r, g] - 7.5, xr[g]) for r in [r0, r1); codes are unpacked and centred in registers
+ * (exactly), each group's products are summed before one multiply by its step. */
+static void FN(had4_gemv)(const float *xr, const uint8_t *codes,
                           const uint8_t *sc, const float *rs, int64_t cols_p, int64_t gs,
                           int64_t r0, int64_t r1, float *y, float *scratch) {
     (void)scratch;
@@ -244,14 +244,14 @@ static void FN(had4_gemv)(const float *xr, const float *xsum, const uint8_t *cod
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];
-        float rsr[GEMV_ROWS], corr[GEMV_ROWS];
+        float rsr[GEMV_ROWS];
+        const VF nhalf = vset1(-7.5f);
         VF acc[GEMV_ROWS];
         for (int i = 0; i < GEMV_ROWS; i++) {
             const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
             qr[i] = codes + ri * qstride;
             sr[i] = sc + ri * groups;
             rsr[i] = rs[ri];
-            corr[i] = 0.0f;
             acc[i] = vzero();
         }
         for (int64_t g = 0; g < groups; g++) {
@@ -264,7 +264,8 @@ static void FN(had4_gemv)(const float *xr, const float *xsum, const uint8_t *cod
                 for (int i = 0; i < GEMV_ROWS; i++) {
                     VF qv[NV];
                     q4_unpack32(qr[i] + c / 2, qv);
-                    for (int k = 0; k < NV; k++) ga[i][k] = vfma(qv[k], xv[k], ga[i][k]);
+                    for (int k = 0; k < NV; k++)
+                        ga[i][k] = vfma(vadd(qv[k], nhalf), xv[k], ga[i][k]);
                 }
             }
             for (int i = 0; i < GEMV_ROWS; i++) {
@@ -272,10 +273,9 @@ static void FN(had4_gemv)(const float *xr, const float *xsum, const uint8_t *cod
                 VF s = ga[i][0];
                 for (int k = 1; k < NV; k++) s = vadd(s, ga[i][k]);
                 acc[i] = vfma(s, vset1(st), acc[i]);
-                corr[i] += st * xsum[g];
             }
         }
-        for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) - 7.5f * corr[i];
+        for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]);
     }
 }
 #endif

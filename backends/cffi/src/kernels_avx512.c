@@ -102,13 +102,12 @@ static void int4_gemv_avx512(const float *x, const uint8_t *q, const uint16_t *s
 }
 
 /* hadamard 4-bit batch 1 with the same table trick: T[k] = (k - 7.5) * step, the exact decoded
- * values (decode's own float32 arithmetic), so no per-group correction is needed. x is split
+ * values (decode's own float32 arithmetic). x is split
  * into even/odd columns of each 32-column block once per call (into scratch). */
 #define RBE_HAVE_HAD4_GEMV
-static void had4_gemv_avx512(const float *xr, const float *xsum, const uint8_t *codes,
-                             const uint8_t *sc, const float *rs, int64_t cols_p, int64_t gs,
-                             int64_t r0, int64_t r1, float *y, float *scratch) {
-    (void)xsum;
+static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_t *sc,
+                             const float *rs, int64_t cols_p, int64_t gs, int64_t r0, int64_t r1,
+                             float *y, float *scratch) {
     const int64_t groups = cols_p / gs, qstride = cols_p / 2;
     for (int64_t c = 0; c < cols_p; c += 32)
         for (int t = 0; t < 16; t++) {

@@ -30,11 +30,11 @@ typedef struct {
     void (*had_decode)(const uint8_t *codes, const uint8_t *scale_code, const float *row_scale,
                        int64_t cols_p, int64_t gs, int bits, int64_t r0, int nr, int64_t c0,
                        int64_t c1, float *w, int64_t ldw);
-    /* hadamard 4-bit batch-1 product on the rotated input xr (xsum: its per-group sums);
-     * needs gs % 32 == 0 and scratch for cols_p floats. */
-    void (*had4_gemv)(const float *xr, const float *xsum, const uint8_t *codes,
-                      const uint8_t *scale_code, const float *row_scale, int64_t cols_p,
-                      int64_t gs, int64_t r0, int64_t r1, float *y, float *scratch);
+    /* hadamard 4-bit batch-1 product on the rotated input xr; needs gs % 32 == 0 and scratch
+     * for cols_p floats. */
+    void (*had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *scale_code,
+                      const float *row_scale, int64_t cols_p, int64_t gs, int64_t r0,
+                      int64_t r1, float *y, float *scratch);
     int gemv_rows, tile_rows, tile_batch;
 } rbe_kernels;
 
