@@ -12,6 +12,7 @@ the largest |w| of a group maps to the largest |lut| value).
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import attrs
@@ -36,9 +37,9 @@ class LutGroupCodec(Codec):
     code_dtype: ClassVar[str]
     group_size: int = attrs.field(default=64, validator=_positive_int)
 
+    @abc.abstractmethod
     def lut(self) -> np.ndarray:
         """float32 value of every code, indexed by code (length 2**bits)."""
-        raise NotImplementedError
 
     def _levels(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted distinct values and, for each, the smallest code producing it."""

@@ -15,6 +15,7 @@ Subclasses define the bit layout through ``pack``/``unpack``; decoding is float6
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import ClassVar
 
@@ -131,13 +132,13 @@ class PackedCodec(Codec):
     dc_range: ClassVar[float] = 0.0  # largest |δ| the layout holds
     block: int = attrs.field(default=8, validator=block_size_validator)
 
+    @abc.abstractmethod
     def pack(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """(nb, words) uint64 codes from continuous atom parameters (quantizing them)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unpack(self, code: np.ndarray) -> dict[str, np.ndarray]:
         """Decoded atom parameters (float64, ``d_x``/``d_y`` int, ``dc`` absolute) from codes."""
-        raise NotImplementedError
 
     def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
         w, dtype = as_weight(weight, min_ndim=2)

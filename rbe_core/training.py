@@ -75,7 +75,8 @@ class TorchForm(abc.ABC):
     def write(self, encoded: Encoded, params: Mapping[str, Any]) -> Encoded: ...
 
     def pack(self, encoded: Encoded, codes: np.ndarray, step: np.ndarray, offset: np.ndarray | None) -> Encoded:
-        raise NotImplementedError(f"{encoded.codec.codec_id} stores no uniform grid")
+        """Codes on the form's ``grid`` -> a valid Encoded; forms that declare a grid override it."""
+        raise RBEError(f"{encoded.codec.codec_id}: its training form declares no uniform grid to pack")
 
 
 def sin_cycle(t: torch.Tensor, order) -> torch.Tensor:

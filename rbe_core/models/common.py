@@ -9,6 +9,7 @@ travel inside the .rbe metadata under ``"rbe.model"``, next to the tokenizer JSO
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import json
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,7 @@ class ModelError(RBEError, ValueError):
     architecture, prompt longer than the context)."""
 
 
-class Spec:
+class Spec(abc.ABC):
     """One architecture family. Subclasses set ``name`` and implement the class methods."""
 
     name: ClassVar[str]
@@ -38,17 +39,19 @@ class Spec:
     ignored: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
+    @abc.abstractmethod
     def from_hf_config(cls, hf: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
-        raise NotImplementedError
+        """rbe's model config from a HF ``config.json`` and the source's tensor names."""
 
     @classmethod
+    @abc.abstractmethod
     def expected(cls, cfg: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
         """(required, optional) tensor name -> shape, in the source's own names and layouts."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def model_class(cls) -> type[RBEModel]:
-        raise NotImplementedError
+        """The torch module class that runs this architecture."""
 
     @classmethod
     def hf_config(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
