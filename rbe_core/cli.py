@@ -94,20 +94,37 @@ def vars_of(problem) -> dict:
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: str, as_json: bool) -> None:
-    """Describe the tensors of an .rbe file and verify their checksums."""
+@click.option("--reference", type=click.Path(exists=True),
+              help="Source checkpoint (HF dir, .safetensors, .gguf): add each tensor's error against it.")
+def inspect(path: str, as_json: bool, reference: str | None) -> None:
+    """Describe the tensors of an .rbe file, verify their checksums and, with --reference, their error."""
     try:
         f = rbe_core.open(path)
     except (RBEError, OSError) as exc:
         _fail(exc)
+    shapes, load = {}, None
+    if reference is not None:
+        from .models.sources import open_tensors
+
+        try:
+            shapes, load = open_tensors(reference)
+        except _model_errors() as exc:
+            _fail(exc)
     rows = []
     for name, h in f.headers.items():
-        status = f.status(name)
         row = {"name": name, "codec": h["codec"], "plugin": h["plugin"], "shape": h["shape"], "dtype": h["dtype"],
-               "source": h["source"], "status": status}
-        if status == "ok":
+               "source": h["source"]}
+        try:
             enc = f[name]
-            row.update(bytes=enc.nbytes, bits_per_weight=enc.bits_per_weight)
+        except RBEError as exc:
+            row["status"] = f"{type(exc).__name__}: {exc}"
+        else:
+            row.update(status="ok", bytes=enc.nbytes, bits_per_weight=enc.bits_per_weight)
+            if h["source"] in shapes:
+                try:
+                    row.update(rbe_core.report(enc, load(h["source"])))
+                except ValueError as exc:
+                    row["reference_error"] = str(exc)
         rows.append(row)
     ok = all(r["status"] == "ok" for r in rows)
     total_bytes = sum(r.get("bytes", 0) for r in rows)
@@ -118,7 +135,8 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(f"{path}: {len(rows)} tensors, {total_bytes / 1e6:.3f} MB stored")
         for r in rows:
             bpw = f"{r['bits_per_weight']:7.3f} bpw" if "bits_per_weight" in r else "      ? bpw"
-            click.echo(f"  {r['name']:<48} {r['codec']['id']:<10} {str(r['shape']):<16} {bpw}  {r['status']}")
+            err = f"  rel.RMSE {r['relative_rmse']:.4f}  SNR {r['snr_db']:5.1f} dB" if "relative_rmse" in r else ""
+            click.echo(f"  {r['name']:<48} {r['codec']['id']:<10} {str(r['shape']):<16} {bpw}{err}  {r['status']}")
     if not ok:
         sys.exit(1)
 

@@ -47,28 +47,15 @@ def open_source(path: str | Path) -> Source:
 
 
 def _hf_source(path: Path) -> Source:
-    from safetensors import safe_open
-
     from . import spec_for_hf
 
+    files = _safetensors_files(path)
     folder = path if path.is_dir() else path.parent
-    files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files:
-        raise ModelError(f"{folder}: no .safetensors weights (pytorch .bin checkpoints are not read: no pickle)")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{folder}: no config.json beside the weights")
     hf = json.loads(config_path.read_text())
-    handles, owner, shapes = [], {}, {}
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as exc:
-            raise ModelError(f"{file}: not a readable safetensors file: {exc}") from exc
-        handles.append(handle)
-        for key in handle.keys():
-            owner[key] = handle
-            shapes[key] = tuple(handle.get_slice(key).get_shape())
+    shapes, load = _safetensors_tensors(files)
     spec = spec_for_hf(hf.get("model_type"))
     extras = _sentence_transformers_extras(folder)
     try:
@@ -76,8 +63,66 @@ def _hf_source(path: Path) -> Source:
     except KeyError as exc:
         raise ModelError(f"{config_path}: missing key {exc}") from exc
     tok = folder / "tokenizer.json"
-    return Source(path, spec, cfg, tok.read_text() if tok.is_file() else None, shapes,
-                  lambda name: owner[name].get_tensor(name))
+    return Source(path, spec, cfg, tok.read_text() if tok.is_file() else None, shapes, load)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    folder = path if path.is_dir() else path.parent
+    files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise ModelError(f"{folder}: no .safetensors weights (pytorch .bin checkpoints are not read: no pickle)")
+    return files
+
+
+def _safetensors_tensors(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """(name -> shape, load(name)) over safetensors files, memory-mapped."""
+    from safetensors import safe_open
+
+    owner, shapes = {}, {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:
+            raise ModelError(f"{file}: not a readable safetensors file: {exc}") from exc
+        for key in handle.keys():
+            owner[key] = handle
+            shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes, lambda name: owner[name].get_tensor(name)
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+
+def _gguf_tensors(reader) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """(name -> shape in numpy order, load(name) dequantized to float32)."""
+    import gguf
+
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+
+    def load(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
+
+    return shapes, load
+
+
+def open_tensors(path: str | Path) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """Any checkpoint's tensors without a model config: (name -> shape, load(name))."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_tensors(_gguf_reader(path))
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _safetensors_tensors(_safetensors_files(path))
+    raise ModelError(f"{path}: not a HF model directory, .safetensors file or .gguf file")
 
 
 def _sentence_transformers_extras(folder: Path) -> dict[str, Any]:
@@ -139,24 +184,13 @@ def gguf_tokenizer_json(kv: Mapping[str, Any]) -> str | None:
 
 
 def _gguf_source(path: Path) -> Source:
-    import gguf
-
     from . import get_spec
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise ModelError(f"{path}: not a readable GGUF file: {exc}") from exc
+    reader = _gguf_reader(path)
     kv = gguf_metadata(reader)
     spec = get_spec(kv.get("general.architecture", "?"))
     if not hasattr(spec, "from_gguf"):
         raise ModelError(f"{path}: GGUF architecture {spec.name!r} is not supported (llama only)")
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    shapes, load = _gguf_tensors(reader)
     cfg = spec.from_gguf(kv, list(shapes))
-
-    def load(name: str) -> np.ndarray:
-        t = tensors[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
-
     return Source(path, spec, cfg, gguf_tokenizer_json(kv), shapes, load)

@@ -60,3 +60,21 @@ def test_inspect_bad_file_exits_nonzero(tmp_path):
     assert code == 2 and "error" in out
     code, _ = run("inspect", str(tmp_path / "missing.rbe"))
     assert code == 2
+
+
+def test_inspect_reports_error_against_the_reference(tmp_path, rng):
+    import safetensors.numpy
+
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    src = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file({"w": w}, str(src))
+    path = tmp_path / "m.rbe"
+    enc = rbe_core.get_codec("int8").encode(w, source="w")
+    rbe_core.save(path, {"w": enc})
+    code, out = run("inspect", str(path), "--json", "--reference", str(src))
+    assert code == 0
+    row = json.loads(out)["tensors"][0]
+    assert row["relative_rmse"] == rbe_core.report(enc, w)["relative_rmse"] > 0
+    assert {"snr_db", "max_abs_error"} <= set(row)
+    code, out = run("inspect", str(path), "--reference", str(src))
+    assert code == 0 and "rel.RMSE" in out
