@@ -1,16 +1,25 @@
 """Training step (forward + backward + optimizer) of a stack of compressed Linear layers vs the same
-dense float32 stack in torch, in one run. Writes docs/training.md (or prints with --print).
+dense float32 stack in torch, in one run. Updates the speed section of docs/training.md (the
+sections after it are kept), or prints with --print.
 
     python benchmarks/training.py [--width 1024] [--depth 4] [--batch 256] [--steps 10] [--codec int8]
+
+Each model runs in its own subprocess, so its peak memory is its own: the peak resident set size
+(Linux ``VmHWM``, reset after the model is built where ``/proc/self/clear_refs`` allows it, else
+``getrusage`` max RSS) minus the resident size measured right after the imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import platform
 import resource
+import subprocess
+import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import torch
@@ -21,18 +30,68 @@ from rbe_core.layers import RBELinear
 from rbe_core.training import prepare_for_training
 
 
-def _stacks(width: int, depth: int, codec: str, backend):
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kib() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _dense_stack(width: int, depth: int) -> nn.Sequential:
     gen = torch.Generator().manual_seed(0)
     dense = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
     for m in dense:
         nn.init.normal_(m.weight, std=width**-0.5, generator=gen)
+    return dense
+
+
+def _compressed_stack(width: int, depth: int, codec: str, backend) -> nn.Sequential:
     enc = rbe_core.get_codec(codec)
-    compressed = nn.Sequential(*[RBELinear.from_encoded(enc.encode(m.weight.detach()), m.bias.detach(), backend)
-                                 for m in dense])
-    return dense, compressed
+    dense = _dense_stack(width, depth)
+    layers = [RBELinear.from_encoded(enc.encode(m.weight.detach()), m.bias.detach().clone(), backend)
+              for m in dense]
+    del dense
+    return nn.Sequential(*layers)
 
 
-def _time_steps(model: nn.Module, x: torch.Tensor, steps: int) -> tuple[float, int]:
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of parameters + their gradients + Adam moments + encoded payloads held by ``model``."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    payload = sum(m.encoded.payload_nbytes for m in model.modules() if hasattr(m, "encoded"))
+    return 4 * params + payload  # param, grad, exp_avg, exp_avg_sq
+
+
+def _child(args) -> dict:
+    """Build one model, run the steps, report time and memory (runs in its own process)."""
+    baseline = _status_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    backend = rbe_core.get_backend()
+    if args.child == "dense":
+        model = _dense_stack(args.width, args.depth)
+    else:
+        model = _compressed_stack(args.width, args.depth, args.codec, backend)
+        prepare_for_training(model, engine=args.engine)
+    gc.collect()
+    built = _status_kib("VmRSS") or 0
+    reset = _reset_peak()
+    x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -42,21 +101,19 @@ def _time_steps(model: nn.Module, x: torch.Tensor, steps: int) -> tuple[float, i
         opt.step()
 
     step()  # warm-up (allocates optimizer state)
-    tracemalloc.start()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         step()
-    elapsed = (time.perf_counter() - t0) / steps
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return elapsed, peak
+    sec = (time.perf_counter() - t0) / args.steps
+    return {"sec": sec, "state": _state_bytes(model), "model_kib": built - baseline,
+            "peak_kib": _peak_kib() - baseline, "reset": reset, "backend": backend.name,
+            "threads": torch.get_num_threads()}
 
 
-def _state_bytes(model: nn.Module) -> int:
-    """Bytes of parameters + their gradients + Adam moments + encoded payloads held by ``model``."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    payload = sum(m.encoded.payload_nbytes for m in model.modules() if hasattr(m, "encoded"))
-    return 4 * params + payload  # param, grad, exp_avg, exp_avg_sq
+def _run_child(kind: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv, "--child", kind], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -68,45 +125,49 @@ def main() -> None:
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--engine", default="autograd")
     ap.add_argument("--print", dest="to_stdout", action="store_true")
+    ap.add_argument("--child", choices=("dense", "compressed"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    backend = rbe_core.get_backend()
-    dense, compressed = _stacks(args.width, args.depth, args.codec, backend)
-    prepare_for_training(compressed, engine=args.engine)
-    for p in dense.parameters():
-        p.requires_grad_(True)
-    x = torch.randn(args.batch, args.width)
-    rows = []
-    for name, model in (("dense fp32", dense), (f"{args.codec} codec params ({args.engine})", compressed)):
-        sec, traced = _time_steps(model, x, args.steps)
-        rows.append((name, sec, _state_bytes(model), traced))
-    ratio = rows[1][1] / rows[0][1]
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    argv = ["--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
+            "--steps", str(args.steps), "--codec", args.codec, "--engine", args.engine]
+    dense, comp = _run_child("dense", argv), _run_child("compressed", argv)
+    rows = [("dense fp32", dense), (f"{args.codec} codec params ({args.engine})", comp)]
+    peak_note = ("VmHWM reset after the model is built (`/proc/self/clear_refs`)" if dense["reset"] and comp["reset"]
+                 else "max RSS of the whole process (the peak could not be reset after the build)")
+    env = f"RBE_BACKEND={os.environ['RBE_BACKEND']} " if os.environ.get("RBE_BACKEND") else ""
     lines = [
         "# Training in the compressed domain: step time and memory",
         "",
-        f"`python benchmarks/training.py --width {args.width} --depth {args.depth} --batch {args.batch} "
-        f"--steps {args.steps} --codec {args.codec} --engine {args.engine}` on {platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend `{backend.name}`.",
+        f"`{env}python benchmarks/training.py {' '.join(argv)}` on {platform.machine()}, "
+        f"torch {torch.__version__}, {dense['threads']} threads, backend `{comp['backend']}`.",
         "",
         "One step = forward + backward + Adam update of a stack of Linear layers (MSE of the output).",
         "Compressed: `prepare_for_training` (codec parameters trainable, grad_input from the codes",
-        "through the backend, parameter gradients from the engine). State = trainable parameters x4",
-        "(value, gradient, two Adam moments) + encoded payloads; traced = peak numpy/Python allocations",
-        "during the steps (tracemalloc; torch's own allocator is not traced).",
+        "through the backend, parameter gradients from the engine). Each model runs in its own",
+        "subprocess. State = trainable parameters x4 (value, gradient, two Adam moments) + encoded",
+        "payloads (computed); model RSS = resident memory after building the model minus the",
+        "resident memory after the imports; peak RSS = the process's peak resident memory over the",
+        f"steps minus that same post-import baseline ({peak_note}).",
         "",
-        "| model | step ms | state MiB | traced peak MiB |",
-        "|---|---:|---:|---:|",
+        "| model | step ms | state MiB | model RSS MiB | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, sec, state, traced in rows:
-        lines.append(f"| {name} | {1e3 * sec:.1f} | {state / 2**20:.2f} | {traced / 2**20:.2f} |")
-    lines += ["", f"Step-time ratio compressed / dense: **{ratio:.2f}x** (target <= 1.5x).",
-              f"Process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.", ""]
+    for name, r in rows:
+        lines.append(f"| {name} | {1e3 * r['sec']:.1f} | {r['state'] / 2**20:.2f} | {r['model_kib'] / 1024:.1f} "
+                     f"| {r['peak_kib'] / 1024:.1f} |")
+    lines += ["", f"Step-time ratio compressed / dense: **{comp['sec'] / dense['sec']:.2f}x** (target <= 1.5x); "
+              f"peak-memory ratio: **{comp['peak_kib'] / max(dense['peak_kib'], 1):.2f}x** (target <= 1x).", ""]
     text = "\n".join(lines)
     if args.to_stdout:
         print(text)
-    else:
-        out = Path(__file__).resolve().parent.parent / "docs" / "training.md"
-        out.write_text(text)
-        print(text)
+        return
+    out = Path(__file__).resolve().parent.parent / "docs" / "training.md"
+    old = out.read_text() if out.exists() else ""
+    keep = old[old.index("\n## "):] if "\n## " in old else ""
+    out.write_text(text + ("\n" + keep.lstrip("\n") if keep else ""))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fine-tuning a compressed model's codec parameters on a text file (``rbe finetune``).
 
 The model's ``RBELinear`` layers become trainable (``training.prepare_for_training``: codec
-parameters through a derivative engine, or shadow weights through a quantizer); linear biases
+parameters through a derivative engine, or shadow weights through a quantizer); so do untied
+``RBEEmbedding`` tables when no quantizer is given (a tied table follows its head); linear biases
 train too when the file stores them under ``<weight name minus "weight">bias``. Losses:
 
 - causal LM: with a teacher, KL(teacher ‖ student) of the next-token distributions at every
@@ -134,7 +135,11 @@ class _Trainee:
         self.layer_tensor = {m: by_id[id(mod.encoded)] for m, mod in linears.items()}
         embeddings = [(mod, by_id.get(id(mod.encoded))) for mod in self.model.modules() if isinstance(mod, RBEEmbedding)]
         self.biases = {m: self._bias_name(mod, self.layer_tensor[m]) for m, mod in linears.items()}
-        prepare_for_training(self.model, engine=engine, quantizer=quantizer)
+        emb_names = {m: by_id.get(id(mod.encoded)) for m, mod in self.model.named_modules()
+                     if isinstance(mod, RBEEmbedding)}
+        prepared = prepare_for_training(self.model, engine=engine, quantizer=quantizer)
+        # untied embeddings train their own codec parameters; tied ones follow the head (below)
+        self.embedding_tensor = {m: n for m, n in emb_names.items() if m in prepared and n is not None}
         modules = dict(self.model.named_modules())
         for m, name in self.biases.items():
             if name is not None:
@@ -162,7 +167,7 @@ class _Trainee:
         """All tensors of the model file with the current trained values (``layers``: finalized ones)."""
         modules = dict(self.model.named_modules())
         out = dict(self.tensors)
-        for m, name in self.layer_tensor.items():
+        for m, name in [*self.layer_tensor.items(), *self.embedding_tensor.items()]:
             out[name] = layers[m] if layers is not None else modules[m].finalize().encoded
         for m, name in self.biases.items():
             if name is not None:

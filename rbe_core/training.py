@@ -11,8 +11,15 @@ Two ways to train a model whose linear layers are ``RBELinear``:
 - **quantization-aware** (``prepare_for_training(model, quantizer="lsq")``): each layer keeps a
   float32 shadow weight; the forward sees ``quantizer.fake_quantize(shadow)`` on the codec's grid.
 
+Embeddings (``RBEEmbedding``) whose codec has a torch form become ``TrainableRBEEmbedding`` (codec
+parameters only, no quantizer): a lookup decodes only the requested rows from the trainable
+parameters with the form's torch ``decode`` on a row slice of the codes, and the parameter
+gradients come from torch autograd through that restricted decode (not from an engine: an
+embedding has no matmul whose ``grad_input`` an engine would fuse). An embedding sharing its codes
+with a linear layer (tied head) is left as it is; the linear layer trains those codes.
+
 Either way ``finalize(model)`` writes the trained values back into valid ``Encoded`` tensors, puts
-plain ``RBELinear`` layers back and returns ``{layer name: Encoded}`` for ``rbe_core.save``.
+plain ``RBELinear`` (``RBEEmbedding``) layers back and returns ``{layer name: Encoded}`` for ``rbe_core.save``.
 
 A codec takes part by returning a :class:`TorchForm` from ``Codec.torch_form()`` (the built-in
 codecs keep theirs in ``rbe_plugins.torch_forms``).
@@ -31,7 +38,7 @@ from torch import nn
 
 from .abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
 from .errors import RBEError
-from .layers import RBELinear
+from .layers import RBEEmbedding, RBELinear
 from .registry import registry
 
 
@@ -296,6 +303,106 @@ class QATLinear(nn.Module):
         return RBELinear(encoded, bias, self.backend, transposed=self.transposed)
 
 
+def _row_encoded(encoded: Encoded, rows: np.ndarray) -> Encoded | None:
+    """``encoded`` restricted to the matrix rows ``rows`` (an Encoded of shape (len(rows), cols)), or
+    None when some payload array is not stored row by row (leading axis = matrix rows)."""
+    n = encoded.matrix_shape[0]
+    if len(encoded.shape) != 2 or any(np.ndim(a) == 0 or a.shape[0] != n for a in encoded.payload.values()):
+        return None
+    payload = {k: np.ascontiguousarray(a[rows]) for k, a in encoded.payload.items()}
+    return Encoded(encoded.codec, (len(rows), encoded.shape[1]), payload, dtype=encoded.dtype, source=encoded.source)
+
+
+def decode_rows(form: TorchForm, encoded: Encoded, params: Mapping[str, torch.Tensor], rows) -> torch.Tensor:
+    """Rows ``rows`` (int array) of ``form.decode(encoded, params)``, decoding only those rows;
+    ``params`` are full-size (leading axis = matrix rows) and differentiable. Needs a form whose
+    payload and parameters are stored row by row (int8, int4, cyclic8, cyclic16, hadamard)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    sub = _row_encoded(encoded, rows)
+    if sub is None:
+        raise RBEError(f"{encoded.codec.codec_id}: its codes are not stored row by row")
+    index = torch.from_numpy(rows)
+    return form.decode(sub, {f: p[index.to(p.device)] for f, p in params.items()})
+
+
+class TrainableRBEEmbedding(nn.Module):
+    """An ``RBEEmbedding`` whose codec parameters are trainable (see the module docstring).
+
+    The forward sees the parameters as stored (rounded to their storage type, straight through).
+    Row-wise codecs decode only the requested rows; codecs stored in blocks (packed64/128) decode
+    the whole table through the form (``row_wise`` is False).
+    """
+
+    def __init__(self, layer: RBEEmbedding):
+        super().__init__()
+        self.form = torch_form(layer.encoded.codec)
+        self.fields = self.form.fields
+        self.num_embeddings, self.embedding_dim = layer.num_embeddings, layer.embedding_dim
+        values = self.form.params(layer.encoded)
+        self.shadow = nn.ParameterList(
+            [nn.Parameter(torch.from_numpy(values[f]).float()) for f in self.fields])
+        self._base = layer.encoded
+        self._cache: tuple[tuple[int, ...], Encoded] | None = None
+        self.row_wise = self._probe_rows(values)
+
+    def _probe_rows(self, values: Mapping[str, np.ndarray]) -> bool:
+        """Whether decoding a row slice of the codes gives those rows (checked on the first and last)."""
+        n = self.num_embeddings
+        if any(np.ndim(v) == 0 or v.shape[0] != n for v in values.values()):
+            return False
+        rows = np.unique([0, n - 1])
+        try:
+            with torch.no_grad():
+                got = decode_rows(self.form, self._base, {f: torch.from_numpy(values[f]) for f in self.fields}, rows)
+        except Exception:  # noqa: BLE001 - a form that cannot decode a slice is not row-wise
+            return False
+        want = np.concatenate([self._base.decode_rows(int(r), int(r) + 1) for r in rows])
+        tol = 1e-3 * max(1.0, float(np.abs(want).max(initial=0.0)))
+        return tuple(got.shape) == want.shape and bool(np.allclose(got.numpy(), want, rtol=1e-3, atol=tol))
+
+    @property
+    def encoded(self) -> Encoded:
+        key = tuple(p._version for p in self.shadow) + tuple(p.data_ptr() for p in self.shadow)
+        if self._cache is None or self._cache[0] != key:
+            written = self.form.write(self._base, dict(zip(self.fields, self.shadow, strict=True)))
+            self._cache = (key, written)
+        return self._cache[1]
+
+    def _stored(self, encoded: Encoded, shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``shadow`` seen at its stored values (those of ``encoded``), gradient straight through."""
+        stored = self.form.params(encoded)
+        out = {}
+        for f, p in zip(self.fields, shadow, strict=True):
+            s = torch.from_numpy(np.ascontiguousarray(stored[f])).to(p.device, p.dtype).reshape(p.shape)
+            out[f] = p + (s - p).detach()
+        return out
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        """The table rows ``rows`` (sorted unique int array), differentiable in the shadow parameters."""
+        enc = self.encoded
+        if not self.row_wise:
+            return self.form.decode(enc, self._stored(enc, list(self.shadow)))[torch.from_numpy(rows)]
+        sub = _row_encoded(enc, rows)
+        index = torch.from_numpy(rows)
+        return self.form.decode(sub, self._stored(sub, [p[index.to(p.device)] for p in self.shadow]))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        table = self.rows(uniq.numpy().astype(np.int64)).float()
+        return table[inverse].reshape(*ids.shape, self.embedding_dim).to(ids.device)
+
+    def finalize(self) -> RBEEmbedding:
+        """A plain ``RBEEmbedding`` holding the trained codes."""
+        return RBEEmbedding(self.encoded)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"codec={self._base.codec.codec_id}, fields={list(self.fields)}, row_wise={self.row_wise}")
+
+
 def _form_or_none(codec: Codec) -> TorchForm | None:
     try:
         return torch_form(codec)
@@ -303,21 +410,31 @@ def _form_or_none(codec: Codec) -> TorchForm | None:
         return None
 
 
-_TRAINABLE = (TrainableRBELinear, QATLinear)
+_TRAINABLE = (TrainableRBELinear, QATLinear, TrainableRBEEmbedding)
 
 
 def prepare_for_training(model: nn.Module, *, engine: str = "autograd", quantizer: str | None = None,
-                         backend: Backend | None = None, **quantizer_kwargs) -> list[str]:
+                         backend: Backend | None = None, embeddings: bool = True, **quantizer_kwargs) -> list[str]:
     """Replace every ``RBELinear`` in ``model`` (in place) by a trainable layer; return their names.
 
     Without ``quantizer`` the codec parameters train through ``engine`` (``TrainableRBELinear``);
-    with one, each layer trains a shadow weight through that quantizer (``QATLinear``). Every other
-    parameter of ``model`` is frozen (``requires_grad=False``) except the replaced layers' biases.
+    with one, each layer trains a shadow weight through that quantizer (``QATLinear``). Without
+    ``quantizer`` and with ``embeddings``, each ``RBEEmbedding`` whose codec has a torch form and
+    whose codes no linear layer shares becomes a ``TrainableRBEEmbedding``. Every other parameter
+    of ``model`` is frozen (``requires_grad=False``) except the replaced layers' biases.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
-    for name, module in list(model.named_modules()):
+    modules = list(model.named_modules())
+    tied = {id(m.encoded) for _, m in modules if isinstance(m, RBELinear)}
+    for name, module in modules:
+        if isinstance(module, RBEEmbedding):
+            if (embeddings and quantizer is None and id(module.encoded) not in tied
+                    and _form_or_none(module.encoded.codec) is not None):
+                _set_child(model, name, TrainableRBEEmbedding(module))
+                names.append(name)
+            continue
         if not isinstance(module, RBELinear):
             continue
         if quantizer is None:
@@ -332,7 +449,7 @@ def prepare_for_training(model: nn.Module, *, engine: str = "autograd", quantize
 
 
 def finalize(model: nn.Module) -> dict[str, Encoded]:
-    """Put plain ``RBELinear`` layers back (in place); return ``{layer name: trained Encoded}``."""
+    """Put plain ``RBELinear``/``RBEEmbedding`` layers back (in place); return ``{layer name: trained Encoded}``."""
     out = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, _TRAINABLE):

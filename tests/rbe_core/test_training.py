@@ -111,3 +111,110 @@ def test_untrainable_codec_names_itself(backend):
     model = nn.Sequential(RBELinear.from_encoded(enc, None, backend))
     with pytest.raises(rbe_core.RBEError, match="'raw' has no torch form"):
         prepare_for_training(model)
+
+
+# ---- trainable embeddings -------------------------------------------------------------------------
+
+EMB_CODECS = [{"id": "int8"}, {"id": "int4", "group_size": 16}]
+
+
+def _embedding(cfg, rows=40, dim=24):
+    from rbe_core.layers import RBEEmbedding
+
+    table = torch.randn(rows, dim, generator=torch.Generator().manual_seed(2)) * 0.5
+    return nn.Sequential(RBEEmbedding(rbe_core.get_codec(cfg).encode(table)), nn.Linear(dim, 3))
+
+
+@pytest.mark.parametrize("cfg", EMB_CODECS, ids=lambda c: c["id"])
+def test_embedding_param_grads_gradcheck(cfg):
+    from rbe_core.training import TrainableRBEEmbedding, decode_rows
+
+    model = _embedding(cfg)
+    assert prepare_for_training(model) == ["0"]
+    emb = model[0]
+    assert isinstance(emb, TrainableRBEEmbedding) and emb.row_wise
+    rows = np.array([1, 5, 6, 39])
+    params = [p.detach().double().clone().requires_grad_() for p in emb.shadow]
+    # the restricted decode is differentiable in float64 and its gradients are exact
+    def restricted(*ps):
+        return decode_rows(emb.form, emb.encoded, dict(zip(emb.fields, ps, strict=True)), rows)
+
+    torch.autograd.gradcheck(restricted, params, eps=1e-6, atol=1e-6)
+    # the layer's parameter gradients equal autograd through the full-table decode
+    ids = torch.tensor([[5, 1, 5], [39, 6, 1]])
+    up = torch.randn(2, 3, emb.embedding_dim, generator=torch.Generator().manual_seed(3))
+    (emb(ids) * up).sum().backward()
+    full = emb.form.decode(emb.encoded, dict(zip(emb.fields, params, strict=True)))
+    (full[ids] * up.double()).sum().backward()
+    for p, ref in zip(emb.shadow, params, strict=True):
+        torch.testing.assert_close(p.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+        assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cfg", EMB_CODECS, ids=lambda c: c["id"])
+def test_embedding_trains_finalizes_and_round_trips(cfg, tmp_path, monkeypatch):
+    from rbe_core.layers import RBEEmbedding
+
+    model = _embedding(cfg)
+    ids = torch.randint(0, 40, (8, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        target = model[0](ids) * 1.3 + 0.05
+    prepare_for_training(model)
+    emb = model[0]
+    codec_type = type(emb.encoded.codec)
+    full_rows = []
+    orig = emb.form.decode
+    monkeypatch.setattr(codec_type, "decode", lambda *a, **k: pytest.fail("the full table was decoded"))
+    monkeypatch.setattr(emb.form, "decode", lambda enc, params: full_rows.append(enc.shape[0]) or orig(enc, params))
+    opt = torch.optim.Adam(list(emb.shadow), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = ((emb(ids) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.8 * losses[0]
+    assert full_rows and max(full_rows) == len(ids.unique()) < 40  # only the requested rows
+    with torch.no_grad():
+        trained = emb(ids)
+    monkeypatch.undo()
+    encoded = finalize(model)
+    assert set(encoded) == {"0"} and isinstance(model[0], RBEEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](ids), trained, rtol=1e-6, atol=1e-6)
+    path = rbe_core.save(tmp_path / "emb.rbe", encoded)
+    with rbe_core.open(path) as f:
+        assert f["0"].codec.get_config() == encoded["0"].codec.get_config()
+        np.testing.assert_array_equal(f["0"].decode(), encoded["0"].decode())
+        torch.testing.assert_close(RBEEmbedding(f["0"])(ids), trained, rtol=1e-6, atol=1e-6)
+
+
+def test_tied_embedding_is_left_to_its_head(backend):
+    from rbe_core.layers import RBEEmbedding
+
+    enc = rbe_core.get_codec("int8").encode(torch.randn(16, 8))
+    model = nn.Sequential(RBEEmbedding(enc), RBELinear.from_encoded(enc, None, backend))
+    assert prepare_for_training(model) == ["1"]
+    assert isinstance(model[0], RBEEmbedding)
+    assert prepare_for_training(_embedding({"id": "int8"}), embeddings=False) == []
+
+
+def test_finetune_trains_an_untied_embedding(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _model_helpers import tiny_llama, write_gguf
+
+    write_gguf(tiny_llama(tie_word_embeddings=False), tmp_path / "t.gguf")
+    src = rbe_core.compress_model(tmp_path / "t.gguf", tmp_path / "t.rbe", codec={"id": "int8"}, progress=False,
+                                  calibration=False)
+    words = "the of and to in is it that for on with as was at by an be this from".split()
+    (tmp_path / "x.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 600)))
+    res = rbe_core.finetune(src, tmp_path / "x.txt", tmp_path / "o.rbe", steps=2, lr=3e-2, batch_tokens=32,
+                            seq_len=16, progress=False)
+    with rbe_core.open(res.path) as f, rbe_core.open(src) as before:
+        assert f.headers["token_embd.weight"]["codec"]["id"] == "int8"
+        assert f.headers["token_embd.weight"]["sha256"] != before.headers["token_embd.weight"]["sha256"]
+        assert f.status("token_embd.weight") == "ok"
