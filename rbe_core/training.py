@@ -185,7 +185,21 @@ class _EngineLinear(torch.autograd.Function):
         return (grad_input if ctx.needs_input_grad[0] else None, grad_bias, None, *param_grads)
 
 
-class TrainableRBELinear(nn.Module):
+class _ShadowEncoded:
+    """Mixin: ``encoded`` = the base tensor with the current shadow parameters written back
+    (cached until a shadow parameter changes). Needs ``form``, ``fields``, ``shadow``, ``_base``,
+    ``_cache``."""
+
+    @property
+    def encoded(self) -> Encoded:
+        key = tuple(p._version for p in self.shadow) + tuple(p.data_ptr() for p in self.shadow)
+        if self._cache is None or self._cache[0] != key:
+            written = self.form.write(self._base, dict(zip(self.fields, self.shadow, strict=True)))
+            self._cache = (key, written)
+        return self._cache[1]
+
+
+class TrainableRBELinear(_ShadowEncoded, nn.Module):
     """An ``RBELinear`` whose codec parameters are trainable (see the module docstring).
 
     ``shadow`` holds one float32 Parameter per field of the codec's torch form; ``encoded`` is the
@@ -206,14 +220,6 @@ class TrainableRBELinear(nn.Module):
             [nn.Parameter(torch.from_numpy(values[f]).float()) for f in self.fields])
         self._base = layer.encoded
         self._cache: tuple[tuple[int, ...], Encoded] | None = None
-
-    @property
-    def encoded(self) -> Encoded:
-        key = tuple(p._version for p in self.shadow) + tuple(p.data_ptr() for p in self.shadow)
-        if self._cache is None or self._cache[0] != key:
-            written = self.form.write(self._base, dict(zip(self.fields, self.shadow, strict=True)))
-            self._cache = (key, written)
-        return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form.linear is not None:  # the form's own differentiable fused path (see TorchForm)
@@ -325,7 +331,7 @@ def decode_rows(form: TorchForm, encoded: Encoded, params: Mapping[str, torch.Te
     return form.decode(sub, {f: p[index.to(p.device)] for f, p in params.items()})
 
 
-class TrainableRBEEmbedding(nn.Module):
+class TrainableRBEEmbedding(_ShadowEncoded, nn.Module):
     """An ``RBEEmbedding`` whose codec parameters are trainable (see the module docstring).
 
     The forward sees the parameters as stored (rounded to their storage type, straight through).
@@ -359,14 +365,6 @@ class TrainableRBEEmbedding(nn.Module):
         want = np.concatenate([self._base.decode_rows(int(r), int(r) + 1) for r in rows])
         tol = 1e-3 * max(1.0, float(np.abs(want).max(initial=0.0)))
         return tuple(got.shape) == want.shape and bool(np.allclose(got.numpy(), want, rtol=1e-3, atol=tol))
-
-    @property
-    def encoded(self) -> Encoded:
-        key = tuple(p._version for p in self.shadow) + tuple(p.data_ptr() for p in self.shadow)
-        if self._cache is None or self._cache[0] != key:
-            written = self.form.write(self._base, dict(zip(self.fields, self.shadow, strict=True)))
-            self._cache = (key, written)
-        return self._cache[1]
 
     def _stored(self, encoded: Encoded, shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``shadow`` seen at its stored values (those of ``encoded``), gradient straight through."""
