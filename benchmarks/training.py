@@ -3,8 +3,16 @@ dense float32 stack in torch, in one run. Updates the speed section of docs/trai
 sections after it are kept), or prints with --print.
 
     python benchmarks/training.py [--width 1024] [--depth 4] [--batch 256] [--steps 10] [--codec int8]
+                                  [--threads N] [--backends cffi,torch,numpy]
 
-Each model runs in its own subprocess, so its peak memory is its own: the peak resident set size
+Each model runs in its own subprocess, so its peak memory is its own. The subprocesses take
+turns one step at a time (dense step, compressed step, dense step, ...; the others wait idle), and
+a model's step time is the median of its steps, so a burst of load from other processes hits
+every model alike and is not read as a speed difference. ``--threads N``
+runs both models on N threads (torch, the cffi kernels and numpy's BLAS alike); on a machine
+whose cores other jobs keep busy, one thread gives the steadiest ratio. ``--backends`` adds one
+compressed model per named backend to the turns (default: the current backend), each compared
+with the same dense steps. Peak memory is the peak resident set size
 (Linux ``VmHWM``, reset after the model is built where ``/proc/self/clear_refs`` allows it, else
 ``getrusage`` max RSS) minus the resident size measured right after the imports.
 """
@@ -17,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -101,19 +110,49 @@ def _child(args) -> dict:
         opt.step()
 
     step()  # warm-up (allocates optimizer state)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
+    print("ready", flush=True)
+    times = []
+    for command in sys.stdin:  # the parent's turns: "step" runs one, anything else ends
+        if command.strip() != "step":
+            break
+        t0 = time.perf_counter()
         step()
-    sec = (time.perf_counter() - t0) / args.steps
-    return {"sec": sec, "state": _state_bytes(model), "model_kib": built - baseline,
+        times.append(time.perf_counter() - t0)
+        print(times[-1], flush=True)
+    return {"sec": statistics.median(times), "state": _state_bytes(model), "model_kib": built - baseline,
             "peak_kib": _peak_kib() - baseline, "reset": reset, "backend": backend.name,
             "threads": torch.get_num_threads()}
 
 
-def _run_child(kind: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv, "--child", kind], check=True, capture_output=True,
-                         text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _start_child(kind: str, argv: list[str], threads: int | None, backend: str | None) -> subprocess.Popen:
+    """A child that builds its model, warms up, then runs one step per "step" line on its stdin."""
+    env = dict(os.environ)
+    if backend:
+        env["RBE_BACKEND"] = backend
+    if threads:
+        for var in ("RBE_CFFI_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    proc = subprocess.Popen([sys.executable, __file__, *argv, "--child", kind], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"benchmark child {kind} ({backend or 'default backend'}) failed to start")
+    return proc
+
+
+def _interleaved(children: list[subprocess.Popen], steps: int) -> list[dict]:
+    """Run ``steps`` turns (one step of each child in order); each child's final report."""
+    for _ in range(steps):
+        for proc in children:
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            proc.stdout.readline()
+    reports = []
+    for proc in children:
+        out, _ = proc.communicate("done\n")
+        if proc.returncode:
+            raise RuntimeError(f"benchmark child exited with {proc.returncode}")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
 
 
 def main() -> None:
@@ -124,6 +163,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--engine", default="autograd")
+    ap.add_argument("--threads", type=int, default=None, help="threads for both models (default: torch's)")
+    ap.add_argument("--backends", default=None, help="comma-separated backends for the compressed model")
     ap.add_argument("--print", dest="to_stdout", action="store_true")
     ap.add_argument("--child", choices=("dense", "compressed"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,18 +173,27 @@ def main() -> None:
         return
     argv = ["--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
             "--steps", str(args.steps), "--codec", args.codec, "--engine", args.engine]
-    dense, comp = _run_child("dense", argv), _run_child("compressed", argv)
-    rows = [("dense fp32", dense), (f"{args.codec} codec params ({args.engine})", comp)]
-    peak_note = ("VmHWM reset after the model is built (`/proc/self/clear_refs`)" if dense["reset"] and comp["reset"]
+    backends = args.backends.split(",") if args.backends else [None]
+    # one child at a time is started (its build and warm-up alone); then they take turns
+    children = [_start_child("dense", argv, args.threads, None)]
+    children += [_start_child("compressed", argv, args.threads, b) for b in backends]
+    dense, *comps = _interleaved(children, args.steps)
+    rows = [("dense fp32", dense)] + [(f"{args.codec} codec params ({args.engine}), backend `{c['backend']}`", c)
+                                      for c in comps]
+    peak_note = ("VmHWM reset after the model is built (`/proc/self/clear_refs`)"
+                 if all(r["reset"] for _, r in rows)
                  else "max RSS of the whole process (the peak could not be reset after the build)")
-    env = f"RBE_BACKEND={os.environ['RBE_BACKEND']} " if os.environ.get("RBE_BACKEND") else ""
+    env = f"RBE_BACKEND={os.environ['RBE_BACKEND']} " if os.environ.get("RBE_BACKEND") and not args.backends else ""
+    extra = (f" --threads {args.threads}" if args.threads else "") + (f" --backends {args.backends}" if args.backends else "")
     lines = [
         "# Training in the compressed domain: step time and memory",
         "",
-        f"`{env}python benchmarks/training.py {' '.join(argv)}` on {platform.machine()}, "
-        f"torch {torch.__version__}, {dense['threads']} threads, backend `{comp['backend']}`.",
+        f"`{env}python benchmarks/training.py {' '.join(argv)}{extra}` on {platform.machine()}, "
+        f"torch {torch.__version__}, {dense['threads']} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at the end.",
         "",
-        "One step = forward + backward + Adam update of a stack of Linear layers (MSE of the output).",
+        "One step = forward + backward + Adam update of a stack of Linear layers (MSE of the output);",
+        "the models' subprocesses take turns one step at a time; step time = each model's median step.",
         "Compressed: `prepare_for_training` (codec parameters trainable, grad_input from the codes",
         "through the backend, parameter gradients from the engine). Each model runs in its own",
         "subprocess. State = trainable parameters x4 (value, gradient, two Adam moments) + encoded",
@@ -157,8 +207,12 @@ def main() -> None:
     for name, r in rows:
         lines.append(f"| {name} | {1e3 * r['sec']:.1f} | {r['state'] / 2**20:.2f} | {r['model_kib'] / 1024:.1f} "
                      f"| {r['peak_kib'] / 1024:.1f} |")
-    lines += ["", f"Step-time ratio compressed / dense: **{comp['sec'] / dense['sec']:.2f}x** (target <= 1.5x); "
-              f"peak-memory ratio: **{comp['peak_kib'] / max(dense['peak_kib'], 1):.2f}x** (target <= 1x).", ""]
+    lines.append("")
+    for c in comps:
+        lines.append(f"Backend `{c['backend']}`: step-time ratio compressed / dense **{c['sec'] / dense['sec']:.2f}x** "
+                     f"(target <= 1.5x); peak-memory ratio **{c['peak_kib'] / max(dense['peak_kib'], 1):.2f}x** "
+                     "(target <= 1x).")
+    lines.append("")
     text = "\n".join(lines)
     if args.to_stdout:
         print(text)

@@ -5,7 +5,10 @@ Both compute, for ``y = x @ W.T`` (``x @ W`` when ``transposed``) with W the dec
 - ``grad_input`` from the codes through the backend (``linear_grad_input``, or ``linear`` when
   transposed): the fused path, no whole float32 W;
 - the gradient of every continuous parameter of the codec's ``TorchForm`` (``rbe_core.training``),
-  from ``dL/dW = grad_outᵀ x``.
+  from ``dL/dW = grad_outᵀ x``. For ``row_wise`` forms this runs a chunk of rows at a time
+  (``CHUNK_ELEMENTS`` weights): the rows' block of dL/dW, the form's decode of those rows only
+  and its vector-Jacobian product, so at most one chunk of dL/dW and of the decoded W exists at
+  once (a matrix that fits in one chunk is done whole).
 
 ``backward(encoded, x, grad_out, *, params=None, backend=None, transposed=False)``: ``params``
 (``{field: array}``) overrides the values read from ``encoded`` (the gradient is taken there);
@@ -27,10 +30,16 @@ import abc
 
 import torch
 
-from rbe_core import DerivativeEngine, Encoded, hookimpl
+from rbe_core import DerivativeEngine, Encoded, arrays, hookimpl
+from rbe_core.arrays import row_chunks
 from rbe_core.errors import RBEError
 from rbe_core.registry import get_backend
-from rbe_core.training import PhaseForm, TorchForm, sin_cycle, torch_form
+from rbe_core.training import PhaseForm, TorchForm, row_encoded, sin_cycle, torch_form
+
+#: Weights per row chunk of the parameter-gradient pass (``row_wise`` forms): the backends'
+#: decode budget (4 MiB of float32). Fewer, larger chunks mean fewer parallel torch ops per step,
+#: which matters more than cache fit when other processes compete for the cores.
+CHUNK_ELEMENTS = arrays.CHUNK_ELEMENTS
 
 
 def _torch(value, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,11 +47,13 @@ def _torch(value, like: torch.Tensor | None = None) -> torch.Tensor:
     return t if like is None else t.to(like.device, like.dtype)
 
 
-def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """dL/dW in W's stored (rows, cols) layout, for y = x @ W.T (or x @ W when ``transposed``)."""
+def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, transposed: bool = False,
+                rows: slice = slice(None)) -> torch.Tensor:
+    """Rows ``rows`` of dL/dW in W's stored (rows, cols) layout, for y = x @ W.T (or x @ W when
+    ``transposed``)."""
     x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    return x2.T @ g2 if transposed else g2.T @ x2
+    return x2[:, rows].T @ g2 if transposed else g2[:, rows].T @ x2
 
 
 def _leaves(form: TorchForm, encoded: Encoded, params, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,7 +68,25 @@ class _FormEngine(DerivativeEngine):
         x = _torch(x)
         op = backend.linear if transposed else backend.linear_grad_input
         grad_input = op(grad_out, encoded)
-        return grad_input, self.param_grads(encoded, weight_grad(x, grad_out, transposed), params)
+        return grad_input, self._chunked_param_grads(encoded, x, grad_out, params, transposed)
+
+    def _chunked_param_grads(self, encoded, x, grad_out, params, transposed) -> dict[str, torch.Tensor]:
+        """``param_grads`` for ``dL/dW = grad_outᵀ x``, a row chunk at a time for ``row_wise`` forms."""
+        rows, cols = encoded.matrix_shape
+        row_wise = torch_form(encoded.codec).row_wise and len(encoded.shape) == 2  # see ``row_encoded``
+        chunks = list(row_chunks(rows, cols, CHUNK_ELEMENTS)) if row_wise else []
+        if len(chunks) < 2:
+            return self.param_grads(encoded, weight_grad(x, grad_out, transposed), params)
+        out: dict[str, torch.Tensor] = {}
+        for start, stop in chunks:
+            part = slice(start, stop)
+            sub_params = None if params is None else {f: v[part] for f, v in params.items()}
+            got = self.param_grads(row_encoded(encoded, part), weight_grad(x, grad_out, transposed, part), sub_params)
+            for field, grad in got.items():
+                if field not in out:
+                    out[field] = grad.new_empty((rows, *grad.shape[1:]))
+                out[field][part] = grad
+        return out
 
     @abc.abstractmethod
     def param_grads(self, encoded: Encoded, grad_w: torch.Tensor, params=None) -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ def _groups(w2: torch.Tensor, group: int) -> torch.Tensor:
 
 class Int8Form(TorchForm):
     fields = ("scale",)
+    row_wise = True
     step_dtype = "float32"
 
     def grid(self, encoded):
@@ -74,6 +75,7 @@ class Int8Form(TorchForm):
 
 class Int4Form(TorchForm):
     fields = ("scale", "minimum")
+    row_wise = True
     step_dtype = "float16"
 
     def grid(self, encoded):
@@ -106,6 +108,7 @@ class LutScaleForm(TorchForm):
     """Table-driven group codes (``cyclic8``): the per-group float16 scales train, codes stay."""
 
     fields = ("scale",)
+    row_wise = True
 
     def params(self, encoded):
         return {"scale": encoded.payload["scale"].astype(np.float64)}
@@ -130,6 +133,7 @@ class Cyclic16Form(PhaseForm):
     """
 
     fields = ("scale", "amplitude", "phase")
+    row_wise = True
 
     @staticmethod
     def _split(code: np.ndarray):

@@ -98,6 +98,7 @@ class HadamardForm(TorchForm):
     """The ``hadamard`` codec's scales as trainable log-domain parameters (see the module docstring)."""
 
     fields = ("log_row_scale", "log_scale")
+    row_wise = True
 
     def params(self, encoded: Encoded) -> dict[str, np.ndarray]:
         p = encoded.payload

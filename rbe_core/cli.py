@@ -159,8 +159,10 @@ def _model_errors():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration text file for --target-bpw / calibrated codecs (default: a built-in text).")
+@click.option("--calibration-tokens", type=click.IntRange(16), default=4096, show_default=True,
+              help="Tokens of the calibration text GPTQ sees (more: better Hessians, slower).")
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
-def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, no_calibration):
+def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
     if codec is not None and target_bpw is not None:
         _fail(click.UsageError("give --codec or --target-bpw, not both"))
@@ -174,7 +176,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
     try:
         path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
                                        progress=not quiet, verify_backend=backend,
-                                       calibration=False if no_calibration else calibration)
+                                       calibration=False if no_calibration else calibration,
+                                       calibration_tokens=calibration_tokens)
     except _model_errors() as exc:
         _fail(exc)
     f = rbe_core.open(path)

@@ -125,7 +125,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     ``verify_backend`` runs the converted model (read back from the complete temporary file) once
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
     off; ``calibration_tokens`` of it) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
-    weight by sensitivity and weights are encoded layer-sequentially with GPTQ
+    weight by measured output damage and weights are encoded layer-sequentially with GPTQ
     (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
     when complete, and an error or Ctrl-C leaves nothing behind.
     """

@@ -58,6 +58,10 @@ class TorchForm(abc.ABC):
       form of ``params``, differentiable in ``x`` and ``params`` (torch autograd, straight through
       the storage rounding) without building W; when set, ``TrainableRBELinear`` trains through it
       instead of the backend and the engine (codecs whose decode is costly, e.g. a rotation).
+    - ``row_wise``: True when every payload array and every parameter is stored row by row
+      (leading axis = matrix rows) and decoding a row slice of them gives those rows of the
+      weight; engines then take parameter gradients a row chunk at a time (at most a chunk of
+      dL/dW and of the decoded W at once), and ``decode_rows`` applies.
     - Optional uniform grid for quantization-aware training: ``grid(encoded)`` returns
       ``(bits, signed, group)`` (``group`` None: one step per row; the steps are the field
       ``scale``, the offsets ``minimum`` when unsigned) and ``pack(encoded, codes, step, offset)``
@@ -67,6 +71,7 @@ class TorchForm(abc.ABC):
 
     fields: ClassVar[tuple[str, ...]] = ()
     step_dtype: ClassVar[str] = "float32"
+    row_wise: ClassVar[bool] = False
     linear = None
 
     def grid(self, encoded: Encoded) -> tuple[int, bool, int | None] | None:
@@ -309,14 +314,15 @@ class QATLinear(nn.Module):
         return RBELinear(encoded, bias, self.backend, transposed=self.transposed)
 
 
-def _row_encoded(encoded: Encoded, rows: np.ndarray) -> Encoded | None:
-    """``encoded`` restricted to the matrix rows ``rows`` (an Encoded of shape (len(rows), cols)), or
-    None when some payload array is not stored row by row (leading axis = matrix rows)."""
+def row_encoded(encoded: Encoded, rows: np.ndarray | slice) -> Encoded | None:
+    """``encoded`` restricted to the matrix rows ``rows`` (an int array, or a slice: payload views,
+    no copy), or None when some payload array is not stored row by row (leading axis = matrix rows)."""
     n = encoded.matrix_shape[0]
     if len(encoded.shape) != 2 or any(np.ndim(a) == 0 or a.shape[0] != n for a in encoded.payload.values()):
         return None
     payload = {k: np.ascontiguousarray(a[rows]) for k, a in encoded.payload.items()}
-    return Encoded(encoded.codec, (len(rows), encoded.shape[1]), payload, dtype=encoded.dtype, source=encoded.source)
+    count = len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
+    return Encoded(encoded.codec, (count, encoded.shape[1]), payload, dtype=encoded.dtype, source=encoded.source)
 
 
 def decode_rows(form: TorchForm, encoded: Encoded, params: Mapping[str, torch.Tensor], rows) -> torch.Tensor:
@@ -324,7 +330,7 @@ def decode_rows(form: TorchForm, encoded: Encoded, params: Mapping[str, torch.Te
     ``params`` are full-size (leading axis = matrix rows) and differentiable. Needs a form whose
     payload and parameters are stored row by row (int8, int4, cyclic8, cyclic16, hadamard)."""
     rows = np.asarray(rows, dtype=np.int64)
-    sub = _row_encoded(encoded, rows)
+    sub = row_encoded(encoded, rows)
     if sub is None:
         raise RBEError(f"{encoded.codec.codec_id}: its codes are not stored row by row")
     index = torch.from_numpy(rows)
@@ -380,7 +386,7 @@ class TrainableRBEEmbedding(_ShadowEncoded, nn.Module):
         enc = self.encoded
         if not self.row_wise:
             return self.form.decode(enc, self._stored(enc, list(self.shadow)))[torch.from_numpy(rows)]
-        sub = _row_encoded(enc, rows)
+        sub = row_encoded(enc, rows)
         index = torch.from_numpy(rows)
         return self.form.decode(sub, self._stored(sub, [p[index.to(p.device)] for p in self.shadow]))
 

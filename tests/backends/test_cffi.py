@@ -111,6 +111,19 @@ def test_3d_torch_and_numpy_inputs_with_bias(isa, cffi, numpy_ref, codec_id, rng
     assert rel(gi.numpy(), numpy_ref.linear_grad_input(g.numpy(), enc)) <= 1e-6
 
 
+@pytest.mark.parametrize("codec_id,params", CODECS, ids=lambda v: str(v))
+def test_grad_input_batch_tiles_and_panels(isa, cffi, numpy_ref, codec_id, params, rng):
+    """Batches beyond one register tile (full tiles and a tail), several row panels, ragged columns."""
+    enc = encode(codec_id, params, (300, 203), rng)
+    dense = enc.decode().reshape(enc.matrix_shape).astype(np.float64)
+    for n in (8, 19, 31):
+        g = rng.standard_normal((n, 300)).astype(np.float32)
+        gi = cffi.linear_grad_input(g, enc)
+        assert gi.shape == (n, 203)
+        assert rel(gi, numpy_ref.linear_grad_input(g, enc)) <= 1e-6
+        assert rel(gi, g @ dense) <= 1e-6
+
+
 def test_empty_batch(cffi, rng):
     enc = encode("int4", {}, (9, 20), rng)
     assert cffi.linear(np.zeros((0, 20), np.float32), enc).shape == (0, 9)

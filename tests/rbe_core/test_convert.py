@@ -115,7 +115,19 @@ def test_cli_bad_input(llama_dir, tmp_path):
     assert r.exit_code == 2 and "error" in r.output
     r = run(main, ["infer", str(tmp_path / "cfg" / "config.json"), "--prompt", "x"])
     assert r.exit_code == 2
+    r = run(main, ["convert", str(llama_dir), "-o", str(out), "--codec", "hadamard", "--calibration-tokens", "8"])
+    assert r.exit_code == 2 and "calibration-tokens" in r.output
     assert not out.exists()
+
+
+def test_cli_convert_calibration_tokens(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    out = tmp_path / "m.rbe"
+    r = CliRunner().invoke(main, ["convert", str(llama_dir), "-o", str(out), "--codec", '{"id": "hadamard", "bits": 3}',
+                                  "--calibration-tokens", "64", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert {rbe_core.open(out).headers[n]["codec"]["id"] for n in rbe_core.open(out) if "proj" in n} == {"hadamard"}
 
 
 def test_cli_generation_and_embeddings_with_tokenizers(tmp_path):

@@ -14,8 +14,9 @@
 #include "rbe_kernels.h"
 
 #define RBE_MAX_THREADS 64
-#define GRAD_PANEL_ROWS 16
-#define GRAD_BLOCK_COLS 512
+/* grad_input: decoded panels of GRAD_PANEL_ROWS x GRAD_BLOCK_COLS weights (32 KiB, in L1/L2) */
+#define GRAD_PANEL_ROWS 128
+#define GRAD_BLOCK_COLS 64
 
 int rbe_isa_compiled(void) {
 #ifdef RBE_WITH_X86_SIMD
@@ -117,10 +118,10 @@ static int linear_rows(const job *j, int64_t r0, int64_t r1) {
     return 0;
 }
 
-/* out columns [c0, c1) of every batch row: panels of rows are summed, then added. */
+/* out columns [c0, c1) of every batch row: for each block of columns, panels of decoded rows are
+ * multiplied by tiles of batch rows (the first panel writes, later ones add). */
 static int grad_cols(const job *j, int64_t c0, int64_t c1) {
     const rbe_kernels *k = j->k;
-    for (int64_t b = 0; b < j->n; b++) memset(j->out + b * j->cols + c0, 0, (size_t)(c1 - c0) * 4);
     float *w = aligned_floats(GRAD_PANEL_ROWS * GRAD_BLOCK_COLS);
     if (!w) return RBE_E_NOMEM;
     for (int64_t cb = c0; cb < c1; cb += GRAD_BLOCK_COLS) {
@@ -128,9 +129,11 @@ static int grad_cols(const job *j, int64_t c0, int64_t c1) {
         for (int64_t r = 0; r < j->rows; r += GRAD_PANEL_ROWS) {
             const int nr = (int)rbe_min(GRAD_PANEL_ROWS, j->rows - r);
             decode(j, r, nr, cb, ce, w, GRAD_BLOCK_COLS);
-            for (int64_t b = 0; b < j->n; b++)
-                k->panel_axpy(w, GRAD_BLOCK_COLS, nr, j->in + b * j->rows + r, ce - cb,
-                              j->out + b * j->cols + cb);
+            for (int64_t b = 0; b < j->n; b += k->grad_batch) {
+                const int nb = (int)rbe_min(k->grad_batch, j->n - b);
+                k->grad_tile(w, GRAD_BLOCK_COLS, nr, j->in + b * j->rows + r, j->rows, nb, ce - cb,
+                             j->out + b * j->cols + cb, j->cols, r > 0);
+            }
         }
     }
     free(w);

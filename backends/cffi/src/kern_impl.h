@@ -4,7 +4,8 @@
  * Required: ISA_SUFFIX, VLEN (divides 32), VF (vector of VLEN floats), vzero(), vload(p),
  * vstore(p, v), vset1(f), vadd(a, b), vmul(a, b), vfma(a, b, c) = a * b + c, vhsum(v),
  * load_i8(p) (VLEN int8 -> VF), q4_unpack32(p, VF out[32 / VLEN]) (16 packed bytes -> 32
- * values in column order), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH.
+ * values in column order), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH,
+ * GRAD_BATCH (rows of g per grad_tile; GRAD_BATCH * GRAD_NV accumulators, GRAD_NV default 2).
  * Optional: define RBE_HAVE_INT4_GEMV and int4_gemv_<isa>, or RBE_HAVE_HAD4_GEMV and
  * had4_gemv_<isa> (same contracts) before including.
  */
@@ -14,6 +15,9 @@
 #define RBE_CAT(a, b) RBE_CAT_(a, b)
 #define FN(name) RBE_CAT(name, ISA_SUFFIX)
 #define NV (32 / VLEN)
+#ifndef GRAD_NV
+#define GRAD_NV 2
+#endif
 
 static inline float FN(sum_nv)(const VF *acc) {
     VF s = acc[0];
@@ -172,19 +176,51 @@ static void FN(dot_tile)(const float *w, int64_t ldw, int nr, const float *x, in
     }
 }
 
-static void FN(panel_axpy)(const float *w, int64_t ldw, int nr, const float *g, int64_t k,
-                           float *out) {
-    const int64_t kv = k - k % VLEN;
-    for (int64_t c = 0; c < kv; c += VLEN) {
-        VF acc = vzero();
-        for (int i = 0; i < nr; i++) acc = vfma(vset1(g[i]), vload(w + i * ldw + c), acc);
-        vstore(out + c, vadd(vload(out + c), acc));
+/* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= GRAD_BATCH,
+ * j < k: written when accumulate is 0, added otherwise. Register-blocked: GRAD_BATCH rows of g
+ * times GRAD_NV vectors of w stay in accumulators over the whole panel (one pass, no partial
+ * sums in memory). */
+static void FN(grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *g, int64_t ldg,
+                          int nb, int64_t k, float *out, int64_t ldo, int accumulate) {
+    const float *gp[GRAD_BATCH];
+    for (int b = 0; b < GRAD_BATCH; b++) gp[b] = g + (b < nb ? b : nb - 1) * ldg;
+    int64_t c = 0;
+    for (; c + GRAD_NV * VLEN <= k; c += GRAD_NV * VLEN) {
+        VF acc[GRAD_BATCH][GRAD_NV];
+        for (int b = 0; b < GRAD_BATCH; b++)
+            for (int v = 0; v < GRAD_NV; v++) acc[b][v] = vzero();
+        for (int64_t i = 0; i < nr; i++) {
+            VF wv[GRAD_NV];
+            for (int v = 0; v < GRAD_NV; v++) wv[v] = vload(w + i * ldw + c + v * VLEN);
+            for (int b = 0; b < GRAD_BATCH; b++) {
+                const VF gv = vset1(gp[b][i]);
+                for (int v = 0; v < GRAD_NV; v++) acc[b][v] = vfma(gv, wv[v], acc[b][v]);
+            }
+        }
+        for (int b = 0; b < nb; b++)
+            for (int v = 0; v < GRAD_NV; v++) {
+                float *o = out + b * ldo + c + v * VLEN;
+                vstore(o, accumulate ? vadd(vload(o), acc[b][v]) : acc[b][v]);
+            }
     }
-    for (int64_t c = kv; c < k; c++) {
-        float t = 0.0f;
-        for (int i = 0; i < nr; i++) t += g[i] * w[i * ldw + c];
-        out[c] += t;
+    for (; c + VLEN <= k; c += VLEN) {
+        VF acc[GRAD_BATCH];
+        for (int b = 0; b < GRAD_BATCH; b++) acc[b] = vzero();
+        for (int64_t i = 0; i < nr; i++) {
+            const VF wv = vload(w + i * ldw + c);
+            for (int b = 0; b < GRAD_BATCH; b++) acc[b] = vfma(vset1(gp[b][i]), wv, acc[b]);
+        }
+        for (int b = 0; b < nb; b++) {
+            float *o = out + b * ldo + c;
+            vstore(o, accumulate ? vadd(vload(o), acc[b]) : acc[b]);
+        }
     }
+    for (; c < k; c++)
+        for (int b = 0; b < nb; b++) {
+            float t = 0.0f;
+            for (int64_t i = 0; i < nr; i++) t += gp[b][i] * w[i * ldw + c];
+            out[b * ldo + c] = accumulate ? out[b * ldo + c] + t : t;
+        }
 }
 
 /* hadamard: the code of column c of a row, from its little-endian bit stream (bits in 2..8;
@@ -282,6 +318,6 @@ static void FN(had4_gemv)(const float *xr, const uint8_t *codes,
 
 const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = {
     FN(int8_gemv), FN(int4_gemv),  FN(int8_decode), FN(int4_decode),
-    FN(dot_tile),  FN(panel_axpy), FN(had_decode),  FN(had4_gemv),
-    GEMV_ROWS,     TILE_ROWS,      TILE_BATCH,
+    FN(dot_tile),  FN(grad_tile),  FN(had_decode),  FN(had4_gemv),
+    GEMV_ROWS,     TILE_ROWS,      TILE_BATCH,     GRAD_BATCH,
 };

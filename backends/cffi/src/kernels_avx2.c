@@ -10,6 +10,7 @@
 #define GEMV_ROWS 2
 #define TILE_ROWS 4
 #define TILE_BATCH 2
+#define GRAD_BATCH 6
 #define VF __m256
 
 #define vzero() _mm256_setzero_ps()

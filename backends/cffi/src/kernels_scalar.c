@@ -9,6 +9,7 @@
 #define GEMV_ROWS 2
 #define TILE_ROWS 2
 #define TILE_BATCH 2
+#define GRAD_BATCH 4
 
 typedef struct {
     float v[VLEN];

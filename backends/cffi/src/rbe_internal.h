@@ -22,9 +22,10 @@ typedef struct {
      * b < nb <= tile_batch. */
     void (*dot_tile)(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int nb,
                      int64_t k, float *y, int64_t ldy);
-    /* out[j] += sum_{i < nr} g[i] * w[i * ldw + j] for j < k (the panel is summed first). */
-    void (*panel_axpy)(const float *w, int64_t ldw, int nr, const float *g, int64_t k,
-                       float *out);
+    /* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= grad_batch,
+     * j < k; written when accumulate is 0, else added. */
+    void (*grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *g, int64_t ldg, int nb,
+                      int64_t k, float *out, int64_t ldo, int accumulate);
     /* hadamard: rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight
      * (q - half) * step into w (row stride ldw); codes are bits-bit little-endian streams. */
     void (*had_decode)(const uint8_t *codes, const uint8_t *scale_code, const float *row_scale,
@@ -35,7 +36,7 @@ typedef struct {
     void (*had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *scale_code,
                       const float *row_scale, int64_t cols_p, int64_t gs, int64_t r0,
                       int64_t r1, float *y, float *scratch);
-    int gemv_rows, tile_rows, tile_batch;
+    int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 
 extern const rbe_kernels rbe_kernels_scalar;

@@ -1,0 +1,125 @@
+"""``rbe_core.calibration``: measured output damage, bit allocation under a budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
+from _model_helpers import tiny_bert, tiny_llama  # noqa: E402
+
+import rbe_core  # noqa: E402
+from rbe_core.calibration import (  # noqa: E402
+    _damage,
+    _scored_output,
+    allocate,
+    allocate_settings,
+    batches,
+    output_damage,
+    source_model,
+    weighted_error,
+)
+from rbe_core.models.sources import open_source  # noqa: E402
+from rbe_core.registry import get_codec  # noqa: E402
+
+torch = pytest.importorskip("torch")
+TEXT = ("Compressed weights are decoded inside the matrix multiply. The quick brown fox jumps over the lazy dog. "
+        "A third sentence follows the second one here.\n\nAnother paragraph starts with these words.") * 6
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def dense(request, tmp_path_factory):
+    """(rbe's dense model, its recording factory, calibration batches) of a tiny random model."""
+    d = tmp_path_factory.mktemp(request.param)
+    (tiny_llama(num_hidden_layers=3) if request.param == "llama" else tiny_bert()).save_pretrained(d)
+    model, factory = source_model(open_source(d))
+    return model, factory, batches(model, TEXT, max_tokens=256, window=32, batch=2)
+
+
+def _linears(factory):
+    return [n for n in factory.linears if n not in factory.embeddings]
+
+
+def _noisy(factory, scale=0.05):
+    def replace(n):
+        w = factory.linears[n][0].weight.detach().numpy()
+        return w + scale * np.random.default_rng(len(n)).standard_normal(w.shape).astype(np.float32) * w.std()
+    return replace
+
+
+def test_unchanged_weights_do_no_damage(dense):
+    model, factory, data = dense
+    names = _linears(factory)
+    damage, power = output_damage(model, factory, data, names, lambda n: factory.linears[n][0].weight.detach().numpy())
+    assert set(damage) == set(names) and max(damage.values()) < 1e-6
+    assert all(p.shape == (factory.linears[n][0].weight.shape[1],) and (p > 0).all() for n, p in power.items())
+
+
+def test_skipping_blocks_measures_what_the_whole_model_measures(dense):
+    """The damage from cached block inputs equals a full forward pass with the weight replaced."""
+    model, factory, data = dense
+    last = [n for n in _linears(factory) if ".1." in n or "layers.2." in n][-1]  # a weight in a later block
+    replace = _noisy(factory)
+    damage, _ = output_damage(model, factory, data, [last], replace, head_stride=1)
+    layer = factory.linears[last][0]
+    with torch.no_grad():
+        refs = [_scored_output(model, model(*a), m) for a, m in data]
+        saved = layer.weight.detach().clone()
+        layer.weight.copy_(torch.from_numpy(replace(last)))
+        full = np.mean([_damage(model, r, _scored_output(model, model(*a), m)) for (a, m), r in zip(data, refs, strict=True)])
+        layer.weight.copy_(saved)
+    assert damage[last] > 0 and damage[last] == pytest.approx(full, rel=1e-4)
+    assert torch.equal(layer.weight, saved)  # the model is left as it was
+
+
+def test_damage_grows_with_the_perturbation(dense):
+    model, factory, data = dense
+    names = [n for n in _linears(factory) if not any(k in n for k in ("q_proj", "k_proj", "query", "key"))][:3]
+    small, _ = output_damage(model, factory, data, names, _noisy(factory, 0.02))
+    large, _ = output_damage(model, factory, data, names, _noisy(factory, 0.2))
+    assert all(large[n] > 4 * small[n] > 0 for n in names)
+
+
+def test_weighted_error_is_the_layer_output_error_for_white_inputs():
+    rng = np.random.default_rng(0)
+    delta = rng.standard_normal((8, 5))
+    d = rng.uniform(0.5, 2.0, 5)
+    expect = float(np.sum(delta**2 * d[None, :]))
+    assert weighted_error(delta, d, False) == pytest.approx(expect)
+    assert weighted_error(delta.T, d, True) == pytest.approx(expect)
+
+
+def test_allocate_gives_the_bits_to_the_sensitive_tensor():
+    costs = {"a": [3.0, 4.0, 5.0], "b": [3.0, 4.0, 5.0]}
+    errors = {"a": [100.0, 25.0, 6.0], "b": [1.0, 0.25, 0.06]}
+    assert allocate(costs, errors, 6.0) == {"a": 0, "b": 0}
+    assert allocate(costs, errors, 7.0) == {"a": 1, "b": 0}
+    assert allocate(costs, errors, 8.0) == {"a": 2, "b": 0}
+    assert allocate(costs, errors, 100.0) == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="budget"):
+        allocate(costs, errors, 5.0)
+
+
+@pytest.mark.parametrize("target", [4.0, 5.0])  # tiny matrices: headers cost ~1 bit/weight
+def test_allocate_settings_meets_the_budget_and_follows_damage(dense, target):
+    model, factory, data = dense
+    names = _linears(factory)
+    settings = [get_codec({"id": "hadamard", "bits": b}) for b in (8, 6, 5, 4, 3, 2)]
+    pick = allocate_settings(model, factory, data, names, settings, target)
+    weights = sum(factory.linears[n][0].weight.numel() for n in names)
+    stored = sum(8 * c.encode(factory.linears[n][0].weight.detach().numpy()).nbytes for n, c in pick.items())
+    assert set(pick) == set(names)
+    assert stored / weights <= target + 1e-9
+    assert len({c.bits for c in pick.values()}) > 1  # tiny random models still differ per tensor
+
+
+def test_target_bpw_conversion_is_within_budget(tmp_path):
+    tiny_llama(num_hidden_layers=2).save_pretrained(tmp_path / "hf")
+    out = rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", target_bpw=4.5, progress=False,
+                                  calibration_tokens=256)
+    f = rbe_core.open(out)
+    linear = [f[n] for n in f if n.endswith("proj.weight")]
+    assert 8 * sum(e.nbytes for e in linear) / sum(e.numel for e in linear) <= 4.5
