@@ -266,11 +266,15 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
     return damage, inputs
 
 
+def input_sq_error(delta: np.ndarray, transposed: bool) -> np.ndarray:
+    """``Σ_j ΔW_jk²`` per input feature ``k`` of a weight error ``delta`` (as stored: (out, in), or
+    (in, out) when ``transposed``)."""
+    return np.square(delta.astype(np.float64)).sum(1 if transposed else 0)
+
+
 def weighted_error(delta: np.ndarray, d: np.ndarray, transposed: bool) -> float:
-    """``Σ_jk ΔW_jk² d_k``: the layer-output error of a weight error ``delta`` under inputs of power ``d``
-    (``delta`` as stored: (out, in), or (in, out) when ``transposed``)."""
-    sq = np.square(delta.astype(np.float64))
-    return float(d @ sq.sum(1)) if transposed else float(sq.sum(0) @ d)
+    """``Σ_jk ΔW_jk² d_k``: the layer-output error of a weight error ``delta`` under inputs of power ``d``."""
+    return float(input_sq_error(delta, transposed) @ d)
 
 
 def allocate(costs: Mapping[str, list[float]], errors: Mapping[str, list[float]], budget_bits: float) -> dict[str, int]:
@@ -470,9 +474,13 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
         w = layer.weight.detach().numpy()
         return np.ascontiguousarray(w.T if transposed else w), transposed
 
+    probe_stats: dict[str, tuple[int, np.ndarray]] = {}  # name -> (payload bytes, input_sq_error)
+
     def probed(n):
         w, transposed = stored(n)
-        dec = settings[probe].encode(w, source=n).decode().reshape(w.shape)
+        enc = settings[probe].encode(w, source=n)
+        dec = enc.decode().reshape(w.shape)
+        probe_stats[n] = (enc.nbytes - len(n), input_sq_error(dec - w, transposed))  # the header holds the name
         return dec.T if transposed else dec
 
     damage, power = output_damage(model, factory, data, names, probed)
@@ -481,9 +489,12 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
         w, transposed = stored(n)
         costs[n], errors[n] = [], []
         for i, c in enumerate(settings):
-            if _extrapolated(c, settings) is None:
+            if i == probe:
+                nbytes[i, w.shape], sq = probe_stats[n]
+                errors[n].append(float(sq @ power[n]))
+            elif _extrapolated(c, settings) is None:
                 enc = c.encode(w, source=n)
-                nbytes[i, w.shape] = enc.nbytes - len(n)  # the header holds the name
+                nbytes[i, w.shape] = enc.nbytes - len(n)
                 errors[n].append(weighted_error(enc.decode().reshape(w.shape) - w, power[n], transposed))
             else:
                 errors[n].append(None)
