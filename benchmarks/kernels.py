@@ -47,10 +47,12 @@ BATCHES = [1, 32]
 CODECS = {
     "int4": {"id": "int4", "group_size": 64},
     "hadamard4": {"id": "hadamard", "bits": 4, "group_size": 64},
+    "hadamard4n": {"id": "hadamard", "bits": 4, "group_size": 64, "grid": "normal"},
     "int8": {"id": "int8"},
 }
 #: ~4 bits/weight codecs checked against the issue-5 targets, with their table labels.
-TARGET_CODECS = {"int4": "int4 g64", "hadamard4": "hadamard 4-bit g64"}
+TARGET_CODECS = {"int4": "int4 g64", "hadamard4": "hadamard 4-bit g64",
+                 "hadamard4n": "hadamard 4-bit g64, normal grid"}
 BACKENDS = ["numpy", "cffi", "torch"]
 TARGETS = {1: 2.0, 32: 0.7}  # issue 5: cffi vs F.linear at 4096x4096, ~4 bpw
 

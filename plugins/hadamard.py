@@ -13,8 +13,12 @@ encoded row by row along the input dimension (cols):
    has one step ``s = row_scale[row] * scale_code[row, group]`` (``scale_code`` uint8, 0..255,
    ``row_scale`` float32). The step is chosen per group by a clipping search minimising the
    group's squared rounding error.
-3. **Codes.** ``bits``-bit unsigned codes ``q`` on a symmetric mid-rise grid:
-   ``w_rot ≈ (q - (2**bits - 1) / 2) * s``. With ``calibration`` activations X (n, cols) the codes
+3. **Codes.** ``bits``-bit unsigned codes ``q`` index a symmetric grid of ``2**bits`` levels:
+   ``w_rot ≈ levels[q] * s``. ``grid="uniform"`` is the mid-rise grid ``levels[q] = q - (2**bits
+   - 1) / 2``; ``grid="normal"`` is the Lloyd–Max quantizer of the standard normal distribution
+   (:func:`normal_levels`), which the rotated weights follow closely: 17% less squared error at
+   4 bits, measured end to end on all-MiniLM-L6-v2 (``1 − cos`` 0.0168 → 0.0139, docs/quality.md).
+   With ``calibration`` activations X (n, cols) the codes
    are chosen by GPTQ (Frantar et al. 2022) with Hessian ``H = X_rotᵀ X_rot / n`` (+ ``damp`` ×
    mean diagonal), columns in descending-Hessian-diagonal order when ``act_order``, processed in
    blocks of 128 with lazy batch updates: this minimises the layer *output* error ‖XWᵀ − XŴᵀ‖
@@ -28,6 +32,7 @@ Bits per weight ≈ bits + 8/group_size + 32/cols (+ header): 4.19 for 4-bit, gr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -40,7 +45,6 @@ from rbe_core.calibration import Gram
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 
 _SCALE_LEVELS = 255
-_CLIP_GRID = np.linspace(0.55, 1.0, 19)
 _GPTQ_BLOCK = 128
 
 
@@ -75,6 +79,11 @@ def _damp_ok(_inst, _attr, value):
 def _bool_ok(_inst, _attr, value):
     if not isinstance(value, bool):
         raise ValueError(f"act_order must be a bool, got {value!r}")
+
+
+def _grid_ok(_inst, _attr, value):
+    if value not in GRIDS:
+        raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,28 +170,119 @@ def unpack_codes(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# grids: the values the codes stand for
+
+
+def normal_levels(n: int) -> np.ndarray:
+    """The ``n``-level Lloyd–Max quantizer of the standard normal distribution (float64, ascending).
+
+    Lloyd's iterations (each level moves to the conditional mean of its cell, cells bounded by
+    midpoints) from the √3-compander start ``√3 Φ⁻¹((k + ½) / n)``, made exactly symmetric every
+    step, until no level moves by more than 1e-12 or after 2000 iterations: converged up to 5 bits;
+    at 6–8 bits the iterations stop early (levels up to 0.008 off), with a mean squared error within
+    0.01% of the optimum. Pure Python floats (``statistics.NormalDist``): the same on every platform.
+    On a unit normal source the best uniform grid has 1.21× (4 bits) to 2.1× (8 bits) its squared error.
+    """
+    from statistics import NormalDist
+
+    dist = NormalDist()
+    pts = [math.sqrt(3.0) * dist.inv_cdf((k + 0.5) / n) for k in range(n)]
+    for _ in range(2000):
+        edges = [(a + b) / 2 for a, b in zip(pts[:-1], pts[1:], strict=True)]
+        pdf = [0.0] + [dist.pdf(e) for e in edges] + [0.0]
+        cdf = [0.0] + [dist.cdf(e) for e in edges] + [1.0]
+        new = [(pdf[k] - pdf[k + 1]) / (cdf[k + 1] - cdf[k]) for k in range(n)]
+        new = [(a - b) / 2 for a, b in zip(new, reversed(new), strict=True)]
+        moved = max(abs(a - b) for a, b in zip(new, pts, strict=True))
+        pts = new
+        if moved < 1e-12:
+            break
+    return np.asarray(pts, dtype=np.float64)
+
+
+@attrs.frozen(eq=False)
+class Grid:
+    """The ``2**bits`` values codes stand for (``levels`` float32, ascending; ``w_rot ≈ levels[q] * step``)."""
+
+    levels: np.ndarray
+    uniform: bool
+    #: shrink factors of ``max|w| / top`` the step search tries
+    clip: np.ndarray
+    #: cell boundaries (midpoints between levels), then +inf
+    _edges: np.ndarray = attrs.field(init=False)
+    #: non-uniform lookup: buckets of width 1 / _inv narrower than any cell, from _origin; the code
+    #: of each bucket's start
+    _origin: float = attrs.field(init=False)
+    _inv: float = attrs.field(init=False)
+    _bucket_codes: np.ndarray = attrs.field(init=False)
+
+    def __attrs_post_init__(self):
+        lv = self.levels.astype(np.float64)
+        edges = (lv[1:] + lv[:-1]) / 2
+        width = float(np.diff(edges).min()) / 2 if len(edges) > 1 else 1.0
+        origin = float(edges[0]) - width
+        starts = origin + width * np.arange(int(np.ceil((edges[-1] - origin) / width)) + 1)
+        object.__setattr__(self, "_edges", np.append(edges, np.inf))
+        object.__setattr__(self, "_origin", origin)
+        object.__setattr__(self, "_inv", 1.0 / width)
+        object.__setattr__(self, "_bucket_codes", np.searchsorted(edges, starts).astype(np.intp))
+
+    @property
+    def top(self) -> float:
+        """The largest level (clipping searches scale it to a group's largest weight)."""
+        return float(self.levels[-1])
+
+    def nearest(self, u: np.ndarray) -> np.ndarray:
+        """uint8 codes of the levels nearest to ``u`` (values in units of the step); ties go to the
+        lower level, except on uniform grids, which round half to even."""
+        n = len(self.levels)
+        if self.uniform:
+            return np.clip(np.rint(u + (n - 1) / 2.0), 0, n - 1).astype(np.uint8)
+        # the bucket's start code, plus one when the single edge a bucket can hold lies below u
+        b = np.clip((u - u.dtype.type(self._origin)) * u.dtype.type(self._inv), 0, len(self._bucket_codes) - 1)
+        c = self._bucket_codes[b.astype(np.intp)]
+        c += self._edges.astype(u.dtype)[c] < u
+        return c.astype(np.uint8)
+
+
+@functools.cache
+def grid_for(bits: int, kind: str) -> Grid:
+    """The :class:`Grid` of ``bits``-bit codes of grid ``kind`` (one of ``GRIDS``)."""
+    if kind == "uniform":
+        levels = np.arange(2**bits, dtype=np.float32) - np.float32((2**bits - 1) / 2.0)
+        return Grid(levels, True, np.linspace(0.55, 1.0, 19))
+    if kind == "normal":
+        # the best shrink of max|w| / top for groups of 64 rotated weights moves with the bits
+        # (measured on all-MiniLM-L6-v2: 0.4–0.8 at 2 bits ... 0.93–1.2+ at 5–6 bits)
+        lo, hi = {2: (0.35, 0.85), 3: (0.6, 1.1), 4: (0.8, 1.2)}.get(bits, (0.85, 1.35))
+        return Grid(normal_levels(2**bits).astype(np.float32), False, np.linspace(lo, hi, 17))
+    raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {kind!r}")
+
+
+GRIDS = frozenset({"uniform", "normal"})
+
+# ---------------------------------------------------------------------------------------------
 # scales and rounding
 
 
-def choose_steps(wr: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def choose_steps(wr: np.ndarray, group_size: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """Per-group steps for rotated weights ``wr`` (rows, cols_p): (row_scale f32, scale_code u8).
 
-    Each group's step is ``shrink * max|w| / half`` with the shrink factor from ``_CLIP_GRID`` that
-    minimises the group's squared round-to-nearest error; the step is then quantized to 8 bits
-    relative to the row's largest step.
+    Each group's step is ``shrink * max|w| / grid.top`` with the shrink factor from ``grid.clip``
+    that minimises the group's squared round-to-nearest error; the step is then quantized to 8
+    bits relative to the row's largest step.
     """
     rows, cols_p = wr.shape
-    half = (2**bits - 1) / 2.0
-    top = 2**bits - 1
+    levels = grid.levels
     g = wr.reshape(rows, cols_p // group_size, group_size).astype(np.float32)
     amax = np.abs(g).max(axis=2)
     best_err = np.full(amax.shape, np.inf, dtype=np.float32)
-    best = amax / half
-    for shrink in _CLIP_GRID:
-        step = (amax * np.float32(shrink / half))[:, :, None]
+    best = amax / np.float32(grid.top)
+    for shrink in grid.clip:
+        step = (amax * np.float32(shrink / grid.top))[:, :, None]
         safe = np.where(step > 0, step, np.float32(1.0))
-        q = np.clip(np.rint(g / safe + np.float32(half)), 0, top)
-        err = np.square((q - np.float32(half)) * step - g).sum(axis=2)
+        q = grid.nearest(g / safe)
+        err = np.square(levels[q] * step - g).sum(axis=2)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, step[:, :, 0], best)
@@ -198,11 +298,9 @@ def group_steps(row_scale: np.ndarray, scale_code: np.ndarray) -> np.ndarray:
     return row_scale[:, None] * scale_code.astype(np.float32)
 
 
-def round_nearest(wr: np.ndarray, steps: np.ndarray, bits: int) -> np.ndarray:
+def round_nearest(wr: np.ndarray, steps: np.ndarray, grid: Grid) -> np.ndarray:
     """Round-to-nearest codes (uint8) for ``wr`` with per-element ``steps`` (same shape)."""
-    half = (2**bits - 1) / 2.0
-    safe = np.where(steps > 0, steps, 1.0)
-    return np.clip(np.rint(wr / safe + half), 0, 2**bits - 1).astype(np.uint8)
+    return grid.nearest(wr / np.where(steps > 0, steps, 1.0))
 
 
 def hessian(
@@ -239,7 +337,7 @@ def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: lis
 
 
 def gptq(
-    wr: np.ndarray, steps: np.ndarray, h: np.ndarray, bits: int, damp: float, act_order: bool
+    wr: np.ndarray, steps: np.ndarray, h: np.ndarray, grid: Grid, damp: float, act_order: bool
 ) -> np.ndarray:
     """GPTQ codes (uint8, rows × cols_p) for rotated weights ``wr`` with per-element ``steps``.
 
@@ -248,8 +346,7 @@ def gptq(
     (blocks of ``_GPTQ_BLOCK`` columns, lazy batch updates).
     """
     rows, n = wr.shape
-    half = (2**bits - 1) / 2.0
-    top = 2**bits - 1
+    levels = grid.levels.astype(np.float64)
     w = wr.astype(np.float64)
     h = h.copy()
     diag = np.diag(h).copy()
@@ -271,9 +368,9 @@ def gptq(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qi = np.clip(np.rint(col / safe[:, i1 + i] + half), 0, top)
+            qi = grid.nearest(col / safe[:, i1 + i])
             q[:, i1 + i] = qi
-            e = (col - (qi - half) * s[:, i1 + i]) / u1[i, i]
+            e = (col - levels[qi] * s[:, i1 + i]) / u1[i, i]
             w1[:, i + 1 :] -= np.outer(e, u1[i, i + 1 :])
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
@@ -300,6 +397,7 @@ class HadamardCodec(Codec):
     seed: int = attrs.field(default=0, validator=_seed_ok)
     damp: float = attrs.field(default=0.01, validator=_damp_ok)
     act_order: bool = attrs.field(default=True, validator=_bool_ok)
+    grid: str = attrs.field(default="uniform", validator=_grid_ok)
 
     def __attrs_post_init__(self):
         if self.max_block < self.group_size:
@@ -312,6 +410,10 @@ class HadamardCodec(Codec):
         cols_p = padded_cols(cols, self.group_size)
         return cols_p, sign_vector(cols_p, self.seed), hadamard_blocks(cols_p, self.max_block)
 
+    def levels(self) -> np.ndarray:
+        """float32[2**bits]: the value of each code in units of its group's step."""
+        return grid_for(self.bits, self.grid).levels
+
     def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
         """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches RTN to GPTQ."""
         w, dtype = as_weight(weight)
@@ -320,16 +422,17 @@ class HadamardCodec(Codec):
         wp = np.zeros((rows, cols_p), dtype=np.float64)
         wp[:, :cols] = w.reshape(rows, cols)
         wr = rotate(wp, signs, blocks)
-        row_scale, scale_code = choose_steps(wr, self.group_size, self.bits)
+        grid = grid_for(self.bits, self.grid)
+        row_scale, scale_code = choose_steps(wr, self.group_size, grid)
         steps = np.repeat(group_steps(row_scale, scale_code), self.group_size, axis=1)
         if calibration is None:
-            q = round_nearest(wr, steps, self.bits)
+            q = round_nearest(wr, steps, grid)
         else:
             if isinstance(calibration, Gram):
                 h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
             else:
                 h = hessian(calibration, cols, cols_p, signs, blocks)
-            q = gptq(wr, steps, h, self.bits, float(self.damp), self.act_order)
+            q = gptq(wr, steps, h, grid, float(self.damp), self.act_order)
         payload = {
             "codes": pack_codes(q, self.bits),
             "scale_code": scale_code,
@@ -359,13 +462,13 @@ class HadamardCodec(Codec):
         stop = max(start, stop)
         cols_p, signs, blocks = self.layout(cols)
         p = encoded.payload
-        q = unpack_codes(p["codes"][start:stop], cols_p, self.bits).astype(np.float32)
+        q = unpack_codes(p["codes"][start:stop], cols_p, self.bits)
         steps = np.repeat(
             group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop]),
             self.group_size,
             axis=1,
         )
-        wr = (q - np.float32((2**self.bits - 1) / 2.0)) * steps
+        wr = self.levels()[q] * steps
         return np.ascontiguousarray(unrotate(wr, signs, blocks)[:, :cols])
 
     def decode(self, encoded: Encoded) -> np.ndarray:

@@ -7,8 +7,8 @@ by the same relative amount:
 - ``log_scale`` (rows, groups): the group's step multiplier ``scale_code = exp(·)``, written back
   rounded to its uint8 code (0..255), so training sees it straight through the rounding.
 
-``decode`` mirrors ``HadamardCodec.decode_rows`` in torch: unpack the ``bits``-bit codes, subtract
-the mid-rise offset, multiply by ``row_scale · scale_code`` per group (the steps in the rotated
+``decode`` mirrors ``HadamardCodec.decode_rows`` in torch: unpack the ``bits``-bit codes, look up
+their grid values (``codec.levels()``), multiply by ``row_scale · scale_code`` per group (the steps in the rotated
 basis), then apply the inverse rotation (block-wise orthonormal Walsh–Hadamard, then the ±1 signs)
 and drop the padded columns. All-zero rows and groups (scale 0) stay exactly zero.
 
@@ -76,6 +76,11 @@ def torch_unrotate(x: torch.Tensor, signs: np.ndarray, blocks: list[int]) -> tor
     return _Unrotate.apply(x, torch.from_numpy(signs).to(x.device, x.dtype), blocks)
 
 
+def _levels(codec, like: torch.Tensor) -> torch.Tensor:
+    """The codec's code values (``codec.levels()``) as a tensor of ``like``'s dtype and device."""
+    return torch.from_numpy(codec.levels()).to(like.device, like.dtype)
+
+
 class _CodeCache:
     """Unpacked codes per packed ``codes`` array (shared by every rewrite of a trained layer),
     dropped when that array is freed."""
@@ -110,7 +115,7 @@ class HadamardForm(TorchForm):
         cols_p, signs, blocks = codec.layout(cols)
         log_row, log_group = params["log_row_scale"], params["log_scale"]
         q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
-        centred = q.to(log_row.dtype) - (2**codec.bits - 1) / 2.0
+        centred = _levels(codec, log_row)[q.long()]
         steps = torch.exp(log_row)[:, None] * torch.exp(log_group)
         wr = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
         return torch_unrotate(wr, signs, blocks)[:, :cols]
@@ -126,7 +131,7 @@ class HadamardForm(TorchForm):
         scale = torch.exp(params["log_scale"])
         scale = scale + (torch.clamp(torch.round(scale), 0, 255) - scale).detach()
         q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
-        centred = q.to(log_row.dtype) - (2**codec.bits - 1) / 2.0
+        centred = _levels(codec, log_row)[q.long()]
         steps = torch.exp(log_row)[:, None] * scale
         w_rot = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
         sign = torch.from_numpy(signs).to(x.device, x.dtype)

@@ -35,8 +35,9 @@ DEFAULT_CODEC = "int8"
 
 #: Codec settings ``target_bpw`` chooses from, in order of preference (best quality first).
 #: Unregistered ones are skipped, so a new codec joins by adding its config here.
-#: The flagship ``hadamard`` codec at 8..2 bits; with calibration the bits are allocated per tensor.
-CANDIDATES: list[dict[str, Any]] = [{"id": "hadamard", "bits": b} for b in (8, 6, 5, 4, 3, 2)]
+#: The flagship ``hadamard`` codec at 8..2 bits on its Gaussian (Lloyd–Max) grid; with calibration
+#: the bits are allocated per tensor.
+CANDIDATES: list[dict[str, Any]] = [{"id": "hadamard", "bits": b, "grid": "normal"} for b in (8, 6, 5, 4, 3, 2)]
 
 RAW = {"id": "raw"}
 

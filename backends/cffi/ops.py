@@ -171,14 +171,14 @@ def _hadamard_args(encoded: Encoded):
     found = had.layout(encoded)
     if found is None:
         raise ValueError("hadamard: payload layout not supported by the cffi kernel")
-    cols_p, signs, blocks = found
+    cols_p, signs, blocks, levels = found
     rows, cols = encoded.matrix_shape
     p = encoded.payload
     codes = np.ascontiguousarray(p["codes"])
     scale_code = np.ascontiguousarray(p["scale_code"])
     row_scale = np.ascontiguousarray(p["row_scale"])
     blocks_arr = np.asarray(blocks, dtype=np.int64)
-    keep = (codes, scale_code, row_scale, signs, blocks_arr)
+    keep = (codes, scale_code, row_scale, levels, signs, blocks_arr)
     args = (
         cols,
         ffi.from_buffer("unsigned char[]", codes),
@@ -188,6 +188,7 @@ def _hadamard_args(encoded: Encoded):
         cols_p,
         int(encoded.codec.group_size),
         int(encoded.codec.bits),
+        ffi.from_buffer("float[]", levels),
         ffi.from_buffer("float[]", signs),
         ffi.from_buffer("long long[]", blocks_arr),
         len(blocks),

@@ -11,7 +11,7 @@ Native codecs: ``int8`` computes ``(x @ q.T) * scale`` (the scale leaves the inn
 ``y = x_even @ (lo * s).T + x_odd @ (hi * s).T + group_sums(x) @ minimum.T`` needs one
 promoting multiply per half and no interleaving copy; ``raw`` reads the stored floats;
 ``hadamard`` (only the layout ``rbe_backends.numpy.hadamard.native`` recognises) rotates the
-input once with a torch FWHT and multiplies chunks of the rotated weight ``(q - half) * step``
+input once with a torch FWHT and multiplies chunks of the rotated weight ``levels[q] * step``
 unpacked from the bit streams, and its ``grad_input`` applies the inverse rotation to
 ``g @ W_rot``. Any other
 codec decodes rows with its numpy ``decode_rows`` and copies them over (logged once per codec).
@@ -145,7 +145,7 @@ def _int8_grad(g, p, steps, out):
 
 
 def _prep_had(enc: Encoded, device: torch.device) -> dict:
-    cols_p, signs, blocks = had.layout(enc)
+    cols_p, signs, blocks, levels = had.layout(enc)
     p, bits = enc.payload, int(enc.codec.bits)
     codes = _t(p["codes"], device)
     if bits not in (2, 4, 8):  # bit positions of each code: byte index and shift in a 16-bit window
@@ -156,6 +156,7 @@ def _prep_had(enc: Encoded, device: torch.device) -> dict:
         "codes": codes,
         "step": _t(p["row_scale"], device)[:, None] * _t(p["scale_code"], device).float(),
         "signs": _t(signs, device),
+        "levels": _t(levels, device),
         "factors": hadamard_factors(blocks, device),
         "cols_p": cols_p,
         "bits": bits,
@@ -179,9 +180,9 @@ def _had_codes(p, start, stop) -> torch.Tensor:
 
 def _had_rot_rows(p, start, stop, out=None) -> torch.Tensor:
     """Rows ``start:stop`` of ``W_rot`` (float32, cols_p wide), into ``out`` when given."""
-    q = _had_codes(p, start, stop)
-    w = out.copy_(q) if out is not None else q.float()
-    w.sub_((2 ** p["bits"] - 1) / 2.0)
+    q = _had_codes(p, start, stop).long().flatten()
+    flat = None if out is None else out.view(-1)
+    w = torch.index_select(p["levels"], 0, q, out=flat).view(stop - start, -1)
     w.view(stop - start, -1, p["gs"]).mul_(p["step"][start:stop, :, None])
     return w
 
@@ -218,9 +219,9 @@ def _had_rows(p, start, stop, cols):
 
 
 def _had_steps(p, steps, device):
-    """Row chunks within budget at the padded width; the general (3, 5, 6, 7-bit) unpack also
-    holds int16 temporaries of about twice the float32 chunk, so it takes a third of the rows."""
-    return row_steps(steps[-1][1], p["cols_p"] * (1 if p["bits"] in (2, 4, 8) else 3), device)
+    """Row chunks within budget at the padded width; the level lookup holds int64 indices (twice
+    the float32 chunk) and the general (3, 5, 6, 7-bit) unpack int16 temporaries (twice more)."""
+    return row_steps(steps[-1][1], p["cols_p"] * (3 if p["bits"] in (2, 4, 8) else 5), device)
 
 
 def _had4_halves(p, s, e, buf):
@@ -229,8 +230,8 @@ def _had4_halves(p, s, e, buf):
     q = p["codes"][s:e].view(e - s, -1, p["gs"] // 2)
     step = p["step"][s:e, :, None]
     for nibble in (q & 15, q >> 4):
-        w = buf[: q.numel()].view(q.shape)
-        yield w.copy_(nibble).sub_(7.5).mul_(step).view(e - s, -1)
+        w = torch.index_select(p["levels"], 0, nibble.flatten().long(), out=buf[: q.numel()])
+        yield w.view(q.shape).mul_(step).view(e - s, -1)
 
 
 def _had_linear(x, p, steps, out):

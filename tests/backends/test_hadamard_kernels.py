@@ -16,6 +16,7 @@ from rbe_backends.numpy import hadamard as had
 from rbe_backends.torch import ops as torch_ops
 
 BITS = [2, 3, 4, 8]
+GRIDS = ["uniform", "normal"]
 SHAPES = [(37, 100), (64, 576), (24, 1536)]
 CFFI_OK, CFFI_WHY = CffiBackend.availability()
 needs_cffi = pytest.mark.skipif(not CFFI_OK, reason=f"cffi backend unavailable: {CFFI_WHY}")
@@ -32,9 +33,9 @@ def rel(a, b) -> float:
 
 
 @functools.cache
-def encoded(bits: int, shape: tuple[int, int], group_size: int = 64):
+def encoded(bits: int, shape: tuple[int, int], group_size: int = 64, grid: str = "uniform"):
     w = np.random.default_rng(bits * 1000 + shape[1]).standard_normal(shape).astype(np.float32)
-    return rbe_core.get_codec({"id": "hadamard", "bits": bits, "group_size": group_size}).encode(w)
+    return rbe_core.get_codec({"id": "hadamard", "bits": bits, "group_size": group_size, "grid": grid}).encode(w)
 
 
 @pytest.fixture
@@ -67,8 +68,13 @@ def check(backend, enc, rng, as_torch: bool = False, tol: float = 1e-6):
 def test_layout_is_recognised_exactly():
     enc = encoded(4, (64, 576))
     assert had.native(enc) and had.default_supported()
-    cols_p, signs, blocks = had.layout(enc)
+    cols_p, signs, blocks, levels = had.layout(enc)
     assert cols_p == 576 and blocks == [512, 64] and signs.dtype == np.float32
+    np.testing.assert_array_equal(levels, np.arange(16) - 7.5)
+    normal = encoded(4, (64, 576), grid="normal")
+    assert had.native(normal)
+    np.testing.assert_array_equal(had.layout(normal)[3], normal.codec.levels())
+    assert not np.array_equal(normal.codec.levels(), levels)
     extra = attrs.evolve(enc, payload={**enc.payload, "residual": np.zeros(3, np.float32)})
     assert not had.native(extra)  # an extended payload stays on the generic path
     wrong = attrs.evolve(enc, payload={**enc.payload, "row_scale": enc.payload["row_scale"].astype(np.float64)})
@@ -77,10 +83,11 @@ def test_layout_is_recognised_exactly():
         assert rbe_core.get_backend(name).supports("hadamard")
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_numpy_native(bits, shape, rng, no_decode):
-    check(rbe_core.get_backend("numpy"), encoded(bits, shape), rng)
+def test_numpy_native(bits, shape, grid, rng, no_decode):
+    check(rbe_core.get_backend("numpy"), encoded(bits, shape, grid=grid), rng)
 
 
 @pytest.fixture(params=list(cffi_ops.ISAS))
@@ -92,18 +99,20 @@ def isa(request, monkeypatch):
 
 
 @needs_cffi
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cffi_every_isa(isa, bits, shape, rng, no_decode):
+def test_cffi_every_isa(isa, bits, shape, grid, rng, no_decode):
     backend = rbe_core.get_backend("cffi")
-    check(backend, encoded(bits, shape), rng)
-    check(backend, encoded(bits, shape), rng, as_torch=True)  # CPU tensors: the direct path
+    check(backend, encoded(bits, shape, grid=grid), rng)
+    check(backend, encoded(bits, shape, grid=grid), rng, as_torch=True)  # CPU tensors: the direct path
 
 
 @needs_cffi
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("group_size", [16, 32, 128])
-def test_cffi_group_sizes(isa, group_size, rng, no_decode):
-    check(rbe_core.get_backend("cffi"), encoded(4, (21, 300), group_size), rng)
+def test_cffi_group_sizes(isa, group_size, grid, rng, no_decode):
+    check(rbe_core.get_backend("cffi"), encoded(4, (21, 300), group_size, grid), rng)
 
 
 @needs_cffi
@@ -123,11 +132,12 @@ def test_cffi_threads_do_not_change_results(monkeypatch, rng, no_decode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_torch_native(device, bits, shape, rng, no_decode):
+def test_torch_native(device, bits, shape, grid, rng, no_decode):
     backend = rbe_core.get_backend("torch" if device == "cpu" else "cuda")
-    check(backend, encoded(bits, shape), rng, as_torch=True, tol=1e-5)  # GPU matmuls: looser
+    check(backend, encoded(bits, shape, grid=grid), rng, as_torch=True, tol=1e-5)  # GPU matmuls: looser
 
 
 @pytest.mark.parametrize("bits", [3, 4])

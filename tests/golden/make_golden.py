@@ -1,4 +1,5 @@
-"""Write golden files for the built-in codecs: ``tests/golden/<codec_id>/`` with ``config.json``,
+"""Write golden files for the built-in codecs: ``tests/golden/<name>/`` (a codec id, or a codec id
+and the variant it pins) with ``config.json``,
 ``encoded.safetensors`` (payload; shape and dtype in its metadata) and ``expected.safetensors``
 (the decode). A codec's folder is written only when it does not exist yet, so files written by an
 earlier version stay the reference every later version must decode bit-exactly.
@@ -21,6 +22,7 @@ CONFIGS = {
     "int8": {"id": "int8"},
     "raw": {"id": "raw", "storage": "float16"},
     "hadamard": {"id": "hadamard", "bits": 3, "group_size": 8},
+    "hadamard-normal": {"id": "hadamard", "bits": 4, "group_size": 8, "grid": "normal"},
     "int4": {"id": "int4", "group_size": 16},
     "cyclic8": {"id": "cyclic8", "group_size": 16},
     "cyclic16": {"id": "cyclic16", "group_size": 16},
@@ -37,11 +39,11 @@ def golden_input() -> np.ndarray:
     return (np.sin(i / 5.0) * np.cos(j / 7.0) + 0.05 * rng.standard_normal((24, 40))).astype(np.float32)
 
 
-def write(codec_id: str) -> bool:
-    folder = HERE / codec_id
+def write(name: str) -> bool:
+    folder = HERE / name
     if folder.exists():
         return False
-    codec = rbe_core.get_codec(CONFIGS[codec_id])
+    codec = rbe_core.get_codec(CONFIGS[name])
     enc = codec.encode(golden_input())
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(codec.get_config(), indent=1, sort_keys=True) + "\n")
@@ -52,5 +54,5 @@ def write(codec_id: str) -> bool:
 
 
 if __name__ == "__main__":
-    for cid in CONFIGS:
-        print(cid, "written" if write(cid) else "exists, kept")
+    for name in CONFIGS:
+        print(name, "written" if write(name) else "exists, kept")

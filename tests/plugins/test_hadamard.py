@@ -16,7 +16,9 @@ from rbe_core import Encoded, InvalidWeightError, RBEFormatError
 from rbe_plugins.hadamard import (
     HadamardCodec,
     fwht,
+    grid_for,
     hadamard_blocks,
+    normal_levels,
     pack_codes,
     rotate,
     sign_vector,
@@ -70,6 +72,7 @@ def test_registered_and_default_config():
         "seed": 0,
         "damp": 0.01,
         "act_order": True,
+        "grid": "uniform",
     }
 
 
@@ -129,6 +132,53 @@ def test_roundtrip_error_and_bits(rng, bits, tol):
     assert enc.bits_per_weight > payload_bits  # the header is counted too
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_normal_levels_are_lloyd_max(bits):
+    """Symmetric, ascending, and each level the conditional mean of its cell (the Lloyd–Max
+    optimality condition), checked by numerical integration independent of the closed form."""
+    levels = normal_levels(2**bits)
+    np.testing.assert_array_equal(levels, -levels[::-1])
+    assert np.all(np.diff(levels) > 0)
+    edges = np.concatenate(([-12.0], (levels[1:] + levels[:-1]) / 2, [12.0]))
+    for k in range(0, 2**bits, max(1, 2**bits // 8)):
+        x = np.linspace(edges[k], edges[k + 1], 20001)
+        p = np.exp(-x * x / 2)
+        centroid = np.trapezoid(x * p, x) / np.trapezoid(p, x)
+        assert centroid == pytest.approx(levels[k], abs=2e-6 if bits <= 5 else 2e-4)
+    grid = grid_for(bits, "normal")
+    assert grid.levels.dtype == np.float32 and not grid.uniform
+    np.testing.assert_array_equal(grid.levels, levels.astype(np.float32))
+
+
+def test_known_lloyd_max_levels():
+    """Max (1960), Table I: the 4- and 8-level optimum quantizers of the unit normal."""
+    np.testing.assert_allclose(normal_levels(4)[2:], [0.4528, 1.510], atol=1e-3)
+    np.testing.assert_allclose(normal_levels(8)[4:], [0.2451, 0.7560, 1.344, 2.152], atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_nearest_picks_the_closest_level(rng, bits):
+    for kind in ("uniform", "normal"):
+        grid = grid_for(bits, kind)
+        u = (rng.standard_normal(4000) * 2 * grid.top).astype(np.float32)
+        q = grid.nearest(u)
+        brute = np.abs(u[:, None] - grid.levels[None, :]).argmin(axis=1)
+        np.testing.assert_array_equal(grid.levels[q], grid.levels[brute])
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_normal_grid_beats_uniform_on_rotated_weights(rng, bits):
+    """At equal stored bits, the normal grid's weight error (RTN) and output error (GPTQ) are lower."""
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    calib = _correlated(rng, 1024, 256)
+    uniform, normal = HadamardCodec(bits=bits), HadamardCodec(bits=bits, grid="normal")
+    assert uniform.encode(w).payload_nbytes == normal.encode(w).payload_nbytes
+    err = {c.grid: np.linalg.norm(c.encode(w).decode() - w) for c in (uniform, normal)}
+    assert err["normal"] < 0.95 * err["uniform"]
+    out = {c.grid: _out_err(calib, w, c.encode(w, calibration=calib).decode()) for c in (uniform, normal)}
+    assert out["normal"] < 0.97 * out["uniform"]
+
+
 def test_odd_shapes_torch_input_and_determinism(rng):
     w = torch.from_numpy(rng.standard_normal((5, 3, 33)).astype(np.float32)).to(torch.bfloat16)
     codec = HadamardCodec(bits=4, group_size=32)
@@ -156,7 +206,7 @@ def test_zero_weight_decodes_to_zero():
 
 
 def test_config_roundtrip_and_bad_configs():
-    codec = HadamardCodec(bits=3, group_size=128, max_block=256, seed=5, damp=0.05, act_order=False)
+    codec = HadamardCodec(bits=3, group_size=128, max_block=256, seed=5, damp=0.05, act_order=False, grid="normal")
     assert rbe_core.get_codec(codec.get_config()) == codec
     assert HadamardCodec.from_config(codec.get_config()) == codec
     for bad in (
@@ -169,6 +219,8 @@ def test_config_roundtrip_and_bad_configs():
         {"seed": -1},
         {"damp": 0},
         {"act_order": 1},
+        {"grid": "gaussian"},
+        {"grid": None},
         {"nope": 1},
     ):
         with pytest.raises(RBEFormatError):

@@ -60,6 +60,7 @@ typedef struct {
     const float *scale8;
     const uint16_t *sh, *mh;
     const uint8_t *sc; /* hadamard: scale_code; row_scale in scale8; cols is the padded width */
+    const float *levels; /* hadamard: the value of each code */
     int bits;
     float *out;
 } job;
@@ -73,7 +74,8 @@ static void *aligned_floats(int64_t count) {
 static void decode(const job *j, int64_t r0, int nr, int64_t c0, int64_t c1, float *w,
                    int64_t ldw) {
     if (j->is_had)
-        j->k->had_decode(j->q, j->sc, j->scale8, j->cols, j->gs, j->bits, r0, nr, c0, c1, w, ldw);
+        j->k->had_decode(j->q, j->sc, j->scale8, j->levels, j->cols, j->gs, j->bits, r0, nr, c0, c1,
+                         w, ldw);
     else if (j->is_int4)
         j->k->int4_decode(j->q, j->sh, j->mh, j->cols, j->gs, r0, nr, c0, c1, w, ldw);
     else
@@ -86,7 +88,8 @@ static int linear_rows(const job *j, int64_t r0, int64_t r1) {
     if (j->n == 1 && j->is_had && j->bits == 4 && j->gs % 32 == 0) {
         float *scratch = aligned_floats(j->cols);
         if (!scratch) return RBE_E_NOMEM;
-        k->had4_gemv(j->in, j->q, j->sc, j->scale8, j->cols, j->gs, r0, r1, j->out, scratch);
+        k->had4_gemv(j->in, j->q, j->sc, j->scale8, j->levels, j->cols, j->gs, r0, r1, j->out,
+                     scratch);
         free(scratch);
         return 0;
     }
@@ -315,9 +318,10 @@ int rbe_int4_grad_input(const float *g, long long n, const unsigned char *q,
 /* ---- hadamard: rotate the input once, then the products in the rotated basis ---- */
 
 /* Blocks must be powers of two summing to cols_p; the group size must divide cols_p. */
-static int had_args(long long cols, long long cols_p, long long gs, int bits,
+static int had_args(long long cols, long long cols_p, long long gs, int bits, const float *levels,
                     const long long *blocks, int nblocks) {
-    if (bits < 2 || bits > 8 || gs < 1 || cols_p < cols || cols_p % gs || nblocks < 1) return RBE_E_ARGS;
+    if (bits < 2 || bits > 8 || gs < 1 || cols_p < cols || cols_p % gs || nblocks < 1 || !levels)
+        return RBE_E_ARGS;
     long long total = 0;
     for (int i = 0; i < nblocks; i++) {
         if (blocks[i] < 1 || (blocks[i] & (blocks[i] - 1))) return RBE_E_ARGS;
@@ -346,11 +350,12 @@ static void fwht_blocks(float *v, const long long *blocks, int nblocks) {
 
 int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsigned char *codes,
                         const unsigned char *scale_code, const float *row_scale, long long rows,
-                        long long cols_p, long long group_size, int bits, const float *signs,
-                        const long long *blocks, int nblocks, float *y, int isa, int nthreads) {
+                        long long cols_p, long long group_size, int bits, const float *levels,
+                        const float *signs, const long long *blocks, int nblocks, float *y, int isa,
+                        int nthreads) {
     job j = {0};
     int err = check(n, rows, cols, &j.k, isa);
-    if (!err) err = had_args(cols, cols_p, group_size, bits, blocks, nblocks);
+    if (!err) err = had_args(cols, cols_p, group_size, bits, levels, blocks, nblocks);
     if (err || n == 0) return err;
     float *xr = aligned_floats(n * cols_p);
     if (!xr) return RBE_E_NOMEM;
@@ -362,6 +367,7 @@ int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsig
     }
     j.op = OP_LINEAR, j.is_had = 1, j.in = xr, j.n = n, j.rows = rows, j.cols = cols_p;
     j.gs = group_size, j.bits = bits, j.q = codes, j.sc = scale_code, j.scale8 = row_scale;
+    j.levels = levels;
     j.out = y;
     err = run(&j, nthreads);
     free(xr);
@@ -371,16 +377,17 @@ int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsig
 int rbe_hadamard_grad_input(const float *g, long long n, long long cols, const unsigned char *codes,
                             const unsigned char *scale_code, const float *row_scale,
                             long long rows, long long cols_p, long long group_size, int bits,
-                            const float *signs, const long long *blocks, int nblocks, float *out,
-                            int isa, int nthreads) {
+                            const float *levels, const float *signs, const long long *blocks,
+                            int nblocks, float *out, int isa, int nthreads) {
     job j = {0};
     int err = check(n, rows, cols, &j.k, isa);
-    if (!err) err = had_args(cols, cols_p, group_size, bits, blocks, nblocks);
+    if (!err) err = had_args(cols, cols_p, group_size, bits, levels, blocks, nblocks);
     if (err || n == 0) return err;
     float *acc = aligned_floats(n * cols_p);
     if (!acc) return RBE_E_NOMEM;
     j.op = OP_GRAD, j.is_had = 1, j.in = g, j.n = n, j.rows = rows, j.cols = cols_p;
     j.gs = group_size, j.bits = bits, j.q = codes, j.sc = scale_code, j.scale8 = row_scale;
+    j.levels = levels;
     j.out = acc;
     err = run(&j, nthreads);
     for (int64_t b = 0; !err && b < n; b++) { /* out = (g @ W_rot) @ R, first cols columns */

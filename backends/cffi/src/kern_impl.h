@@ -4,7 +4,8 @@
  * Required: ISA_SUFFIX, VLEN (divides 32), VF (vector of VLEN floats), vzero(), vload(p),
  * vstore(p, v), vset1(f), vadd(a, b), vmul(a, b), vfma(a, b, c) = a * b + c, vhsum(v),
  * load_i8(p) (VLEN int8 -> VF), q4_unpack32(p, VF out[32 / VLEN]) (16 packed bytes -> 32
- * values in column order), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH,
+ * values in column order), lut16 + lut16_load(levels) + q4_lookup32(p, lut16, out) (the same
+ * 32 codes looked up in a 16-entry float table), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH,
  * GRAD_BATCH (rows of g per grad_tile; GRAD_BATCH * GRAD_NV accumulators, GRAD_NV default 2).
  * Optional: define RBE_HAVE_INT4_GEMV and int4_gemv_<isa>, or RBE_HAVE_HAD4_GEMV and
  * had4_gemv_<isa> (same contracts) before including.
@@ -233,30 +234,29 @@ static inline unsigned FN(had_code)(const uint8_t *qr, int64_t rowbytes, int bit
 }
 
 /* Rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight into w (row stride
- * ldw): w = (q - half) * (row_scale[r] * scale_code[r, c / gs]), decode's exact arithmetic. */
+ * ldw): w = levels[q] * (row_scale[r] * scale_code[r, c / gs]), decode's exact arithmetic. */
 static void FN(had_decode)(const uint8_t *codes, const uint8_t *sc, const float *rs,
-                           int64_t cols_p, int64_t gs, int bits, int64_t r0, int nr, int64_t c0,
-                           int64_t c1, float *w, int64_t ldw) {
+                           const float *levels, int64_t cols_p, int64_t gs, int bits, int64_t r0,
+                           int nr, int64_t c0, int64_t c1, float *w, int64_t ldw) {
     const int64_t groups = cols_p / gs, rowbytes = (cols_p * bits + 7) / 8;
-    const float half = (float)((1 << bits) - 1) * 0.5f;
-    const VF nhalf = vset1(-half);
     for (int i = 0; i < nr; i++) {
         const int64_t r = r0 + i;
         const uint8_t *qr = codes + r * rowbytes;
         float *wr = w + i * ldw - c0;
         int64_t c = c0;
         if (bits == 4) {
+            const lut16 t = lut16_load(levels);
             for (; c + 32 <= c1; c += 32) {
                 VF qv[NV];
-                q4_unpack32(qr + c / 2, qv);
-                for (int k = 0; k < NV; k++) vstore(wr + c + k * VLEN, vadd(qv[k], nhalf));
+                q4_lookup32(qr + c / 2, t, qv);
+                for (int k = 0; k < NV; k++) vstore(wr + c + k * VLEN, qv[k]);
             }
         } else if (bits == 8) {
-            for (; c < c1; c++) wr[c] = (float)qr[c] - half;
+            for (; c < c1; c++) wr[c] = levels[qr[c]];
         } else if (bits == 2) {
-            for (; c < c1; c++) wr[c] = (float)((qr[c >> 2] >> ((c & 3) * 2)) & 3) - half;
+            for (; c < c1; c++) wr[c] = levels[(qr[c >> 2] >> ((c & 3) * 2)) & 3];
         }
-        for (; c < c1; c++) wr[c] = (float)FN(had_code)(qr, rowbytes, bits, c) - half;
+        for (; c < c1; c++) wr[c] = levels[FN(had_code)(qr, rowbytes, bits, c)];
         for (int64_t g = c0 / gs; g * gs < c1; g++) {
             const float st = rs[r] * (float)sc[r * groups + g];
             const VF sv = vset1(st);
@@ -270,18 +270,18 @@ static void FN(had_decode)(const uint8_t *codes, const uint8_t *sc, const float 
 
 #ifndef RBE_HAVE_HAD4_GEMV /* the ISA file may bring its own */
 /* hadamard 4-bit, batch 1, group size a multiple of 32: y[r] = sum_g step[r, g] *
- * dot(q[r, g] - 7.5, xr[g]) for r in [r0, r1); codes are unpacked and centred in registers
- * (exactly), each group's products are summed before one multiply by its step. */
-static void FN(had4_gemv)(const float *xr, const uint8_t *codes,
-                          const uint8_t *sc, const float *rs, int64_t cols_p, int64_t gs,
+ * dot(levels[q[r, g]], xr[g]) for r in [r0, r1); codes are looked up in registers (exactly),
+ * each group's products are summed before one multiply by its step. */
+static void FN(had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *sc,
+                          const float *rs, const float *levels, int64_t cols_p, int64_t gs,
                           int64_t r0, int64_t r1, float *y, float *scratch) {
     (void)scratch;
     const int64_t groups = cols_p / gs, qstride = cols_p / 2;
+    const lut16 t = lut16_load(levels);
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];
         float rsr[GEMV_ROWS];
-        const VF nhalf = vset1(-7.5f);
         VF acc[GEMV_ROWS];
         for (int i = 0; i < GEMV_ROWS; i++) {
             const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
@@ -299,9 +299,8 @@ static void FN(had4_gemv)(const float *xr, const uint8_t *codes,
                 for (int k = 0; k < NV; k++) xv[k] = vload(xr + c + k * VLEN);
                 for (int i = 0; i < GEMV_ROWS; i++) {
                     VF qv[NV];
-                    q4_unpack32(qr[i] + c / 2, qv);
-                    for (int k = 0; k < NV; k++)
-                        ga[i][k] = vfma(vadd(qv[k], nhalf), xv[k], ga[i][k]);
+                    q4_lookup32(qr[i] + c / 2, t, qv);
+                    for (int k = 0; k < NV; k++) ga[i][k] = vfma(qv[k], xv[k], ga[i][k]);
                 }
             }
             for (int i = 0; i < GEMV_ROWS; i++) {

@@ -39,6 +39,28 @@ static inline void q4_unpack32(const uint8_t *p, __m256 *out) {
     out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c1));
     out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)));
 }
+/* 16-entry table: vpermps picks from 8 entries (low 3 index bits); bit 3 selects the half. */
+typedef struct {
+    __m256 lo, hi;
+} lut16;
+static inline lut16 lut16_load(const float *levels) {
+    lut16 t = {_mm256_loadu_ps(levels), _mm256_loadu_ps(levels + 8)};
+    return t;
+}
+static inline __m256 lookup8(__m128i bytes, lut16 t) {
+    const __m256i idx = _mm256_cvtepu8_epi32(bytes);
+    const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
+}
+static inline void q4_lookup32(const uint8_t *p, lut16 t, __m256 *out) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);
+    out[0] = lookup8(c0, t);
+    out[1] = lookup8(_mm_srli_si128(c0, 8), t);
+    out[2] = lookup8(c1, t);
+    out[3] = lookup8(_mm_srli_si128(c1, 8), t);
+}
 static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
     /* Same bit trick as rbe_half_to_float, eight at a time (no F16C needed). */
     const __m256i mag = _mm256_set1_epi32(0x7fff), sgn = _mm256_set1_epi32(0x8000);

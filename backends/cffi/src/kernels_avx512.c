@@ -31,6 +31,14 @@ static inline void q4_unpack32(const uint8_t *p, __m512 *out) {
     out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
     out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
 }
+typedef __m512 lut16;
+static inline lut16 lut16_load(const float *levels) { return _mm512_loadu_ps(levels); }
+static inline void q4_lookup32(const uint8_t *p, lut16 t, __m512 *out) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    out[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t);
+    out[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), t);
+}
 static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -102,21 +110,20 @@ static void int4_gemv_avx512(const float *x, const uint8_t *q, const uint16_t *s
     }
 }
 
-/* hadamard 4-bit batch 1 with the same table trick: T[k] = (k - 7.5) * step, the exact decoded
+/* hadamard 4-bit batch 1 with the same table trick: T[k] = levels[k] * step, the exact decoded
  * values (decode's own float32 arithmetic). x is split
  * into even/odd columns of each 32-column block once per call (into scratch). */
 #define RBE_HAVE_HAD4_GEMV
 static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_t *sc,
-                             const float *rs, int64_t cols_p, int64_t gs, int64_t r0, int64_t r1,
-                             float *y, float *scratch) {
+                             const float *rs, const float *levels, int64_t cols_p, int64_t gs,
+                             int64_t r0, int64_t r1, float *y, float *scratch) {
     const int64_t groups = cols_p / gs, qstride = cols_p / 2;
     for (int64_t c = 0; c < cols_p; c += 32)
         for (int t = 0; t < 16; t++) {
             scratch[c + t] = xr[c + 2 * t];
             scratch[c + 16 + t] = xr[c + 2 * t + 1];
         }
-    const __m512 centred = _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f,
-                                          0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f);
+    const __m512 centred = _mm512_loadu_ps(levels);
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];

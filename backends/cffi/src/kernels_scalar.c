@@ -62,6 +62,14 @@ static inline void q4_unpack32(const uint8_t *p, VF *out) {
         out[(2 * j + 1) / VLEN].v[(2 * j + 1) % VLEN] = (float)(p[j] >> 4);
     }
 }
+typedef const float *lut16;
+static inline lut16 lut16_load(const float *levels) { return levels; }
+static inline void q4_lookup32(const uint8_t *p, lut16 t, VF *out) {
+    for (int j = 0; j < 16; j++) {
+        out[(2 * j) / VLEN].v[(2 * j) % VLEN] = t[p[j] & 15];
+        out[(2 * j + 1) / VLEN].v[(2 * j + 1) % VLEN] = t[p[j] >> 4];
+    }
+}
 static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
 }

@@ -27,15 +27,16 @@ typedef struct {
     void (*grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *g, int64_t ldg, int nb,
                       int64_t k, float *out, int64_t ldo, int accumulate);
     /* hadamard: rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight
-     * (q - half) * step into w (row stride ldw); codes are bits-bit little-endian streams. */
+     * levels[q] * step into w (row stride ldw); codes are bits-bit little-endian streams,
+     * levels has 2^bits entries. */
     void (*had_decode)(const uint8_t *codes, const uint8_t *scale_code, const float *row_scale,
-                       int64_t cols_p, int64_t gs, int bits, int64_t r0, int nr, int64_t c0,
-                       int64_t c1, float *w, int64_t ldw);
+                       const float *levels, int64_t cols_p, int64_t gs, int bits, int64_t r0,
+                       int nr, int64_t c0, int64_t c1, float *w, int64_t ldw);
     /* hadamard 4-bit batch-1 product on the rotated input xr; needs gs % 32 == 0 and scratch
      * for cols_p floats. */
     void (*had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *scale_code,
-                      const float *row_scale, int64_t cols_p, int64_t gs, int64_t r0,
-                      int64_t r1, float *y, float *scratch);
+                      const float *row_scale, const float *levels, int64_t cols_p, int64_t gs,
+                      int64_t r0, int64_t r1, float *y, float *scratch);
     int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 

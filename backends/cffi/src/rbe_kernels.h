@@ -7,7 +7,8 @@
  *         w = q * scale[r, c/group_size] + minimum[r, c/group_size]
  *   hadamard: codes uint8[rows, ceil(cols_p*bits/8)] (each row a little-endian stream of
  *         bits-bit codes), scale_code uint8[rows, cols_p/group_size], row_scale float32[rows];
- *         W_rot = (q - (2^bits - 1)/2) * row_scale[r] * scale_code[r, c/group_size] and
+ *         levels float32[2^bits] (the value of each code);
+ *         W_rot = levels[q] * row_scale[r] * scale_code[r, c/group_size] and
  *         W = (W_rot @ R)[:, :cols], R = blockdiag(H_b / sqrt(b)) diag(signs), blocks
  *         (powers of two) summing to cols_p. The input is rotated (and padded) once per call.
  * linear:     y[n, rows]   = x[n, cols] @ W^T
@@ -39,10 +40,11 @@ int rbe_int4_grad_input(const float *g, long long n, const unsigned char *q,
                         int isa, int nthreads);
 int rbe_hadamard_linear(const float *x, long long n, long long cols, const unsigned char *codes,
                         const unsigned char *scale_code, const float *row_scale, long long rows,
-                        long long cols_p, long long group_size, int bits, const float *signs,
-                        const long long *blocks, int nblocks, float *y, int isa, int nthreads);
+                        long long cols_p, long long group_size, int bits, const float *levels,
+                        const float *signs, const long long *blocks, int nblocks, float *y,
+                        int isa, int nthreads);
 int rbe_hadamard_grad_input(const float *g, long long n, long long cols, const unsigned char *codes,
                             const unsigned char *scale_code, const float *row_scale,
                             long long rows, long long cols_p, long long group_size, int bits,
-                            const float *signs, const long long *blocks, int nblocks, float *out,
-                            int isa, int nthreads);
+                            const float *levels, const float *signs, const long long *blocks,
+                            int nblocks, float *out, int isa, int nthreads);
