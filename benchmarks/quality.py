@@ -31,6 +31,7 @@ SETTINGS: dict[str, dict] = {
     "flagship-4.25": {"target_bpw": 4.25},
     "flagship-3.25": {"target_bpw": 3.25},
     "hadamard4-gptq": {"codec": {"id": "hadamard", "bits": 4}},
+    "hadamard4n-gptq": {"codec": {"id": "hadamard", "bits": 4, "grid": "normal"}},
     "hadamard3-gptq": {"codec": {"id": "hadamard", "bits": 3}},
     "hadamard4-rtn": {"codec": {"id": "hadamard", "bits": 4}, "calibration": False},
     "int4-g64": {"codec": {"id": "int4", "group_size": 64}},

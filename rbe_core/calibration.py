@@ -39,6 +39,11 @@ import attrs
 import numpy as np
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+#: Calibration tokens GPTQ sees when none are asked for. Encoders: 16384 (all-MiniLM-L6-v2 at 4.25
+#: bpw: mean cosine 0.9902 with 4096, 0.9919 with 16384, 0.9921 with 32768; 38 s). Causal LMs: 4096,
+#: to keep a 135M model within 5 minutes on 2 cores (SmolLM2 at 4.25 bpw: KL 0.111 in 224 s; 8192
+#: tokens give 0.106 in 255 s).
+DEFAULT_TOKENS = {"encoder": 16384, "causal": 4096}
 
 
 @attrs.frozen(eq=False)
@@ -514,20 +519,25 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
 
 def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], target_bpw: float | None, text: str,
                          candidates: list[dict[str, Any]], *, jobs: int = 1, progress: bool = False,
-                         max_tokens: int = 4096, damage_tokens: int = 256) -> dict[str, Any]:
+                         max_tokens: int | None = None, damage_tokens: int = 256) -> dict[str, Any]:
     """Encodings for the tensors calibration decides: name -> ``Encoded``.
 
     Covers every Linear weight left to the budget (``plans[n] is None``: bits allocated from
     ``candidates`` so their average is at most ``target_bpw``) or planned with a codec that accepts
     calibration; other budgeted 2-D tensors (embedding tables) are ``int8``. GPTQ sees the first
-    ``max_tokens`` tokens of ``text``, the bit allocation the first ``damage_tokens``.
+    ``max_tokens`` tokens of ``text`` (None: ``DEFAULT_TOKENS`` of the model's kind), the bit
+    allocation the first ``damage_tokens``.
     ``ValueError`` when the budget cannot be met.
     """
     from tqdm.auto import tqdm
 
     from .registry import get_codec
 
+    from .models.common import CausalLM
+
     model, factory = source_model(source)
+    if max_tokens is None:
+        max_tokens = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
     data = batches(model, text, max_tokens)
     linears = [n for n in names if n in factory.linears and n not in factory.embeddings]
     codecs = {n: get_codec(plans[n]) for n in linears if plans[n] is not None and _accepts(get_codec(plans[n]))}

@@ -159,8 +159,9 @@ def _model_errors():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration text file for --target-bpw / calibrated codecs (default: a built-in text).")
-@click.option("--calibration-tokens", type=click.IntRange(16), default=4096, show_default=True,
-              help="Tokens of the calibration text GPTQ sees (more: better Hessians, slower).")
+@click.option("--calibration-tokens", type=click.IntRange(16), default=None,
+              help="Tokens of the calibration text GPTQ sees (more: better Hessians, slower). "
+                   "Default: 16384 for encoders, 4096 for causal LMs.")
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""

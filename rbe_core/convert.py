@@ -117,7 +117,7 @@ def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | No
 def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
                    target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
                    verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None,
-                   calibration_tokens: int = 4096) -> Path:
+                   calibration_tokens: int | None = None) -> Path:
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
@@ -125,7 +125,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
     ``verify_backend`` runs the converted model (read back from the complete temporary file) once
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
-    off; ``calibration_tokens`` of it) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
+    off; ``calibration_tokens`` of it, None: ``calibration.DEFAULT_TOKENS``) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
     weight by measured output damage and weights are encoded layer-sequentially with GPTQ
     (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
     when complete, and an error or Ctrl-C leaves nothing behind.
