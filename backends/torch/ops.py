@@ -157,6 +157,9 @@ def _prep_had(enc: Encoded, device: torch.device) -> dict:
         "step": _t(p["row_scale"], device)[:, None] * _t(p["scale_code"], device).float(),
         "signs": _t(signs, device),
         "levels": _t(levels, device),
+        # 4-bit: the level of each byte's low and of its high nibble, indexed by the byte itself
+        "nibble_levels": tuple(_t(levels[nib], device) for nib in (np.arange(256) & 15, np.arange(256) >> 4))
+        if bits == 4 else None,
         "factors": hadamard_factors(blocks, device),
         "cols_p": cols_p,
         "bits": bits,
@@ -180,7 +183,7 @@ def _had_codes(p, start, stop) -> torch.Tensor:
 
 def _had_rot_rows(p, start, stop, out=None) -> torch.Tensor:
     """Rows ``start:stop`` of ``W_rot`` (float32, cols_p wide), into ``out`` when given."""
-    q = _had_codes(p, start, stop).long().flatten()
+    q = _had_codes(p, start, stop).int().flatten()
     flat = None if out is None else out.view(-1)
     w = torch.index_select(p["levels"], 0, q, out=flat).view(stop - start, -1)
     w.view(stop - start, -1, p["gs"]).mul_(p["step"][start:stop, :, None])
@@ -219,19 +222,19 @@ def _had_rows(p, start, stop, cols):
 
 
 def _had_steps(p, steps, device):
-    """Row chunks within budget at the padded width; the level lookup holds int64 indices (twice
-    the float32 chunk) and the general (3, 5, 6, 7-bit) unpack int16 temporaries (twice more)."""
-    return row_steps(steps[-1][1], p["cols_p"] * (3 if p["bits"] in (2, 4, 8) else 5), device)
+    """Row chunks within budget at the padded width; the level lookup holds int32 indices (the
+    size of the float32 chunk) and the general (3, 5, 6, 7-bit) unpack int16 temporaries (twice more)."""
+    return row_steps(steps[-1][1], p["cols_p"] * (2 if p["bits"] in (2, 4, 8) else 4), device)
 
 
 def _had4_halves(p, s, e, buf):
     """Rows ``s:e`` of ``W_rot``'s even and odd columns (low, high nibbles), one after the other in
     ``buf`` (no interleaving copy); each is (e - s, cols_p / 2)."""
-    q = p["codes"][s:e].view(e - s, -1, p["gs"] // 2)
+    idx = p["codes"][s:e].flatten().int()
     step = p["step"][s:e, :, None]
-    for nibble in (q & 15, q >> 4):
-        w = torch.index_select(p["levels"], 0, nibble.flatten().long(), out=buf[: q.numel()])
-        yield w.view(q.shape).mul_(step).view(e - s, -1)
+    for table in p["nibble_levels"]:
+        w = torch.index_select(table, 0, idx, out=buf[: idx.numel()])
+        yield w.view(e - s, -1, p["gs"] // 2).mul_(step).view(e - s, -1)
 
 
 def _had_linear(x, p, steps, out):
