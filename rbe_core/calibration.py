@@ -118,7 +118,8 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
 
 
 def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: int = 4) -> list[tuple[tuple, Any]]:
-    """Model inputs from ``text``: ``[(args, token mask or None)]``, about ``max_tokens`` tokens in all.
+    """Model inputs from ``text``: ``[(args, token mask or None)]``, about ``max_tokens`` tokens in all,
+    spread evenly over the whole text (not its first ``max_tokens``: more variety for the same cost).
 
     Causal LMs get windows of ``window`` tokens (the model's own tokenizer; seeded random ids when the
     model has none); encoders get padded batches of the text's sentences.
@@ -131,10 +132,12 @@ def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: 
     if isinstance(model, CausalLM):
         window = max(2, min(window, model.context_length))
         if tok is not None:
-            ids = tok.encode(text).ids[:max_tokens]
+            ids = tok.encode(text).ids
         else:
             ids = np.random.default_rng(0).integers(0, model.config["vocab_size"], max_tokens).tolist()
-        rows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)] or [ids]
+        rows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)] or [ids[:max_tokens]]
+        wanted = max(1, min(len(rows), max_tokens // window))
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, wanted).round().astype(int)]
         return [((torch.tensor(rows[i : i + batch]),), None) for i in range(0, len(rows), batch)]
     sents, out, used = sentences(text), [], 0
     if tok is None or not sents:
@@ -143,12 +146,13 @@ def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: 
         return [((torch.randint(0, vocab, (batch, 64), generator=gen),), None)
                 for _ in range(max(1, max_tokens // (64 * batch)))]
     lengths = [len(tok.encode(s).ids) for s in sents]
+    stride = max(1, round(sum(lengths) / max_tokens))
     chosen = []
-    for s, n in zip(sents, lengths, strict=True):  # text order, about max_tokens tokens
+    for i in range(0, len(sents), stride):  # every stride-th sentence, about max_tokens tokens
         if used >= max_tokens:
             break
-        chosen.append((n, s))
-        used += n
+        chosen.append((lengths[i], sents[i]))
+        used += lengths[i]
     chosen = [s for _n, s in sorted(chosen)]  # similar lengths together: little padding
     for i in range(0, len(chosen), 2 * batch):
         enc = tok.encode_batch(chosen[i : i + 2 * batch])
