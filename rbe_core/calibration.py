@@ -535,9 +535,8 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     """
     from tqdm.auto import tqdm
 
-    from .registry import get_codec
-
     from .models.common import CausalLM
+    from .registry import get_codec
 
     model, factory = source_model(source)
     if max_tokens is None:
