@@ -70,7 +70,7 @@ def test_registered_and_default_config():
         "group_size": 64,
         "max_block": 4096,
         "seed": 0,
-        "damp": 0.01,
+        "damp": 0.1,
         "act_order": True,
         "grid": "uniform",
     }
