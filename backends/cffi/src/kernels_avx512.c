@@ -123,7 +123,7 @@ static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_
             scratch[c + t] = xr[c + 2 * t];
             scratch[c + 16 + t] = xr[c + 2 * t + 1];
         }
-    const __m512 centred = _mm512_loadu_ps(levels);
+    const __m512 values = _mm512_loadu_ps(levels);
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS], *sr[GEMV_ROWS];
@@ -139,7 +139,7 @@ static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_
         for (int64_t g = 0; g < groups; g++) {
             __m512 table[GEMV_ROWS];
             for (int i = 0; i < GEMV_ROWS; i++)
-                table[i] = _mm512_mul_ps(centred, _mm512_set1_ps(rsr[i] * (float)sr[i][g]));
+                table[i] = _mm512_mul_ps(values, _mm512_set1_ps(rsr[i] * (float)sr[i][g]));
             for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
                 const __m512 xev = _mm512_loadu_ps(scratch + c);
                 const __m512 xov = _mm512_loadu_ps(scratch + c + 16);
