@@ -15,11 +15,13 @@ CODECS = [
     {"id": "hadamard", "bits": 3, "group_size": 8},
     {"id": "hadamard", "bits": 2, "group_size": 8, "max_block": 8},  # several Hadamard blocks
     {"id": "hadamard", "bits": 8, "group_size": 16},
+    {"id": "hadamard", "bits": 4, "group_size": 8, "grid": "normal"},  # the flagship's grid
 ]
 
 
 def _ids(cfg):
-    return f"b{cfg['bits']}-g{cfg['group_size']}" + (f"-m{cfg['max_block']}" if "max_block" in cfg else "")
+    return (f"b{cfg['bits']}-g{cfg['group_size']}" + (f"-m{cfg['max_block']}" if "max_block" in cfg else "")
+            + (f"-{cfg['grid']}" if "grid" in cfg else ""))
 
 
 @pytest.fixture(params=CODECS, ids=_ids)
