@@ -44,6 +44,10 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 #: Causal LMs: 4096, to keep a 135M model within 5 minutes on 2 cores (SmolLM2 at 4.25 bpw: KL 0.110
 #: in 245 s; the first 8192 tokens instead of the first 4096 gave 0.106 vs 0.111, in 255 s vs 224 s).
 DEFAULT_TOKENS = {"encoder": 16384, "causal": 4096}
+#: Causal LMs: GPTQ's calibration windows (tokens), in batches of ``2048 // LM_WINDOW``. SmolLM2 at
+#: 4.25 bpw, 4096 tokens: 8 windows of 512 KL 0.100, perplexity +5.5%, 241 s; 16 windows of 256
+#: KL 0.091, +4.1%, 209 s (twice as many places in the text, and cheaper attention).
+LM_WINDOW = 256
 
 
 @attrs.frozen(eq=False)
@@ -541,7 +545,7 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     model, factory = source_model(source)
     if max_tokens is None:
         max_tokens = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
-    data = batches(model, text, max_tokens)
+    data = batches(model, text, max_tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW)
     linears = [n for n in names if n in factory.linears and n not in factory.embeddings]
     codecs = {n: get_codec(plans[n]) for n in linears if plans[n] is not None and _accepts(get_codec(plans[n]))}
     out: dict[str, Any] = {}
