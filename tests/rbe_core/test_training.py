@@ -27,6 +27,19 @@ def _ids(setup):
     return f"{cfg['id']}-{kw.get('quantizer') or kw.get('engine', 'autograd')}"
 
 
+def _fit(params, loss_fn, lr: float, steps: int = 15) -> list[float]:
+    """``steps`` Adam steps on ``loss_fn()``; the loss before each step."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _model(cfg, backend, transposed_last=False):
     gen = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(32, 24, generator=gen) * 0.3, torch.randn(8, 32, generator=gen) * 0.3
@@ -49,14 +62,7 @@ def test_training_reduces_loss_and_finalizes(setup, backend, tmp_path):
     layer_type = QATLinear if "quantizer" in kw else TrainableRBELinear
     assert all(isinstance(model[int(n)], layer_type) for n in names)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=2e-3)
-    losses = []
-    for _ in range(15):
-        loss = ((model(x) - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(trainable, lambda: ((model(x) - target) ** 2).mean(), lr=2e-3)
     with torch.no_grad():
         trained_out = model(x)
     assert np.mean(losses[-3:]) < 0.8 * losses[0]
@@ -166,14 +172,7 @@ def test_embedding_trains_finalizes_and_round_trips(cfg, tmp_path, monkeypatch):
     orig = emb.form.decode
     monkeypatch.setattr(codec_type, "decode", lambda *a, **k: pytest.fail("the full table was decoded"))
     monkeypatch.setattr(emb.form, "decode", lambda enc, params: full_rows.append(enc.shape[0]) or orig(enc, params))
-    opt = torch.optim.Adam(list(emb.shadow), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = ((emb(ids) - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(list(emb.shadow), lambda: ((emb(ids) - target) ** 2).mean(), lr=3e-3)
     assert np.mean(losses[-3:]) < 0.8 * losses[0]
     assert full_rows and max(full_rows) == len(ids.unique()) < 40  # only the requested rows
     with torch.no_grad():
