@@ -43,6 +43,7 @@ from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
 from rbe_core.calibration import Gram
 from rbe_core.errors import InvalidWeightError, RBEFormatError
+from rbe_core.lowering import HadamardTransform, Lowered, fwht_blocks
 
 _SCALE_LEVELS = 255
 _GPTQ_BLOCK = 128
@@ -116,39 +117,14 @@ def sign_vector(n: int, seed: int) -> np.ndarray:
     return np.where(z >> np.uint64(63), np.float32(-1.0), np.float32(1.0))
 
 
-def fwht(x: np.ndarray) -> np.ndarray:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) along the last axis (a power of 2)."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        y = y.reshape(y.shape[0], n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = np.stack((a + b, a - b), axis=2)
-        h *= 2
-    return y.reshape(*lead, n)
-
-
-def _blockwise(x: np.ndarray, blocks: list[int]) -> np.ndarray:
-    out = np.empty_like(x)
-    start = 0
-    for b in blocks:
-        out[..., start : start + b] = fwht(x[..., start : start + b]) * x.dtype.type(
-            1.0 / math.sqrt(b)
-        )
-        start += b
-    return out
-
-
 def rotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
     """Rows of ``x`` (…, cols_p) times ``Rᵀ``: the forward rotation of weights and activations."""
-    return _blockwise(x * signs.astype(x.dtype), blocks)
+    return fwht_blocks(x * signs.astype(x.dtype), blocks)
 
 
 def unrotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
     """Rows of ``x`` times ``R``: the inverse of :func:`rotate`."""
-    return _blockwise(x, blocks) * signs.astype(x.dtype)
+    return fwht_blocks(x, blocks) * signs.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +453,19 @@ class HadamardCodec(Codec):
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
+
+    def lower(self, encoded: Encoded) -> Lowered:
+        """The canonical layout (``rbe_core.lowering``): codes, this grid's levels, the group
+        steps ``row_scale * scale_code`` and the rotation as the input transform."""
+        rows, cols = encoded.matrix_shape
+        cols_p, signs, blocks = self.layout(cols)
+        p = encoded.payload
+        return Lowered(
+            rows, cols, self.bits, self.group_size,
+            codes=np.ascontiguousarray(unpack_codes(p["codes"], cols_p, self.bits)),
+            levels=self.levels(), step=group_steps(p["row_scale"], p["scale_code"]),
+            transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
+        )
 
     def rotate_input(self, x: np.ndarray, cols: int) -> np.ndarray:
         """Activations (n, cols) in the rotated, padded basis: ``x @ W.T == rotate_input(x) @ W_rot.T``."""

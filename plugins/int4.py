@@ -21,6 +21,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape
+from rbe_core.lowering import Lowered
 
 from ._blocks import check_float16_range, pack_nibbles, pad_cols, round_up, unpack_nibbles
 
@@ -89,6 +90,14 @@ class Int4Codec(Codec):
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
+
+    def lower(self, encoded: Encoded) -> Lowered:
+        """4-bit codes over the levels 0..15, step ``scale`` and offset ``minimum`` per group."""
+        rows, cols = encoded.matrix_shape
+        p = encoded.payload
+        return Lowered(rows, cols, 4, self.group_size, codes=unpack_nibbles(p["q"]),
+                       levels=np.arange(16, dtype=np.float32), step=p["scale"].astype(np.float32),
+                       offset=p["minimum"].astype(np.float32))
 
 
 @hookimpl

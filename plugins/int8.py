@@ -12,6 +12,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, row_chunks
+from rbe_core.lowering import Lowered
 
 
 @attrs.define(frozen=True)
@@ -47,6 +48,16 @@ class Int8Codec(Codec):
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
+
+    def lower(self, encoded: Encoded) -> Lowered:
+        """8-bit codes ``q + 128`` over the levels -128..127, one group (the row) per step."""
+        rows, cols = encoded.matrix_shape
+        p = encoded.payload
+        return Lowered(rows, cols, 8, cols, codes=(p["q"].view(np.uint8) ^ np.uint8(0x80)),
+                       levels=_INT8_LEVELS, step=p["scale"].reshape(rows, 1))
+
+
+_INT8_LEVELS = np.arange(-128, 128, dtype=np.float32)
 
 
 @hookimpl

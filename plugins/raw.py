@@ -11,7 +11,9 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight
+from rbe_core.arrays import matrix_shape
 from rbe_core.errors import RBEFormatError
+from rbe_core.lowering import Lowered
 
 
 @attrs.define(frozen=True)
@@ -37,6 +39,13 @@ class RawCodec(Codec):
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         return encoded.payload["data"].astype(np.float32).reshape(encoded.shape)
+
+    def lower(self, encoded: Encoded) -> Lowered | None:
+        """Matrices lower to the dense float32 layout (vectors have no matrix form)."""
+        if len(encoded.shape) < 2:
+            return None
+        rows, cols = matrix_shape(encoded.shape)
+        return Lowered(rows, cols, 32, dense=self.decode(encoded).reshape(rows, cols))
 
 
 @hookimpl

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from rbe_core.abc import Encoded
 from rbe_core.training import TorchForm, as_numpy
 
-from .hadamard import fwht, unpack_codes
+from rbe_core.lowering import fwht
+
+from .hadamard import unpack_codes
 
 #: log of a zero scale: exp() of it underflows to 0 in float32 and float64 alike.
 _LOG_ZERO = -1000.0

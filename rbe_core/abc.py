@@ -135,6 +135,12 @@ class Codec(abc.ABC):
     def bits_per_weight(self, encoded: Encoded) -> float:
         return encoded.bits_per_weight
 
+    def lower(self, encoded: Encoded):
+        """Optional: ``encoded`` in a canonical layout (``rbe_core.lowering.Lowered``), exactly equal
+        to ``decode``, so every backend's native kernels run it; ``None`` (the default) when the
+        codec has none, and backends use the generic ``decode_rows`` path."""
+        return None
+
     def torch_form(self):
         """Optional, for training: a ``rbe_core.training.TorchForm`` giving this codec's continuous
         parameters, a differentiable torch decode of them and how to write them back; ``None``
@@ -189,6 +195,14 @@ class Backend(abc.ABC):
     def supports(self, codec_id: str) -> bool:
         """True when this backend has a native kernel for ``codec_id`` (not the generic path)."""
         return codec_id in self.kernels
+
+    def native_decoder(self, plan, tensors: Mapping[str, Encoded]):
+        """A native engine running a whole causal LM (``plan``: ``rbe_core.models.NativePlan``;
+        ``tensors``: name -> Encoded) with ``forward(ids, pos, all_logits=False)``, ``length``,
+        ``profile()``; raises ``NativeUnavailableError`` saying why not (the default: none)."""
+        from .errors import NativeUnavailableError
+
+        raise NativeUnavailableError(f"backend {self.name!r} has no native engine")
 
     @abc.abstractmethod
     def decode(self, encoded: Encoded):

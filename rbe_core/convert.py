@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .abc import Encoded
+from .abc import Backend, Encoded
 from .container import Writer
 from .container import open as open_rbe
-from .models import build_model, get_spec, model_metadata
-from .models.common import ModelError, RBEModel
+from .models import attach_native, build_model, get_spec, model_metadata
+from .models.common import CausalLM, ModelError, RBEModel
 from .models.sources import open_source
 from .registry import get_backend, get_codec, list_codecs
+
+log = logging.getLogger("rbe.convert")
 
 #: The codec used when neither a codec nor a bit budget is given.
 DEFAULT_CODEC = "int8"
@@ -210,15 +213,31 @@ def _smoke_test(model: RBEModel) -> None:
         raise ModelError("the converted model produces non-finite outputs; nothing was written")
 
 
-def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bool = False) -> RBEModel:
+def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bool = False,
+               engine: str = "auto") -> RBEModel:
     """The torch model stored in an .rbe file (``.generate()`` for LMs, ``.embed()`` for encoders).
 
     ``backend`` names the compute backend (default: ``$RBE_BACKEND`` or the best available);
     ``dense=True`` decodes every weight into plain fp32 ``nn`` layers (the uncompressed reference).
+    ``engine``: 'auto' runs a causal LM's generation (``start``/``step``/``generate``) in the
+    backend's native engine when it has one and every tensor lowers to it, else in the torch
+    modules (logged once, and why); 'native' requires the engine; 'torch' never uses it. The
+    torch modules (``model(ids)``) stay the reference and the training path either way.
     """
     f = open_rbe(path)
     tensors = {n: f[n] for n in f}
-    return build_model(f.metadata, tensors, None if dense else get_backend(backend), dense=dense)
+    be = None if dense else get_backend(backend)
+    model = build_model(f.metadata, tensors, be, dense=dense)
+    if be is not None:
+        why = attach_native(model, tensors, be, engine)
+        if not why:
+            log.info("backend %s: generation runs in its native engine", be.name)
+        elif engine == "auto" and isinstance(model, CausalLM):
+            has_engine = type(be).native_decoder is not Backend.native_decoder
+            (log.warning if has_engine else log.info)(
+                "backend %s: generation runs in the torch modules, not the native engine%s", be.name,
+                f" ({why})" if not has_engine or log.isEnabledFor(logging.INFO) else " (-v says why)")
+    return model
 
 
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -36,5 +36,10 @@ class BackendUnavailableError(RBEError, RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
+class NativeUnavailableError(RBEError):
+    """A model cannot run on a backend's native engine (no engine, or a tensor without a layout
+    the engine knows); callers fall back to the torch modules. The message says why."""
+
+
 class InvalidWeightError(RBEError, ValueError):
     """A weight cannot be encoded as given (NaN/inf, wrong rank, empty, unsupported dtype)."""

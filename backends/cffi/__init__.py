@@ -1,4 +1,5 @@
-"""``cffi``: C kernels with runtime SIMD dispatch (AVX-512, AVX2+FMA, portable scalar).
+"""``cffi``: C kernels with runtime SIMD dispatch (AVX-512, AVX2+FMA, portable scalar), and a
+native decoder engine that runs a whole Llama / GPT-2 step in C (``engine.py``, ``src/engine.c``).
 
 Fused decode+GEMV/GEMM for ``int8``, ``int4`` and ``hadamard`` (input rotated once in C; weights are decoded in registers for batch 1,
 a few rows at a time otherwise; never the whole matrix), on up to ``RBE_CFFI_THREADS`` pthreads,
@@ -14,6 +15,9 @@ from rbe_core.abc import NumpyKernelBackend
 from rbe_core.arrays import is_torch, to_numpy_f32
 
 from . import ops
+
+
+IMPORT_ERROR_HINT = "the C module is missing: "
 
 
 class CffiBackend(NumpyKernelBackend):
@@ -46,6 +50,17 @@ class CffiBackend(NumpyKernelBackend):
         if codec_id == ops.had.CODEC_ID:  # only while the codec still writes the layout we know
             return ops.had.default_supported()
         return codec_id in self.kernels
+
+    def native_decoder(self, plan, tensors):
+        """The C decoder engine (``engine.NativeDecoder``) for Llama and GPT-2 models whose every
+        matrix lowers to the canonical layout."""
+        from .engine import NativeDecoder
+
+        if ops.lib is None:
+            from rbe_core.errors import NativeUnavailableError
+
+            raise NativeUnavailableError(IMPORT_ERROR_HINT + ops.IMPORT_ERROR)
+        return NativeDecoder(plan, tensors)
 
     def linear(self, x, encoded, bias=None):
         if not self._direct(x, encoded):

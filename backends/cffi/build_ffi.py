@@ -17,13 +17,16 @@ SRC = os.path.join(HERE, "src")
 MODULE = "rbe_backends.cffi._kernels"
 
 #: Sources compiled with the extension's common flags.
-PORTABLE_SOURCES = ["dispatch.c", "kernels_scalar.c"]
+PORTABLE_SOURCES = ["dispatch.c", "engine.c", "kernels_scalar.c"]
 #: Per-ISA sources and the only flags that differ for each (compiled by setup.py).
 ISA_SOURCES = {
     "kernels_avx2.c": ["-mavx2", "-mfma"],
     "kernels_avx512.c": ["-mavx512f", "-mavx512bw"],
 }
-COMMON_FLAGS = ["-O3", "-fno-math-errno"]
+#: No implicit FMA contraction: decode's "multiply, then add" must stay two roundings.
+COMMON_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+#: Headers whose declarations form the cffi interface.
+CDEF_HEADERS = ["rbe_kernels.h", "rbe_engine.h"]
 
 
 def _rel(path: str) -> str:
@@ -32,11 +35,12 @@ def _rel(path: str) -> str:
 
 
 ffibuilder = FFI()
-with open(os.path.join(SRC, "rbe_kernels.h"), encoding="utf-8") as f:
-    ffibuilder.cdef(f.read())
+for header in CDEF_HEADERS:
+    with open(os.path.join(SRC, header), encoding="utf-8") as f:
+        ffibuilder.cdef(f.read())
 ffibuilder.set_source(
     MODULE,
-    '#include "rbe_kernels.h"',
+    '#include "rbe_kernels.h"\n#include "rbe_engine.h"',
     sources=[_rel(os.path.join(SRC, s)) for s in PORTABLE_SOURCES],
     include_dirs=[_rel(SRC)],
     extra_compile_args=COMMON_FLAGS,

@@ -42,7 +42,8 @@ KERNEL_CODECS = frozenset({"int8", "int4", "hadamard"})
 #: Below this many multiply-adds per call a second thread costs more than it saves.
 PARALLEL_MIN_WORK = 1 << 18
 
-_ERRORS = {1: "instruction set not available", 2: "invalid arguments", 3: "out of memory"}
+_ERRORS = {1: "instruction set not available", 2: "invalid arguments", 3: "out of memory",
+           5: "token id out of range", 6: "context length exceeded", 7: "model incomplete"}
 
 
 def _require_lib():
@@ -125,9 +126,14 @@ def has_kernel(encoded: Encoded) -> bool:
     return codec_id in ("int8", "int4") or (codec_id == had.CODEC_ID and had.native(encoded))
 
 
+def engine_error(rc: int) -> str:
+    """The meaning of a C return code."""
+    return _ERRORS.get(rc, f"error {rc}")
+
+
 def _check(rc: int, what: str) -> None:
     if rc:
-        raise RuntimeError(f"cffi kernel {what} failed: {_ERRORS.get(rc, f'error {rc}')}")
+        raise RuntimeError(f"cffi kernel {what} failed: {engine_error(rc)}")
 
 
 #: Per encoded tensor: (linear fn, grad fn, weight arguments as cffi pointers, arrays they point into).

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..abc import Backend, Encoded
+from ..errors import NativeUnavailableError
 from .bert import BertSpec
 from .common import (
     CausalLM,
     LayerFactory,
     ModelError,
+    NativePlan,
     RBEModel,
     Spec,
     load_tokenizer,
@@ -56,5 +58,22 @@ def build_model(metadata: Mapping[str, Any], tensors: Mapping[str, Encoded], bac
     return model.eval()
 
 
-__all__ = ["SPECS", "CausalLM", "LayerFactory", "ModelError", "RBEModel", "Spec", "build_model", "get_spec", "load_tokenizer",
+def attach_native(model: RBEModel, tensors: Mapping[str, Encoded], backend: Backend, engine: str = "auto") -> str:
+    """Give a causal LM ``backend``'s native engine (``engine`` 'auto' or 'native'; 'torch' keeps
+    the torch modules). Returns why it was not attached ('' when it was); 'native' raises instead."""
+    if engine not in ("auto", "native", "torch"):
+        raise ModelError(f"engine must be auto, native or torch, got {engine!r}")
+    if engine == "torch" or not isinstance(model, CausalLM):
+        return "torch modules asked for" if engine == "torch" else "not a causal LM"
+    try:
+        plan = model.spec.native_plan(model.config, set(tensors))
+        model.native = backend.native_decoder(plan, tensors)
+    except NativeUnavailableError as exc:
+        if engine == "native":
+            raise
+        return str(exc)
+    return ""
+
+
+__all__ = ["SPECS", "CausalLM", "attach_native", "LayerFactory", "ModelError", "NativePlan", "RBEModel", "Spec", "build_model", "get_spec", "load_tokenizer",
            "mini_gpt2_config", "model_metadata", "spec_for_hf"]

@@ -15,12 +15,13 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
 
 from ..abc import Backend, Encoded
-from ..errors import RBEError
+from ..errors import NativeUnavailableError, RBEError
 from ..layers import RBEEmbedding, RBELinear
 from ..registry import get_backend
 
@@ -28,6 +29,24 @@ from ..registry import get_backend
 class ModelError(RBEError, ValueError):
     """A model cannot be built or run as asked (missing tensor, config mismatch, unsupported
     architecture, prompt longer than the context)."""
+
+
+@attrs.frozen
+class NativePlan:
+    """What a native engine needs to run a causal LM without the torch modules.
+
+    ``arch``: 'llama' or 'gpt2'. ``config``: n_layers, hidden, intermediate, n_heads, n_kv_heads,
+    head_dim, vocab, max_ctx, eps, rope_theta, rope_style ('none' | 'half' | 'interleaved'),
+    activation ('silu_gated' | 'gelu_tanh' | 'gelu' | 'relu'). ``matrices``: (layer or -1, slot,
+    weight name, bias name or None, transposed) with slots q k v o gate up down qkv per layer
+    and embed pos head globally (no head: tied to the embedding). ``vectors``: (layer or -1, slot,
+    name) with norm1 norm1_b norm2 norm2_b per layer and final final_b globally.
+    """
+
+    arch: str
+    config: dict
+    matrices: tuple
+    vectors: tuple
 
 
 class Spec(abc.ABC):
@@ -62,6 +81,11 @@ class Spec(abc.ABC):
     def to_hf(cls, cfg: Mapping[str, Any], name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
         """The HF checkpoint name and layout of source tensor ``name`` (identity for HF sources)."""
         return name, array
+
+    @classmethod
+    def native_plan(cls, cfg: Mapping[str, Any], names: set[str]) -> NativePlan:
+        """How a native engine runs this model (``names``: the tensors present)."""
+        raise NativeUnavailableError(f"{cls.name} models have no native engine plan")
 
     @classmethod
     def check(cls, cfg: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -190,21 +214,56 @@ class CausalLM(RBEModel):
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
+    #: The backend's native engine running this model (``Backend.native_decoder``), set by
+    #: ``load_model`` when every tensor lowers to a layout it knows; None: the torch modules run.
+    native = None
+
+    @property
+    def engine_name(self) -> str:
+        """'native' when :meth:`start` / :meth:`step` run in the native engine, else 'torch'."""
+        return "native" if self.native is not None else "torch"
+
+    @torch.no_grad()
+    def start(self, ids: list[int]) -> tuple[torch.Tensor, Any]:
+        """Run a prompt: the last position's logits (1-D float32) and the state :meth:`step` continues.
+
+        The native engine holds one sequence: starting another one invalidates earlier states."""
+        if self.native is None:
+            logits, past = self(torch.tensor([list(ids)]))
+            return logits[0, -1], past
+        logits = torch.from_numpy(self.native.forward(ids, 0))
+        self._native_epoch = getattr(self, "_native_epoch", 0) + 1
+        return logits, (self._native_epoch, len(ids))
+
+    @torch.no_grad()
+    def step(self, token: int, state) -> tuple[torch.Tensor, Any]:
+        """Append one token to a sequence from :meth:`start`: its logits and the new state."""
+        if self.native is None:
+            logits, past = self(torch.tensor([[int(token)]]), state)
+            return logits[0, -1], past
+        epoch, length = state
+        if epoch != getattr(self, "_native_epoch", 0):
+            raise ModelError("this sequence was replaced by a newer start() on the same model")
+        logits = torch.from_numpy(self.native.forward([int(token)], length))
+        return logits, (epoch, length + 1)
+
+    def max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
+        """``requested`` clamped to the room the context leaves after ``prompt_tokens``."""
+        return max(0, min(int(requested), self.context_length - prompt_tokens))
+
     @torch.no_grad()
     def generate_ids(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """Yield new token ids one by one; stops at EOS (yielded), ``max_new_tokens`` or the context end."""
         ids = self.encode_prompt(prompt)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        logits, past = self(torch.tensor([ids]))
-        length = len(ids)
-        for _ in range(max_new_tokens):
-            tok = self.sample(logits[0, -1], temperature, top_k, top_p, gen)
+        logits, state = self.start(ids)
+        for i in range(self.max_new_tokens(len(ids), max_new_tokens)):
+            tok = self.sample(logits, temperature, top_k, top_p, gen)
             yield tok
-            length += 1
-            if tok in self.eos_ids or length >= self.context_length:
+            if tok in self.eos_ids or len(ids) + i + 1 >= self.context_length:
                 return
-            logits, past = self(torch.tensor([[tok]]), past)
+            logits, state = self.step(tok, state)
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield generated text pieces as they are decoded (EOS is not printed)."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import RBEFFN, RBEAttention, layer_norm
-from .common import CausalLM, LayerFactory, ModelError, Spec
+from .common import CausalLM, LayerFactory, ModelError, NativePlan, Spec
 
 _ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
@@ -73,6 +73,25 @@ class GPT2Spec(Spec):
     @classmethod
     def model_class(cls):
         return GPT2LMHead
+
+    @classmethod
+    def native_plan(cls, cfg, names):
+        p, h, heads = cfg["prefix"], cfg["hidden_size"], cfg["n_heads"]
+        config = {"n_layers": cfg["n_layers"], "hidden": h, "intermediate": cfg["intermediate_size"],
+                  "n_heads": heads, "n_kv_heads": heads, "head_dim": h // heads, "vocab": cfg["vocab_size"],
+                  "max_ctx": cfg["max_position"], "eps": cfg["eps"], "rope_style": "none",
+                  "activation": cfg["activation"]}
+        matrices = [(-1, "embed", f"{p}wte.weight", None, False), (-1, "pos", f"{p}wpe.weight", None, False)]
+        if "lm_head.weight" in names:
+            matrices.append((-1, "head", "lm_head.weight", None, False))
+        vectors = [(-1, "final", f"{p}ln_f.weight"), (-1, "final_b", f"{p}ln_f.bias")]
+        for i in range(cfg["n_layers"]):
+            b = f"{p}h.{i}."
+            for slot, weight in (("qkv", "attn.c_attn"), ("o", "attn.c_proj"), ("up", "mlp.c_fc"), ("down", "mlp.c_proj")):
+                matrices.append((i, slot, f"{b}{weight}.weight", f"{b}{weight}.bias", True))
+            vectors += [(i, "norm1", f"{b}ln_1.weight"), (i, "norm1_b", f"{b}ln_1.bias"),
+                        (i, "norm2", f"{b}ln_2.weight"), (i, "norm2_b", f"{b}ln_2.bias")]
+        return NativePlan("gpt2", config, tuple(matrices), tuple(vectors))
 
 
 class _Block(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..layers import RBEFFN, RBEAttention, RMSNorm, RotaryEmbedding
-from .common import CausalLM, LayerFactory, ModelError, Spec
+from .common import CausalLM, LayerFactory, ModelError, NativePlan, Spec
 
 #: logical tensor -> (HF name, GGUF name); ``{i}`` is the layer index.
 NAMES = {
@@ -147,6 +147,24 @@ class LlamaSpec(Spec):
     @classmethod
     def model_class(cls):
         return LlamaForCausalLM
+
+    @classmethod
+    def native_plan(cls, cfg, names):
+        config = {"n_layers": cfg["n_layers"], "hidden": cfg["hidden_size"], "intermediate": cfg["intermediate_size"],
+                  "n_heads": cfg["n_heads"], "n_kv_heads": cfg["n_kv_heads"], "head_dim": cfg["head_dim"],
+                  "vocab": cfg["vocab_size"], "max_ctx": cfg["max_position"], "eps": cfg["rms_eps"],
+                  "rope_theta": cfg["rope_theta"], "rope_style": cfg["rope_style"], "activation": "silu_gated"}
+        bias = cfg["attention_bias"]
+        matrices = [(-1, "embed", name(cfg, "embed"), None, False)]
+        if name(cfg, "lm_head") in names:
+            matrices.append((-1, "head", name(cfg, "lm_head"), None, False))
+        vectors = [(-1, "final", name(cfg, "norm"))]
+        for i in range(cfg["n_layers"]):
+            for key in ("q", "k", "v", "o", "gate", "up", "down"):
+                b = name(cfg, f"{key}_bias", i) if bias and key in ("q", "k", "v", "o") else None
+                matrices.append((i, key, name(cfg, key, i), b, False))
+            vectors += [(i, "norm1", name(cfg, "attn_norm", i)), (i, "norm2", name(cfg, "ffn_norm", i))]
+        return NativePlan("llama", config, tuple(matrices), tuple(vectors))
 
     @classmethod
     def hf_config(cls, cfg):

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import rbe_core
 from rbe_core import Encoded, InvalidWeightError, RBEFormatError
+from rbe_core.lowering import fwht
 from rbe_plugins.hadamard import (
     HadamardCodec,
-    fwht,
     grid_for,
     hadamard_blocks,
     normal_levels,

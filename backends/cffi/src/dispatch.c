@@ -37,7 +37,7 @@ int rbe_isa_supported(void) {
     return mask;
 }
 
-static const rbe_kernels *pick(int isa) {
+const rbe_kernels *rbe_kernels_for(int isa) {
     if (!(rbe_isa_supported() & isa)) return NULL;
     switch (isa) {
         case RBE_ISA_SCALAR: return &rbe_kernels_scalar;
@@ -261,7 +261,7 @@ static int run(const job *j, int nthreads) {
 
 static int check(int64_t n, int64_t rows, int64_t cols, const rbe_kernels **k, int isa) {
     if (n < 0 || rows < 1 || cols < 1) return RBE_E_ARGS;
-    *k = pick(isa);
+    *k = rbe_kernels_for(isa);
     return *k ? 0 : RBE_E_ISA;
 }
 

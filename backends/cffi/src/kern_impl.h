@@ -7,6 +7,7 @@
  * values in column order), lut16 + lut16_load(levels) + q4_lookup32(p, lut16, out) (the same
  * 32 codes looked up in a 16-entry float table), halves_to_float(src, dst, n), GEMV_ROWS, TILE_ROWS, TILE_BATCH,
  * GRAD_BATCH (rows of g per grad_tile; GRAD_BATCH * GRAD_NV accumulators, GRAD_NV default 2).
+ * lutreg, lutreg_load and lut_block32 for the canonical-layout kernels (lut_impl.h).
  * Optional: define RBE_HAVE_INT4_GEMV and int4_gemv_<isa>, or RBE_HAVE_HAD4_GEMV and
  * had4_gemv_<isa> (same contracts) before including.
  */
@@ -315,8 +316,11 @@ static void FN(had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *
 }
 #endif
 
+#include "lut_impl.h"
+
 const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = {
     FN(int8_gemv), FN(int4_gemv),  FN(int8_decode), FN(int4_decode),
     FN(dot_tile),  FN(grad_tile),  FN(had_decode),  FN(had4_gemv),
+    FN(lut_decode), FN(lut_gemv),  FN(lut_gemv_t),  FN(vdot),       FN(vaxpy),      FN(exp_sum),
     GEMV_ROWS,     TILE_ROWS,      TILE_BATCH,     GRAD_BATCH,
 };

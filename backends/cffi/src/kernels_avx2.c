@@ -21,6 +21,25 @@
 #define vmul(a, b) _mm256_mul_ps((a), (b))
 #define vfma(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 
+#define vsub(a, b) _mm256_sub_ps((a), (b))
+/* expf by Cephes' polynomial on [-ln2/2, ln2/2] and an exponent shift; inputs below -87 give 0. */
+static inline __m256 vexp(__m256 x) {
+    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
 static inline float vhsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -77,6 +96,40 @@ static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
         _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_or_si256(r, s)));
     }
     for (; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
+}
+
+/* Canonical layout: nibble codes through the two-register table above; byte codes through a
+ * convert when the levels are affine in the code, else a gather. */
+typedef struct {
+    lut16 t;
+    __m256 a0, da;
+    const float *levels;
+    int affine;
+} lutreg;
+static inline lutreg lutreg_load_avx2(const rbe_lut *m) {
+    lutreg t;
+    t.t = lut16_load(m->levels);
+    t.a0 = _mm256_set1_ps(m->a0), t.da = _mm256_set1_ps(m->da);
+    t.levels = m->levels, t.affine = m->affine;
+    return t;
+}
+static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    if (t->affine) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(idx), t->da, t->a0);
+    return _mm256_i32gather_ps(t->levels, idx, 4);
+}
+static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uint8_t *p,
+                                    __m256 *out) {
+    if (m->kind == RBE_LUT_NIBBLE) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
+        const __m128i lo = _mm_and_si128(b, k), hi = _mm_and_si128(_mm_srli_epi16(b, 4), k);
+        out[0] = lookup8(lo, t->t);
+        out[1] = lookup8(_mm_srli_si128(lo, 8), t->t);
+        out[2] = lookup8(hi, t->t);
+        out[3] = lookup8(_mm_srli_si128(hi, 8), t->t);
+    } else {
+        for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, p + 8 * k);
+    }
 }
 
 #include "kern_impl.h"

@@ -1,5 +1,6 @@
 /* Portable path: plain C on 8-float blocks (always built; compilers may auto-vectorise it with
  * the target's baseline instructions, but it needs no particular ISA). */
+#include <math.h>
 #include <stdint.h>
 
 #include "rbe_internal.h"
@@ -45,6 +46,14 @@ static inline VF vfma(VF a, VF b, VF c) {
     for (int i = 0; i < VLEN; i++) c.v[i] += a.v[i] * b.v[i];
     return c;
 }
+static inline VF vsub(VF a, VF b) {
+    for (int i = 0; i < VLEN; i++) a.v[i] -= b.v[i];
+    return a;
+}
+static inline VF vexp(VF a) {
+    for (int i = 0; i < VLEN; i++) a.v[i] = expf(a.v[i]);
+    return a;
+}
 static inline float vhsum(VF a) {
     /* pairwise, like the SIMD paths */
     const float s01 = a.v[0] + a.v[4], s23 = a.v[1] + a.v[5];
@@ -72,6 +81,26 @@ static inline void q4_lookup32(const uint8_t *p, lut16 t, VF *out) {
 }
 static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
+}
+
+/* Canonical layout: the level table stays in memory. */
+typedef struct {
+    const float *levels;
+} lutreg;
+static inline lutreg lutreg_load_scalar(const rbe_lut *m) {
+    lutreg t = {m->levels};
+    return t;
+}
+static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const uint8_t *p,
+                                      VF *out) {
+    if (m->kind == RBE_LUT_NIBBLE) {
+        for (int j = 0; j < 16; j++) {
+            out[j / VLEN].v[j % VLEN] = t->levels[p[j] & 15];
+            out[(j + 16) / VLEN].v[(j + 16) % VLEN] = t->levels[p[j] >> 4];
+        }
+    } else {
+        for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[p[j]];
+    }
 }
 
 #include "kern_impl.h"

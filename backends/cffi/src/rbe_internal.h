@@ -4,6 +4,24 @@
 
 #include <stdint.h>
 
+/* A weight matrix in the engine's canonical layout (see rbe_engine.h): row r, column c holds
+ * levels[code[r, c]] * step[r, g] (+ offset[r, g]), g = c / gs, evaluated as a float32 multiply
+ * then a float32 add (decode's exact arithmetic), or plain float32 values (kind RBE_LUT_F32).
+ * cols_p and gs are multiples of 32; columns past the logical width meet a zero input. */
+enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3 };
+typedef struct {
+    int64_t rows, cols_p, gs, groups;
+    int kind, bits;
+    int affine;        /* levels[k] == a0 + k * da exactly (RBE_LUT_BYTE uses a convert) */
+    float a0, da;
+    const uint8_t *codes; /* NIBBLE: per 32-column block 16 bytes, byte t = code[t] | code[t + 16] << 4;
+                             BYTE: one code per byte; row stride row_bytes */
+    int64_t row_bytes;
+    const float *dense; /* F32: rows x cols_p */
+    const float *step, *offset; /* rows x groups; offset may be NULL */
+    float levels[256];
+} rbe_lut;
+
 typedef struct {
     /* Fused batch-1 products: y[r] = dot(W[r, :cols], x) for r in [r0, r1); W decoded in registers.
      * int4_gemv needs scratch for 2 * gemv_rows * groups + cols_p floats (cols_p: padded cols). */
@@ -37,10 +55,25 @@ typedef struct {
     void (*had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *scale_code,
                       const float *row_scale, const float *levels, int64_t cols_p, int64_t gs,
                       int64_t r0, int64_t r1, float *y, float *scratch);
+    /* Canonical layout (rbe_lut). lut_decode: row r, columns [c0, c1) (multiples of 32) into w.
+     * lut_gemv: y[r] = dot(W[r], x) for r in [r0, r1); x is cols_p wide; scratch holds
+     * m->groups floats. lut_gemv_t: y[c] = sum_r x[r] W[r, c] for c in [c0, c1) (multiples of
+     * 32), r < m->rows; scratch holds c1 - c0 floats. */
+    void (*lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, float *w);
+    void (*lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r1, float *y,
+                     float *scratch);
+    void (*lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t c1, float *y,
+                       float *scratch);
+    /* Vector helpers for attention and norms. */
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
+    float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
     int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 
 extern const rbe_kernels rbe_kernels_scalar;
+/* The kernels of ISA path `isa` (RBE_ISA_*), or NULL when this CPU or build lacks it. */
+const rbe_kernels *rbe_kernels_for(int isa);
 #ifdef RBE_WITH_X86_SIMD
 extern const rbe_kernels rbe_kernels_avx2;
 extern const rbe_kernels rbe_kernels_avx512;

@@ -1,0 +1,205 @@
+"""The cffi backend's native decoder: a whole causal-LM step in C (``src/engine.c``).
+
+Built once from a model's :class:`rbe_core.models.NativePlan` and its encoded tensors: every
+matrix is *lowered* (``rbe_core.lowering``) to the canonical layout and copied into the engine,
+which repacks the codes (nibbles up to 4 bits, bytes above) and keeps its own KV cache. Each
+``forward`` is one C call for a whole prefill or decode step, with the GIL released.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from rbe_core.errors import NativeUnavailableError
+from rbe_core.lowering import Lowered
+
+from . import ops
+
+ARCHS = {"llama": 1, "gpt2": 2}
+ROPE = {"none": 0, "half": 1, "interleaved": 2}
+ACTIVATIONS = {"silu_gated": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+MATRIX_SLOTS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, "qkv": 7,
+                "embed": 0, "pos": 1, "head": 2}
+VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, "final_b": 1}
+_CONFIG_INTS = ("n_layers", "hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim", "vocab", "max_ctx")
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class NativeDecoder:
+    """A loaded model in the C engine. ``forward(ids, pos)`` runs tokens at positions
+    ``pos, pos + 1, ...`` (``pos`` at most the cached length; later cache entries are dropped) and
+    returns float32 logits of the last token, or of every token with ``all_logits``. One sequence
+    at a time; calls are serialised by a lock."""
+
+    def __init__(self, plan, tensors, *, lowered=None):
+        """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``."""
+        lib, ffi = ops._require_lib(), ops.ffi
+        self._lib, self._ffi = lib, ffi
+        self._lock = threading.Lock()
+        cfg = plan.config
+        self.vocab, self.max_ctx = int(cfg["vocab"]), int(cfg["max_ctx"])
+        mats = {}
+        for layer, slot, weight, bias, transposed in plan.matrices:
+            low = lowered[weight] if lowered is not None else _lower(tensors[weight])
+            mats[(layer, slot)] = (weight, low, bias, transposed)
+        transforms: dict[tuple, int] = {}
+        for _, low, _, _ in mats.values():
+            if low.transform is not None:
+                transforms.setdefault(low.transform.key, len(transforms))
+        c = ffi.new("rbe_engine_config *")
+        for key in _CONFIG_INTS:
+            setattr(c, key, int(cfg[key]))
+        c.arch, c.eps, c.rope_theta = ARCHS[plan.arch], float(cfg["eps"]), float(cfg.get("rope_theta", 10000.0))
+        c.rope_style, c.activation = ROPE[cfg["rope_style"]], ACTIVATIONS[cfg["activation"]]
+        c.n_transforms = len(transforms)
+        handle = lib.rbe_engine_new(c)
+        if handle == ffi.NULL:
+            raise NativeUnavailableError("the native engine rejected the model config (or memory is short)")
+        self._e = ffi.gc(handle, lib.rbe_engine_free)
+        done = set()
+        for _, low, _, _ in mats.values():
+            t = low.transform
+            if t is None or transforms[t.key] in done:
+                continue
+            blocks = np.asarray(t.blocks, dtype=np.int64)
+            self._check(lib.rbe_engine_set_transform(self._e, transforms[t.key], t.cols_p,
+                        ffi.from_buffer("float[]", _f32(t.signs)), ffi.from_buffer("long long[]", blocks),
+                        len(blocks)), "transform")
+            done.add(transforms[t.key])
+        for (layer, slot), (weight, low, bias, transposed) in mats.items():
+            self._set_matrix(layer, MATRIX_SLOTS[slot], weight, low, None if bias is None else tensors[bias].decode(),
+                             transposed, -1 if low.transform is None else transforms[low.transform.key])
+        for layer, slot, name in plan.vectors:
+            v = _f32(tensors[name].decode().reshape(-1))
+            self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],
+                                                  ffi.from_buffer("float[]", v), v.size), f"vector {name}")
+        self._epoch = 0
+
+    def _set_matrix(self, layer, slot, name, low: Lowered, bias, transposed, tf):
+        d, _keep = _desc(self._ffi, low, bias, transposed, tf)
+        rc = self._lib.rbe_engine_set_matrix(self._e, layer, slot, d)
+        if rc:
+            raise NativeUnavailableError(f"tensor {name}: {_rejected(low, rc)}")
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc:
+            raise NativeUnavailableError(f"the native engine rejected {what} (error {rc})")
+
+    @property
+    def length(self) -> int:
+        """Positions held in the KV cache."""
+        return int(self._lib.rbe_engine_length(self._e))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the engine holds for weights, tables and scratch (the KV cache excluded)."""
+        return int(self._lib.rbe_engine_bytes(self._e))
+
+    def forward(self, ids, pos: int = 0, *, all_logits: bool = False) -> np.ndarray:
+        from rbe_core.models.common import ModelError
+
+        tokens = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        n = tokens.size
+        if n == 0:
+            raise ModelError("no tokens to run")
+        if pos < 0 or pos + n > self.max_ctx:
+            raise ModelError(f"positions {pos}..{pos + n - 1} exceed the model's context of {self.max_ctx}")
+        if tokens.min() < 0 or tokens.max() >= self.vocab:
+            raise ModelError(f"token id out of range [0, {self.vocab})")
+        out = np.empty((n if all_logits else 1, self.vocab), dtype=np.float32)
+        ffi = self._ffi
+        with self._lock:
+            if pos > self.length:
+                raise ModelError(f"position {pos} is past the {self.length} cached positions")
+            rc = self._lib.rbe_engine_forward(
+                self._e, ffi.from_buffer("long long[]", tokens), n, pos,
+                ffi.from_buffer("float[]", out, require_writable=True), int(all_logits),
+                ops.ISAS[ops.active_isa()], ops.thread_count())
+        if rc:
+            raise RuntimeError(f"native engine forward failed: {ops.engine_error(rc)}")
+        return out if all_logits else out[0]
+
+    def profile(self) -> dict[str, float]:
+        """Seconds spent since the last call in weight kernels, attention and everything else."""
+        s = self._ffi.new("double[3]")
+        self._lib.rbe_engine_profile(self._e, s)
+        return {"kernels": s[0], "attention": s[1], "rest": s[2]}
+
+
+def _lower(encoded) -> Lowered:
+    from rbe_core.lowering import lower
+
+    low = lower(encoded, cache=False)
+    if low is None:
+        raise NativeUnavailableError(f"codec {encoded.codec.codec_id!r} has no canonical layout (Codec.lower)")
+    return low
+
+
+def _desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1):
+    """An ``rbe_matrix_desc`` for ``low`` and the arrays it points into (keep them alive)."""
+    d = ffi.new("rbe_matrix_desc *")
+    keep = []
+
+    def ptr(kind, arr):
+        keep.append(arr)
+        return ffi.from_buffer(kind, arr)
+
+    d.rows, d.cols, d.cols_p = low.rows, low.cols, low.cols_p
+    d.bits, d.transposed, d.transform = low.bits, int(bool(transposed)), tf
+    if low.bits == 32:
+        d.group_size = low.cols_p
+        d.dense = ptr("float[]", _f32(low.dense))
+    else:
+        d.group_size = low.group_size
+        d.codes = ptr("unsigned char[]", np.ascontiguousarray(low.codes))
+        d.levels = ptr("float[]", _f32(low.levels))
+        d.step = ptr("float[]", _f32(low.step))
+        if low.offset is not None:
+            d.offset = ptr("float[]", _f32(low.offset))
+    if bias is not None:
+        d.bias = ptr("float[]", _f32(bias).reshape(-1))
+    return d, keep
+
+
+def _rejected(low: Lowered, rc: int) -> str:
+    if rc == 2:
+        return (f"its layout ({low.bits}-bit, group {low.group_size}) is outside the engine's: the group "
+                "size must be a multiple of 32 dividing the padded width, or the whole row")
+    return ops.engine_error(rc)
+
+
+class LoweredMatrix:
+    """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
+    ``transposed``) plus the bias, run on the active ISA path and thread count."""
+
+    def __init__(self, low: Lowered, bias=None, transposed: bool = False):
+        lib, ffi = ops._require_lib(), ops.ffi
+        self._lib, self._ffi, self.low, self.transposed = lib, ffi, low, transposed
+        d, _keep = _desc(ffi, low, bias, transposed)
+        t = low.transform
+        if t is None:
+            handle = lib.rbe_matrix_new(d, ffi.NULL, ffi.NULL, 0)
+        else:
+            blocks = np.asarray(t.blocks, dtype=np.int64)
+            handle = lib.rbe_matrix_new(d, ffi.from_buffer("float[]", _f32(t.signs)),
+                                        ffi.from_buffer("long long[]", blocks), len(blocks))
+        if handle == ffi.NULL:
+            raise NativeUnavailableError(f"lowered matrix rejected: {_rejected(low, 2)}")
+        self._h = ffi.gc(handle, lib.rbe_matrix_free)
+        self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)
+        y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        ffi = self._ffi
+        rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
+                                         ffi.from_buffer("float[]", y, require_writable=True),
+                                         ops.ISAS[ops.active_isa()], ops.thread_count())
+        if rc:
+            raise RuntimeError(f"lowered linear failed: {ops.engine_error(rc)}")
+        return y

@@ -1,0 +1,909 @@
+/* Native decoder engine: embeddings, norms, projections from codes, RoPE, causal attention
+ * with a KV cache, activations, residuals and the head, for Llama-family and GPT-2 models, in
+ * one call per prefill or decode step (rbe_engine.h). Weight products run through the per-ISA
+ * canonical-layout kernels (lut_impl.h); work is split over a pool of threads that spin between
+ * the parallel regions of a step (a token has ~200 of them) and sleep when idle. */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "rbe_engine.h"
+#include "rbe_internal.h"
+#include "rbe_kernels.h"
+
+#define M_SLOTS 8 /* per-layer matrices */
+#define G_SLOTS 3 /* global matrices */
+#define V_SLOTS 4 /* per-layer vectors */
+#define CHUNK 64  /* tokens per prefill pass (bounds the scratch) */
+#define POOL_MAX 64
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void *alloc_floats(int64_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (size_t)(n > 0 ? n : 1) * sizeof(float))) return NULL;
+    return p;
+}
+
+/* ---- thread pool: workers spin for a while after each region, then sleep ----
+ * One region at a time (others run on their caller alone). The claim counter packs the region's
+ * generation (high 32 bits) with the next chunk index, so a worker that wakes late can never
+ * run a chunk of another region; the caller waits only for chunks that were claimed. */
+typedef void (*range_fn)(void *ctx, int64_t start, int64_t stop, int tid);
+
+static struct {
+    pthread_mutex_t mu, submit;
+    pthread_cond_t wake;
+    int nworkers, sleepers, want;
+    uint64_t ctr;
+    range_fn fn;
+    void *ctx;
+    int64_t total, chunk, nchunks, done;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
+          .submit = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+#define SPIN_SECONDS 0.002
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void drain(uint32_t gen, int tid) {
+    const range_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_RELAXED);
+    void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_RELAXED);
+    const int64_t total = __atomic_load_n(&pool.total, __ATOMIC_RELAXED);
+    const int64_t chunk = __atomic_load_n(&pool.chunk, __ATOMIC_RELAXED);
+    const int64_t nchunks = __atomic_load_n(&pool.nchunks, __ATOMIC_RELAXED);
+    for (;;) {
+        uint64_t v = __atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= nchunks) return;
+        if (!__atomic_compare_exchange_n(&pool.ctr, &v, v + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_RELAXED))
+            continue;
+        const int64_t s = (int64_t)(v & 0xffffffffu) * chunk;
+        fn(ctx, s, s + chunk < total ? s + chunk : total, tid);
+        __atomic_add_fetch(&pool.done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void *worker(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    uint32_t seen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE) >> 32);
+    for (;;) {
+        uint32_t gen = seen;
+        const double until = now() + SPIN_SECONDS;
+        for (int i = 0; gen == seen; i++) {
+            gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE) >> 32);
+            if (gen != seen) break;
+            cpu_relax();
+            if ((i & 255) == 255 && now() > until) {
+                pthread_mutex_lock(&pool.mu);
+                __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+                while ((gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST) >> 32)) == seen)
+                    pthread_cond_wait(&pool.wake, &pool.mu);
+                __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+                pthread_mutex_unlock(&pool.mu);
+            }
+        }
+        seen = gen;
+        if (tid < __atomic_load_n(&pool.want, __ATOMIC_RELAXED)) drain(gen, tid);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has no workers: start afresh if needed */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.submit, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.nworkers = pool.sleepers = 0;
+}
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Run fn over [0, total) in chunks of `align` multiples on up to nthreads threads. */
+static void parallel(int nthreads, int64_t total, int64_t align, range_fn fn, void *ctx) {
+    if (total <= 0) return;
+    const int64_t units = (total + align - 1) / align;
+    int nt = nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads);
+    if (nt > units) nt = (int)units;
+    if (nt == 1 || pthread_mutex_trylock(&pool.submit) != 0) {
+        fn(ctx, 0, total, 0);
+        return;
+    }
+    pthread_once(&pool_once, pool_init);
+    while (pool.nworkers < nt - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&t, &attr, worker, (void *)(intptr_t)(pool.nworkers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc) break;
+        pool.nworkers++;
+    }
+    if (pool.nworkers < nt - 1) nt = pool.nworkers + 1;
+    /* a few chunks per thread balance uneven progress */
+    const int64_t per = (units + 3 * nt - 1) / (3 * nt);
+    const int64_t chunk = per * align, nchunks = (total + chunk - 1) / chunk;
+    __atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.ctx, ctx, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.total, total, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.chunk, chunk, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.nchunks, nchunks, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.want, nt, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
+    const uint32_t gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_RELAXED) >> 32) + 1;
+    __atomic_store_n(&pool.ctr, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    drain(gen, 0);
+    while (__atomic_load_n(&pool.done, __ATOMIC_ACQUIRE) < nchunks) cpu_relax();
+    pthread_mutex_unlock(&pool.submit);
+}
+
+/* ---- the model ---- */
+typedef struct {
+    rbe_lut lut;
+    int64_t rows, cols, cols_p; /* stored shape; the transform's width */
+    int transposed, tf, set;
+    float *bias;
+} emat;
+
+typedef struct {
+    float *signs;
+    long long *blocks;
+    int nblocks;
+    int64_t cols_p;
+} etf;
+
+struct rbe_engine {
+    rbe_engine_config c;
+    emat *mats;  /* n_layers * M_SLOTS, then G_SLOTS globals */
+    float **vecs; /* n_layers * V_SLOTS, then 2 globals */
+    etf *tfs;
+    float *kc, *vc;          /* [layer][kv head][position][head_dim] */
+    float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
+    int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
+    /* per-chunk activations */
+    float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *yr, *row;
+    float *scratch[POOL_MAX];
+    int64_t scratch_floats, io_floats; /* per-thread scratch; width of xr, yr and row */
+    int64_t bytes;
+    double prof[3];
+    const rbe_kernels *kern;
+    int nthreads;
+};
+
+static emat *mat(rbe_engine *e, int layer, int slot) {
+    return layer < 0 ? &e->mats[(int64_t)e->c.n_layers * M_SLOTS + slot]
+                     : &e->mats[(int64_t)layer * M_SLOTS + slot];
+}
+static float *vec(rbe_engine *e, int layer, int slot) {
+    return layer < 0 ? e->vecs[(int64_t)e->c.n_layers * V_SLOTS + slot]
+                     : e->vecs[(int64_t)layer * V_SLOTS + slot];
+}
+
+static void free_mat(emat *m) {
+    free((void *)m->lut.codes);
+    free((void *)m->lut.dense);
+    free((void *)m->lut.step);
+    free((void *)m->lut.offset);
+    free(m->bias);
+    memset(m, 0, sizeof(*m));
+}
+
+void rbe_engine_free(rbe_engine *e) {
+    if (!e) return;
+    const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
+    const int64_t nv = (int64_t)e->c.n_layers * V_SLOTS + 2;
+    for (int64_t i = 0; e->mats && i < nm; i++) free_mat(&e->mats[i]);
+    for (int64_t i = 0; e->vecs && i < nv; i++) free(e->vecs[i]);
+    for (int i = 0; e->tfs && i < e->c.n_transforms; i++) {
+        free(e->tfs[i].signs);
+        free(e->tfs[i].blocks);
+    }
+    float *bufs[] = {e->kc, e->vc, e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
+                     e->att, e->f1, e->f2, e->xr, e->yr, e->row};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
+    free(e->mats);
+    free(e->vecs);
+    free(e->tfs);
+    free(e);
+}
+
+static int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+
+rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
+    const rbe_engine_config c = *cfg;
+    if ((c.arch != RBE_ARCH_LLAMA && c.arch != RBE_ARCH_GPT2) || c.n_layers < 1 || c.hidden < 1 ||
+        c.intermediate < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
+        c.head_dim < 2 || c.head_dim % 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
+        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 3)
+        return NULL;
+    rbe_engine *e = calloc(1, sizeof(*e));
+    if (!e) return NULL;
+    e->c = c;
+    e->mats = calloc((size_t)c.n_layers * M_SLOTS + G_SLOTS, sizeof(emat));
+    e->vecs = calloc((size_t)c.n_layers * V_SLOTS + 2, sizeof(float *));
+    e->tfs = calloc((size_t)(c.n_transforms > 0 ? c.n_transforms : 1), sizeof(etf));
+    const int64_t hd = c.head_dim, qd = (int64_t)c.n_heads * hd, kvd = (int64_t)c.n_kv_heads * hd;
+    const int64_t cache = (int64_t)c.n_layers * kvd * c.max_ctx;
+    /* calloc: the cache's pages become resident only as positions are written */
+    e->kc = calloc((size_t)cache, sizeof(float));
+    e->vc = calloc((size_t)cache, sizeof(float));
+    e->rope_cos = alloc_floats((int64_t)c.max_ctx * hd / 2);
+    e->rope_sin = alloc_floats((int64_t)c.max_ctx * hd / 2);
+    int64_t w = c.hidden > c.intermediate ? c.hidden : c.intermediate;
+    if (qd + 2 * kvd > w) w = qd + 2 * kvd;
+    e->width = round32(w);
+    e->x = alloc_floats(CHUNK * e->width);
+    e->xn = alloc_floats(CHUNK * e->width);
+    e->q = alloc_floats(CHUNK * e->width);
+    e->k = alloc_floats(CHUNK * e->width);
+    e->v = alloc_floats(CHUNK * e->width);
+    e->att = alloc_floats(CHUNK * e->width);
+    e->f1 = alloc_floats(CHUNK * e->width);
+    e->f2 = alloc_floats(CHUNK * e->width);
+    if (!e->mats || !e->vecs || !e->tfs || !e->kc || !e->vc || !e->rope_cos || !e->rope_sin ||
+        !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->f1 || !e->f2) {
+        rbe_engine_free(e);
+        return NULL;
+    }
+    /* RoPE tables as torch builds them: inv = 1 / theta^(2i/d) and angle = pos * inv in float32 */
+    for (int64_t i = 0; i < hd / 2; i++) {
+        const float inv = 1.0f / powf(c.rope_theta, (float)(2 * i) / (float)hd);
+        for (int64_t p = 0; p < c.max_ctx; p++) {
+            const float a = (float)p * inv;
+            e->rope_cos[p * (hd / 2) + i] = cosf(a);
+            e->rope_sin[p * (hd / 2) + i] = sinf(a);
+        }
+    }
+    e->bytes = (int64_t)sizeof(*e) + 4 * (8 * CHUNK * e->width + c.max_ctx * hd);
+    return e;
+}
+
+int rbe_engine_set_transform(rbe_engine *e, int id, long long cols_p, const float *signs,
+                             const long long *blocks, int nblocks) {
+    if (!e || id < 0 || id >= e->c.n_transforms || cols_p < 1 || nblocks < 1) return RBE_E_ARGS;
+    long long total = 0;
+    for (int i = 0; i < nblocks; i++) {
+        if (blocks[i] < 1 || (blocks[i] & (blocks[i] - 1))) return RBE_E_ARGS;
+        total += blocks[i];
+    }
+    if (total != cols_p) return RBE_E_ARGS;
+    etf *t = &e->tfs[id];
+    free(t->signs);
+    free(t->blocks);
+    t->signs = alloc_floats(cols_p);
+    t->blocks = malloc((size_t)nblocks * sizeof(long long));
+    if (!t->signs || !t->blocks) return RBE_E_NOMEM;
+    memcpy(t->signs, signs, (size_t)cols_p * sizeof(float));
+    memcpy(t->blocks, blocks, (size_t)nblocks * sizeof(long long));
+    t->nblocks = nblocks, t->cols_p = cols_p;
+    e->bytes += cols_p * 4 + nblocks * 8;
+    return 0;
+}
+
+/* The shape a slot must have: (out, in) of the product it computes. */
+static int slot_shape(const rbe_engine *e, int layer, int slot, int64_t *out, int64_t *in) {
+    const rbe_engine_config *c = &e->c;
+    const int64_t h = c->hidden, qd = (int64_t)c->n_heads * c->head_dim;
+    const int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    if (layer < 0) {
+        switch (slot) {
+            case RBE_G_EMBED: case RBE_G_HEAD: *out = c->vocab, *in = h; return 0;
+            case RBE_G_POS: *out = c->max_ctx, *in = h; return c->arch == RBE_ARCH_GPT2 ? 0 : RBE_E_ARGS;
+            default: return RBE_E_ARGS;
+        }
+    }
+    switch (slot) {
+        case RBE_M_Q: *out = qd, *in = h; break;
+        case RBE_M_K: case RBE_M_V: *out = kvd, *in = h; break;
+        case RBE_M_O: *out = h, *in = qd; break;
+        case RBE_M_GATE: case RBE_M_UP: *out = c->intermediate, *in = h; break;
+        case RBE_M_DOWN: *out = h, *in = c->intermediate; break;
+        case RBE_M_QKV: *out = qd + 2 * kvd, *in = h; break;
+        default: return RBE_E_ARGS;
+    }
+    return 0;
+}
+
+/* Copy d into m, repacking codes (nibbles for <= 4 bits, else bytes) to 32-column blocks. */
+static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
+    const int64_t rows = d->rows, cols_p = d->cols_p;
+    const int dense = d->bits == 32;
+    if (rows < 1 || d->cols < 1 || cols_p < d->cols || d->group_size < 1) return RBE_E_ARGS;
+    if (!dense && (d->bits < 2 || d->bits > 8 || !d->codes || !d->levels || !d->step)) return RBE_E_ARGS;
+    if (dense && !d->dense) return RBE_E_ARGS;
+    if (d->transform >= e->c.n_transforms || d->transform < -1) return RBE_E_ARGS;
+    if (d->transform >= 0 && e->tfs[d->transform].cols_p != cols_p) return RBE_E_ARGS;
+    const int64_t cp = round32(cols_p);
+    int64_t gs = d->group_size, groups = (cols_p + gs - 1) / gs;
+    if (groups == 1) gs = cp;
+    else if (gs % 32 || cols_p % gs) return RBE_E_ARGS;
+    rbe_lut *L = &m->lut;
+    L->rows = rows, L->cols_p = cp, L->gs = gs, L->groups = groups, L->bits = d->bits;
+    if (dense) {
+        float *w = alloc_floats(rows * cp);
+        if (!w) return RBE_E_NOMEM;
+        for (int64_t r = 0; r < rows; r++) {
+            memcpy(w + r * cp, d->dense + r * cols_p, (size_t)cols_p * sizeof(float));
+            memset(w + r * cp + cols_p, 0, (size_t)(cp - cols_p) * sizeof(float));
+        }
+        L->kind = RBE_LUT_F32, L->dense = w;
+        e->bytes += rows * cp * 4;
+    } else {
+        const int nib = d->bits <= 4;
+        const int64_t rb = nib ? cp / 2 : cp;
+        uint8_t *q = aligned_alloc(64, (size_t)((rows * rb + 63) / 64 * 64));
+        float *st = alloc_floats(rows * groups);
+        float *off = d->offset ? alloc_floats(rows * groups) : NULL;
+        if (!q || !st || (d->offset && !off)) {
+            free(q), free(st), free(off);
+            return RBE_E_NOMEM;
+        }
+        const unsigned mask = (1u << d->bits) - 1u;
+        for (int64_t r = 0; r < rows; r++) {
+            const unsigned char *src = d->codes + r * cols_p;
+            uint8_t *dst = q + r * rb;
+            memset(dst, 0, (size_t)rb); /* padding columns: code 0, meeting a zero input */
+            for (int64_t c = 0; c < cols_p; c++) {
+                const unsigned code = src[c] & mask;
+                if (nib) dst[(c / 32) * 16 + (c % 16)] |= (uint8_t)(code << (c % 32 >= 16 ? 4 : 0));
+                else dst[c] = (uint8_t)code;
+            }
+        }
+        memcpy(st, d->step, (size_t)(rows * groups) * sizeof(float));
+        if (off) memcpy(off, d->offset, (size_t)(rows * groups) * sizeof(float));
+        const int n = 1 << d->bits;
+        memset(L->levels, 0, sizeof(L->levels));
+        memcpy(L->levels, d->levels, (size_t)n * sizeof(float));
+        L->a0 = L->levels[0], L->da = L->levels[1] - L->levels[0], L->affine = 1;
+        for (int i = 0; i < n; i++)
+            if (fmaf((float)i, L->da, L->a0) != L->levels[i]) L->affine = 0;
+        L->kind = nib ? RBE_LUT_NIBBLE : RBE_LUT_BYTE;
+        L->codes = q, L->row_bytes = rb, L->step = st, L->offset = off;
+        e->bytes += rows * rb + rows * groups * 4 * (off ? 2 : 1);
+    }
+    m->rows = rows, m->cols = d->cols, m->cols_p = cols_p;
+    m->transposed = d->transposed, m->tf = d->transform;
+    if (d->bias) {
+        const int64_t out = d->transposed ? d->cols : rows;
+        m->bias = alloc_floats(out);
+        if (!m->bias) return RBE_E_NOMEM;
+        memcpy(m->bias, d->bias, (size_t)out * sizeof(float));
+        e->bytes += out * 4;
+    }
+    m->set = 1;
+    return 0;
+}
+
+int rbe_engine_set_matrix(rbe_engine *e, int layer, int slot, const rbe_matrix_desc *d) {
+    if (!e || !d || layer < -1 || layer >= e->c.n_layers) return RBE_E_ARGS;
+    int64_t out, in;
+    if (slot_shape(e, layer, slot, &out, &in)) return RBE_E_ARGS;
+    const int64_t d_out = d->transposed ? d->cols : d->rows, d_in = d->transposed ? d->rows : d->cols;
+    if (d_out != out || d_in != in) return RBE_E_ARGS;
+    if (layer < 0 && d->transposed) return RBE_E_ARGS; /* row lookups and the head: (out, in) */
+    emat *m = mat(e, layer, slot);
+    free_mat(m);
+    const int err = load_mat(e, m, d);
+    if (err) free_mat(m);
+    return err;
+}
+
+int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, long long n) {
+    if (!e || !v || layer < -1 || layer >= e->c.n_layers || n != e->c.hidden) return RBE_E_ARGS;
+    if (slot < 0 || slot >= (layer < 0 ? 2 : V_SLOTS)) return RBE_E_ARGS;
+    float *copy = alloc_floats(n);
+    if (!copy) return RBE_E_NOMEM;
+    memcpy(copy, v, (size_t)n * sizeof(float));
+    float **dst = layer < 0 ? &e->vecs[(int64_t)e->c.n_layers * V_SLOTS + slot]
+                            : &e->vecs[(int64_t)layer * V_SLOTS + slot];
+    free(*dst);
+    *dst = copy;
+    e->bytes += n * 4;
+    return 0;
+}
+
+long long rbe_engine_length(const rbe_engine *e) { return e ? e->length : 0; }
+long long rbe_engine_bytes(const rbe_engine *e) { return e ? e->bytes : 0; }
+
+void rbe_engine_profile(rbe_engine *e, double *s) {
+    for (int i = 0; i < 3; i++) s[i] = e->prof[i], e->prof[i] = 0.0;
+}
+
+/* ---- products ---- */
+
+static void add_into(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* Orthonormal block Walsh-Hadamard transform in place (the codec's butterfly order and scale). */
+static void fwht(float *v, const long long *blocks, int nblocks) {
+    for (int bi = 0; bi < nblocks; bi++) {
+        const int64_t b = blocks[bi];
+        for (int64_t h = 1; h < b; h *= 2)
+            for (int64_t i = 0; i < b; i += 2 * h)
+                for (int64_t t = i; t < i + h; t++) {
+                    const float a = v[t], c = v[t + h];
+                    v[t] = a + c;
+                    v[t + h] = a - c;
+                }
+        const float s = (float)(1.0 / sqrt((double)b));
+        for (int64_t t = 0; t < b; t++) v[t] *= s;
+        v += b;
+    }
+}
+
+/* out (cp wide) = pad(x) @ T^T (rotate) or pad(x) when m has no transform. */
+static void prepare_input(const rbe_engine *e, const emat *m, const float *x, float *out) {
+    const int64_t cp = m->lut.cols_p;
+    if (m->tf >= 0) {
+        const etf *t = &e->tfs[m->tf];
+        for (int64_t c = 0; c < m->cols; c++) out[c] = x[c] * t->signs[c];
+        memset(out + m->cols, 0, (size_t)(cp - m->cols) * sizeof(float));
+        fwht(out, t->blocks, t->nblocks);
+    } else {
+        memcpy(out, x, (size_t)m->cols * sizeof(float));
+        memset(out + m->cols, 0, (size_t)(cp - m->cols) * sizeof(float));
+    }
+}
+
+typedef struct {
+    rbe_engine *e;
+    const emat *m[3];
+    int64_t start[4]; /* row offsets of each matrix in the joint task space */
+    int count;
+    const float *x; /* n x ldx, prepared (padded / rotated) input */
+    int64_t n, ldx;
+    float *y[3];
+    int64_t ldy;
+} lin_job;
+
+/* Rows [s, t) of the joint task space of up to 3 matrices that read the same input. */
+static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
+    lin_job *j = ctx;
+    const rbe_kernels *k = j->e->kern;
+    float *scratch = j->e->scratch[tid];
+    for (int mi = 0; mi < j->count; mi++) {
+        const int64_t a = s > j->start[mi] ? s : j->start[mi];
+        const int64_t b = t < j->start[mi + 1] ? t : j->start[mi + 1];
+        if (a >= b) continue;
+        const rbe_lut *L = &j->m[mi]->lut;
+        const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
+        float *y = j->y[mi];
+        if (j->n == 1) {
+            k->lut_gemv(L, j->x, r0, r1, y, scratch);
+            continue;
+        }
+        const int64_t cp = L->cols_p;
+        for (int64_t r = r0; r < r1; r += k->tile_rows) {
+            const int nr = (int)rbe_min(k->tile_rows, r1 - r);
+            const float *w = scratch;
+            if (L->kind == RBE_LUT_F32) {
+                w = L->dense + r * cp;
+            } else {
+                for (int i = 0; i < nr; i++) k->lut_decode(L, r + i, 0, cp, scratch + i * cp);
+            }
+            for (int64_t b0 = 0; b0 < j->n; b0 += k->tile_batch) {
+                const int nb = (int)rbe_min(k->tile_batch, j->n - b0);
+                k->dot_tile(w, cp, nr, j->x + b0 * j->ldx, j->ldx, nb, cp, y + b0 * j->ldy + r, j->ldy);
+            }
+        }
+    }
+}
+
+typedef struct {
+    rbe_engine *e;
+    const emat *m;
+    const float *x; /* n x ldx */
+    int64_t n, ldx;
+    float *y; /* n x cp (rotated output) */
+} lint_job;
+
+/* Columns [s, t) (multiples of 32) of a transposed product. */
+static void lin_cols(void *ctx, int64_t s, int64_t t, int tid) {
+    lint_job *j = ctx;
+    const rbe_kernels *k = j->e->kern;
+    const rbe_lut *L = &j->m->lut;
+    float *scratch = j->e->scratch[tid];
+    const int64_t cp = L->cols_p, width = t - s, panel = 64;
+    if (j->n == 1) {
+        k->lut_gemv_t(L, j->x, s, t, j->y, scratch);
+        return;
+    }
+    for (int64_t r = 0; r < L->rows; r += panel) {
+        const int64_t nr = rbe_min(panel, L->rows - r);
+        for (int64_t i = 0; i < nr; i++) k->lut_decode(L, r + i, s, t, scratch + i * width);
+        for (int64_t b0 = 0; b0 < j->n; b0 += k->grad_batch) {
+            const int nb = (int)rbe_min(k->grad_batch, j->n - b0);
+            k->grad_tile(scratch, width, nr, j->x + b0 * j->ldx + r, j->ldx, nb, width,
+                         j->y + b0 * cp + s, cp, r > 0);
+        }
+    }
+}
+
+/* ys[i][n x out_i] = x[n x in] @ W_i^T (+ bias) for up to 3 untransposed matrices that share
+ * an input; the input is padded (and rotated) once when their transforms agree. */
+static void linear_multi(rbe_engine *e, const emat **ms, int count, const float *x, int64_t n,
+                         int64_t ldx, float **ys, int64_t ldy) {
+    const double t0 = now();
+    lin_job j = {.e = e, .count = 0, .n = n, .ldy = ldy};
+    int done = 0;
+    while (done < count) {
+        const emat *first = ms[done];
+        const int64_t cp = first->lut.cols_p;
+        for (int64_t b = 0; b < n; b++) prepare_input(e, first, x + b * ldx, e->xr + b * cp);
+        j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
+        while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
+            j.m[j.count] = ms[done], j.y[j.count] = ys[done];
+            j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
+            j.count++, done++;
+        }
+        parallel(e->nthreads, j.start[j.count], 16, lin_rows, &j);
+    }
+    for (int i = 0; i < count; i++)
+        if (ms[i]->bias)
+            for (int64_t b = 0; b < n; b++) add_into(ys[i] + b * ldy, ms[i]->bias, ms[i]->rows);
+    e->prof[0] += now() - t0;
+}
+
+/* y[n x out] = x[n x in] @ W^T, or x @ W for a transposed matrix (+ bias). */
+static void linear(rbe_engine *e, const emat *m, const float *x, int64_t n, int64_t ldx, float *y,
+                   int64_t ldy) {
+    if (!m->transposed) {
+        linear_multi(e, &m, 1, x, n, ldx, &y, ldy);
+        return;
+    }
+    const double t0 = now();
+    const int64_t cp = m->lut.cols_p;
+    lint_job j = {.e = e, .m = m, .x = x, .n = n, .ldx = ldx, .y = e->yr};
+    parallel(e->nthreads, cp, 32, lin_cols, &j);
+    for (int64_t b = 0; b < n; b++) {
+        float *v = e->yr + b * cp;
+        if (m->tf >= 0) { /* y = (x @ W_c) @ T */
+            const etf *t = &e->tfs[m->tf];
+            fwht(v, t->blocks, t->nblocks);
+            for (int64_t c = 0; c < m->cols; c++) v[c] *= t->signs[c];
+        }
+        memcpy(y + b * ldy, v, (size_t)m->cols * sizeof(float));
+        if (m->bias) add_into(y + b * ldy, m->bias, m->cols);
+    }
+    e->prof[0] += now() - t0;
+}
+
+/* Row r of an untransposed matrix as stored (the embedding lookup): out[cols]. */
+static void matrix_row(rbe_engine *e, const emat *m, int64_t r, float *out) {
+    float *v = e->row;
+    e->kern->lut_decode(&m->lut, r, 0, m->lut.cols_p, v);
+    if (m->tf >= 0) {
+        const etf *t = &e->tfs[m->tf];
+        fwht(v, t->blocks, t->nblocks);
+        for (int64_t c = 0; c < m->cols; c++) v[c] *= t->signs[c];
+    }
+    memcpy(out, v, (size_t)m->cols * sizeof(float));
+}
+
+/* ---- norms, activations, RoPE, attention ---- */
+
+static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n,
+                       float *out) {
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / sqrtf(var / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+static float activate(int kind, float v) {
+    switch (kind) {
+        case RBE_ACT_SILU_GATED: return v / (1.0f + expf(-v));
+        case RBE_ACT_GELU_TANH:
+            return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        case RBE_ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+        default: return v > 0.0f ? v : 0.0f;
+    }
+}
+
+/* Rotate each head of v (heads x hd) for position p. */
+static void rope(const rbe_engine *e, float *v, int heads, int64_t p) {
+    const int64_t hd = e->c.head_dim, half = hd / 2;
+    const float *cs = e->rope_cos + p * half, *sn = e->rope_sin + p * half;
+    for (int h = 0; h < heads; h++) {
+        float *u = v + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            const int64_t a = e->c.rope_style == RBE_ROPE_HALF ? i : 2 * i;
+            const int64_t b = e->c.rope_style == RBE_ROPE_HALF ? i + half : 2 * i + 1;
+            const float x1 = u[a], x2 = u[b];
+            u[a] = x1 * cs[i] - x2 * sn[i];
+            u[b] = x2 * cs[i] + x1 * sn[i];
+        }
+    }
+}
+
+typedef struct {
+    rbe_engine *e;
+    int layer;
+    int64_t pos, ldq;
+    const float *q; /* n x ldq, heads of head_dim */
+    float *out;     /* n x ldq, heads of head_dim */
+} att_job;
+
+/* (token, head) pairs [s, t): causal softmax attention over the cache. */
+static void attend(void *ctx, int64_t s, int64_t t, int tid) {
+    att_job *j = ctx;
+    const rbe_engine *e = j->e;
+    const rbe_kernels *k = e->kern;
+    const int64_t hd = e->c.head_dim, ctxn = e->c.max_ctx, heads = e->c.n_heads;
+    const int64_t rep = heads / e->c.n_kv_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *sc = e->scratch[tid];
+    for (int64_t idx = s; idx < t; idx++) {
+        const int64_t i = idx / heads, h = idx % heads, kvh = h / rep, len = j->pos + i + 1;
+        const int64_t base = ((int64_t)j->layer * e->c.n_kv_heads + kvh) * ctxn * hd;
+        const float *q = j->q + i * j->ldq + h * hd;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < len; p++) {
+            sc[p] = k->dot(q, e->kc + base + p * hd, hd) * scale;
+            if (sc[p] > mx) mx = sc[p];
+        }
+        const float inv = 1.0f / k->exp_sum(sc, len, mx);
+        float *o = j->out + i * j->ldq + h * hd;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int64_t p = 0; p < len; p++) k->axpy(sc[p] * inv, e->vc + base + p * hd, o, hd);
+    }
+}
+
+/* Store k and v (n tokens) at positions pos.. of layer's cache, then attend. */
+static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const float *q,
+                      int64_t ldq, const float *kk, const float *vv, int64_t ldkv, float *out) {
+    const double t0 = now();
+    const int64_t hd = e->c.head_dim, ctxn = e->c.max_ctx;
+    for (int64_t i = 0; i < n; i++)
+        for (int h = 0; h < e->c.n_kv_heads; h++) {
+            const int64_t at = (((int64_t)layer * e->c.n_kv_heads + h) * ctxn + pos + i) * hd;
+            memcpy(e->kc + at, kk + i * ldkv + h * hd, (size_t)hd * sizeof(float));
+            memcpy(e->vc + at, vv + i * ldkv + h * hd, (size_t)hd * sizeof(float));
+        }
+    att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
+    parallel(e->nthreads, n * e->c.n_heads, 1, attend, &j);
+    e->prof[1] += now() - t0;
+}
+
+/* ---- layers ---- */
+
+static void llama_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
+    const rbe_engine_config *c = &e->c;
+    const int64_t W = e->width, h = c->hidden;
+    double t0 = now();
+    for (int64_t i = 0; i < n; i++) rms_norm(e->x + i * W, vec(e, l, RBE_V_NORM1), c->eps, h, e->xn + i * W);
+    e->prof[2] += now() - t0;
+    const emat *qkv[3] = {mat(e, l, RBE_M_Q), mat(e, l, RBE_M_K), mat(e, l, RBE_M_V)};
+    float *outs[3] = {e->q, e->k, e->v};
+    linear_multi(e, qkv, 3, e->xn, n, W, outs, W);
+    t0 = now();
+    if (c->rope_style != RBE_ROPE_NONE)
+        for (int64_t i = 0; i < n; i++) {
+            rope(e, e->q + i * W, c->n_heads, pos + i);
+            rope(e, e->k + i * W, c->n_kv_heads, pos + i);
+        }
+    e->prof[2] += now() - t0;
+    attention(e, l, pos, n, e->q, W, e->k, e->v, W, e->att);
+    linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++) {
+        add_into(e->x + i * W, e->f1 + i * W, h);
+        rms_norm(e->x + i * W, vec(e, l, RBE_V_NORM2), c->eps, h, e->xn + i * W);
+    }
+    e->prof[2] += now() - t0;
+    const emat *gu[2] = {mat(e, l, RBE_M_GATE), mat(e, l, RBE_M_UP)};
+    float *gu_out[2] = {e->f1, e->f2};
+    linear_multi(e, gu, 2, e->xn, n, W, gu_out, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t u = 0; u < c->intermediate; u++)
+            e->f1[i * W + u] = activate(RBE_ACT_SILU_GATED, e->f1[i * W + u]) * e->f2[i * W + u];
+    e->prof[2] += now() - t0;
+    linear(e, mat(e, l, RBE_M_DOWN), e->f1, n, W, e->f2, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++) add_into(e->x + i * W, e->f2 + i * W, h);
+    e->prof[2] += now() - t0;
+}
+
+static void gpt2_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
+    const rbe_engine_config *c = &e->c;
+    const int64_t W = e->width, h = c->hidden, qd = (int64_t)c->n_heads * c->head_dim;
+    const int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    double t0 = now();
+    for (int64_t i = 0; i < n; i++)
+        layer_norm(e->x + i * W, vec(e, l, RBE_V_NORM1), vec(e, l, RBE_V_NORM1_B), c->eps, h, e->xn + i * W);
+    e->prof[2] += now() - t0;
+    linear(e, mat(e, l, RBE_M_QKV), e->xn, n, W, e->q, W); /* [q | k | v] per token */
+    attention(e, l, pos, n, e->q, W, e->q + qd, e->q + qd + kvd, W, e->att);
+    linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++) {
+        add_into(e->x + i * W, e->f1 + i * W, h);
+        layer_norm(e->x + i * W, vec(e, l, RBE_V_NORM2), vec(e, l, RBE_V_NORM2_B), c->eps, h, e->xn + i * W);
+    }
+    e->prof[2] += now() - t0;
+    linear(e, mat(e, l, RBE_M_UP), e->xn, n, W, e->f1, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t u = 0; u < c->intermediate; u++)
+            e->f1[i * W + u] = activate(c->activation, e->f1[i * W + u]);
+    e->prof[2] += now() - t0;
+    linear(e, mat(e, l, RBE_M_DOWN), e->f1, n, W, e->f2, W);
+    t0 = now();
+    for (int64_t i = 0; i < n; i++) add_into(e->x + i * W, e->f2 + i * W, h);
+    e->prof[2] += now() - t0;
+}
+
+/* Every required matrix and vector is set; 0 or RBE_E_INCOMPLETE. */
+static int complete(rbe_engine *e) {
+    const int llama = e->c.arch == RBE_ARCH_LLAMA;
+    static const int llama_m[] = {RBE_M_Q, RBE_M_K, RBE_M_V, RBE_M_O, RBE_M_GATE, RBE_M_UP, RBE_M_DOWN};
+    static const int gpt2_m[] = {RBE_M_QKV, RBE_M_O, RBE_M_UP, RBE_M_DOWN};
+    for (int l = 0; l < e->c.n_layers; l++) {
+        const int *ms = llama ? llama_m : gpt2_m;
+        const int count = llama ? 7 : 4;
+        for (int i = 0; i < count; i++)
+            if (!mat(e, l, ms[i])->set) return RBE_E_INCOMPLETE;
+        if (!vec(e, l, RBE_V_NORM1) || !vec(e, l, RBE_V_NORM2)) return RBE_E_INCOMPLETE;
+    }
+    if (!mat(e, -1, RBE_G_EMBED)->set || !vec(e, -1, 0)) return RBE_E_INCOMPLETE;
+    if (!llama && !mat(e, -1, RBE_G_POS)->set) return RBE_E_INCOMPLETE;
+    return 0;
+}
+
+/* Per-thread scratch for the widest panel any product or attention needs, and input/output
+ * rows as wide as the widest padded matrix. */
+static int ensure_scratch(rbe_engine *e, int nthreads) {
+    int64_t need = e->c.max_ctx + e->width, io = e->width;
+    const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
+    for (int64_t i = 0; i < nm; i++) {
+        const emat *m = &e->mats[i];
+        if (!m->set) continue;
+        const int64_t cp = m->lut.cols_p;
+        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->tile_rows * cp + m->lut.groups;
+        if (want > need) need = want;
+        if (cp > io) io = cp;
+    }
+    if (need <= e->scratch_floats && nthreads <= e->nthreads && io <= e->io_floats) {
+        e->nthreads = nthreads;
+        return 0;
+    }
+    for (int t = 0; t < POOL_MAX; t++) free(e->scratch[t]), e->scratch[t] = NULL;
+    free(e->xr), free(e->yr), free(e->row);
+    e->scratch_floats = e->io_floats = 0, e->nthreads = 0;
+    e->xr = alloc_floats(CHUNK * io), e->yr = alloc_floats(CHUNK * io), e->row = alloc_floats(io);
+    if (!e->xr || !e->yr || !e->row) return RBE_E_NOMEM;
+    for (int t = 0; t < nthreads; t++)
+        if (!(e->scratch[t] = alloc_floats(need))) return RBE_E_NOMEM;
+    e->scratch_floats = need, e->io_floats = io, e->nthreads = nthreads;
+    return 0;
+}
+
+int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,
+                       float *logits, int all_logits, int isa, int nthreads) {
+    if (!e || !tokens || !logits || n < 1 || pos < 0) return RBE_E_ARGS;
+    if (pos > e->length || pos + n > e->c.max_ctx) return RBE_E_CONTEXT;
+    for (long long i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= e->c.vocab) return RBE_E_TOKEN;
+    e->kern = rbe_kernels_for(isa);
+    if (!e->kern) return RBE_E_ISA;
+    int err = complete(e);
+    if (err) return err;
+    if ((err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads))))
+        return err;
+    const rbe_engine_config *c = &e->c;
+    const int64_t W = e->width, h = c->hidden;
+    const emat *head = mat(e, -1, RBE_G_HEAD)->set ? mat(e, -1, RBE_G_HEAD) : mat(e, -1, RBE_G_EMBED);
+    e->length = pos; /* positions past pos are dropped */
+    for (long long done = 0; done < n; done += CHUNK) {
+        const int64_t m = n - done < CHUNK ? n - done : CHUNK, p0 = pos + done;
+        double t0 = now();
+        for (int64_t i = 0; i < m; i++) {
+            matrix_row(e, mat(e, -1, RBE_G_EMBED), tokens[done + i], e->x + i * W);
+            if (c->arch == RBE_ARCH_GPT2) {
+                matrix_row(e, mat(e, -1, RBE_G_POS), p0 + i, e->xn);
+                add_into(e->x + i * W, e->xn, h);
+            }
+        }
+        e->prof[2] += now() - t0;
+        for (int l = 0; l < c->n_layers; l++) {
+            if (c->arch == RBE_ARCH_LLAMA) llama_layer(e, l, p0, m);
+            else gpt2_layer(e, l, p0, m);
+        }
+        e->length = p0 + m;
+        const int64_t first = all_logits ? 0 : m - 1; /* rows of this chunk that need logits */
+        if (!all_logits && done + m < n) continue;
+        t0 = now();
+        for (int64_t i = first; i < m; i++) {
+            if (c->arch == RBE_ARCH_LLAMA) rms_norm(e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
+            else layer_norm(e->x + i * W, vec(e, -1, 0), vec(e, -1, 1), c->eps, h, e->xn + i * W);
+        }
+        e->prof[2] += now() - t0;
+        float *out = logits + (all_logits ? done * (int64_t)c->vocab : 0);
+        linear(e, head, e->xn + first * W, m - first, W, out, c->vocab);
+    }
+    return 0;
+}
+
+/* ---- one matrix on its own (the cffi backend's linear for lowered codecs, and the tests) ---- */
+struct rbe_matrix {
+    rbe_engine e; /* a context without layers: kernels, pool, scratch, the transform */
+    emat m[G_SLOTS];
+};
+
+void rbe_matrix_free(rbe_matrix *h) {
+    if (!h) return;
+    free_mat(&h->m[0]);
+    if (h->e.tfs) free(h->e.tfs[0].signs), free(h->e.tfs[0].blocks);
+    free(h->e.tfs);
+    free(h->e.xr), free(h->e.yr), free(h->e.row);
+    for (int t = 0; t < POOL_MAX; t++) free(h->e.scratch[t]);
+    free(h);
+}
+
+rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const long long *blocks,
+                           int nblocks) {
+    rbe_matrix *h = calloc(1, sizeof(*h));
+    if (!h) return NULL;
+    rbe_engine *e = &h->e;
+    e->mats = h->m;
+    e->c.n_transforms = 1, e->c.max_ctx = 1;
+    e->width = round32(d->rows > d->cols ? d->rows : d->cols);
+    e->tfs = calloc(1, sizeof(etf));
+    if (!e->tfs || (signs && rbe_engine_set_transform(e, 0, d->cols_p, signs, blocks, nblocks))) {
+        rbe_matrix_free(h);
+        return NULL;
+    }
+    rbe_matrix_desc local = *d;
+    local.transform = signs ? 0 : -1;
+    if (load_mat(e, &h->m[0], &local)) {
+        rbe_matrix_free(h);
+        return NULL;
+    }
+    return h;
+}
+
+int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads) {
+    if (!h || !x || !y || n < 0) return RBE_E_ARGS;
+    rbe_engine *e = &h->e;
+    if (!(e->kern = rbe_kernels_for(isa))) return RBE_E_ISA;
+    const int err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads));
+    if (err) return err;
+    const emat *m = &h->m[0];
+    const int64_t in = m->transposed ? m->rows : m->cols, out = m->transposed ? m->cols : m->rows;
+    for (long long s = 0; s < n; s += CHUNK) {
+        const int64_t c = n - s < CHUNK ? n - s : CHUNK;
+        linear(e, m, x + s * in, c, in, y + s * out, out);
+    }
+    return 0;
+}

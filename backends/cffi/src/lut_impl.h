@@ -1,0 +1,150 @@
+/* Canonical-layout kernels (rbe_lut, see rbe_internal.h) shared by every ISA; included by
+ * kern_impl.h. The ISA file provides: lutreg + FN(lutreg_load)(m) (the level table in
+ * registers) and FN(lut_block32)(m, &t, p, VF out[NV]) (the 32 level values of one 32-column
+ * block whose codes start at p), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
+ * flushed to 0 below -87), on top of the vocabulary kern_impl.h documents. */
+#include <math.h>
+#include <string.h>
+
+/* Codes of the 32-column block that starts at column c of row r. */
+static inline const uint8_t *FN(lut_codes)(const rbe_lut *m, int64_t r, int64_t c) {
+    return m->codes + r * m->row_bytes + (m->kind == RBE_LUT_NIBBLE ? c / 2 : c);
+}
+
+static float FN(vdot)(const float *a, const float *b, int64_t n) {
+    VF acc[2] = {vzero(), vzero()};
+    int64_t c = 0;
+    for (; c + 2 * VLEN <= n; c += 2 * VLEN) {
+        acc[0] = vfma(vload(a + c), vload(b + c), acc[0]);
+        acc[1] = vfma(vload(a + c + VLEN), vload(b + c + VLEN), acc[1]);
+    }
+    for (; c + VLEN <= n; c += VLEN) acc[0] = vfma(vload(a + c), vload(b + c), acc[0]);
+    float t = vhsum(vadd(acc[0], acc[1]));
+    for (; c < n; c++) t += a[c] * b[c];
+    return t;
+}
+
+static void FN(vaxpy)(float a, const float *x, float *y, int64_t n) {
+    const VF av = vset1(a);
+    int64_t c = 0;
+    for (; c + VLEN <= n; c += VLEN) vstore(y + c, vfma(av, vload(x + c), vload(y + c)));
+    for (; c < n; c++) y[c] += a * x[c];
+}
+
+/* s[j] = exp(s[j] - shift) for j < n (softmax numerators); returns their sum. */
+static float FN(exp_sum)(float *s, int64_t n, float shift) {
+    const VF sh = vset1(shift);
+    VF acc = vzero();
+    int64_t j = 0;
+    for (; j + VLEN <= n; j += VLEN) {
+        const VF v = vexp(vsub(vload(s + j), sh));
+        vstore(s + j, v);
+        acc = vadd(acc, v);
+    }
+    float t = vhsum(acc);
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - shift);
+        t += s[j];
+    }
+    return t;
+}
+
+/* Row r, columns [c0, c1) into w: levels[q] * step (+ offset), multiply then add, as decode. */
+static void FN(lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, float *w) {
+    if (m->kind == RBE_LUT_F32) {
+        memcpy(w, m->dense + r * m->cols_p + c0, (size_t)(c1 - c0) * sizeof(float));
+        return;
+    }
+    const lutreg t = FN(lutreg_load)(m);
+    for (int64_t c = c0; c < c1; c += 32) {
+        VF v[NV];
+        FN(lut_block32)(m, &t, FN(lut_codes)(m, r, c), v);
+        const int64_t g = r * m->groups + c / m->gs;
+        const VF s = vset1(m->step[g]);
+        float *o = w + (c - c0);
+        if (m->offset) {
+            const VF off = vset1(m->offset[g]);
+            for (int k = 0; k < NV; k++) vstore(o + k * VLEN, vadd(vmul(v[k], s), off));
+        } else {
+            for (int k = 0; k < NV; k++) vstore(o + k * VLEN, vmul(v[k], s));
+        }
+    }
+}
+
+/* Batch-1 product, specialised per code kind (the compiler unswitches the lookup): each group's
+ * level-times-input products are summed, then multiplied once by the group's step; offsets
+ * meet the per-group sums of x. */
+static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lut *m,
+                                                                    const float *x, int64_t r0,
+                                                                    int64_t r1, float *y,
+                                                                    float *xsum, const int kind) {
+    const int64_t groups = m->groups, gs = m->gs, cp = m->cols_p;
+    if (m->offset)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c++) s += x[c];
+            xsum[g] = s;
+        }
+    const lutreg t = FN(lutreg_load)(m);
+    for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
+        const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
+        const uint8_t *qr[GEMV_ROWS];
+        const float *st[GEMV_ROWS];
+        VF acc[GEMV_ROWS];
+        for (int i = 0; i < GEMV_ROWS; i++) {
+            const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
+            qr[i] = m->codes + ri * m->row_bytes;
+            st[i] = m->step + ri * groups;
+            acc[i] = vzero();
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            VF ga[GEMV_ROWS][NV];
+            for (int i = 0; i < GEMV_ROWS; i++)
+                for (int k = 0; k < NV; k++) ga[i][k] = vzero();
+            for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c += 32) {
+                VF xv[NV];
+                for (int k = 0; k < NV; k++) xv[k] = vload(x + c + k * VLEN);
+                for (int i = 0; i < GEMV_ROWS; i++) {
+                    VF w[NV];
+                    FN(lut_block32)(m, &t, qr[i] + (kind == RBE_LUT_NIBBLE ? c / 2 : c), w);
+                    for (int k = 0; k < NV; k++) ga[i][k] = vfma(w[k], xv[k], ga[i][k]);
+                }
+            }
+            for (int i = 0; i < GEMV_ROWS; i++) {
+                VF s = ga[i][0];
+                for (int k = 1; k < NV; k++) s = vadd(s, ga[i][k]);
+                acc[i] = vfma(s, vset1(st[i][g]), acc[i]);
+            }
+        }
+        for (int i = 0; i < nr; i++) {
+            float v = vhsum(acc[i]);
+            if (m->offset) {
+                const float *off = m->offset + (r + i) * groups;
+                for (int64_t g = 0; g < groups; g++) v += off[g] * xsum[g];
+            }
+            y[r + i] = v;
+        }
+    }
+}
+
+static void FN(lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r1, float *y,
+                         float *scratch) {
+    if (m->kind == RBE_LUT_F32) {
+        for (int64_t r = r0; r < r1; r++) y[r] = FN(vdot)(m->dense + r * m->cols_p, x, m->cols_p);
+    } else if (m->kind == RBE_LUT_NIBBLE) {
+        FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_NIBBLE);
+    } else {
+        FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_BYTE);
+    }
+}
+
+/* y[c] = sum_r x[r] W[r, c], c in [c0, c1): each row's slice decoded into scratch. */
+static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t c1, float *y,
+                           float *scratch) {
+    const int64_t width = c1 - c0;
+    memset(y + c0, 0, (size_t)width * sizeof(float));
+    for (int64_t r = 0; r < m->rows; r++) {
+        FN(lut_decode)(m, r, c0, c1, scratch);
+        FN(vaxpy)(x[r], scratch, y + c0, width);
+    }
+}

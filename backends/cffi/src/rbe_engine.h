@@ -1,0 +1,91 @@
+/* rbe native decoder engine (engine.c): a whole Llama or GPT-2 forward step in C, over weights
+ * in one canonical layout, with its own KV cache and a spinning thread pool. Also part of the
+ * cffi cdef, so plain C declarations only.
+ *
+ * Canonical layout of a matrix (rbe_matrix_desc), stored shape (rows, cols):
+ *   bits 2..8: W_c[r, c] = levels[codes[r, c]] * step[r, g] (+ offset[r, g]), g = c / group_size,
+ *              a float32 multiply then a float32 add, for c < cols_p (cols_p >= cols);
+ *   bits 32:   W_c = dense (rows x cols_p float32).
+ *   With an input transform T (block Walsh-Hadamard with signs, rbe_engine_set_transform) the
+ *   matrix is W = (W_c @ T)[:, :cols]; without one, W = W_c[:, :cols].
+ *   Not transposed: y = x @ W^T (W is (out, in)); transposed (GPT-2 Conv1D): y = x @ W.
+ *   group_size must be a multiple of 32 dividing cols_p, or at least cols_p (one group).
+ * The engine copies (and repacks) everything it is given; the caller's buffers may be freed.
+ */
+#define RBE_ARCH_LLAMA 1
+#define RBE_ARCH_GPT2 2
+#define RBE_ROPE_NONE 0
+#define RBE_ROPE_HALF 1
+#define RBE_ROPE_INTERLEAVED 2
+#define RBE_ACT_SILU_GATED 0
+#define RBE_ACT_GELU_TANH 1
+#define RBE_ACT_GELU 2
+#define RBE_ACT_RELU 3
+/* per-layer matrix slots (llama: q k v o gate up down; gpt2: qkv o up down) */
+#define RBE_M_Q 0
+#define RBE_M_K 1
+#define RBE_M_V 2
+#define RBE_M_O 3
+#define RBE_M_GATE 4
+#define RBE_M_UP 5
+#define RBE_M_DOWN 6
+#define RBE_M_QKV 7
+/* global matrix slots (layer -1); an unset head reuses the embedding (tied) */
+#define RBE_G_EMBED 0
+#define RBE_G_POS 1
+#define RBE_G_HEAD 2
+/* per-layer vectors (norm weights and biases); global (layer -1): 0 final norm, 1 its bias */
+#define RBE_V_NORM1 0
+#define RBE_V_NORM1_B 1
+#define RBE_V_NORM2 2
+#define RBE_V_NORM2_B 3
+/* forward errors beyond rbe_kernels.h's */
+#define RBE_E_TOKEN 5   /* a token id outside [0, vocab) */
+#define RBE_E_CONTEXT 6 /* positions past the context length, or a gap after the cache */
+#define RBE_E_INCOMPLETE 7 /* a required matrix or vector was never set */
+
+typedef struct {
+    int arch, n_layers, hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_ctx;
+    float eps, rope_theta;
+    int rope_style, activation, n_transforms;
+} rbe_engine_config;
+
+typedef struct {
+    long long rows, cols, cols_p, group_size;
+    int bits;
+    int transposed;
+    const unsigned char *codes; /* rows x cols_p, one code per byte */
+    const float *levels;        /* 2^bits */
+    const float *step;          /* rows x ceil(cols_p / group_size) */
+    const float *offset;        /* same shape, or NULL */
+    const float *dense;         /* bits 32: rows x cols_p */
+    int transform;              /* id, or -1 */
+    const float *bias;          /* output-sized, or NULL */
+} rbe_matrix_desc;
+
+typedef struct rbe_engine rbe_engine;
+
+/* NULL when the config is invalid or memory is short. */
+rbe_engine *rbe_engine_new(const rbe_engine_config *cfg);
+void rbe_engine_free(rbe_engine *e);
+/* signs: cols_p floats (+-1); blocks: powers of two summing to cols_p. */
+int rbe_engine_set_transform(rbe_engine *e, int id, long long cols_p, const float *signs,
+                             const long long *blocks, int nblocks);
+int rbe_engine_set_matrix(rbe_engine *e, int layer, int slot, const rbe_matrix_desc *d);
+int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, long long n);
+/* Run tokens[0..n) at positions pos.. (pos <= the cached length; later cache entries are
+ * dropped). logits: vocab floats for the last token, or n x vocab when all_logits. */
+int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,
+                       float *logits, int all_logits, int isa, int nthreads);
+long long rbe_engine_length(const rbe_engine *e);
+long long rbe_engine_bytes(const rbe_engine *e); /* weights, tables and scratch held */
+/* Seconds spent since the last call in: [0] weight kernels, [1] attention, [2] the rest. */
+void rbe_engine_profile(rbe_engine *e, double *seconds3);
+
+/* One matrix on its own: y[n x out] = x[n x in] @ W^T (x @ W when transposed) + bias. signs and
+ * blocks give the input transform (NULL: none); desc.transform is ignored. */
+typedef struct rbe_matrix rbe_matrix;
+rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const long long *blocks,
+                           int nblocks);
+void rbe_matrix_free(rbe_matrix *h);
+int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads);

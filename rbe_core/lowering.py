@@ -1,0 +1,169 @@
+"""Canonical weight layouts: the few forms native kernels run, and the codecs' *lowering* to them.
+
+A codec that implements ``Codec.lower(encoded)`` returns a :class:`Lowered` view of a tensor,
+viewed as the (rows, cols) matrix ``Encoded.matrix_shape``, that is **exactly** its decode:
+
+- ``bits`` 2..8 (coded): ``W_c[r, c] = levels[codes[r, c]] * step[r, c // group_size]``
+  (``+ offset[r, c // group_size]`` when there is an offset), a float32 multiply then a float32
+  add, for ``c < cols_p`` (``cols_p >= cols``; the extra columns are padding);
+- ``bits`` 32 (dense): ``W_c = dense`` (float32, rows x cols_p);
+- then ``W = (W_c @ T)[:, :cols]`` with the optional input transform ``T`` (a
+  :class:`HadamardTransform`: ``T = blockdiag(H_b / sqrt(b)) diag(signs)``), else
+  ``W = W_c[:, :cols]``.
+
+So ``x @ W.T == T(pad(x)) @ W_c.T``: a kernel rotates each input once and multiplies by the
+codes through a level table. :meth:`Lowered.decode` is the numpy reference (bit-identical to
+the codec's ``decode``, which the test suite checks for every built-in codec). Lowering is done
+once per tensor at load time and cached; the arrays are views or compact copies of the payload.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import attrs
+import numpy as np
+
+from .abc import Encoded
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh–Hadamard transform (Sylvester order) along the last axis (a power of 2)."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(y.shape[0], n // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = np.stack((a + b, a - b), axis=2)
+        h *= 2
+    return y.reshape(*lead, n)
+
+
+def fwht_blocks(x: np.ndarray, blocks) -> np.ndarray:
+    """Orthonormal block-diagonal Walsh–Hadamard transform along the last axis: :func:`fwht` of
+    each block, then the ``x.dtype`` scale 1/sqrt(b) (the butterflies every kernel reproduces)."""
+    out = np.empty_like(x)
+    start = 0
+    for b in blocks:
+        out[..., start : start + b] = fwht(x[..., start : start + b]) * x.dtype.type(1.0 / np.sqrt(b))
+        start += b
+    return out
+
+
+@attrs.frozen(eq=False)
+class HadamardTransform:
+    """``T = blockdiag(H_b / sqrt(b)) · diag(signs)`` over ``cols_p`` columns (blocks: powers of 2)."""
+
+    signs: np.ndarray  # float32 ±1, (cols_p,)
+    blocks: tuple[int, ...]
+
+    @property
+    def cols_p(self) -> int:
+        return int(self.signs.shape[0])
+
+    @property
+    def key(self) -> tuple:
+        """Equal keys mean equal transforms: matrices that share one share the rotated input."""
+        return (self.blocks, self.signs.tobytes())
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` (…, cols_p) times ``Tᵀ``."""
+        return fwht_blocks(x * self.signs.astype(x.dtype), self.blocks)
+
+    def unrotate(self, x: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` (…, cols_p) times ``T``."""
+        return fwht_blocks(x, self.blocks) * self.signs.astype(x.dtype)
+
+
+@attrs.frozen(eq=False)
+class Lowered:
+    """One matrix in the canonical layout (see the module docstring)."""
+
+    rows: int
+    cols: int
+    bits: int  # 2..8, or 32 for dense float32
+    group_size: int = 0
+    codes: np.ndarray | None = None  # uint8 (rows, cols_p), one code per byte
+    levels: np.ndarray | None = None  # float32 (2**bits,)
+    step: np.ndarray | None = None  # float32 (rows, ceil(cols_p / group_size))
+    offset: np.ndarray | None = None  # like step, or None
+    dense: np.ndarray | None = None  # float32 (rows, cols_p) when bits == 32
+    transform: HadamardTransform | None = None
+
+    def __attrs_post_init__(self):
+        self.check()
+
+    @property
+    def cols_p(self) -> int:
+        return int((self.dense if self.bits == 32 else self.codes).shape[1])
+
+    @property
+    def groups(self) -> int:
+        return -(-self.cols_p // self.group_size)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the arrays agree with each other and the contract."""
+        def want(name, arr, shape, dtype):
+            if arr is None or tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+                got = "missing" if arr is None else f"{arr.dtype}{list(arr.shape)}"
+                raise ValueError(f"lowered {name} is {got}, expected {np.dtype(dtype)}{list(shape)}")
+
+        if self.bits == 32:
+            if self.dense is None:
+                raise ValueError("lowered dense matrix is missing")
+            want("dense", self.dense, (self.rows, self.dense.shape[1]), np.float32)
+        else:
+            if not 2 <= self.bits <= 8 or self.group_size < 1 or self.codes is None:
+                raise ValueError(f"lowered layout needs bits in 2..8 or 32 and codes, got bits={self.bits}")
+            want("codes", self.codes, (self.rows, self.codes.shape[1]), np.uint8)
+            want("levels", self.levels, (2**self.bits,), np.float32)
+            want("step", self.step, (self.rows, self.groups), np.float32)
+            if self.offset is not None:
+                want("offset", self.offset, (self.rows, self.groups), np.float32)
+        if self.cols_p < self.cols:
+            raise ValueError(f"lowered width {self.cols_p} is narrower than the matrix ({self.cols})")
+        if self.transform is not None and self.transform.cols_p != self.cols_p:
+            raise ValueError(f"transform width {self.transform.cols_p} != lowered width {self.cols_p}")
+
+    def values(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``W_c`` (float32, cols_p wide), before the transform."""
+        if self.bits == 32:
+            return np.array(self.dense[start:stop], dtype=np.float32)
+        gs, cp = self.group_size, self.cols_p
+        col_group = np.arange(cp) // gs
+        w = self.levels[self.codes[start:stop]] * self.step[start:stop][:, col_group]
+        if self.offset is not None:
+            w += self.offset[start:stop][:, col_group]
+        return w
+
+    def decode_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``W`` (float32, cols wide): the numpy reference."""
+        w = self.values(start, stop)
+        if self.transform is not None:
+            w = self.transform.unrotate(w)
+        return np.ascontiguousarray(w[:, : self.cols])
+
+    def decode(self) -> np.ndarray:
+        return self.decode_rows(0, self.rows)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lower(encoded: Encoded, *, cache: bool = True) -> Lowered | None:
+    """``encoded`` in the canonical layout, or None when its codec has no lowering. Cached per
+    tensor unless ``cache=False`` (a caller that copies the arrays, like the native engine)."""
+    if cache and encoded in _CACHE:
+        return _CACHE[encoded]
+    fn = getattr(encoded.codec, "lower", None)
+    found = fn(encoded) if fn is not None else None
+    if found is not None and (found.rows, found.cols) != encoded.matrix_shape:
+        raise ValueError(
+            f"{encoded.codec.codec_id}: lowered to {found.rows}x{found.cols}, the tensor is "
+            f"{encoded.matrix_shape[0]}x{encoded.matrix_shape[1]}"
+        )
+    if cache:
+        _CACHE[encoded] = found
+    return found
