@@ -189,12 +189,19 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
                f"{bpw:.3f} bits/weight over {len(comp)} compressed tensors", err=True)
 
 
-def _load(path: str, backend: str | None):
+def engine_option():
+    """The ``--engine`` option of the commands that generate."""
+    return click.option("--engine", type=click.Choice(["auto", "native", "torch"]), default="auto", show_default=True,
+                        help="Run generation in the backend's native engine (auto: when the model lowers to it) "
+                             "or in the torch modules.")
+
+
+def _load(path: str, backend: str | None, engine: str = "auto"):
     from .convert import load_model
 
     backend = _check_backend(backend)
     try:
-        return load_model(path, backend)
+        return load_model(path, backend, engine=engine)
     except _model_errors() as exc:
         _fail(exc)
 
@@ -208,10 +215,16 @@ def _load(path: str, backend: str | None):
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
 @backend_option()
-def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend):
-    """Continue PROMPT with the language model in PATH, streaming tokens; stops at EOS."""
-    model = _load(path, backend)
+@engine_option()
+def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend, engine):
+    """Continue PROMPT with the language model in PATH, streaming tokens; stops at EOS or the context end."""
+    model = _load(path, backend, engine)
     try:
+        prompt_tokens = len(model.encode_prompt(prompt)) if hasattr(model, "max_new_tokens") else 0
+        room = model.max_new_tokens(prompt_tokens, max_tokens) if prompt_tokens else max_tokens
+        if room < max_tokens:
+            click.echo(f"rbe: note: --max-tokens {max_tokens} clamped to {room}: the prompt is {prompt_tokens} tokens "
+                       f"of the model's {model.context_length}-token context", err=True)
         for piece in model.stream(prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
             click.echo(piece, nl=False)
     except _model_errors() as exc:
@@ -253,15 +266,16 @@ def export(path, out):
 @backend_option("Compute backend for the compressed model (default: $RBE_BACKEND or the best available).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="torch intra-op and cffi threads (default: each one's own choice).")
+@engine_option()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
+def bench(path, prompt_tokens, new_tokens, backend, threads, engine, as_json):
     """Prefill/decode tokens per second and peak memory: the .rbe model vs the same model dense fp32."""
     from .models.bench import bench as run_bench
 
     backend = _check_backend(backend)
-    _load(path, backend)  # fail fast with a clear message before spawning workers
+    _load(path, backend, engine)  # fail fast with a clear message before spawning workers
     try:
-        rows = run_bench(path, backend, prompt_tokens, new_tokens, threads)
+        rows = run_bench(path, backend, prompt_tokens, new_tokens, threads, engine)
     except _model_errors() as exc:
         _fail(exc)
     if as_json:
@@ -269,9 +283,12 @@ def bench(path, prompt_tokens, new_tokens, backend, threads, as_json):
         return
     for r in rows:
         decode = f"decode {r['decode_tok_s']:8.1f} tok/s" if "decode_tok_s" in r else "decode      n/a"
-        click.echo(f"{r['variant'] + ' ' + r.get('backend', 'torch'):<16} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prompt_tokens']} tokens)  {decode}  "
+        split = r.get("decode_ms_per_token")
+        split_txt = ("  per token: " + ", ".join(f"{k} {v:.2f} ms" for k, v in split.items())) if split else ""
+        name = f"{r['variant']} {r.get('backend', 'torch')}/{r.get('engine', 'torch')}"
+        click.echo(f"{name:<18} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prompt_tokens']} tokens)  {decode}  "
                    f"peak RSS {r['peak_rss_mb']:7.1f} MB (after imports {r['base_rss_mb']:.1f} MB)  load {r['load_s']:.2f}s  "
-                   f"threads {r['threads']}  load {r['load_avg']:.2f}")
+                   f"threads {r['threads']}  load {r['load_avg']:.2f}{split_txt}")
 
 
 @main.command()

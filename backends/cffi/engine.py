@@ -43,42 +43,39 @@ class NativeDecoder:
         self._lock = threading.Lock()
         cfg = plan.config
         self.vocab, self.max_ctx = int(cfg["vocab"]), int(cfg["max_ctx"])
-        mats = {}
-        for layer, slot, weight, bias, transposed in plan.matrices:
-            low = lowered[weight] if lowered is not None else _lower(tensors[weight])
-            mats[(layer, slot)] = (weight, low, bias, transposed)
-        transforms: dict[tuple, int] = {}
-        for _, low, _, _ in mats.values():
-            if low.transform is not None:
-                transforms.setdefault(low.transform.key, len(transforms))
         c = ffi.new("rbe_engine_config *")
         for key in _CONFIG_INTS:
             setattr(c, key, int(cfg[key]))
         c.arch, c.eps, c.rope_theta = ARCHS[plan.arch], float(cfg["eps"]), float(cfg.get("rope_theta", 10000.0))
         c.rope_style, c.activation = ROPE[cfg["rope_style"]], ACTIVATIONS[cfg["activation"]]
-        c.n_transforms = len(transforms)
+        c.n_transforms = len(plan.matrices)  # an upper bound: ids are given as transforms appear
         handle = lib.rbe_engine_new(c)
         if handle == ffi.NULL:
             raise NativeUnavailableError("the native engine rejected the model config (or memory is short)")
         self._e = ffi.gc(handle, lib.rbe_engine_free)
-        done = set()
-        for _, low, _, _ in mats.values():
-            t = low.transform
-            if t is None or transforms[t.key] in done:
-                continue
-            blocks = np.asarray(t.blocks, dtype=np.int64)
-            self._check(lib.rbe_engine_set_transform(self._e, transforms[t.key], t.cols_p,
-                        ffi.from_buffer("float[]", _f32(t.signs)), ffi.from_buffer("long long[]", blocks),
-                        len(blocks)), "transform")
-            done.add(transforms[t.key])
-        for (layer, slot), (weight, low, bias, transposed) in mats.items():
-            self._set_matrix(layer, MATRIX_SLOTS[slot], weight, low, None if bias is None else tensors[bias].decode(),
-                             transposed, -1 if low.transform is None else transforms[low.transform.key])
+        transforms: dict[tuple, int] = {}
+        for layer, slot, weight, bias, transposed in plan.matrices:  # one lowered matrix alive at a time
+            low = lowered[weight] if lowered is not None else _lower(tensors[weight])
+            tf = -1
+            if low.transform is not None:
+                tf = transforms.get(low.transform.key, -1)
+                if tf < 0:
+                    tf = transforms[low.transform.key] = len(transforms)
+                    self._set_transform(tf, low.transform)
+            self._set_matrix(layer, MATRIX_SLOTS[slot], weight, low,
+                             None if bias is None else tensors[bias].decode(), transposed, tf)
+            del low
         for layer, slot, name in plan.vectors:
             v = _f32(tensors[name].decode().reshape(-1))
             self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],
                                                   ffi.from_buffer("float[]", v), v.size), f"vector {name}")
         self._epoch = 0
+
+    def _set_transform(self, tf: int, t) -> None:
+        blocks = np.asarray(t.blocks, dtype=np.int64)
+        self._check(self._lib.rbe_engine_set_transform(
+            self._e, tf, t.cols_p, self._ffi.from_buffer("float[]", _f32(t.signs)),
+            self._ffi.from_buffer("long long[]", blocks), len(blocks)), "a transform")
 
     def _set_matrix(self, layer, slot, name, low: Lowered, bias, transposed, tf):
         d, _keep = _desc(self._ffi, low, bias, transposed, tf)

@@ -29,7 +29,7 @@ def _rss_mb() -> float:
 
 
 def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_tokens: int,
-         threads: int | None) -> dict[str, Any]:
+         threads: int | None, engine: str = "auto") -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
         os.environ["RBE_CFFI_THREADS"] = str(threads)  # the cffi backend's own pool: same core count
@@ -39,27 +39,33 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
 
     base = _rss_mb()
     t0 = time.perf_counter()
-    model = load_model(path, backend, dense=dense)
+    model = load_model(path, backend, dense=dense, engine=engine)
     load_s = time.perf_counter() - t0
     causal = isinstance(model, CausalLM)
     limit = model.config["max_position"] - (new_tokens + 1 if causal else 0)
     n = max(1, min(prompt_tokens, limit))
     ids = torch.randint(0, model.config["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
     out: dict[str, Any] = {"variant": "dense-fp32" if dense else "rbe", "backend": "torch" if dense else get_backend(backend).name,
-                           "load_s": load_s, "prompt_tokens": n,
-                           "threads": torch.get_num_threads()}
+                           "engine": model.engine_name if causal else "torch", "load_s": load_s, "prompt_tokens": n,
+                           "threads": threads or torch.get_num_threads()}
     with torch.no_grad():
-        t0 = time.perf_counter()
-        res = model(ids)
-        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
-        if causal:
-            logits, past = res
+        if not causal:
+            t0 = time.perf_counter()
+            model(ids)
+            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        else:
+            t0 = time.perf_counter()
+            logits, state = model.start(ids[0].tolist())
+            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+            if model.native is not None:
+                model.native.profile()  # reset: the split below is of the decode steps only
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-                logits, past = model(tok, past)
+                logits, state = model.step(int(logits.argmax()), state)
             out["decode_tok_s"] = new_tokens / (time.perf_counter() - t0)
             out["new_tokens"] = new_tokens
+            if model.native is not None:
+                out["decode_ms_per_token"] = {k: 1000.0 * v / new_tokens for k, v in model.native.profile().items()}
     out.update(base_rss_mb=base, peak_rss_mb=_rss_mb(), load_avg=os.getloadavg()[0])
     return out
 
@@ -71,10 +77,11 @@ WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def bench(path: str, backend: str | None = None, prompt_tokens: int = 64, new_tokens: int = 32,
-          threads: int | None = None) -> list[dict[str, Any]]:
+          threads: int | None = None, engine: str = "auto") -> list[dict[str, Any]]:
     """Measure the .rbe model at ``path`` and its dense fp32 twin, one fresh process each
     (``threads`` sets torch's intra-op threads and the cffi backend's threads; default: their own
-    choice). ``load_avg`` in each row is the 1-minute load average when that variant finished:
+    choice; ``engine`` as in ``load_model``: a causal LM's steps run in the backend's native engine
+    when it has one, and each row says which ran, with the engine's per-token time split). ``load_avg`` in each row is the 1-minute load average when that variant finished:
     above the core count, other jobs shared the cores and both figures are pessimistic."""
     ctx = multiprocessing.get_context("spawn")
     rows = []
@@ -83,7 +90,7 @@ def bench(path: str, backend: str | None = None, prompt_tokens: int = 64, new_to
     try:
         for dense in (False, True):
             with ctx.Pool(1) as pool:
-                rows.append(pool.apply(_run, (str(path), backend, dense, prompt_tokens, new_tokens, threads)))
+                rows.append(pool.apply(_run, (str(path), backend, dense, prompt_tokens, new_tokens, threads, engine)))
     finally:
         for k in added:
             os.environ.pop(k, None)
