@@ -10,8 +10,7 @@ import numpy as np
 
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
-from rbe_core.arrays import as_weight
-from rbe_core.arrays import matrix_shape
+from rbe_core.arrays import as_weight, matrix_shape
 from rbe_core.errors import RBEFormatError
 from rbe_core.lowering import Lowered
 

@@ -16,7 +16,6 @@ from rbe_core.arrays import is_torch, to_numpy_f32
 
 from . import ops
 
-
 IMPORT_ERROR_HINT = "the C module is missing: "
 
 
