@@ -493,20 +493,7 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
             k->lut_gemv(L, j->x, r0, r1, y, scratch);
             continue;
         }
-        const int64_t cp = L->cols_p;
-        for (int64_t r = r0; r < r1; r += k->tile_rows) {
-            const int nr = (int)rbe_min(k->tile_rows, r1 - r);
-            const float *w = scratch;
-            if (L->kind == RBE_LUT_F32) {
-                w = L->dense + r * cp;
-            } else {
-                for (int i = 0; i < nr; i++) k->lut_decode(L, r + i, 0, cp, scratch + i * cp);
-            }
-            for (int64_t b0 = 0; b0 < j->n; b0 += k->tile_batch) {
-                const int nb = (int)rbe_min(k->tile_batch, j->n - b0);
-                k->dot_tile(w, cp, nr, j->x + b0 * j->ldx, j->ldx, nb, cp, y + b0 * j->ldy + r, j->ldy);
-            }
-        }
+        k->lut_gemm(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
     }
 }
 
@@ -557,7 +544,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
             j.count++, done++;
         }
-        parallel(e->nthreads, j.start[j.count], 16, lin_rows, &j);
+        parallel(e->nthreads, j.start[j.count], n == 1 ? 16 : e->kern->gemm_rows, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)
         if (ms[i]->bias)
@@ -654,28 +641,17 @@ typedef struct {
     float *out;     /* n x ldq, heads of head_dim */
 } att_job;
 
-/* (token, head) pairs [s, t): causal softmax attention over the cache. */
+/* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
 static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     att_job *j = ctx;
     const rbe_engine *e = j->e;
-    const rbe_kernels *k = e->kern;
-    const int64_t hd = e->c.head_dim, ctxn = e->c.max_ctx, heads = e->c.n_heads;
-    const int64_t rep = heads / e->c.n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float *sc = e->scratch[tid];
+    const int64_t hd = e->c.head_dim, kvh_n = e->c.n_kv_heads;
+    const int rep = e->c.n_heads / e->c.n_kv_heads;
     for (int64_t idx = s; idx < t; idx++) {
-        const int64_t i = idx / heads, h = idx % heads, kvh = h / rep, len = j->pos + i + 1;
-        const int64_t base = ((int64_t)j->layer * e->c.n_kv_heads + kvh) * ctxn * hd;
-        const float *q = j->q + i * j->ldq + h * hd;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < len; p++) {
-            sc[p] = k->dot(q, e->kc + base + p * hd, hd) * scale;
-            if (sc[p] > mx) mx = sc[p];
-        }
-        const float inv = 1.0f / k->exp_sum(sc, len, mx);
-        float *o = j->out + i * j->ldq + h * hd;
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t p = 0; p < len; p++) k->axpy(sc[p] * inv, e->vc + base + p * hd, o, hd);
+        const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
+        const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->c.max_ctx * hd;
+        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, e->kc + base, e->vc + base, len, hd,
+                              1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid]);
     }
 }
 
@@ -691,7 +667,7 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
             memcpy(e->vc + at, vv + i * ldkv + h * hd, (size_t)hd * sizeof(float));
         }
     att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
-    parallel(e->nthreads, n * e->c.n_heads, 1, attend, &j);
+    parallel(e->nthreads, n * e->c.n_kv_heads, 1, attend, &j);
     e->prof[1] += now() - t0;
 }
 
@@ -784,13 +760,13 @@ static int complete(rbe_engine *e) {
 /* Per-thread scratch for the widest panel any product or attention needs, and input/output
  * rows as wide as the widest padded matrix. */
 static int ensure_scratch(rbe_engine *e, int nthreads) {
-    int64_t need = e->c.max_ctx + e->width, io = e->width;
+    int64_t need = (int64_t)e->c.n_heads * e->c.max_ctx + e->width, io = e->width;
     const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
     for (int64_t i = 0; i < nm; i++) {
         const emat *m = &e->mats[i];
         if (!m->set) continue;
         const int64_t cp = m->lut.cols_p;
-        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->tile_rows * cp + m->lut.groups;
+        const int64_t want = m->transposed ? 64 * cp : (int64_t)(e->kern->gemm_rows + 1) * cp + 16 * e->kern->gemm_rows + m->lut.groups;
         if (want > need) need = want;
         if (cp > io) io = cp;
     }

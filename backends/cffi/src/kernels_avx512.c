@@ -11,6 +11,7 @@
 #define TILE_ROWS 4
 #define TILE_BATCH 4
 #define GRAD_BATCH 8
+#define GEMM_MR 8
 #define VF __m512
 
 #define vzero() _mm512_setzero_ps()

@@ -49,6 +49,55 @@ static float FN(exp_sum)(float *s, int64_t n, float shift) {
     return t;
 }
 
+/* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
+ * `len` rows of K and V (hd floats each): out + r * ldo = softmax(scale * q K^T) V. Each K and V
+ * row is loaded once for all `rep` heads. scores holds rep * len floats. */
+static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
+                             int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
+                             float *scores) {
+    const int64_t hv = hd - hd % VLEN;
+    for (int r0 = 0; r0 < rep; r0 += 4) {
+        const int nr = rep - r0 < 4 ? rep - r0 : 4;
+        for (int64_t p = 0; p < len; p++) {
+            const float *kp = K + p * hd;
+            VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t d = 0; d < hv; d += VLEN) {
+                const VF kv = vload(kp + d);
+                for (int r = 0; r < nr; r++) acc[r] = vfma(vload(q + (r0 + r) * ldq + d), kv, acc[r]);
+            }
+            for (int r = 0; r < nr; r++) {
+                float t = vhsum(acc[r]);
+                for (int64_t d = hv; d < hd; d++) t += q[(r0 + r) * ldq + d] * kp[d];
+                scores[(r0 + r) * len + p] = t * scale;
+            }
+        }
+    }
+    for (int r = 0; r < rep; r++) {
+        float *sr = scores + r * len, mx = -INFINITY;
+        for (int64_t p = 0; p < len; p++) mx = sr[p] > mx ? sr[p] : mx;
+        const float inv = 1.0f / FN(exp_sum)(sr, len, mx);
+        for (int64_t p = 0; p < len; p++) sr[p] *= inv;
+        memset(out + r * ldo, 0, (size_t)hd * sizeof(float));
+    }
+    for (int r0 = 0; r0 < rep; r0 += 4) {
+        const int nr = rep - r0 < 4 ? rep - r0 : 4;
+        for (int64_t d = 0; d < hv; d += VLEN) {
+            VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t p = 0; p < len; p++) {
+                const VF vv = vload(V + p * hd + d);
+                for (int r = 0; r < nr; r++) acc[r] = vfma(vset1(scores[(r0 + r) * len + p]), vv, acc[r]);
+            }
+            for (int r = 0; r < nr; r++) vstore(out + (r0 + r) * ldo + d, acc[r]);
+        }
+        for (int64_t d = hv; d < hd; d++)
+            for (int r = 0; r < nr; r++) {
+                float t = 0.0f;
+                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * V[p * hd + d];
+                out[(r0 + r) * ldo + d] = t;
+            }
+    }
+}
+
 /* Row r, columns [c0, c1) into w: levels[q] * step (+ offset), multiply then add, as decode. */
 static void FN(lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, float *w) {
     if (m->kind == RBE_LUT_F32) {
@@ -97,6 +146,9 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
             st[i] = m->step + ri * groups;
             acc[i] = vzero();
         }
+        /* the next rows' codes and steps, requested now: one core streams them too slowly alone */
+        for (int64_t pf = (r + GEMV_ROWS) * m->row_bytes; pf < rbe_min(r + 2 * GEMV_ROWS, r1) * m->row_bytes; pf += 64)
+            __builtin_prefetch(m->codes + pf);
         for (int64_t g = 0; g < groups; g++) {
             VF ga[GEMV_ROWS][NV];
             for (int i = 0; i < GEMV_ROWS; i++)
@@ -135,6 +187,51 @@ static void FN(lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r
         FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_NIBBLE);
     } else {
         FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_BYTE);
+    }
+}
+
+#ifndef GEMM_MR
+#define GEMM_MR 6 /* tokens per microkernel pass */
+#endif
+#define GEMM_NR (2 * VLEN) /* rows per decoded panel */
+
+/* Batched product: y[b * ldy + r] = dot(W[r], x[b * ldx]) for b < n, r in [r0, r1). Panels of
+ * GEMM_NR rows are decoded once, transposed (column c's GEMM_NR values contiguous), then each
+ * group of GEMM_MR tokens runs an outer-product microkernel: per column, GEMM_NR / VLEN vector
+ * loads and GEMM_MR broadcasts feed 2 * GEMM_MR FMAs, with no horizontal sums. scratch holds
+ * (GEMM_NR + 1) * cols_p + GEMM_MR * GEMM_NR floats. */
+static void FN(lut_gemm)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0,
+                         int64_t r1, float *y, int64_t ldy, float *scratch) {
+    const int64_t cp = m->cols_p;
+    float *panel = scratch, *row = scratch + GEMM_NR * cp, *out = row + cp;
+    for (int64_t r = r0; r < r1; r += GEMM_NR) {
+        const int nr = (int)rbe_min(GEMM_NR, r1 - r);
+        for (int i = 0; i < GEMM_NR; i++) {
+            if (i < nr) FN(lut_decode)(m, r + i, 0, cp, row);
+            for (int64_t c = 0; c < cp; c++) panel[c * GEMM_NR + i] = i < nr ? row[c] : 0.0f;
+        }
+        for (int64_t b = 0; b < n; b += GEMM_MR) {
+            const int nb = (int)rbe_min(GEMM_MR, n - b);
+            const float *xt[GEMM_MR];
+            VF acc[GEMM_MR][2];
+            for (int t = 0; t < GEMM_MR; t++) {
+                xt[t] = x + (b + (t < nb ? t : nb - 1)) * ldx; /* tail tokens repeat the last */
+                acc[t][0] = acc[t][1] = vzero();
+            }
+            for (int64_t c = 0; c < cp; c++) {
+                const VF w0 = vload(panel + c * GEMM_NR), w1 = vload(panel + c * GEMM_NR + VLEN);
+                for (int t = 0; t < GEMM_MR; t++) {
+                    const VF xv = vset1(xt[t][c]);
+                    acc[t][0] = vfma(w0, xv, acc[t][0]);
+                    acc[t][1] = vfma(w1, xv, acc[t][1]);
+                }
+            }
+            for (int t = 0; t < nb; t++) {
+                vstore(out + t * GEMM_NR, acc[t][0]);
+                vstore(out + t * GEMM_NR + VLEN, acc[t][1]);
+                memcpy(y + (b + t) * ldy + r, out + t * GEMM_NR, (size_t)nr * sizeof(float));
+            }
+        }
     }
 }
 

@@ -64,10 +64,20 @@ typedef struct {
                      float *scratch);
     void (*lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t c1, float *y,
                        float *scratch);
+    /* Batched product y[b * ldy + r] = dot(W[r], x[b * ldx]), b < n, r in [r0, r1): decoded
+     * panels of gemm_rows rows; scratch holds (gemm_rows + 1) * cols_p + 16 * gemm_rows floats. */
+    void (*lut_gemm)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0,
+                     int64_t r1, float *y, int64_t ldy, float *scratch);
+    int gemm_rows;
     /* Vector helpers for attention and norms. */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
+    /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (rows of hd
+     * floats); scores holds rep * len floats. */
+    void (*attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
+                         int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
+                         float *scores);
     int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 
