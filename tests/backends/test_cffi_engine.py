@@ -128,6 +128,20 @@ def test_gpt2_engine_matches_torch_modules(codec, tmp_path):
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_long_decode_splits_attention_over_positions(threads, tmp_path, monkeypatch):
+    """Past 256 cached positions a decode step's attention is split over positions and merged."""
+    monkeypatch.setenv(ops.THREADS_ENV, str(threads))
+    ref = tiny_llama(max_position_embeddings=400)
+    native, torch_path = _engine_and_reference(_save(ref, tmp_path, "int8"))
+    ids = torch.randint(0, ref.config.vocab_size, (1, 320), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = torch_path(ids)[0][0].numpy()
+    native.native.forward(ids[0, :300].numpy(), 0)
+    got = np.stack([native.native.forward(ids[0, t:t + 1].numpy(), t) for t in range(300, 320)])
+    assert float(np.abs(got - want[300:]).max()) <= MODEL_TOL * float(np.abs(want).max())
+
+
 def test_engine_errors_are_typed(tmp_path):
     ref = tiny_llama()
     model = rbe_core.load_model(_save(ref, tmp_path, "int8"), "cffi", engine="native")

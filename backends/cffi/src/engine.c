@@ -22,6 +22,7 @@
 #define V_SLOTS 4 /* per-layer vectors */
 #define CHUNK 64  /* tokens per prefill pass (bounds the scratch) */
 #define POOL_MAX 64
+#define ATT_PARTS 16 /* most parts a decode token's attention is split into */
 
 static double now(void) {
     struct timespec ts;
@@ -181,6 +182,7 @@ struct rbe_engine {
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
     /* per-chunk activations */
     float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *yr, *row;
+    float *attp; /* split decode attention: n_heads * ATT_PARTS * (head_dim + 2) */
     float *scratch[POOL_MAX];
     int64_t scratch_floats, io_floats; /* per-thread scratch; width of xr, yr and row */
     int64_t bytes;
@@ -218,7 +220,7 @@ void rbe_engine_free(rbe_engine *e) {
         free(e->tfs[i].blocks);
     }
     float *bufs[] = {e->kc, e->vc, e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
-                     e->att, e->f1, e->f2, e->xr, e->yr, e->row};
+                     e->att, e->f1, e->f2, e->xr, e->yr, e->row, e->attp};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
     free(e->mats);
@@ -260,8 +262,9 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     e->att = alloc_floats(CHUNK * e->width);
     e->f1 = alloc_floats(CHUNK * e->width);
     e->f2 = alloc_floats(CHUNK * e->width);
+    e->attp = alloc_floats((int64_t)c.n_heads * ATT_PARTS * (hd + 2));
     if (!e->mats || !e->vecs || !e->tfs || !e->kc || !e->vc || !e->rope_cos || !e->rope_sin ||
-        !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->f1 || !e->f2) {
+        !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->f1 || !e->f2 || !e->attp) {
         rbe_engine_free(e);
         return NULL;
     }
@@ -639,6 +642,8 @@ typedef struct {
     int64_t pos, ldq;
     const float *q; /* n x ldq, heads of head_dim */
     float *out;     /* n x ldq, heads of head_dim */
+    int64_t span;   /* split decode: positions per part */
+    int parts;
 } att_job;
 
 /* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
@@ -651,7 +656,29 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
         const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->c.max_ctx * hd;
         e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, e->kc + base, e->vc + base, len, hd,
-                              1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid]);
+                              1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid],
+                              NULL);
+    }
+}
+
+/* One decode token, (kv head, part of the positions) pairs [s, t): unnormalised partial outputs
+ * and their (max, sum) into attp, merged afterwards (the work of 3 kv heads splits evenly). */
+static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
+    att_job *j = ctx;
+    const rbe_engine *e = j->e;
+    const int64_t hd = e->c.head_dim, len = j->pos + 1;
+    const int rep = e->c.n_heads / e->c.n_kv_heads;
+    for (int64_t idx = s; idx < t; idx++) {
+        const int64_t g = idx / j->parts, part = idx % j->parts, p0 = part * j->span;
+        const int64_t cnt = rbe_min(j->span, len - p0);
+        float *slot = e->attp + idx * rep * (hd + 2);
+        if (cnt <= 0) {
+            for (int r = 0; r < rep; r++) slot[rep * hd + 2 * r] = -INFINITY, slot[rep * hd + 2 * r + 1] = 0.0f;
+            continue;
+        }
+        const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->c.max_ctx + p0) * hd;
+        e->kern->attend_group(j->q + g * rep * hd, hd, rep, e->kc + base, e->vc + base, cnt, hd,
+                              1.0f / sqrtf((float)hd), slot, hd, e->scratch[tid], slot + rep * hd);
     }
 }
 
@@ -667,7 +694,33 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
             memcpy(e->vc + at, vv + i * ldkv + h * hd, (size_t)hd * sizeof(float));
         }
     att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
-    parallel(e->nthreads, n * e->c.n_kv_heads, 1, attend, &j);
+    const int64_t len = pos + 1;
+    if (n > 1 || e->nthreads < 2 || len < 256) {
+        parallel(e->nthreads, n * e->c.n_kv_heads, 1, attend, &j);
+        e->prof[1] += now() - t0;
+        return;
+    }
+    const int rep = e->c.n_heads / e->c.n_kv_heads;
+    j.parts = e->nthreads * 2 > ATT_PARTS ? ATT_PARTS : e->nthreads * 2;
+    j.span = (len + j.parts - 1) / j.parts;
+    parallel(e->nthreads, (int64_t)e->c.n_kv_heads * j.parts, 1, attend_part, &j);
+    for (int g = 0; g < e->c.n_kv_heads; g++)
+        for (int r = 0; r < rep; r++) {
+            float mx = -INFINITY, total = 0.0f;
+            for (int pt = 0; pt < j.parts; pt++) {
+                const float m = e->attp[((int64_t)g * j.parts + pt) * rep * (hd + 2) + rep * hd + 2 * r];
+                mx = m > mx ? m : mx;
+            }
+            float *o = out + ((int64_t)g * rep + r) * hd;
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int pt = 0; pt < j.parts; pt++) {
+                const float *slot = e->attp + ((int64_t)g * j.parts + pt) * rep * (hd + 2);
+                const float w = slot[rep * hd + 2 * r] == -INFINITY ? 0.0f : expf(slot[rep * hd + 2 * r] - mx);
+                total += w * slot[rep * hd + 2 * r + 1];
+                for (int64_t d = 0; d < hd; d++) o[d] += w * slot[r * hd + d];
+            }
+            for (int64_t d = 0; d < hd; d++) o[d] /= total;
+        }
     e->prof[1] += now() - t0;
 }
 

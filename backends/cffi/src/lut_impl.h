@@ -51,10 +51,12 @@ static float FN(exp_sum)(float *s, int64_t n, float shift) {
 
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
  * `len` rows of K and V (hd floats each): out + r * ldo = softmax(scale * q K^T) V. Each K and V
- * row is loaded once for all `rep` heads. scores holds rep * len floats. */
+ * row is loaded once for all `rep` heads. scores holds rep * len floats. With ml, the output is
+ * left unnormalised (sum_p exp(s_p - max) V_p) and ml[2r], ml[2r + 1] get each head's max and sum
+ * of exponentials, so a split over positions can be merged. */
 static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
                              int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
-                             float *scores) {
+                             float *scores, float *ml) {
     const int64_t hv = hd - hd % VLEN;
     for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
@@ -75,8 +77,13 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *
     for (int r = 0; r < rep; r++) {
         float *sr = scores + r * len, mx = -INFINITY;
         for (int64_t p = 0; p < len; p++) mx = sr[p] > mx ? sr[p] : mx;
-        const float inv = 1.0f / FN(exp_sum)(sr, len, mx);
-        for (int64_t p = 0; p < len; p++) sr[p] *= inv;
+        const float sum = FN(exp_sum)(sr, len, mx);
+        if (ml) {
+            ml[2 * r] = mx, ml[2 * r + 1] = sum;
+        } else {
+            const float inv = 1.0f / sum;
+            for (int64_t p = 0; p < len; p++) sr[p] *= inv;
+        }
         memset(out + r * ldo, 0, (size_t)hd * sizeof(float));
     }
     for (int r0 = 0; r0 < rep; r0 += 4) {

@@ -74,10 +74,11 @@ typedef struct {
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
     /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (rows of hd
-     * floats); scores holds rep * len floats. */
+     * floats); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
+     * each head's (max, sum of exponentials), for merging a split over positions. */
     void (*attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
                          int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
-                         float *scores);
+                         float *scores, float *ml);
     int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 
