@@ -1,0 +1,57 @@
+"""``--engine`` on ``rbe infer`` / ``rbe bench``: the native engine is used and reported, a model
+that cannot use it says so, and ``infer`` stops at the model's context."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import rbe_core
+from rbe_core.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _model_helpers import tiny_llama, write_gguf  # noqa: E402
+
+_CFFI = next(b for b in rbe_core.list_backends() if b["name"] == "cffi")
+needs_cffi = pytest.mark.skipif(not _CFFI["available"], reason=f"cffi backend unavailable: {_CFFI['reason']}")
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-engine")
+    write_gguf(tiny_llama(tie_word_embeddings=True), tmp / "m.gguf")
+    return str(rbe_core.compress_model(tmp / "m.gguf", tmp / "m.rbe", codec="int8", progress=False))
+
+
+def test_infer_clamps_max_tokens_to_the_context(model_file):
+    code, out = run("infer", model_file, "--prompt", "the the", "--max-tokens", "100000", "--backend", "numpy")
+    assert code == 0, out
+    assert "clamped to" in out and "64-token context" in out
+
+
+@needs_cffi
+def test_infer_and_bench_run_the_native_engine(model_file):
+    code, out = run("-v", "infer", model_file, "--prompt", "the", "--max-tokens", "5", "--backend", "cffi")
+    assert code == 0 and "runs in its native engine" in out, out
+    code, out = run("bench", model_file, "--backend", "cffi", "--prompt-tokens", "8", "--new-tokens", "4", "--json")
+    assert code == 0, out
+    rows = json.loads(out[out.index("["):])
+    assert rows[0]["engine"] == "native" and set(rows[0]["decode_ms_per_token"]) == {"kernels", "attention", "rest"}
+    assert rows[1]["engine"] == "torch"  # the dense fp32 twin
+    code, out = run("bench", model_file, "--backend", "cffi", "--prompt-tokens", "8", "--new-tokens", "4",
+                    "--engine", "torch", "--json")
+    assert code == 0 and json.loads(out[out.index("["):])[0]["engine"] == "torch"
+
+
+def test_engine_native_without_one_is_a_clear_error(model_file):
+    code, out = run("infer", model_file, "--prompt", "the", "--backend", "numpy", "--engine", "native")
+    assert code == 2 and "no native engine" in out and "Traceback" not in out
