@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -245,11 +246,36 @@ def _parse_headers(raw: Mapping[str, str] | None, keys: set[str]) -> tuple[dict[
     return headers, user
 
 
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+           "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def _mapped_views(path: Path):
+    """name -> read-only numpy view of that tensor in the memory-mapped safetensors file (whose
+    header ``safetensors.safe_open`` has already validated)."""
+    with builtins.open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
+    if mm is None:
+        raise RBEFormatError(f"{path}: empty file")
+    (n,) = struct.unpack("<Q", mm[:8])
+    index = json.loads(mm[8:8 + n])
+
+    def view(key: str) -> np.ndarray:
+        entry = index[key]
+        start, stop = entry["data_offsets"]
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        arr = np.frombuffer(mm, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=8 + n + start)
+        return arr.reshape(entry["shape"])
+
+    return view
+
+
 class RBEFile(Mapping):
     """A lazily decoded .rbe file: a mapping tensor name -> ``Encoded``.
 
-    Payload bytes are read from the memory-mapped file on access; each access verifies the
-    checksum (``ChecksumError``) and the codec's payload checks (``RBEFormatError``).
+    Payload arrays are read-only views of the memory-mapped file (no copy: a model's weights
+    are resident once, as file pages); each access verifies the checksum (``ChecksumError``) and
+    the codec's payload checks (``RBEFormatError``).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -263,12 +289,13 @@ class RBEFile(Mapping):
         except Exception as exc:  # safetensors raises its own error types for malformed files
             raise RBEFormatError(f"{self.path}: not a readable safetensors/.rbe file: {exc}") from exc
         self.headers, self.metadata = _parse_headers(raw_meta, keys)
+        self._views = _mapped_views(self.path)
 
     def __getitem__(self, name: str) -> Encoded:
         h = self.headers[name]
         codec = get_codec(h["codec"], plugin=h["plugin"])
         try:
-            payload = {f: self._file.get_tensor(f"{name}/{f}") for f in h["fields"]}
+            payload = {f: self._views(f"{name}/{f}") for f in h["fields"]}
         except Exception as exc:
             raise RBEFormatError(f"tensor {name!r}: cannot read payload: {exc}") from exc
         enc = Encoded(codec=codec, shape=tuple(h["shape"]), payload=payload, dtype=h["dtype"], source=h["source"])
@@ -292,7 +319,7 @@ class RBEFile(Mapping):
         return "ok"
 
     def close(self) -> None:
-        self._file = None
+        self._file = self._views = None
 
     def __enter__(self) -> RBEFile:
         return self
