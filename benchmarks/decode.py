@@ -232,11 +232,11 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         peer = next((p for p in rows if p["threads"] == r["threads"] and p["variant"] == r.get("peer")), None)
-        ratio = (lambda k: f"{r[k] / peer[k]:.2f}×") if peer else (lambda k: "")
+        ratios = [f"{r[k] / peer[k]:.2f}×" if peer else "" for k in ("prefill", "decode")]
         split = r.get("split_ms")
         split_txt = " / ".join(f"{split[k]:.2f}" for k in ("kernels", "attention", "rest")) if split else ""
-        lines.append(f"| {r['threads']} | {r['variant']} | {r['prefill']:.0f} | {r['decode']:.1f} | {ratio('prefill')} | "
-                     f"{ratio('decode')} | {r['peak_rss_mb']:.0f} | {split_txt} |")
+        lines.append(f"| {r['threads']} | {r['variant']} | {r['prefill']:.0f} | {r['decode']:.1f} | {ratios[0]} | "
+                     f"{ratios[1]} | {r['peak_rss_mb']:.0f} | {split_txt} |")
     lines += ["", MARK_END, ""]
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -64,7 +65,12 @@ def row_steps(rows: int, cols: int, device: torch.device):
 
 
 def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # a read-only view of the mapped .rbe file: these tensors are only read
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a).to(device)
+    return torch.from_numpy(a).to(device)
 
 
 def _prep_int8(enc: Encoded, device: torch.device) -> dict[str, torch.Tensor]:
