@@ -98,12 +98,17 @@ def run_llama_cpp(path: str, lib_dir: str, threads: int, prompt: list[int], new:
     llm = Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, n_ubatch=512, verbose=False)
     load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+
+    def last_logits():  # the batch's only output row: its last token's
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(new):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(last_logits()))])
     decode = new / (time.perf_counter() - t0)
     return {"engine": "llama.cpp", "prefill": prefill, "decode": decode, "load_s": load_s}
 

@@ -438,23 +438,6 @@ static void add_into(float *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-/* Orthonormal block Walsh-Hadamard transform in place (the codec's butterfly order and scale). */
-static void fwht(float *v, const long long *blocks, int nblocks) {
-    for (int bi = 0; bi < nblocks; bi++) {
-        const int64_t b = blocks[bi];
-        for (int64_t h = 1; h < b; h *= 2)
-            for (int64_t i = 0; i < b; i += 2 * h)
-                for (int64_t t = i; t < i + h; t++) {
-                    const float a = v[t], c = v[t + h];
-                    v[t] = a + c;
-                    v[t + h] = a - c;
-                }
-        const float s = (float)(1.0 / sqrt((double)b));
-        for (int64_t t = 0; t < b; t++) v[t] *= s;
-        v += b;
-    }
-}
-
 /* out (cp wide) = pad(x) @ T^T (rotate) or pad(x) when m has no transform. */
 static void prepare_input(const rbe_engine *e, const emat *m, const float *x, float *out) {
     const int64_t cp = m->lut.cols_p;
@@ -462,7 +445,7 @@ static void prepare_input(const rbe_engine *e, const emat *m, const float *x, fl
         const etf *t = &e->tfs[m->tf];
         for (int64_t c = 0; c < m->cols; c++) out[c] = x[c] * t->signs[c];
         memset(out + m->cols, 0, (size_t)(cp - m->cols) * sizeof(float));
-        fwht(out, t->blocks, t->nblocks);
+        e->kern->fwht(out, t->blocks, t->nblocks);
     } else {
         memcpy(out, x, (size_t)m->cols * sizeof(float));
         memset(out + m->cols, 0, (size_t)(cp - m->cols) * sizeof(float));
@@ -570,7 +553,7 @@ static void linear(rbe_engine *e, const emat *m, const float *x, int64_t n, int6
         float *v = e->yr + b * cp;
         if (m->tf >= 0) { /* y = (x @ W_c) @ T */
             const etf *t = &e->tfs[m->tf];
-            fwht(v, t->blocks, t->nblocks);
+            e->kern->fwht(v, t->blocks, t->nblocks);
             for (int64_t c = 0; c < m->cols; c++) v[c] *= t->signs[c];
         }
         memcpy(y + b * ldy, v, (size_t)m->cols * sizeof(float));
@@ -585,7 +568,7 @@ static void matrix_row(rbe_engine *e, const emat *m, int64_t r, float *out) {
     e->kern->lut_decode(&m->lut, r, 0, m->lut.cols_p, v);
     if (m->tf >= 0) {
         const etf *t = &e->tfs[m->tf];
-        fwht(v, t->blocks, t->nblocks);
+        e->kern->fwht(v, t->blocks, t->nblocks);
         for (int64_t c = 0; c < m->cols; c++) v[c] *= t->signs[c];
     }
     memcpy(out, v, (size_t)m->cols * sizeof(float));
@@ -593,9 +576,8 @@ static void matrix_row(rbe_engine *e, const emat *m, int64_t r, float *out) {
 
 /* ---- norms, activations, RoPE, attention ---- */
 
-static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+static void rms_norm(const rbe_kernels *k, const float *x, const float *w, float eps, int64_t n, float *out) {
+    const float ss = k->dot(x, x, n);
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
 }
@@ -608,16 +590,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
     const float inv = 1.0f / sqrtf(var / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
-}
-
-static float activate(int kind, float v) {
-    switch (kind) {
-        case RBE_ACT_SILU_GATED: return v / (1.0f + expf(-v));
-        case RBE_ACT_GELU_TANH:
-            return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-        case RBE_ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-        default: return v > 0.0f ? v : 0.0f;
-    }
 }
 
 /* Rotate each head of v (heads x hd) for position p. */
@@ -730,7 +702,7 @@ static void llama_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
     const rbe_engine_config *c = &e->c;
     const int64_t W = e->width, h = c->hidden;
     double t0 = now();
-    for (int64_t i = 0; i < n; i++) rms_norm(e->x + i * W, vec(e, l, RBE_V_NORM1), c->eps, h, e->xn + i * W);
+    for (int64_t i = 0; i < n; i++) rms_norm(e->kern, e->x + i * W, vec(e, l, RBE_V_NORM1), c->eps, h, e->xn + i * W);
     e->prof[2] += now() - t0;
     const emat *qkv[3] = {mat(e, l, RBE_M_Q), mat(e, l, RBE_M_K), mat(e, l, RBE_M_V)};
     float *outs[3] = {e->q, e->k, e->v};
@@ -747,16 +719,14 @@ static void llama_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
     t0 = now();
     for (int64_t i = 0; i < n; i++) {
         add_into(e->x + i * W, e->f1 + i * W, h);
-        rms_norm(e->x + i * W, vec(e, l, RBE_V_NORM2), c->eps, h, e->xn + i * W);
+        rms_norm(e->kern, e->x + i * W, vec(e, l, RBE_V_NORM2), c->eps, h, e->xn + i * W);
     }
     e->prof[2] += now() - t0;
     const emat *gu[2] = {mat(e, l, RBE_M_GATE), mat(e, l, RBE_M_UP)};
     float *gu_out[2] = {e->f1, e->f2};
     linear_multi(e, gu, 2, e->xn, n, W, gu_out, W);
     t0 = now();
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t u = 0; u < c->intermediate; u++)
-            e->f1[i * W + u] = activate(RBE_ACT_SILU_GATED, e->f1[i * W + u]) * e->f2[i * W + u];
+    for (int64_t i = 0; i < n; i++) e->kern->activate(RBE_ACT_SILU_GATED, e->f1 + i * W, e->f2 + i * W, c->intermediate);
     e->prof[2] += now() - t0;
     linear(e, mat(e, l, RBE_M_DOWN), e->f1, n, W, e->f2, W);
     t0 = now();
@@ -783,9 +753,7 @@ static void gpt2_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
     e->prof[2] += now() - t0;
     linear(e, mat(e, l, RBE_M_UP), e->xn, n, W, e->f1, W);
     t0 = now();
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t u = 0; u < c->intermediate; u++)
-            e->f1[i * W + u] = activate(c->activation, e->f1[i * W + u]);
+    for (int64_t i = 0; i < n; i++) e->kern->activate(c->activation, e->f1 + i * W, NULL, c->intermediate);
     e->prof[2] += now() - t0;
     linear(e, mat(e, l, RBE_M_DOWN), e->f1, n, W, e->f2, W);
     t0 = now();
@@ -874,7 +842,7 @@ int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long
         if (!all_logits && done + m < n) continue;
         t0 = now();
         for (int64_t i = first; i < m; i++) {
-            if (c->arch == RBE_ARCH_LLAMA) rms_norm(e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
+            if (c->arch == RBE_ARCH_LLAMA) rms_norm(e->kern, e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
             else layer_norm(e->x + i * W, vec(e, -1, 0), vec(e, -1, 1), c->eps, h, e->xn + i * W);
         }
         e->prof[2] += now() - t0;

@@ -21,6 +21,7 @@
 #define vmul(a, b) _mm256_mul_ps((a), (b))
 #define vfma(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 
+#define vdiv(a, b) _mm256_div_ps((a), (b))
 #define vsub(a, b) _mm256_sub_ps((a), (b))
 /* expf by Cephes' polynomial on [-ln2/2, ln2/2] and an exponent shift; inputs below -87 give 0. */
 static inline __m256 vexp(__m256 x) {

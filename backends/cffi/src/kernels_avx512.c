@@ -22,6 +22,7 @@
 #define vmul(a, b) _mm512_mul_ps((a), (b))
 #define vfma(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define vhsum(v) _mm512_reduce_add_ps(v)
+#define vdiv(a, b) _mm512_div_ps((a), (b))
 #define vsub(a, b) _mm512_sub_ps((a), (b))
 /* expf by Cephes' polynomial on [-ln2/2, ln2/2] and an exponent shift; inputs below -87 give 0. */
 static inline __m512 vexp(__m512 x) {

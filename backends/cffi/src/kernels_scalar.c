@@ -50,6 +50,10 @@ static inline VF vsub(VF a, VF b) {
     for (int i = 0; i < VLEN; i++) a.v[i] -= b.v[i];
     return a;
 }
+static inline VF vdiv(VF a, VF b) {
+    for (int i = 0; i < VLEN; i++) a.v[i] /= b.v[i];
+    return a;
+}
 static inline VF vexp(VF a) {
     for (int i = 0; i < VLEN; i++) a.v[i] = expf(a.v[i]);
     return a;

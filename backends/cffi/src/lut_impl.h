@@ -105,6 +105,95 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *
     }
 }
 
+/* Sylvester Hadamard matrix of order 16 (its top-left 8 x 8 block is the order-8 one). */
+static const float FN(hadamard16)[256] = {
+     1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,
+     1, -1,  1, -1,  1, -1,  1, -1,  1, -1,  1, -1,  1, -1,  1, -1,
+     1,  1, -1, -1,  1,  1, -1, -1,  1,  1, -1, -1,  1,  1, -1, -1,
+     1, -1, -1,  1,  1, -1, -1,  1,  1, -1, -1,  1,  1, -1, -1,  1,
+     1,  1,  1,  1, -1, -1, -1, -1,  1,  1,  1,  1, -1, -1, -1, -1,
+     1, -1,  1, -1, -1,  1, -1,  1,  1, -1,  1, -1, -1,  1, -1,  1,
+     1,  1, -1, -1, -1, -1,  1,  1,  1,  1, -1, -1, -1, -1,  1,  1,
+     1, -1, -1,  1, -1,  1,  1, -1,  1, -1, -1,  1, -1,  1,  1, -1,
+     1,  1,  1,  1,  1,  1,  1,  1, -1, -1, -1, -1, -1, -1, -1, -1,
+     1, -1,  1, -1,  1, -1,  1, -1, -1,  1, -1,  1, -1,  1, -1,  1,
+     1,  1, -1, -1,  1,  1, -1, -1, -1, -1,  1,  1, -1, -1,  1,  1,
+     1, -1, -1,  1,  1, -1, -1,  1, -1,  1,  1, -1, -1,  1,  1, -1,
+     1,  1,  1,  1, -1, -1, -1, -1, -1, -1, -1, -1,  1,  1,  1,  1,
+     1, -1,  1, -1, -1,  1, -1,  1, -1,  1, -1,  1,  1, -1,  1, -1,
+     1,  1, -1, -1, -1, -1,  1,  1, -1, -1,  1,  1,  1,  1, -1, -1,
+     1, -1, -1,  1, -1,  1,  1, -1, -1,  1,  1, -1,  1, -1, -1,  1
+};
+
+/* Orthonormal block Walsh-Hadamard transform of v in place (blocks: powers of two). The stages
+ * within each VLEN-long chunk are one multiply by H_VLEN (VLEN broadcasts and FMAs, exact: the
+ * entries are +-1), the longer ones vector butterflies; then the float32 1/sqrt(b) scale. */
+static void FN(fwht)(float *v, const long long *blocks, int nblocks) {
+    for (int bi = 0; bi < nblocks; bi++) {
+        const int64_t b = blocks[bi];
+        int64_t h = 1;
+        if (b >= VLEN) {
+            for (int64_t c = 0; c < b; c += VLEN) {
+                VF acc = vzero();
+                for (int j = 0; j < VLEN; j++) acc = vfma(vset1(v[c + j]), vload(FN(hadamard16) + 16 * j), acc);
+                vstore(v + c, acc);
+            }
+            h = VLEN;
+        }
+        for (; h < b; h *= 2)
+            for (int64_t i = 0; i < b; i += 2 * h) {
+                if (h >= VLEN) {
+                    for (int64_t t = i; t < i + h; t += VLEN) {
+                        const VF a = vload(v + t), c = vload(v + t + h);
+                        vstore(v + t, vadd(a, c));
+                        vstore(v + t + h, vsub(a, c));
+                    }
+                } else {
+                    for (int64_t t = i; t < i + h; t++) {
+                        const float a = v[t], c = v[t + h];
+                        v[t] = a + c;
+                        v[t + h] = a - c;
+                    }
+                }
+            }
+        const VF s = vset1((float)(1.0 / sqrt((double)b)));
+        int64_t t = 0;
+        for (; t + VLEN <= b; t += VLEN) vstore(v + t, vmul(vload(v + t), s));
+        for (; t < b; t++) v[t] *= (float)(1.0 / sqrt((double)b));
+        v += b;
+    }
+}
+
+/* Activations in place over n values: kind 0 g = silu(g) * u (SwiGLU), 1 gelu (tanh form),
+ * 2 gelu (erf), 3 relu; u is only read for kind 0. */
+static void FN(activate)(int kind, float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    const VF one = vset1(1.0f), zero = vzero();
+    if (kind == 0) {
+        for (; i + VLEN <= n; i += VLEN) {
+            const VF x = vload(g + i);
+            const VF e = vexp(vsub(zero, x)); /* silu(x) = x / (1 + exp(-x)) */
+            vstore(g + i, vmul(vdiv(x, vadd(one, e)), vload(u + i)));
+        }
+        for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    } else if (kind == 1) {
+        const VF c0 = vset1(0.7978845608028654f), c1 = vset1(0.044715f), half = vset1(0.5f), two = vset1(2.0f);
+        for (; i + VLEN <= n; i += VLEN) {
+            const VF x = vload(g + i);
+            const VF z = vmul(c0, vadd(x, vmul(c1, vmul(x, vmul(x, x)))));
+            /* 1 + tanh(z) = 2 - 2 / (exp(2z) + 1) */
+            const VF t = vsub(two, vdiv(two, vadd(vexp(vmul(two, z)), one)));
+            vstore(g + i, vmul(half, vmul(x, t)));
+        }
+        for (; i < n; i++)
+            g[i] = 0.5f * g[i] * (1.0f + tanhf(0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i])));
+    } else if (kind == 2) {
+        for (; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + erff(g[i] * 0.7071067811865476f));
+    } else {
+        for (; i < n; i++) g[i] = g[i] > 0.0f ? g[i] : 0.0f;
+    }
+}
+
 /* Row r, columns [c0, c1) into w: levels[q] * step (+ offset), multiply then add, as decode. */
 static void FN(lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, float *w) {
     if (m->kind == RBE_LUT_F32) {

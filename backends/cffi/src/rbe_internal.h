@@ -79,6 +79,11 @@ typedef struct {
     void (*attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
                          int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
                          float *scores, float *ml);
+    /* Orthonormal block Walsh-Hadamard transform in place (blocks: powers of two summing to the
+     * length), Sylvester order, scaled by float32 1/sqrt(b) per block. */
+    void (*fwht)(float *v, const long long *blocks, int nblocks);
+    /* In place: kind 0 g = silu(g) * u, 1 gelu (tanh), 2 gelu (erf), 3 relu (u unused). */
+    void (*activate)(int kind, float *g, const float *u, int64_t n);
     int gemv_rows, tile_rows, tile_batch, grad_batch;
 } rbe_kernels;
 
