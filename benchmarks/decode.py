@@ -219,7 +219,9 @@ def in_child(kind: str, *args) -> dict:
     code = ("import json, sys; sys.path.insert(0, {here!r}); import decode as d; "
             "r = getattr(d, {fn!r})(*json.loads(sys.argv[1])); r['peak_rss_mb'] = d.peak_rss_mb(); print(json.dumps(r))")
     code = code.format(here=str(Path(__file__).parent), fn=kind)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+    env = dict(os.environ)
+    if kind == "run_rbe":  # torch's OpenMP workers sleep between regions (as in `rbe bench`); llama.cpp's
+        env.update(OMP_WAIT_POLICY="PASSIVE", OPENBLAS_NUM_THREADS="1")  # own OpenMP pool keeps its default
     res = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"{kind}{args[:3]} failed: {res.stderr.strip().splitlines()[-1:]}")

@@ -20,7 +20,7 @@ MODULE = "rbe_backends.cffi._kernels"
 PORTABLE_SOURCES = ["dispatch.c", "engine.c", "kernels_scalar.c"]
 #: Per-ISA sources and the only flags that differ for each (compiled by setup.py).
 ISA_SOURCES = {
-    "kernels_avx2.c": ["-mavx2", "-mfma"],
+    "kernels_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
     "kernels_avx512.c": ["-mavx512f", "-mavx512bw"],
 }
 #: No implicit FMA contraction: decode's "multiply, then add" must stay two roundings.

@@ -8,6 +8,7 @@ which repacks the codes (nibbles up to 4 bits, bytes above) and keeps its own KV
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -23,6 +24,10 @@ ACTIVATIONS = {"silu_gated": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 MATRIX_SLOTS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, "qkv": 7,
                 "embed": 0, "pos": 1, "head": 2}
 VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, "final_b": 1}
+#: ``RBE_ENGINE_KV``: the KV cache's element type (float16 by default, as llama.cpp's: half the
+#: memory and the attention's memory traffic; float32 for bit-level agreement with the torch path).
+KV_ENV = "RBE_ENGINE_KV"
+KV_TYPES = {"f16": 1, "f32": 0}
 _CONFIG_INTS = ("n_layers", "hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim", "vocab", "max_ctx")
 
 
@@ -36,8 +41,9 @@ class NativeDecoder:
     returns float32 logits of the last token, or of every token with ``all_logits``. One sequence
     at a time; calls are serialised by a lock."""
 
-    def __init__(self, plan, tensors, *, lowered=None):
-        """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``."""
+    def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None):
+        """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
+        ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16')."""
         lib, ffi = ops._require_lib(), ops.ffi
         self._lib, self._ffi = lib, ffi
         self._lock = threading.Lock()
@@ -49,6 +55,10 @@ class NativeDecoder:
         c.arch, c.eps, c.rope_theta = ARCHS[plan.arch], float(cfg["eps"]), float(cfg.get("rope_theta", 10000.0))
         c.rope_style, c.activation = ROPE[cfg["rope_style"]], ACTIVATIONS[cfg["activation"]]
         c.n_transforms = len(plan.matrices)  # an upper bound: ids are given as transforms appear
+        self.kv = kv or os.environ.get(KV_ENV, "").strip().lower() or "f16"
+        if self.kv not in KV_TYPES:
+            raise ValueError(f"{KV_ENV}={self.kv!r}: expected one of {', '.join(KV_TYPES)}")
+        c.kv_f16 = KV_TYPES[self.kv]
         handle = lib.rbe_engine_new(c)
         if handle == ffi.NULL:
             raise NativeUnavailableError("the native engine rejected the model config (or memory is short)")

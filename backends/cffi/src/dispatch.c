@@ -30,7 +30,8 @@ int rbe_isa_supported(void) {
     int mask = RBE_ISA_SCALAR;
 #ifdef RBE_WITH_X86_SIMD
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) mask |= RBE_ISA_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        mask |= RBE_ISA_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
         mask |= RBE_ISA_AVX512;
 #endif

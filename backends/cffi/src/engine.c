@@ -177,7 +177,8 @@ struct rbe_engine {
     emat *mats;  /* n_layers * M_SLOTS, then G_SLOTS globals */
     float **vecs; /* n_layers * V_SLOTS, then 2 globals */
     etf *tfs;
-    float *kc, *vc;          /* [layer][kv head][position][head_dim] */
+    void *kc, *vc;           /* [layer][kv head][position][head_dim], float16 or float32 */
+    int kv_half;
     float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
     /* per-chunk activations */
@@ -219,7 +220,8 @@ void rbe_engine_free(rbe_engine *e) {
         free(e->tfs[i].signs);
         free(e->tfs[i].blocks);
     }
-    float *bufs[] = {e->kc, e->vc, e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
+    free(e->kc), free(e->vc);
+    float *bufs[] = {e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
                      e->att, e->f1, e->f2, e->xr, e->yr, e->row, e->attp};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
@@ -236,7 +238,8 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     if ((c.arch != RBE_ARCH_LLAMA && c.arch != RBE_ARCH_GPT2) || c.n_layers < 1 || c.hidden < 1 ||
         c.intermediate < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
         c.head_dim < 2 || c.head_dim % 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
-        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 3)
+        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 3 || c.kv_f16 < 0 ||
+        c.kv_f16 > 1)
         return NULL;
     rbe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
@@ -247,8 +250,9 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     const int64_t hd = c.head_dim, qd = (int64_t)c.n_heads * hd, kvd = (int64_t)c.n_kv_heads * hd;
     const int64_t cache = (int64_t)c.n_layers * kvd * c.max_ctx;
     /* calloc: the cache's pages become resident only as positions are written */
-    e->kc = calloc((size_t)cache, sizeof(float));
-    e->vc = calloc((size_t)cache, sizeof(float));
+    e->kv_half = c.kv_f16 != 0;
+    e->kc = calloc((size_t)cache, e->kv_half ? 2 : 4);
+    e->vc = calloc((size_t)cache, e->kv_half ? 2 : 4);
     e->rope_cos = alloc_floats((int64_t)c.max_ctx * hd / 2);
     e->rope_sin = alloc_floats((int64_t)c.max_ctx * hd / 2);
     int64_t w = c.hidden > c.intermediate ? c.hidden : c.intermediate;
@@ -618,6 +622,11 @@ typedef struct {
     int parts;
 } att_job;
 
+/* The cache entry at element offset `at`. */
+static inline void *kv_row(const rbe_engine *e, void *cache, int64_t at) {
+    return (char *)cache + at * (e->kv_half ? 2 : 4);
+}
+
 /* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
 static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     att_job *j = ctx;
@@ -627,7 +636,8 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     for (int64_t idx = s; idx < t; idx++) {
         const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
         const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->c.max_ctx * hd;
-        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, e->kc + base, e->vc + base, len, hd,
+        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->kc, base),
+                              kv_row(e, e->vc, base), e->kv_half, len, hd,
                               1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid],
                               NULL);
     }
@@ -649,7 +659,8 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
             continue;
         }
         const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->c.max_ctx + p0) * hd;
-        e->kern->attend_group(j->q + g * rep * hd, hd, rep, e->kc + base, e->vc + base, cnt, hd,
+        e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->kc, base), kv_row(e, e->vc, base),
+                              e->kv_half, cnt, hd,
                               1.0f / sqrtf((float)hd), slot, hd, e->scratch[tid], slot + rep * hd);
     }
 }
@@ -662,8 +673,8 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
     for (int64_t i = 0; i < n; i++)
         for (int h = 0; h < e->c.n_kv_heads; h++) {
             const int64_t at = (((int64_t)layer * e->c.n_kv_heads + h) * ctxn + pos + i) * hd;
-            memcpy(e->kc + at, kk + i * ldkv + h * hd, (size_t)hd * sizeof(float));
-            memcpy(e->vc + at, vv + i * ldkv + h * hd, (size_t)hd * sizeof(float));
+            e->kern->kv_store(kv_row(e, e->kc, at), kk + i * ldkv + h * hd, hd, e->kv_half);
+            e->kern->kv_store(kv_row(e, e->vc, at), vv + i * ldkv + h * hd, hd, e->kv_half);
         }
     att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
     const int64_t len = pos + 1;

@@ -1,4 +1,4 @@
-/* AVX2 + FMA path. Compiled on its own with -mavx2 -mfma; only called after the dispatcher
+/* AVX2 + FMA + F16C path. Compiled on its own with -mavx2 -mfma -mf16c; only called after the dispatcher
  * checked the CPU with __builtin_cpu_supports. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -22,6 +22,8 @@
 #define vfma(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 
 #define vdiv(a, b) _mm256_div_ps((a), (b))
+#define vload_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define vstore_h(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 #define vsub(a, b) _mm256_sub_ps((a), (b))
 /* expf by Cephes' polynomial on [-ln2/2, ln2/2] and an exponent shift; inputs below -87 give 0. */
 static inline __m256 vexp(__m256 x) {

@@ -54,6 +54,14 @@ static inline VF vdiv(VF a, VF b) {
     for (int i = 0; i < VLEN; i++) a.v[i] /= b.v[i];
     return a;
 }
+static inline VF vload_h(const uint16_t *p) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = rbe_half_to_float(p[i]);
+    return r;
+}
+static inline void vstore_h(uint16_t *p, VF a) {
+    for (int i = 0; i < VLEN; i++) p[i] = rbe_float_to_half(a.v[i]);
+}
 static inline VF vexp(VF a) {
     for (int i = 0; i < VLEN; i++) a.v[i] = expf(a.v[i]);
     return a;

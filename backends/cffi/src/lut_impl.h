@@ -1,7 +1,8 @@
 /* Canonical-layout kernels (rbe_lut, see rbe_internal.h) shared by every ISA; included by
  * kern_impl.h. The ISA file provides: lutreg + FN(lutreg_load)(m) (the level table in
  * registers) and FN(lut_block32)(m, &t, p, VF out[NV]) (the 32 level values of one 32-column
- * block whose codes start at p), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
+ * block whose codes start at p), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
+ * even), vdiv(a, b), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
  * flushed to 0 below -87), on top of the vocabulary kern_impl.h documents. */
 #include <math.h>
 #include <string.h>
@@ -49,27 +50,35 @@ static float FN(exp_sum)(float *s, int64_t n, float shift) {
     return t;
 }
 
+/* One K or V row chunk of VLEN values at element offset o: float32, or float16 when half. */
+static inline VF FN(kv_load)(const void *base, int64_t o, int half) {
+    return half ? vload_h((const uint16_t *)base + o) : vload((const float *)base + o);
+}
+static inline float FN(kv_at)(const void *base, int64_t o, int half) {
+    return half ? rbe_half_to_float(((const uint16_t *)base)[o]) : ((const float *)base)[o];
+}
+
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
- * `len` rows of K and V (hd floats each): out + r * ldo = softmax(scale * q K^T) V. Each K and V
- * row is loaded once for all `rep` heads. scores holds rep * len floats. With ml, the output is
- * left unnormalised (sum_p exp(s_p - max) V_p) and ml[2r], ml[2r + 1] get each head's max and sum
- * of exponentials, so a split over positions can be merged. */
-static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
-                             int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
-                             float *scores, float *ml) {
+ * `len` rows of K and V (hd values each, float16 when half, else float32): out + r * ldo =
+ * softmax(scale * q K^T) V. Each K and V row is loaded once for all `rep` heads. scores holds
+ * rep * len floats. With ml, the output is left unnormalised (sum_p exp(s_p - max) V_p) and
+ * ml[2r], ml[2r + 1] get each head's max and sum of exponentials, so a split over positions can
+ * be merged. */
+static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
+                             int half, int64_t len, int64_t hd, float scale, float *out,
+                             int64_t ldo, float *scores, float *ml) {
     const int64_t hv = hd - hd % VLEN;
     for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
         for (int64_t p = 0; p < len; p++) {
-            const float *kp = K + p * hd;
             VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t d = 0; d < hv; d += VLEN) {
-                const VF kv = vload(kp + d);
+                const VF kv = FN(kv_load)(K, p * hd + d, half);
                 for (int r = 0; r < nr; r++) acc[r] = vfma(vload(q + (r0 + r) * ldq + d), kv, acc[r]);
             }
             for (int r = 0; r < nr; r++) {
                 float t = vhsum(acc[r]);
-                for (int64_t d = hv; d < hd; d++) t += q[(r0 + r) * ldq + d] * kp[d];
+                for (int64_t d = hv; d < hd; d++) t += q[(r0 + r) * ldq + d] * FN(kv_at)(K, p * hd + d, half);
                 scores[(r0 + r) * len + p] = t * scale;
             }
         }
@@ -84,14 +93,13 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *
             const float inv = 1.0f / sum;
             for (int64_t p = 0; p < len; p++) sr[p] *= inv;
         }
-        memset(out + r * ldo, 0, (size_t)hd * sizeof(float));
     }
     for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
         for (int64_t d = 0; d < hv; d += VLEN) {
             VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t p = 0; p < len; p++) {
-                const VF vv = vload(V + p * hd + d);
+                const VF vv = FN(kv_load)(V, p * hd + d, half);
                 for (int r = 0; r < nr; r++) acc[r] = vfma(vset1(scores[(r0 + r) * len + p]), vv, acc[r]);
             }
             for (int r = 0; r < nr; r++) vstore(out + (r0 + r) * ldo + d, acc[r]);
@@ -99,10 +107,22 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const float *
         for (int64_t d = hv; d < hd; d++)
             for (int r = 0; r < nr; r++) {
                 float t = 0.0f;
-                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * V[p * hd + d];
+                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * FN(kv_at)(V, p * hd + d, half);
                 out[(r0 + r) * ldo + d] = t;
             }
     }
+}
+
+/* dst[i] = src[i] for i < n, as float16 (round to nearest even) when half, else float32. */
+static void FN(kv_store)(void *dst, const float *src, int64_t n, int half) {
+    if (!half) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *h = dst;
+    int64_t i = 0;
+    for (; i + VLEN <= n; i += VLEN) vstore_h(h + i, vload(src + i));
+    for (; i < n; i++) h[i] = rbe_float_to_half(src[i]);
 }
 
 /* Sylvester Hadamard matrix of order 16 (its top-left 8 x 8 block is the order-8 one). */

@@ -48,6 +48,7 @@ typedef struct {
     int arch, n_layers, hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_ctx;
     float eps, rope_theta;
     int rope_style, activation, n_transforms;
+    int kv_f16; /* 1: the KV cache holds float16 (half the memory and traffic), 0: float32 */
 } rbe_engine_config;
 
 typedef struct {

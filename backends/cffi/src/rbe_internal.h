@@ -74,11 +74,13 @@ typedef struct {
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
     /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (rows of hd
-     * floats); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
+     * values, float16 when half, else float32); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
      * each head's (max, sum of exponentials), for merging a split over positions. */
-    void (*attend_group)(const float *q, int64_t ldq, int rep, const float *K, const float *V,
-                         int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
+    void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
+                         int half, int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
                          float *scores, float *ml);
+    /* K/V cache rows: n floats stored as float16 (round to nearest even) when half. */
+    void (*kv_store)(void *dst, const float *src, int64_t n, int half);
     /* Orthonormal block Walsh-Hadamard transform in place (blocks: powers of two summing to the
      * length), Sylvester order, scaled by float32 1/sqrt(b) per block. */
     void (*fwht)(float *v, const long long *blocks, int nblocks);
@@ -110,6 +112,26 @@ static inline float rbe_half_to_float(uint16_t h) {
     }
     v.u |= (uint32_t)(h & 0x8000u) << 16;
     return v.f;
+}
+
+/* binary32 -> binary16, round to nearest even (overflow to inf, NaN kept). */
+static inline uint16_t rbe_float_to_half(float f) {
+    union {
+        float f;
+        uint32_t u;
+    } v = {f};
+    const uint32_t sign = (v.u >> 16) & 0x8000u, abs = v.u & 0x7fffffffu;
+    if (abs >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+    if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (abs < 0x38800000u) { /* subnormal half (or zero): scale into the integer range, round */
+        union {
+            uint32_t u;
+            float f;
+        } a = {abs};
+        return (uint16_t)(sign | (uint32_t)__builtin_lrintf(a.f * 0x1p24f));
+    }
+    const uint32_t mant = abs + 0xfffu + ((abs >> 13) & 1u); /* round to nearest even at bit 13 */
+    return (uint16_t)(sign | ((mant - 0x38000000u) >> 13));
 }
 
 static inline int64_t rbe_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
