@@ -182,7 +182,7 @@ struct rbe_engine {
     float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
     /* per-chunk activations */
-    float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *yr, *row;
+    float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *xt, *yr, *row;
     float *attp; /* split decode attention: n_heads * ATT_PARTS * (head_dim + 2) */
     float *scratch[POOL_MAX];
     int64_t scratch_floats, io_floats; /* per-thread scratch; width of xr, yr and row */
@@ -222,7 +222,7 @@ void rbe_engine_free(rbe_engine *e) {
     }
     free(e->kc), free(e->vc);
     float *bufs[] = {e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
-                     e->att, e->f1, e->f2, e->xr, e->yr, e->row, e->attp};
+                     e->att, e->f1, e->f2, e->xr, e->xt, e->yr, e->row, e->attp};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
     free(e->mats);
@@ -463,6 +463,8 @@ typedef struct {
     int count;
     const float *x; /* n x ldx, prepared (padded / rotated) input */
     int64_t n, ldx;
+    const float *xt; /* n > 1: the same transposed, cols_p x ldt */
+    int64_t ldt;
     float *y[3];
     int64_t ldy;
 } lin_job;
@@ -483,7 +485,7 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
             k->lut_gemv(L, j->x, r0, r1, y, scratch);
             continue;
         }
-        k->lut_gemm(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
+        k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
     }
 }
 
@@ -529,12 +531,21 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
         const int64_t cp = first->lut.cols_p;
         for (int64_t b = 0; b < n; b++) prepare_input(e, first, x + b * ldx, e->xr + b * cp);
         j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
+        if (n > 1) { /* transposed for the batched kernel: tokens contiguous per column */
+            const int64_t nt = e->kern->gemm_tokens, ldt = (n + nt - 1) / nt * nt;
+            for (int64_t c = 0; c < cp; c++) {
+                float *col = e->xt + c * ldt;
+                for (int64_t b = 0; b < n; b++) col[b] = e->xr[b * cp + c];
+                memset(col + n, 0, (size_t)(ldt - n) * sizeof(float));
+            }
+            j.xt = e->xt, j.ldt = ldt;
+        }
         while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
             j.m[j.count] = ms[done], j.y[j.count] = ys[done];
             j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
             j.count++, done++;
         }
-        parallel(e->nthreads, j.start[j.count], n == 1 ? 16 : e->kern->gemm_rows, lin_rows, &j);
+        parallel(e->nthreads, j.start[j.count], n == 1 ? 16 : 2 * e->kern->gemm_rows, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)
         if (ms[i]->bias)
@@ -798,7 +809,7 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         const emat *m = &e->mats[i];
         if (!m->set) continue;
         const int64_t cp = m->lut.cols_p;
-        const int64_t want = m->transposed ? 64 * cp : (int64_t)(e->kern->gemm_rows + 1) * cp + 16 * e->kern->gemm_rows + m->lut.groups;
+        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->gemm_rows * (cp + e->kern->gemm_tokens) + m->lut.groups;
         if (want > need) need = want;
         if (cp > io) io = cp;
     }
@@ -807,10 +818,11 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         return 0;
     }
     for (int t = 0; t < POOL_MAX; t++) free(e->scratch[t]), e->scratch[t] = NULL;
-    free(e->xr), free(e->yr), free(e->row);
+    free(e->xr), free(e->xt), free(e->yr), free(e->row);
     e->scratch_floats = e->io_floats = 0, e->nthreads = 0;
     e->xr = alloc_floats(CHUNK * io), e->yr = alloc_floats(CHUNK * io), e->row = alloc_floats(io);
-    if (!e->xr || !e->yr || !e->row) return RBE_E_NOMEM;
+    e->xt = alloc_floats((CHUNK + 64) * io);
+    if (!e->xr || !e->xt || !e->yr || !e->row) return RBE_E_NOMEM;
     for (int t = 0; t < nthreads; t++)
         if (!(e->scratch[t] = alloc_floats(need))) return RBE_E_NOMEM;
     e->scratch_floats = need, e->io_floats = io, e->nthreads = nthreads;
@@ -874,7 +886,7 @@ void rbe_matrix_free(rbe_matrix *h) {
     free_mat(&h->m[0]);
     if (h->e.tfs) free(h->e.tfs[0].signs), free(h->e.tfs[0].blocks);
     free(h->e.tfs);
-    free(h->e.xr), free(h->e.yr), free(h->e.row);
+    free(h->e.xr), free(h->e.xt), free(h->e.yr), free(h->e.row);
     for (int t = 0; t < POOL_MAX; t++) free(h->e.scratch[t]);
     free(h);
 }

@@ -321,6 +321,6 @@ static void FN(had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *
 const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = {
     FN(int8_gemv), FN(int4_gemv),  FN(int8_decode), FN(int4_decode),
     FN(dot_tile),  FN(grad_tile),  FN(had_decode),  FN(had4_gemv),
-    FN(lut_decode), FN(lut_gemv),  FN(lut_gemv_t),  FN(lut_gemm),  GEMM_NR, FN(vdot),       FN(vaxpy),      FN(exp_sum),   FN(attend_group), FN(kv_store), FN(fwht), FN(activate),
+    FN(lut_decode), FN(lut_gemv),  FN(lut_gemv_t),  FN(lut_gemm),  GEMM_NT, GEMM_MR, FN(vdot),       FN(vaxpy),      FN(exp_sum),   FN(attend_group), FN(kv_store), FN(fwht), FN(activate),
     GEMV_ROWS,     TILE_ROWS,      TILE_BATCH,     GRAD_BATCH,
 };

@@ -307,46 +307,44 @@ static void FN(lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r
 }
 
 #ifndef GEMM_MR
-#define GEMM_MR 6 /* tokens per microkernel pass */
+#define GEMM_MR 6 /* rows per microkernel pass */
 #endif
-#define GEMM_NR (2 * VLEN) /* rows per decoded panel */
+#define GEMM_NT (2 * VLEN) /* tokens per microkernel pass */
 
-/* Batched product: y[b * ldy + r] = dot(W[r], x[b * ldx]) for b < n, r in [r0, r1). Panels of
- * GEMM_NR rows are decoded once, transposed (column c's GEMM_NR values contiguous), then each
- * group of GEMM_MR tokens runs an outer-product microkernel: per column, GEMM_NR / VLEN vector
- * loads and GEMM_MR broadcasts feed 2 * GEMM_MR FMAs, with no horizontal sums. scratch holds
- * (GEMM_NR + 1) * cols_p + GEMM_MR * GEMM_NR floats. */
-static void FN(lut_gemm)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0,
+/* Batched product y[b * ldy + r] = dot(W[r], x_b) for b < n, r in [r0, r1), with the input
+ * transposed: xt[c * ldt + b] (ldt a multiple of GEMM_NT, tokens past n zero). GEMM_MR rows are
+ * decoded once into scratch, then per column one broadcast of each row's weight and two vector
+ * loads of GEMM_NT tokens feed 2 * GEMM_MR FMAs: no transposition of weights and no horizontal
+ * sums. scratch holds GEMM_MR * (cols_p + GEMM_NT) floats. */
+static void FN(lut_gemm)(const rbe_lut *m, const float *xt, int64_t ldt, int64_t n, int64_t r0,
                          int64_t r1, float *y, int64_t ldy, float *scratch) {
     const int64_t cp = m->cols_p;
-    float *panel = scratch, *row = scratch + GEMM_NR * cp, *out = row + cp;
-    for (int64_t r = r0; r < r1; r += GEMM_NR) {
-        const int nr = (int)rbe_min(GEMM_NR, r1 - r);
-        for (int i = 0; i < GEMM_NR; i++) {
-            if (i < nr) FN(lut_decode)(m, r + i, 0, cp, row);
-            for (int64_t c = 0; c < cp; c++) panel[c * GEMM_NR + i] = i < nr ? row[c] : 0.0f;
+    float *panel = scratch, *out = scratch + GEMM_MR * cp;
+    for (int64_t r = r0; r < r1; r += GEMM_MR) {
+        const int nr = (int)rbe_min(GEMM_MR, r1 - r);
+        for (int i = 0; i < GEMM_MR; i++) {
+            if (i < nr) FN(lut_decode)(m, r + i, 0, cp, panel + i * cp);
+            else memset(panel + i * cp, 0, (size_t)cp * sizeof(float));
         }
-        for (int64_t b = 0; b < n; b += GEMM_MR) {
-            const int nb = (int)rbe_min(GEMM_MR, n - b);
-            const float *xt[GEMM_MR];
+        for (int64_t b = 0; b < n; b += GEMM_NT) {
             VF acc[GEMM_MR][2];
-            for (int t = 0; t < GEMM_MR; t++) {
-                xt[t] = x + (b + (t < nb ? t : nb - 1)) * ldx; /* tail tokens repeat the last */
-                acc[t][0] = acc[t][1] = vzero();
-            }
-            for (int64_t c = 0; c < cp; c++) {
-                const VF w0 = vload(panel + c * GEMM_NR), w1 = vload(panel + c * GEMM_NR + VLEN);
-                for (int t = 0; t < GEMM_MR; t++) {
-                    const VF xv = vset1(xt[t][c]);
-                    acc[t][0] = vfma(w0, xv, acc[t][0]);
-                    acc[t][1] = vfma(w1, xv, acc[t][1]);
+            for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = vzero();
+            const float *xc = xt + b;
+            for (int64_t c = 0; c < cp; c++, xc += ldt) {
+                const VF x0 = vload(xc), x1 = vload(xc + VLEN);
+                for (int i = 0; i < GEMM_MR; i++) {
+                    const VF w = vset1(panel[i * cp + c]);
+                    acc[i][0] = vfma(w, x0, acc[i][0]);
+                    acc[i][1] = vfma(w, x1, acc[i][1]);
                 }
             }
-            for (int t = 0; t < nb; t++) {
-                vstore(out + t * GEMM_NR, acc[t][0]);
-                vstore(out + t * GEMM_NR + VLEN, acc[t][1]);
-                memcpy(y + (b + t) * ldy + r, out + t * GEMM_NR, (size_t)nr * sizeof(float));
+            const int nb = (int)rbe_min(GEMM_NT, n - b);
+            for (int i = 0; i < nr; i++) {
+                vstore(out + i * GEMM_NT, acc[i][0]);
+                vstore(out + i * GEMM_NT + VLEN, acc[i][1]);
             }
+            for (int t = 0; t < nb; t++)
+                for (int i = 0; i < nr; i++) y[(b + t) * ldy + r + i] = out[i * GEMM_NT + t];
         }
     }
 }

@@ -64,11 +64,12 @@ typedef struct {
                      float *scratch);
     void (*lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t c1, float *y,
                        float *scratch);
-    /* Batched product y[b * ldy + r] = dot(W[r], x[b * ldx]), b < n, r in [r0, r1): decoded
-     * panels of gemm_rows rows; scratch holds (gemm_rows + 1) * cols_p + 16 * gemm_rows floats. */
-    void (*lut_gemm)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0,
+    /* Batched product y[b * ldy + r] = dot(W[r], x_b), b < n, r in [r0, r1), from the transposed
+     * input xt[c * ldt + b] (ldt a multiple of gemm_tokens; columns past n zero); scratch holds
+     * gemm_rows * (cols_p + gemm_tokens) floats. */
+    void (*lut_gemm)(const rbe_lut *m, const float *xt, int64_t ldt, int64_t n, int64_t r0,
                      int64_t r1, float *y, int64_t ldy, float *scratch);
-    int gemm_rows;
+    int gemm_tokens, gemm_rows;
     /* Vector helpers for attention and norms. */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
