@@ -356,8 +356,8 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         L->kind = RBE_LUT_F32, L->dense = w;
         e->bytes += rows * cp * 4;
     } else {
-        const int nib = d->bits <= 4;
-        const int64_t rb = nib ? cp / 2 : cp;
+        const int nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
+        const int64_t bb = nib ? 16 : planes ? 16 + 4 * planes : 32, rb = cp / 32 * bb;
         uint8_t *q = aligned_alloc(64, (size_t)((rows * rb + 63) / 64 * 64));
         float *st = alloc_floats(rows * groups);
         float *off = d->offset ? alloc_floats(rows * groups) : NULL;
@@ -372,8 +372,12 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
             memset(dst, 0, (size_t)rb); /* padding columns: code 0, meeting a zero input */
             for (int64_t c = 0; c < cols_p; c++) {
                 const unsigned code = src[c] & mask;
-                if (nib) dst[(c / 32) * 16 + (c % 16)] |= (uint8_t)(code << (c % 32 >= 16 ? 4 : 0));
-                else dst[c] = (uint8_t)code;
+                uint8_t *blk = dst + (c / 32) * bb;
+                const int t = (int)(c % 32);
+                if (nib || planes) blk[t % 16] |= (uint8_t)((code & 15u) << (t >= 16 ? 4 : 0));
+                else blk[t] = (uint8_t)code;
+                for (int k = 0; k < planes; k++)
+                    blk[16 + 4 * k + t / 8] |= (uint8_t)(((code >> (4 + k)) & 1u) << (t % 8));
             }
         }
         memcpy(st, d->step, (size_t)(rows * groups) * sizeof(float));
@@ -384,8 +388,8 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         L->a0 = L->levels[0], L->da = L->levels[1] - L->levels[0], L->affine = 1;
         for (int i = 0; i < n; i++)
             if (fmaf((float)i, L->da, L->a0) != L->levels[i]) L->affine = 0;
-        L->kind = nib ? RBE_LUT_NIBBLE : RBE_LUT_BYTE;
-        L->codes = q, L->row_bytes = rb, L->step = st, L->offset = off;
+        L->kind = nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
+        L->codes = q, L->row_bytes = rb, L->block_bytes = bb, L->step = st, L->offset = off;
         e->bytes += rows * rb + rows * groups * 4 * (off ? 2 : 1);
     }
     m->rows = rows, m->cols = d->cols, m->cols_p = cols_p;

@@ -130,6 +130,14 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
         out[1] = lookup8(_mm_srli_si128(lo, 8), t->t);
         out[2] = lookup8(hi, t->t);
         out[3] = lookup8(_mm_srli_si128(hi, 8), t->t);
+    } else if (m->kind == RBE_LUT_PLANES) { /* rebuild byte codes, then as BYTE */
+        uint8_t codes[32];
+        for (int j = 0; j < 32; j++) {
+            unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
+            for (int k = 0; k < m->bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
+            codes[j] = (uint8_t)code;
+        }
+        for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, codes + 8 * k);
     } else {
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, p + 8 * k);
     }

@@ -2,6 +2,7 @@
  * dispatcher checked the CPU with __builtin_cpu_supports. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "rbe_internal.h"
 
@@ -184,7 +185,7 @@ static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_
 /* Canonical layout: tables of up to 64 levels live in registers (vpermps for 16, vpermt2ps for
  * 32, two of them and a blend for 64); affine levels (uniform grids, int8) are a convert; other
  * 7- and 8-bit tables are gathered. */
-enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER };
+enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6 };
 typedef struct {
     __m512 t0, t1, t2, t3, a0, da;
     const float *levels;
@@ -198,6 +199,7 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     t.a0 = _mm512_set1_ps(m->a0), t.da = _mm512_set1_ps(m->da);
     t.levels = lv;
     if (m->kind == RBE_LUT_NIBBLE) t.mode = LUT_PERM16;
+    else if (m->kind == RBE_LUT_PLANES) t.mode = m->bits == 5 ? LUT_PLANES5 : LUT_PLANES6;
     else if (m->affine) t.mode = LUT_AFFINE;
     else if (m->bits <= 5) t.mode = LUT_PERM32;
     else if (m->bits == 6) t.mode = LUT_PERM64;
@@ -224,6 +226,23 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
         out[0] = _mm512_permutexvar_ps(b, t->t0); /* vpermps reads the low 4 index bits */
         out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t->t0);
+    } else if (t->mode == LUT_PLANES5 || t->mode == LUT_PLANES6) {
+        /* low nibble through 16-entry tables; the high bits, as masks, pick the table */
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+        const __m512i idx[2] = {b, _mm512_srli_epi32(b, 4)};
+        uint32_t w0, w1 = 0;
+        memcpy(&w0, p + 16, 4);
+        if (t->mode == LUT_PLANES6) memcpy(&w1, p + 20, 4);
+        for (int h = 0; h < 2; h++) {
+            const __mmask16 k0 = (__mmask16)(w0 >> (16 * h)), k1 = (__mmask16)(w1 >> (16 * h));
+            const __m512 lo = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx[h], t->t0), k0, idx[h], t->t1);
+            if (t->mode == LUT_PLANES5) {
+                out[h] = lo;
+            } else {
+                const __m512 hi = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx[h], t->t2), k0, idx[h], t->t3);
+                out[h] = _mm512_mask_blend_ps(k1, lo, hi);
+            }
+        }
     } else {
         out[0] = lut_bytes16(t, p);
         out[1] = lut_bytes16(t, p + 16);

@@ -110,6 +110,12 @@ static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const u
             out[j / VLEN].v[j % VLEN] = t->levels[p[j] & 15];
             out[(j + 16) / VLEN].v[(j + 16) % VLEN] = t->levels[p[j] >> 4];
         }
+    } else if (m->kind == RBE_LUT_PLANES) {
+        for (int j = 0; j < 32; j++) {
+            unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
+            for (int k = 0; k < m->bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
+            out[j / VLEN].v[j % VLEN] = t->levels[code];
+        }
     } else {
         for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[p[j]];
     }

@@ -8,15 +8,17 @@
  * levels[code[r, c]] * step[r, g] (+ offset[r, g]), g = c / gs, evaluated as a float32 multiply
  * then a float32 add (decode's exact arithmetic), or plain float32 values (kind RBE_LUT_F32).
  * cols_p and gs are multiples of 32; columns past the logical width meet a zero input. */
-enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3 };
+enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3, RBE_LUT_PLANES = 4 };
 typedef struct {
     int64_t rows, cols_p, gs, groups;
     int kind, bits;
     int affine;        /* levels[k] == a0 + k * da exactly (RBE_LUT_BYTE uses a convert) */
     float a0, da;
-    const uint8_t *codes; /* NIBBLE: per 32-column block 16 bytes, byte t = code[t] | code[t + 16] << 4;
-                             BYTE: one code per byte; row stride row_bytes */
-    int64_t row_bytes;
+    const uint8_t *codes; /* per 32-column block of block_bytes, rows row_bytes apart. NIBBLE: 16
+                             bytes, byte t = code[t] | code[t + 16] << 4; BYTE: one code per
+                             byte; PLANES (5, 6 bits): the low nibbles as NIBBLE, then per higher
+                             bit k a 32-bit little-endian word whose bit t is bit 4 + k of code t */
+    int64_t row_bytes, block_bytes;
     const float *dense; /* F32: rows x cols_p */
     const float *step, *offset; /* rows x groups; offset may be NULL */
     float levels[256];
