@@ -465,6 +465,7 @@ class HadamardCodec(Codec):
             codes=np.ascontiguousarray(unpack_codes(p["codes"], cols_p, self.bits)),
             levels=self.levels(), step=group_steps(p["row_scale"], p["scale_code"]),
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
+            step_row=p["row_scale"], step_code=p["scale_code"],
         )
 
     def rotate_input(self, x: np.ndarray, cols: int) -> np.ndarray:

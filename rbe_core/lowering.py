@@ -91,6 +91,11 @@ class Lowered:
     offset: np.ndarray | None = None  # like step, or None
     dense: np.ndarray | None = None  # float32 (rows, cols_p) when bits == 32
     transform: HadamardTransform | None = None
+    #: optional factorisation of ``step`` (no offset): ``step == step_row[:, None] * step_code``
+    #: (float32 product) with ``step_row`` float32 (rows,) and ``step_code`` uint8 (rows, groups);
+    #: kernels may store it instead (5 bytes a row-group less memory traffic per 4)
+    step_row: np.ndarray | None = None
+    step_code: np.ndarray | None = None
 
     def __attrs_post_init__(self):
         self.check()
@@ -122,6 +127,14 @@ class Lowered:
             want("step", self.step, (self.rows, self.groups), np.float32)
             if self.offset is not None:
                 want("offset", self.offset, (self.rows, self.groups), np.float32)
+        if (self.step_row is None) != (self.step_code is None):
+            raise ValueError("lowered step_row and step_code come together")
+        if self.step_row is not None:
+            want("step_row", self.step_row, (self.rows,), np.float32)
+            want("step_code", self.step_code, (self.rows, self.groups), np.uint8)
+            if self.offset is not None or not np.array_equal(
+                    self.step_row[:, None] * self.step_code.astype(np.float32), self.step):
+                raise ValueError("lowered step is not step_row * step_code (or there is an offset)")
         if self.cols_p < self.cols:
             raise ValueError(f"lowered width {self.cols_p} is narrower than the matrix ({self.cols})")
         if self.transform is not None and self.transform.cols_p != self.cols_p:

@@ -21,7 +21,7 @@ PORTABLE_SOURCES = ["dispatch.c", "engine.c", "kernels_scalar.c"]
 #: Per-ISA sources and the only flags that differ for each (compiled by setup.py).
 ISA_SOURCES = {
     "kernels_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
-    "kernels_avx512.c": ["-mavx512f", "-mavx512bw"],
+    "kernels_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
 }
 #: No implicit FMA contraction: decode's "multiply, then add" must stay two roundings.
 COMMON_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]

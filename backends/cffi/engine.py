@@ -168,6 +168,9 @@ def _desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1):
         d.step = ptr("float[]", _f32(low.step))
         if low.offset is not None:
             d.offset = ptr("float[]", _f32(low.offset))
+        if low.step_row is not None:
+            d.step_row = ptr("float[]", _f32(low.step_row))
+            d.step_code = ptr("unsigned char[]", np.ascontiguousarray(low.step_code, dtype=np.uint8))
     if bias is not None:
         d.bias = ptr("float[]", _f32(bias).reshape(-1))
     return d, keep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import platform
 import sys
 import threading
 import time
@@ -69,6 +70,13 @@ def test_registered_with_features(cffi):
     assert "scalar" in feats and f"active={ops.active_isa()}" in feats
     assert set(feats[: len(ops.supported_isas())]) <= set(ops.ISAS)
     assert cffi.supports("int8") and cffi.supports("int4") and not cffi.supports("raw")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="SIMD paths are x86 only")
+def test_simd_paths_are_built_on_x86():
+    """A per-ISA file that fails to compile leaves a scalar-only module (setup.py only warns):
+    on x86 both SIMD paths must be in the build."""
+    assert {"avx2", "avx512"} <= set(ops.compiled_isas())
 
 
 def test_forced_isa_is_reported_active(isa):

@@ -206,6 +206,10 @@ static void free_mat(emat *m) {
     free((void *)m->lut.dense);
     free((void *)m->lut.step);
     free((void *)m->lut.offset);
+    free((void *)m->lut.step16);
+    free((void *)m->lut.offset16);
+    free((void *)m->lut.row_scale);
+    free((void *)m->lut.step_code);
     free(m->bias);
     memset(m, 0, sizeof(*m));
 }
@@ -331,6 +335,45 @@ static int slot_shape(const rbe_engine *e, int layer, int slot, int64_t *out, in
     return 0;
 }
 
+static int exact_half(float v) { return rbe_half_to_float(rbe_float_to_half(v)) == v; }
+
+/* The steps and offsets of d in their most compact exact form (see rbe_lut). */
+static int load_steps(rbe_engine *e, rbe_lut *L, const rbe_matrix_desc *d, int64_t rows, int64_t groups) {
+    const int64_t n = rows * groups;
+    L->has_offset = d->offset != NULL;
+    if (d->step_row && d->step_code && !d->offset) {
+        float *rs = alloc_floats(rows);
+        uint8_t *sc = malloc((size_t)n);
+        if (!rs || !sc) return free(rs), free(sc), RBE_E_NOMEM;
+        memcpy(rs, d->step_row, (size_t)rows * sizeof(float));
+        memcpy(sc, d->step_code, (size_t)n);
+        L->step_kind = RBE_STEP_CODE, L->row_scale = rs, L->step_code = sc;
+        e->bytes += rows * 4 + n;
+        return 0;
+    }
+    int half = 1;
+    for (int64_t i = 0; half && i < n; i++)
+        half = exact_half(d->step[i]) && (!d->offset || exact_half(d->offset[i]));
+    if (half) {
+        uint16_t *st = malloc((size_t)n * 2), *off = d->offset ? malloc((size_t)n * 2) : NULL;
+        if (!st || (d->offset && !off)) return free(st), free(off), RBE_E_NOMEM;
+        for (int64_t i = 0; i < n; i++) {
+            st[i] = rbe_float_to_half(d->step[i]);
+            if (off) off[i] = rbe_float_to_half(d->offset[i]);
+        }
+        L->step_kind = RBE_STEP_F16, L->step16 = st, L->offset16 = off;
+        e->bytes += n * 2 * (off ? 2 : 1);
+        return 0;
+    }
+    float *st = alloc_floats(n), *off = d->offset ? alloc_floats(n) : NULL;
+    if (!st || (d->offset && !off)) return free(st), free(off), RBE_E_NOMEM;
+    memcpy(st, d->step, (size_t)n * sizeof(float));
+    if (off) memcpy(off, d->offset, (size_t)n * sizeof(float));
+    L->step_kind = RBE_STEP_F32, L->step = st, L->offset = off;
+    e->bytes += n * 4 * (off ? 2 : 1);
+    return 0;
+}
+
 /* Copy d into m, repacking codes (nibbles for <= 4 bits, else bytes) to 32-column blocks. */
 static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     const int64_t rows = d->rows, cols_p = d->cols_p;
@@ -359,12 +402,10 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         const int nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
         const int64_t bb = nib ? 16 : planes ? 16 + 4 * planes : 32, rb = cp / 32 * bb;
         uint8_t *q = aligned_alloc(64, (size_t)((rows * rb + 63) / 64 * 64));
-        float *st = alloc_floats(rows * groups);
-        float *off = d->offset ? alloc_floats(rows * groups) : NULL;
-        if (!q || !st || (d->offset && !off)) {
-            free(q), free(st), free(off);
-            return RBE_E_NOMEM;
-        }
+        if (!q) return RBE_E_NOMEM;
+        L->codes = q;
+        const int err = load_steps(e, L, d, rows, groups);
+        if (err) return err;
         const unsigned mask = (1u << d->bits) - 1u;
         for (int64_t r = 0; r < rows; r++) {
             const unsigned char *src = d->codes + r * cols_p;
@@ -380,8 +421,6 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
                     blk[16 + 4 * k + t / 8] |= (uint8_t)(((code >> (4 + k)) & 1u) << (t % 8));
             }
         }
-        memcpy(st, d->step, (size_t)(rows * groups) * sizeof(float));
-        if (off) memcpy(off, d->offset, (size_t)(rows * groups) * sizeof(float));
         const int n = 1 << d->bits;
         memset(L->levels, 0, sizeof(L->levels));
         memcpy(L->levels, d->levels, (size_t)n * sizeof(float));
@@ -389,8 +428,8 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         for (int i = 0; i < n; i++)
             if (fmaf((float)i, L->da, L->a0) != L->levels[i]) L->affine = 0;
         L->kind = nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
-        L->codes = q, L->row_bytes = rb, L->block_bytes = bb, L->step = st, L->offset = off;
-        e->bytes += rows * rb + rows * groups * 4 * (off ? 2 : 1);
+        L->row_bytes = rb, L->block_bytes = bb;
+        e->bytes += rows * rb;
     }
     m->rows = rows, m->cols = d->cols, m->cols_p = cols_p;
     m->transposed = d->transposed, m->tf = d->transform;
@@ -813,7 +852,7 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         const emat *m = &e->mats[i];
         if (!m->set) continue;
         const int64_t cp = m->lut.cols_p;
-        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->gemm_rows * (cp + e->kern->gemm_tokens) + m->lut.groups;
+        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->gemm_rows * (cp + e->kern->gemm_tokens) + 17 * m->lut.groups;
         if (want > need) need = want;
         if (cp > io) io = cp;
     }

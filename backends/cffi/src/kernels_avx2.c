@@ -143,4 +143,6 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
     }
 }
 
+#define half_to_float(h) _cvtsh_ss(h)
+
 #include "kern_impl.h"

@@ -1,4 +1,4 @@
-/* AVX-512 (F + BW) path. Compiled on its own with -mavx512f -mavx512bw; only called after the
+/* AVX-512 (F + BW, and F16C) path. Compiled on its own with -mavx512f -mavx512bw -mf16c; only called after the
  * dispatcher checked the CPU with __builtin_cpu_supports. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -248,5 +248,7 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
         out[1] = lut_bytes16(t, p + 16);
     }
 }
+
+#define half_to_float(h) _cvtsh_ss(h)
 
 #include "kern_impl.h"

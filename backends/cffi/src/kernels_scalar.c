@@ -121,4 +121,6 @@ static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const u
     }
 }
 
+#define half_to_float(h) rbe_half_to_float(h)
+
 #include "kern_impl.h"

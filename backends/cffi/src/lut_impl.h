@@ -1,7 +1,7 @@
 /* Canonical-layout kernels (rbe_lut, see rbe_internal.h) shared by every ISA; included by
  * kern_impl.h. The ISA file provides: lutreg + FN(lutreg_load)(m) (the level table in
  * registers) and FN(lut_block32)(m, &t, p, VF out[NV]) (the 32 level values of one 32-column
- * block whose codes start at p), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
+ * block whose codes start at p), half_to_float(h) (one float16), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
  * even), vdiv(a, b), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
  * flushed to 0 below -87), on top of the vocabulary kern_impl.h documents. */
 #include <math.h>
@@ -224,15 +224,43 @@ static void FN(lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, 
     for (int64_t c = c0; c < c1; c += 32) {
         VF v[NV];
         FN(lut_block32)(m, &t, FN(lut_codes)(m, r, c), v);
-        const int64_t g = r * m->groups + c / m->gs;
-        const VF s = vset1(m->step[g]);
+        const int64_t g = c / m->gs;
+        const VF s = vset1(rbe_lut_step(m, r, g));
         float *o = w + (c - c0);
-        if (m->offset) {
-            const VF off = vset1(m->offset[g]);
+        if (m->has_offset) {
+            const VF off = vset1(rbe_lut_offset(m, r, g));
             for (int k = 0; k < NV; k++) vstore(o + k * VLEN, vadd(vmul(v[k], s), off));
         } else {
             for (int k = 0; k < NV; k++) vstore(o + k * VLEN, vmul(v[k], s));
         }
+    }
+}
+
+/* Steps (and offsets, when the matrix has them) of rows r .. r + n - 1, all groups, as float32:
+ * st[i * groups + g]. Half-precision ones are converted VLEN at a time. */
+static void FN(row_steps)(const rbe_lut *m, int64_t r, int n, float *st, float *off) {
+    const int64_t groups = m->groups, total = n * groups, at = r * groups;
+    if (m->step_kind == RBE_STEP_CODE) {
+        for (int i = 0; i < n; i++) {
+            const float rs = m->row_scale[r + i];
+            const uint8_t *code = m->step_code + (r + i) * groups;
+            for (int64_t g = 0; g < groups; g++) st[i * groups + g] = rs * (float)code[g];
+        }
+        return;
+    }
+    if (m->step_kind == RBE_STEP_F32) {
+        memcpy(st, m->step + at, (size_t)total * sizeof(float));
+        if (m->has_offset) memcpy(off, m->offset + at, (size_t)total * sizeof(float));
+        return;
+    }
+    int64_t i = 0;
+    for (; i + VLEN <= total; i += VLEN) {
+        vstore(st + i, vload_h(m->step16 + at + i));
+        if (m->has_offset) vstore(off + i, vload_h(m->offset16 + at + i));
+    }
+    for (; i < total; i++) {
+        st[i] = half_to_float(m->step16[at + i]);
+        if (m->has_offset) off[i] = half_to_float(m->offset16[at + i]);
     }
 }
 
@@ -246,7 +274,8 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
                                                                     float *xsum, const int kind) {
     (void)kind;
     const int64_t groups = m->groups, gs = m->gs, cp = m->cols_p;
-    if (m->offset)
+    float *stf = xsum + groups, *offf = stf + GEMV_ROWS * groups;
+    if (m->has_offset)
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c++) s += x[c];
@@ -258,10 +287,11 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
         const uint8_t *qr[GEMV_ROWS];
         const float *st[GEMV_ROWS];
         VF acc[GEMV_ROWS];
+        FN(row_steps)(m, r, nr, stf, offf);
         for (int i = 0; i < GEMV_ROWS; i++) {
-            const int64_t ri = r + (i < nr ? i : nr - 1); /* tail rows repeat the last one */
-            qr[i] = m->codes + ri * m->row_bytes;
-            st[i] = m->step + ri * groups;
+            const int ii = i < nr ? i : nr - 1; /* tail rows repeat the last one */
+            qr[i] = m->codes + (r + ii) * m->row_bytes;
+            st[i] = stf + ii * groups;
             acc[i] = vzero();
         }
         /* the next rows' codes and steps, requested now: one core streams them too slowly alone */
@@ -288,10 +318,8 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
         }
         for (int i = 0; i < nr; i++) {
             float v = vhsum(acc[i]);
-            if (m->offset) {
-                const float *off = m->offset + (r + i) * groups;
-                for (int64_t g = 0; g < groups; g++) v += off[g] * xsum[g];
-            }
+            if (m->has_offset)
+                for (int64_t g = 0; g < groups; g++) v += offf[i * groups + g] * xsum[g];
             y[r + i] = v;
         }
     }

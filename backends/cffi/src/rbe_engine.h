@@ -59,6 +59,8 @@ typedef struct {
     const float *levels;        /* 2^bits */
     const float *step;          /* rows x ceil(cols_p / group_size) */
     const float *offset;        /* same shape, or NULL */
+    const float *step_row;      /* optional, with step_code and no offset: step is exactly */
+    const unsigned char *step_code; /* step_row[r] * step_code[r, g] (float32 product); stored so */
     const float *dense;         /* bits 32: rows x cols_p */
     int transform;              /* id, or -1 */
     const float *bias;          /* output-sized, or NULL */

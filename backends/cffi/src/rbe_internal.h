@@ -9,6 +9,7 @@
  * then a float32 add (decode's exact arithmetic), or plain float32 values (kind RBE_LUT_F32).
  * cols_p and gs are multiples of 32; columns past the logical width meet a zero input. */
 enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3, RBE_LUT_PLANES = 4 };
+enum { RBE_STEP_F32 = 0, RBE_STEP_F16 = 1, RBE_STEP_CODE = 2 };
 typedef struct {
     int64_t rows, cols_p, gs, groups;
     int kind, bits;
@@ -20,7 +21,13 @@ typedef struct {
                              bit k a 32-bit little-endian word whose bit t is bit 4 + k of code t */
     int64_t row_bytes, block_bytes;
     const float *dense; /* F32: rows x cols_p */
-    const float *step, *offset; /* rows x groups; offset may be NULL */
+    /* Steps and offsets (rows x groups) in one of three forms, read through rbe_lut_step /
+     * rbe_lut_offset: float32 (step, offset), float16 when every value is exact in it (step16,
+     * offset16), or a float32 per row times an 8-bit code per group (row_scale, step_code). */
+    int step_kind, has_offset;
+    const float *step, *offset, *row_scale;
+    const uint16_t *step16, *offset16;
+    const uint8_t *step_code;
     float levels[256];
 } rbe_lut;
 
@@ -59,7 +66,7 @@ typedef struct {
                       int64_t r0, int64_t r1, float *y, float *scratch);
     /* Canonical layout (rbe_lut). lut_decode: row r, columns [c0, c1) (multiples of 32) into w.
      * lut_gemv: y[r] = dot(W[r], x) for r in [r0, r1); x is cols_p wide; scratch holds
-     * m->groups floats. lut_gemv_t: y[c] = sum_r x[r] W[r, c] for c in [c0, c1) (multiples of
+     * 17 * m->groups floats. lut_gemv_t: y[c] = sum_r x[r] W[r, c] for c in [c0, c1) (multiples of
      * 32), r < m->rows; scratch holds c1 - c0 floats. */
     void (*lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, float *w);
     void (*lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r1, float *y,
@@ -135,6 +142,17 @@ static inline uint16_t rbe_float_to_half(float f) {
     }
     const uint32_t mant = abs + 0xfffu + ((abs >> 13) & 1u); /* round to nearest even at bit 13 */
     return (uint16_t)(sign | ((mant - 0x38000000u) >> 13));
+}
+
+static inline float rbe_lut_step(const rbe_lut *m, int64_t r, int64_t g) {
+    const int64_t i = r * m->groups + g;
+    if (m->step_kind == RBE_STEP_F16) return rbe_half_to_float(m->step16[i]);
+    if (m->step_kind == RBE_STEP_CODE) return m->row_scale[r] * (float)m->step_code[i];
+    return m->step[i];
+}
+static inline float rbe_lut_offset(const rbe_lut *m, int64_t r, int64_t g) {
+    const int64_t i = r * m->groups + g;
+    return m->step_kind == RBE_STEP_F16 ? rbe_half_to_float(m->offset16[i]) : m->offset[i];
 }
 
 static inline int64_t rbe_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
