@@ -107,17 +107,22 @@ typedef struct {
     lut16 t;
     __m256 a0, da;
     const float *levels;
-    int affine;
+    int affine, codes;
 } lutreg;
 static inline lutreg lutreg_load_avx2(const rbe_lut *m) {
     lutreg t;
     t.t = lut16_load(m->levels);
     t.a0 = _mm256_set1_ps(m->a0), t.da = _mm256_set1_ps(m->da);
-    t.levels = m->levels, t.affine = m->affine;
+    t.levels = m->levels, t.affine = m->affine, t.codes = 0;
+    return t;
+}
+static inline lutreg lutreg_codes_avx2(lutreg t) {
+    t.codes = 1;
     return t;
 }
 static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
     const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    if (t->codes) return _mm256_cvtepi32_ps(idx);
     if (t->affine) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(idx), t->da, t->a0);
     return _mm256_i32gather_ps(t->levels, idx, 4);
 }

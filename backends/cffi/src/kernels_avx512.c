@@ -185,7 +185,7 @@ static void had4_gemv_avx512(const float *xr, const uint8_t *codes, const uint8_
 /* Canonical layout: tables of up to 64 levels live in registers (vpermps for 16, vpermt2ps for
  * 32, two of them and a blend for 64); affine levels (uniform grids, int8) are a convert; other
  * 7- and 8-bit tables are gathered. */
-enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6 };
+enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
 typedef struct {
     __m512 t0, t1, t2, t3, a0, da;
     const float *levels;
@@ -206,6 +206,10 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     else t.mode = LUT_GATHER;
     return t;
 }
+static inline lutreg lutreg_codes_avx512(lutreg t) {
+    t.mode = LUT_CODES;
+    return t;
+}
 static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     switch (t->mode) {
@@ -216,6 +220,7 @@ static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
             return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
         }
         case LUT_AFFINE: return _mm512_fmadd_ps(_mm512_cvtepi32_ps(idx), t->da, t->a0);
+        case LUT_CODES: return _mm512_cvtepi32_ps(idx);
         default: return _mm512_i32gather_ps(idx, t->levels, 4);
     }
 }

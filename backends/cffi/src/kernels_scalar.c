@@ -103,6 +103,13 @@ static inline lutreg lutreg_load_scalar(const rbe_lut *m) {
     lutreg t = {m->levels};
     return t;
 }
+static float code_values[256]; /* k -> (float)k, filled on first use (idempotent) */
+static inline lutreg lutreg_codes_scalar(lutreg t) {
+    if (code_values[255] == 0.0f)
+        for (int k = 0; k < 256; k++) code_values[k] = (float)k;
+    t.levels = code_values;
+    return t;
+}
 static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                       VF *out) {
     if (m->kind == RBE_LUT_NIBBLE) {

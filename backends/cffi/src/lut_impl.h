@@ -1,7 +1,8 @@
 /* Canonical-layout kernels (rbe_lut, see rbe_internal.h) shared by every ISA; included by
  * kern_impl.h. The ISA file provides: lutreg + FN(lutreg_load)(m) (the level table in
  * registers) and FN(lut_block32)(m, &t, p, VF out[NV]) (the 32 level values of one 32-column
- * block whose codes start at p), half_to_float(h) (one float16), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
+ * block whose codes start at p), lutreg_codes(t) (the same table yielding the codes
+ * themselves, for affine byte codes), half_to_float(h) (one float16), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
  * even), vdiv(a, b), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
  * flushed to 0 below -87), on top of the vocabulary kern_impl.h documents. */
 #include <math.h>
@@ -272,21 +273,24 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
                                                                     const float *x, int64_t r0,
                                                                     int64_t r1, float *y,
                                                                     float *xsum, const int kind) {
-    (void)kind;
+    /* affine byte codes (int8, uniform grids): sum code * x, and apply level = a0 + da * code per
+     * group as step * (da * sum + a0 * sum(x)): one multiply-add less per weight */
+    const int raw = kind == RBE_LUT_BYTE && m->affine;
     const int64_t groups = m->groups, gs = m->gs, cp = m->cols_p;
     float *stf = xsum + groups, *offf = stf + GEMV_ROWS * groups;
-    if (m->has_offset)
+    if (m->has_offset || raw)
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c++) s += x[c];
             xsum[g] = s;
         }
-    const lutreg t = FN(lutreg_load)(m);
+    const lutreg t = raw ? FN(lutreg_codes)(FN(lutreg_load)(m)) : FN(lutreg_load)(m);
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS];
         const float *st[GEMV_ROWS];
         VF acc[GEMV_ROWS];
+        float extra[GEMV_ROWS] = {0};
         FN(row_steps)(m, r, nr, stf, offf);
         for (int i = 0; i < GEMV_ROWS; i++) {
             const int ii = i < nr ? i : nr - 1; /* tail rows repeat the last one */
@@ -313,11 +317,13 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
             for (int i = 0; i < GEMV_ROWS; i++) {
                 VF s = ga[i][0];
                 for (int k = 1; k < NV; k++) s = vadd(s, ga[i][k]);
-                acc[i] = vfma(s, vset1(st[i][g]), acc[i]);
+                const float sg = st[i][g];
+                acc[i] = vfma(s, vset1(raw ? sg * m->da : sg), acc[i]);
+                if (raw) extra[i] += sg * m->a0 * xsum[g];
             }
         }
         for (int i = 0; i < nr; i++) {
-            float v = vhsum(acc[i]);
+            float v = vhsum(acc[i]) + extra[i];
             if (m->has_offset)
                 for (int64_t g = 0; g < groups; g++) v += offf[i * groups + g] * xsum[g];
             y[r + i] = v;
