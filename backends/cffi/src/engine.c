@@ -177,8 +177,9 @@ struct rbe_engine {
     emat *mats;  /* n_layers * M_SLOTS, then G_SLOTS globals */
     float **vecs; /* n_layers * V_SLOTS, then 2 globals */
     etf *tfs;
-    void *kc, *vc;           /* [layer][kv head][position][head_dim], float16 or float32 */
+    void *kc, *vc;           /* [layer][kv head]: K blocked by 16 positions, V rows (see kv_at) */
     int kv_half;
+    int64_t ctx16;           /* positions per (layer, kv head), max_ctx rounded up to 16 */
     float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
     /* per-chunk activations */
@@ -252,7 +253,8 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     e->vecs = calloc((size_t)c.n_layers * V_SLOTS + 2, sizeof(float *));
     e->tfs = calloc((size_t)(c.n_transforms > 0 ? c.n_transforms : 1), sizeof(etf));
     const int64_t hd = c.head_dim, qd = (int64_t)c.n_heads * hd, kvd = (int64_t)c.n_kv_heads * hd;
-    const int64_t cache = (int64_t)c.n_layers * kvd * c.max_ctx;
+    e->ctx16 = (c.max_ctx + 15) / 16 * 16; /* K is stored in blocks of 16 positions */
+    const int64_t cache = (int64_t)c.n_layers * kvd * e->ctx16;
     /* calloc: the cache's pages become resident only as positions are written */
     e->kv_half = c.kv_f16 != 0;
     e->kc = calloc((size_t)cache, e->kv_half ? 2 : 4);
@@ -689,7 +691,7 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     for (int64_t idx = s; idx < t; idx++) {
         const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
-        const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->c.max_ctx * hd;
+        const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->ctx16 * hd;
         e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->kc, base),
                               kv_row(e, e->vc, base), e->kv_half, len, hd,
                               1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid],
@@ -712,7 +714,7 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
             for (int r = 0; r < rep; r++) slot[rep * hd + 2 * r] = -INFINITY, slot[rep * hd + 2 * r + 1] = 0.0f;
             continue;
         }
-        const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->c.max_ctx + p0) * hd;
+        const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->ctx16 + p0) * hd; /* p0 % 16 == 0 */
         e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->kc, base), kv_row(e, e->vc, base),
                               e->kv_half, cnt, hd,
                               1.0f / sqrtf((float)hd), slot, hd, e->scratch[tid], slot + rep * hd);
@@ -723,12 +725,17 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
 static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const float *q,
                       int64_t ldq, const float *kk, const float *vv, int64_t ldkv, float *out) {
     const double t0 = now();
-    const int64_t hd = e->c.head_dim, ctxn = e->c.max_ctx;
+    const int64_t hd = e->c.head_dim;
     for (int64_t i = 0; i < n; i++)
         for (int h = 0; h < e->c.n_kv_heads; h++) {
-            const int64_t at = (((int64_t)layer * e->c.n_kv_heads + h) * ctxn + pos + i) * hd;
-            e->kern->kv_store(kv_row(e, e->kc, at), kk + i * ldkv + h * hd, hd, e->kv_half);
-            e->kern->kv_store(kv_row(e, e->vc, at), vv + i * ldkv + h * hd, hd, e->kv_half);
+            const int64_t p = pos + i, base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
+            const float *kr = kk + i * ldkv + h * hd;
+            const int64_t kat = base + (p / 16) * hd * 16 + p % 16; /* then stride 16 per d */
+            for (int64_t d = 0; d < hd; d++) {
+                if (e->kv_half) ((uint16_t *)e->kc)[kat + 16 * d] = rbe_float_to_half(kr[d]);
+                else ((float *)e->kc)[kat + 16 * d] = kr[d];
+            }
+            e->kern->kv_store(kv_row(e, e->vc, base + p * hd), vv + i * ldkv + h * hd, hd, e->kv_half);
         }
     att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
     const int64_t len = pos + 1;
@@ -739,7 +746,7 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
     }
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     j.parts = e->nthreads * 2 > ATT_PARTS ? ATT_PARTS : e->nthreads * 2;
-    j.span = (len + j.parts - 1) / j.parts;
+    j.span = ((len + j.parts - 1) / j.parts + 15) / 16 * 16; /* whole K blocks per part */
     parallel(e->nthreads, (int64_t)e->c.n_kv_heads * j.parts, 1, attend_part, &j);
     for (int g = 0; g < e->c.n_kv_heads; g++)
         for (int r = 0; r < rep; r++) {

@@ -60,7 +60,9 @@ static inline float FN(kv_at)(const void *base, int64_t o, int half) {
 }
 
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
- * `len` rows of K and V (hd values each, float16 when half, else float32): out + r * ldo =
+ * `len` positions of K and V (float16 when half, else float32; K in blocks of 16 positions,
+ * element (p, d) at (p / 16 * hd + d) * 16 + p % 16, so 16 scores come from hd vector FMAs; V in
+ * rows of hd): out + r * ldo =
  * softmax(scale * q K^T) V. Each K and V row is loaded once for all `rep` heads. scores holds
  * rep * len floats. With ml, the output is left unnormalised (sum_p exp(s_p - max) V_p) and
  * ml[2r], ml[2r + 1] get each head's max and sum of exponentials, so a split over positions can
@@ -69,18 +71,28 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
                              int half, int64_t len, int64_t hd, float scale, float *out,
                              int64_t ldo, float *scores, float *ml) {
     const int64_t hv = hd - hd % VLEN;
-    for (int r0 = 0; r0 < rep; r0 += 4) {
+    for (int r0 = 0; r0 < rep; r0 += 4) { /* scores, 16 positions at a time: no horizontal sums */
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
-        for (int64_t p = 0; p < len; p++) {
-            VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
-            for (int64_t d = 0; d < hv; d += VLEN) {
-                const VF kv = FN(kv_load)(K, p * hd + d, half);
-                for (int r = 0; r < nr; r++) acc[r] = vfma(vload(q + (r0 + r) * ldq + d), kv, acc[r]);
+        const float *qp[4]; /* missing heads repeat the last one: a fixed 4 keeps acc in registers */
+        for (int r = 0; r < 4; r++) qp[r] = q + (r0 + (r < nr ? r : nr - 1)) * ldq;
+        for (int64_t b = 0; b * 16 < len; b++) {
+            VF acc[4][16 / VLEN];
+            for (int r = 0; r < 4; r++)
+                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vzero();
+            const int64_t kb = b * hd * 16;
+            for (int64_t d = 0; d < hd; d++) {
+                VF kv[16 / VLEN];
+                for (int j = 0; j < 16 / VLEN; j++) kv[j] = FN(kv_load)(K, kb + d * 16 + j * VLEN, half);
+                for (int r = 0; r < 4; r++) {
+                    const VF qd = vset1(qp[r][d]);
+                    for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(qd, kv[j], acc[r][j]);
+                }
             }
+            const int64_t cnt = rbe_min(16, len - b * 16);
             for (int r = 0; r < nr; r++) {
-                float t = vhsum(acc[r]);
-                for (int64_t d = hv; d < hd; d++) t += q[(r0 + r) * ldq + d] * FN(kv_at)(K, p * hd + d, half);
-                scores[(r0 + r) * len + p] = t * scale;
+                float tmp[16];
+                for (int j = 0; j < 16 / VLEN; j++) vstore(tmp + j * VLEN, acc[r][j]);
+                for (int64_t p = 0; p < cnt; p++) scores[(r0 + r) * len + b * 16 + p] = tmp[p] * scale;
             }
         }
     }

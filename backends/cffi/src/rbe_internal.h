@@ -83,8 +83,9 @@ typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
-    /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (rows of hd
-     * values, float16 when half, else float32); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
+    /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (float16
+     * when half, else float32; K blocked by 16 positions: (p, d) at (p / 16 * hd + d) * 16 +
+     * p % 16; V rows of hd); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
      * each head's (max, sum of exponentials), for merging a split over positions. */
     void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
                          int half, int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
