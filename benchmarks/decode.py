@@ -70,6 +70,7 @@ def run_rbe(path: str, engine: str, dense: bool, threads: int, prompt: list[int]
     torch.set_num_threads(threads)
     from rbe_core.convert import load_model
 
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     model = load_model(path, "cffi", dense=dense, engine=engine)
     load_s = time.perf_counter() - t0
@@ -83,8 +84,9 @@ def run_rbe(path: str, engine: str, dense: bool, threads: int, prompt: list[int]
         for _ in range(new):
             logits, state = model.step(int(logits.argmax()), state)
         decode = new / (time.perf_counter() - t0)
-    row = {"engine": model.engine_name, "prefill": prefill, "decode": decode, "load_s": load_s}
+    row = {"engine": model.engine_name, "prefill": prefill, "decode": decode, "load_s": load_s, "base_rss_mb": base}
     if model.native is not None:
+        row["engine_mb"] = model.native.nbytes / 2**20
         row["split_ms"] = {k: 1000.0 * v / new for k, v in model.native.profile().items()}
     return row
 
@@ -94,6 +96,7 @@ def run_llama_cpp(path: str, lib_dir: str, threads: int, prompt: list[int], new:
     import numpy as np
     from llama_cpp import Llama
 
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, n_ubatch=512, verbose=False)
@@ -110,7 +113,7 @@ def run_llama_cpp(path: str, lib_dir: str, threads: int, prompt: list[int], new:
     for _ in range(new):
         llm.eval([int(np.argmax(last_logits()))])
     decode = new / (time.perf_counter() - t0)
-    return {"engine": "llama.cpp", "prefill": prefill, "decode": decode, "load_s": load_s}
+    return {"engine": "llama.cpp", "prefill": prefill, "decode": decode, "load_s": load_s, "base_rss_mb": base}
 
 
 # ---- preparation (cached) -----------------------------------------------------------------
@@ -235,17 +238,21 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
              f"`{TEXT}`, {meta['new']} greedy tokens; each variant in its own process, {meta['repeat']} runs each (best "
              "prefill and best decode kept, the engine split from the best decode run). Ratios are to "
              "llama.cpp in the same run and thread count (`IQ4_XS` for the flagship, `Q4_0` for int4 and the rest).", "",
-             "| threads | variant | prefill tok/s | decode tok/s | prefill ratio | decode ratio | peak RSS MB | "
-             "engine ms/token: kernels / attention / rest |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| threads | variant | prefill tok/s | decode tok/s | prefill ratio | decode ratio | peak RSS MB "
+             "(after imports) | engine MB | engine ms/token: kernels / attention / rest |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         peer = next((p for p in rows if p["threads"] == r["threads"] and p["variant"] == r.get("peer")), None)
         ratios = [f"{r[k] / peer[k]:.2f}×" if peer else "" for k in ("prefill", "decode")]
         split = r.get("split_ms")
         split_txt = " / ".join(f"{split[k]:.2f}" for k in ("kernels", "attention", "rest")) if split else ""
+        engine_mb = f"{r['engine_mb']:.0f}" if "engine_mb" in r else ""
         lines.append(f"| {r['threads']} | {r['variant']} | {r['prefill']:.0f} | {r['decode']:.1f} | {ratios[0]} | "
-                     f"{ratios[1]} | {r['peak_rss_mb']:.0f} | {split_txt} |")
-    lines += ["", MARK_END, ""]
+                     f"{ratios[1]} | {r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) | {engine_mb} | {split_txt} |")
+    lines += ["", "`engine MB`: what the native engine holds (repacked codes, steps, tables, scratch; the KV "
+              "cache grows with the context, float16). The rbe processes import torch (the torch modules stay "
+              "the reference and training path), which is most of their resident memory before any model loads.",
+              "", MARK_END, ""]
     return "\n".join(lines)
 
 
