@@ -3,14 +3,15 @@
  * one call per prefill or decode step (rbe_engine.h). Weight products run through the per-ISA
  * canonical-layout kernels (lut_impl.h); work is split over a pool of threads that spin between
  * the parallel regions of a step (a token has ~200 of them) and sleep when idle. */
-#ifndef _POSIX_C_SOURCE
-#define _POSIX_C_SOURCE 200809L
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE /* madvise(MADV_HUGEPAGE) besides POSIX */
 #endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "rbe_engine.h"
@@ -28,6 +29,48 @@ static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Weight storage: an arena of 2 MiB-aligned chunks asked for transparent huge pages (where the
+ * kernel grants them: a token streams every code, and 4 KiB pages cost a TLB miss each). Arena
+ * memory is released with the engine only. */
+#define ARENA_CHUNK ((size_t)32 << 20)
+#define HUGE_PAGE ((size_t)2 << 20)
+typedef struct arena_chunk {
+    struct arena_chunk *next;
+    size_t used, size;
+    unsigned char *base;
+} arena_chunk;
+
+static void *arena_alloc(arena_chunk **head, size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    arena_chunk *c = *head;
+    if (!c || c->size - c->used < bytes) {
+        const size_t size = bytes > ARENA_CHUNK ? (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE : ARENA_CHUNK;
+        void *base = NULL;
+        arena_chunk *n = malloc(sizeof(*n));
+        if (!n || posix_memalign(&base, HUGE_PAGE, size)) {
+            free(n);
+            return NULL;
+        }
+#ifdef MADV_HUGEPAGE
+        madvise(base, size, MADV_HUGEPAGE);
+#endif
+        n->next = c, n->used = 0, n->size = size, n->base = base;
+        *head = c = n;
+    }
+    void *p = c->base + c->used;
+    c->used += bytes;
+    return p;
+}
+
+static void arena_free(arena_chunk *c) {
+    while (c) {
+        arena_chunk *next = c->next;
+        free(c->base);
+        free(c);
+        c = next;
+    }
 }
 
 static void *alloc_floats(int64_t n) {
@@ -191,6 +234,7 @@ struct rbe_engine {
     double prof[3];
     const rbe_kernels *kern;
     int nthreads;
+    arena_chunk *arena; /* codes and dense weights */
 };
 
 static emat *mat(rbe_engine *e, int layer, int slot) {
@@ -202,9 +246,7 @@ static float *vec(rbe_engine *e, int layer, int slot) {
                      : e->vecs[(int64_t)layer * V_SLOTS + slot];
 }
 
-static void free_mat(emat *m) {
-    free((void *)m->lut.codes);
-    free((void *)m->lut.dense);
+static void free_mat(emat *m) { /* codes and dense rows live in the engine's arena */
     free((void *)m->lut.step);
     free((void *)m->lut.offset);
     free((void *)m->lut.step16);
@@ -233,6 +275,7 @@ void rbe_engine_free(rbe_engine *e) {
     free(e->mats);
     free(e->vecs);
     free(e->tfs);
+    arena_free(e->arena);
     free(e);
 }
 
@@ -392,7 +435,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     rbe_lut *L = &m->lut;
     L->rows = rows, L->cols_p = cp, L->gs = gs, L->groups = groups, L->bits = d->bits;
     if (dense) {
-        float *w = alloc_floats(rows * cp);
+        float *w = arena_alloc(&e->arena, (size_t)(rows * cp) * sizeof(float));
         if (!w) return RBE_E_NOMEM;
         for (int64_t r = 0; r < rows; r++) {
             memcpy(w + r * cp, d->dense + r * cols_p, (size_t)cols_p * sizeof(float));
@@ -403,7 +446,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     } else {
         const int nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
         const int64_t bb = nib ? 16 : planes ? 16 + 4 * planes : 32, rb = cp / 32 * bb;
-        uint8_t *q = aligned_alloc(64, (size_t)((rows * rb + 63) / 64 * 64));
+        uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb));
         if (!q) return RBE_E_NOMEM;
         L->codes = q;
         const int err = load_steps(e, L, d, rows, groups);
@@ -934,6 +977,7 @@ struct rbe_matrix {
 void rbe_matrix_free(rbe_matrix *h) {
     if (!h) return;
     free_mat(&h->m[0]);
+    arena_free(h->e.arena);
     if (h->e.tfs) free(h->e.tfs[0].signs), free(h->e.tfs[0].blocks);
     free(h->e.tfs);
     free(h->e.xr), free(h->e.xt), free(h->e.yr), free(h->e.row);
