@@ -250,6 +250,26 @@ _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
            "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def release(*arrays: np.ndarray) -> None:
+    """Drop the resident pages under read-only views of a mapped .rbe file (clean file pages: the
+    next access reads them again), so a tensor that was read once (checksummed, or copied into a
+    native engine) does not stay in the process's memory. Other arrays are left alone."""
+    for arr in arrays:
+        base = arr
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if not isinstance(base, mmap.mmap) or arr.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            continue
+        start = arr.__array_interface__["data"][0] - np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
+        lo, hi = start // _PAGE * _PAGE, min(len(base), -(-(start + arr.nbytes) // _PAGE) * _PAGE)
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def _mapped_views(path: Path):
     """name -> read-only numpy view of that tensor in the memory-mapped safetensors file (whose
     header ``safetensors.safe_open`` has already validated)."""
@@ -302,6 +322,7 @@ class RBEFile(Mapping):
         if enc.checksum != h["sha256"]:
             raise ChecksumError(f"tensor {name!r}: checksum mismatch (file is corrupt or was modified)")
         codec.validate(enc)
+        release(*payload.values())  # read for the checksum; resident again only when used
         return enc
 
     def __iter__(self) -> Iterator[str]:

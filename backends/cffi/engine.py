@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from rbe_core.container import release
 from rbe_core.errors import NativeUnavailableError
 from rbe_core.lowering import Lowered
 
@@ -75,6 +76,7 @@ class NativeDecoder:
             self._set_matrix(layer, MATRIX_SLOTS[slot], weight, low,
                              None if bias is None else tensors[bias].decode(), transposed, tf)
             del low
+            release(*tensors[weight].payload.values())  # the engine holds its own copy
         for layer, slot, name in plan.vectors:
             v = _f32(tensors[name].decode().reshape(-1))
             self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],

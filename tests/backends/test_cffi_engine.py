@@ -79,6 +79,22 @@ def test_lowered_kernels_match_numpy(config, threads, isa, monkeypatch):
             assert _rel(LoweredMatrix(low, transposed=True).linear(g), g @ w) <= 1e-5, (shape, n)
 
 
+def test_thread_pool_under_back_to_back_regions(monkeypatch):
+    """Hundreds of short parallel regions over different matrices, as a decode step runs them: a
+    worker waking late must never run a chunk of the wrong region (each row is computed by one
+    thread, so any thread count gives bit-identical results)."""
+    rng = np.random.default_rng(11)
+    mats = [LoweredMatrix(lower(rbe_core.get_codec(c).encode(rng.standard_normal(s).astype(np.float32))))
+            for c, s in (("int4", (96, 64)), ({"id": "hadamard", "bits": 5}, (160, 96)), ("int8", (64, 160)))]
+    xs = [rng.standard_normal((1, m.in_features)).astype(np.float32) for m in mats]
+    monkeypatch.setenv(ops.THREADS_ENV, "1")
+    want = [m.linear(x) for m, x in zip(mats, xs, strict=True)]
+    monkeypatch.setenv(ops.THREADS_ENV, "3")
+    for i in range(600):
+        k = i % 3
+        assert np.array_equal(mats[k].linear(xs[k]), want[k]), i
+
+
 def test_layouts_outside_the_engine_are_refused():
     enc = rbe_core.get_codec({"id": "int4", "group_size": 48}).encode(np.ones((4, 96), np.float32))
     with pytest.raises(NativeUnavailableError, match="multiple of 32"):

@@ -105,21 +105,29 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+#define CLOSED 0xffffffffu /* claim index of a generation whose fields are being written */
+
 static void drain(uint32_t gen, int tid) {
-    const range_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_RELAXED);
-    void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_RELAXED);
-    const int64_t total = __atomic_load_n(&pool.total, __ATOMIC_RELAXED);
-    const int64_t chunk = __atomic_load_n(&pool.chunk, __ATOMIC_RELAXED);
-    const int64_t nchunks = __atomic_load_n(&pool.nchunks, __ATOMIC_RELAXED);
+    /* every access is sequentially consistent: a field read here that belongs to a newer region
+     * implies the claim below sees that region's (closed) counter and gives up */
+    uint64_t open;
+    while ((uint32_t)((open = __atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST)) >> 32) == gen &&
+           (uint32_t)open == CLOSED)
+        cpu_relax(); /* woken between the close and the open: the fields are being written */
+    if ((uint32_t)(open >> 32) != gen) return;
+    const range_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_SEQ_CST);
+    void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_SEQ_CST);
+    const int64_t total = __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST);
+    const int64_t chunk = __atomic_load_n(&pool.chunk, __ATOMIC_SEQ_CST);
+    const int64_t nchunks = __atomic_load_n(&pool.nchunks, __ATOMIC_SEQ_CST);
     for (;;) {
-        uint64_t v = __atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE);
+        uint64_t v = __atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST);
         if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= nchunks) return;
-        if (!__atomic_compare_exchange_n(&pool.ctr, &v, v + 1, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_RELAXED))
+        if (!__atomic_compare_exchange_n(&pool.ctr, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             continue;
         const int64_t s = (int64_t)(v & 0xffffffffu) * chunk;
         fn(ctx, s, s + chunk < total ? s + chunk : total, tid);
-        __atomic_add_fetch(&pool.done, 1, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST);
     }
 }
 
@@ -143,7 +151,7 @@ static void *worker(void *arg) {
             }
         }
         seen = gen;
-        if (tid < __atomic_load_n(&pool.want, __ATOMIC_RELAXED)) drain(gen, tid);
+        if (tid < __atomic_load_n(&pool.want, __ATOMIC_SEQ_CST)) drain(gen, tid);
     }
     return NULL;
 }
@@ -181,14 +189,16 @@ static void parallel(int nthreads, int64_t total, int64_t align, range_fn fn, vo
     /* a few chunks per thread balance uneven progress */
     const int64_t per = (units + 3 * nt - 1) / (3 * nt);
     const int64_t chunk = per * align, nchunks = (total + chunk - 1) / chunk;
-    __atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.ctx, ctx, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.total, total, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.chunk, chunk, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.nchunks, nchunks, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.want, nt, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
-    const uint32_t gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_RELAXED) >> 32) + 1;
+    /* close the new generation first (no claims), then write its fields, then open it */
+    const uint32_t gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST) >> 32) + 1;
+    __atomic_store_n(&pool.ctr, ((uint64_t)gen << 32) | CLOSED, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.fn, fn, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.ctx, ctx, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.total, total, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.chunk, chunk, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.nchunks, nchunks, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.want, nt, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.ctr, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST)) {
         pthread_mutex_lock(&pool.mu);
@@ -196,7 +206,7 @@ static void parallel(int nthreads, int64_t total, int64_t align, range_fn fn, vo
         pthread_mutex_unlock(&pool.mu);
     }
     drain(gen, 0);
-    while (__atomic_load_n(&pool.done, __ATOMIC_ACQUIRE) < nchunks) cpu_relax();
+    while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < nchunks) cpu_relax();
     pthread_mutex_unlock(&pool.submit);
 }
 
