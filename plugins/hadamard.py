@@ -43,7 +43,7 @@ from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
 from rbe_core.calibration import Gram
 from rbe_core.errors import InvalidWeightError, RBEFormatError
-from rbe_core.lowering import HadamardTransform, Lowered, fwht_blocks
+from rbe_core.native.lowering import HadamardTransform, Lowered, fwht_blocks
 
 _SCALE_LEVELS = 255
 _GPTQ_BLOCK = 128
@@ -455,7 +455,7 @@ class HadamardCodec(Codec):
         return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
 
     def lower(self, encoded: Encoded) -> Lowered:
-        """The canonical layout (``rbe_core.lowering``): codes, this grid's levels, the group
+        """The canonical layout (``rbe_core.native.lowering``): codes, this grid's levels, the group
         steps ``row_scale * scale_code`` and the rotation as the input transform."""
         rows, cols = encoded.matrix_shape
         cols_p, signs, blocks = self.layout(cols)

@@ -21,7 +21,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape
-from rbe_core.lowering import Lowered
+from rbe_core.native.lowering import Lowered
 
 from ._blocks import check_float16_range, pack_nibbles, pad_cols, round_up, unpack_nibbles
 

@@ -12,7 +12,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, row_chunks
-from rbe_core.lowering import Lowered
+from rbe_core.native.lowering import Lowered
 
 
 @attrs.define(frozen=True)

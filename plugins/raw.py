@@ -12,7 +12,7 @@ from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape
 from rbe_core.errors import RBEFormatError
-from rbe_core.lowering import Lowered
+from rbe_core.native.lowering import Lowered
 
 
 @attrs.define(frozen=True)

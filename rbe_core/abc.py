@@ -136,7 +136,7 @@ class Codec(abc.ABC):
         return encoded.bits_per_weight
 
     def lower(self, encoded: Encoded):
-        """Optional: ``encoded`` in a canonical layout (``rbe_core.lowering.Lowered``), exactly equal
+        """Optional: ``encoded`` in a canonical layout (``rbe_core.native.lowering.Lowered``), exactly equal
         to ``decode``, so every backend's native kernels run it; ``None`` (the default) when the
         codec has none, and backends use the generic ``decode_rows`` path."""
         return None

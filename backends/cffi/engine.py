@@ -1,7 +1,7 @@
 """The cffi backend's native decoder: a whole causal-LM step in C (``src/engine.c``).
 
 Built once from a model's :class:`rbe_core.models.NativePlan` and its encoded tensors: every
-matrix is *lowered* (``rbe_core.lowering``) to the canonical layout and copied into the engine,
+matrix is *lowered* (``rbe_core.native.lowering``) to the canonical layout and copied into the engine,
 which repacks the codes (nibbles up to 4 bits, bytes above) and keeps its own KV cache. Each
 ``forward`` is one C call for a whole prefill or decode step, with the GIL released.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from rbe_core.container import release
 from rbe_core.errors import NativeUnavailableError
-from rbe_core.lowering import Lowered
+from rbe_core.native.lowering import Lowered
 
 from . import ops
 
@@ -141,7 +141,7 @@ class NativeDecoder:
 
 
 def _lower(encoded) -> Lowered:
-    from rbe_core.lowering import lower
+    from rbe_core.native.lowering import lower
 
     low = lower(encoded, cache=False)
     if low is None:

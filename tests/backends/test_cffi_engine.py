@@ -18,7 +18,7 @@ import pytest
 import rbe_core
 from rbe_backends.cffi import CffiBackend, ops
 from rbe_core.errors import NativeUnavailableError
-from rbe_core.lowering import lower
+from rbe_core.native.lowering import lower
 
 _OK, _REASON = CffiBackend.availability()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cffi backend unavailable: {_REASON}")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import rbe_core
 from rbe_core import Encoded, InvalidWeightError, RBEFormatError
-from rbe_core.lowering import fwht
+from rbe_core.native.lowering import fwht
 from rbe_plugins.hadamard import (
     HadamardCodec,
     grid_for,

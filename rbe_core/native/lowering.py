@@ -24,7 +24,7 @@ import weakref
 import attrs
 import numpy as np
 
-from .abc import Encoded
+from ..abc import Encoded
 
 
 def fwht(x: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rbe_core
-from rbe_core.lowering import HadamardTransform, Lowered, lower
+from rbe_core.native.lowering import HadamardTransform, Lowered, lower
 
 LOWERED_CODECS = [
     "int8",

@@ -1,0 +1,1 @@
+"""What native backends run: the canonical weight layout and the codecs' lowering to it."""
