@@ -1,4 +1,4 @@
-"""Issue 6's quality table through the real pipeline: ``compress_model`` then ``rbe_core.evaluate``.
+"""Issue 6's quality table through the real pipeline: ``compress_model`` then ``rbe_core.compression.evaluate``.
 
     /tmp/sv/bin/python benchmarks/quality.py --model minilm --json /tmp/q/minilm.json
     /tmp/sv/bin/python benchmarks/quality.py --model smollm2 --only flagship-4.25 flagship-3.25 int4-g64
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import rbe_core
-from rbe_core.evaluate import evaluate
+from rbe_core.compression.evaluate import evaluate
 
 EVAL_TEXT = Path("/usr/share/common-licenses/GFDL-1.3")
 

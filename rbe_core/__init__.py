@@ -7,6 +7,7 @@
 """
 
 from .abc import Backend, Codec, DerivativeEngine, Encoded, Geometry, Quantizer
+from .compression.quality import report
 from .container import FORMAT_VERSION, RBEFile, open, save
 from .errors import (
     BackendUnavailableError,
@@ -17,15 +18,15 @@ from .errors import (
     UnknownCodecError,
 )
 from .hookspecs import hookimpl
-from .quality import report
 from .registry import get_backend, get_codec, list_backends, list_codecs, registry, reload_plugins
 
 __version__ = "0.1.0"
 
 #: Model and layer API, imported on first use so ``import rbe_core`` (and every plugin) stays torch-free.
-_LAZY = {"compress_model": "convert", "export_hf": "convert", "load_model": "convert",
+_LAZY = {"compress_model": "compression.convert", "export_hf": "compression.convert",
+         "load_model": "compression.convert",
          "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers",
-         "RBETensor": "tensor", "finetune": "finetuning"}
+         "RBETensor": "tensor", "finetune": "training.finetuning"}
 
 
 def __getattr__(name: str):

@@ -197,7 +197,7 @@ def engine_option():
 
 
 def _load(path: str, backend: str | None, engine: str = "auto"):
-    from .convert import load_model
+    from .compression.convert import load_model
 
     backend = _check_backend(backend)
     try:
@@ -251,7 +251,7 @@ def embed(path, sentences, backend):
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
 def export(path, out):
     """Write the model in PATH as a HF directory (decoded fp32 safetensors, config.json, tokenizer.json)."""
-    from .convert import export_hf
+    from .compression.convert import export_hf
 
     try:
         click.echo(f"wrote {export_hf(path, out)}", err=True)
@@ -312,7 +312,7 @@ def bench(path, prompt_tokens, new_tokens, backend, threads, engine, as_json):
 def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine, quantizer, checkpoint_every,
              checkpoint_dir, resume, seed, backend, quiet):
     """Train the codec parameters of the model in PATH on the text in --data; write the result to OUT."""
-    from .finetuning import finetune as run_finetune
+    from .training.finetuning import finetune as run_finetune
 
     backend = _check_backend(backend)
     try:
@@ -339,7 +339,7 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_(path, text_file, reference, window, max_tokens, backend, dense, as_json):
     """Perplexity (+ KL and top-1 vs --reference) of a causal LM, or embedding cosines of an encoder."""
-    from .evaluate import evaluate
+    from .compression.evaluate import evaluate
 
     try:
         with open(text_file, encoding="utf-8", errors="replace") as fh:

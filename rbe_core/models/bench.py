@@ -33,7 +33,7 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
     if threads:
         torch.set_num_threads(threads)
         os.environ["RBE_CFFI_THREADS"] = str(threads)  # the cffi backend's own pool: same core count
-    from ..convert import load_model
+    from ..compression.convert import load_model
     from ..registry import get_backend
     from .common import CausalLM
 

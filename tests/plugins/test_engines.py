@@ -8,7 +8,7 @@ import torch
 
 import rbe_core
 from rbe_core.errors import RBEError
-from rbe_core.training import PhaseForm, get_engine, sin_cycle, torch_form
+from rbe_core.training.trainable import PhaseForm, get_engine, sin_cycle, torch_form
 from rbe_plugins.engines import weight_grad
 
 CODECS = [

@@ -365,7 +365,7 @@ def test_real_minilm_layer_beats_round_to_nearest():
 
 
 def test_gram_calibration_equals_activations(rng):
-    from rbe_core.calibration import Gram
+    from rbe_core.compression.calibration import Gram
 
     x = _correlated(rng, 512, 96)
     w = rng.standard_normal((48, 96)).astype(np.float32)
@@ -385,7 +385,7 @@ def test_calibrated_conversion_beats_round_to_nearest(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "rbe_core"))
     from _model_helpers import tiny_llama
 
-    from rbe_core.calibration import batches, read_text
+    from rbe_core.compression.calibration import batches, read_text
 
     model = tiny_llama(num_hidden_layers=1)
     gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbe_core.training import get_quantizer
+from rbe_core.training.trainable import get_quantizer
 
 GRIDS = [(8, True), (4, False), (3, True)]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rbe_core
-from rbe_core.training import TrainableRBELinear, get_engine, torch_form
+from rbe_core.training.trainable import TrainableRBELinear, get_engine, torch_form
 from rbe_plugins.engines import weight_grad
 
 CODECS = [

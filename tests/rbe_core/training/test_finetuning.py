@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
+sys.path.insert(0, str(Path(__file__).parents[1]))  # --import-mode=importlib: make the helpers importable
 from _model_helpers import tiny_bert, tiny_llama, torch, write_gguf  # noqa: E402
 
 import rbe_core  # noqa: E402
-from rbe_core import finetuning  # noqa: E402
 from rbe_core.cli import main  # noqa: E402
-from rbe_core.evaluate import reference_model  # noqa: E402
+from rbe_core.compression.evaluate import reference_model  # noqa: E402
 from rbe_core.models import ModelError  # noqa: E402
+from rbe_core.training import finetuning  # noqa: E402
 
 CODEC = {"id": "hadamard", "bits": 3, "group_size": 16}
 WORDS = "the of and to in is it that for on with as was at by an be this from or are have not".split()

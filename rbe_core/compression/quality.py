@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from .abc import Encoded
-from .arrays import to_numpy_f32
+from ..abc import Encoded
+from ..arrays import to_numpy_f32
 
 
 def report(encoded: Encoded, original) -> dict[str, float]:

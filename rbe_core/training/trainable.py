@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
-from .errors import RBEError
-from .layers import RBEEmbedding, RBELinear
-from .registry import registry
+from ..abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
+from ..errors import RBEError
+from ..layers import RBEEmbedding, RBELinear
+from ..registry import registry
 
 
 class TorchForm(abc.ABC):

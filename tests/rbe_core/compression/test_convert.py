@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
+sys.path.insert(0, str(Path(__file__).parents[1]))  # --import-mode=importlib: make the helpers importable
 from _model_helpers import mini_gpt2, tiny_bert, tiny_llama, torch  # noqa: E402
 
 import rbe_core  # noqa: E402

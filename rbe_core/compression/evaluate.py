@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.common import CausalLM, ModelError
 from .calibration import sentences
-from .models.common import CausalLM, ModelError
 
 
 def reference_model(src: str | os.PathLike):
@@ -26,8 +26,8 @@ def reference_model(src: str | os.PathLike):
 
     if str(src).endswith(".rbe"):
         return load_model(src, dense=True)
+    from ..models.sources import open_source
     from .calibration import source_model
-    from .models.sources import open_source
 
     return source_model(open_source(src))[0]
 
@@ -40,7 +40,7 @@ def evaluate(model_path: str | os.PathLike, text: str, reference: str | os.PathL
 
     ``dense`` decodes every weight once (faster; numerically what the fused kernels compute).
     """
-    from .container import open as open_rbe
+    from ..container import open as open_rbe
     from .convert import load_model
 
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""``rbe eval`` / ``rbe_core.evaluate`` on tiny random models: sane perplexity, KL, agreement, cosines."""
+"""``rbe eval`` / ``rbe_core.compression.evaluate`` on tiny random models: sane perplexity, KL, agreement, cosines."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
+sys.path.insert(0, str(Path(__file__).parents[1]))  # --import-mode=importlib: make the helpers importable
 from _model_helpers import tiny_bert, tiny_llama, write_gguf  # noqa: E402
 
 import rbe_core  # noqa: E402
-from rbe_core.calibration import sentences  # noqa: E402
 from rbe_core.cli import main  # noqa: E402
-from rbe_core.evaluate import evaluate  # noqa: E402
+from rbe_core.compression.calibration import sentences  # noqa: E402
+from rbe_core.compression.evaluate import evaluate  # noqa: E402
 from rbe_core.models import ModelError  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A second sentence follows the first one here. "

@@ -38,7 +38,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 #: Calibration tokens GPTQ sees when none are asked for. Encoders: 16384 (all-MiniLM-L6-v2 at 4.25
 #: bpw, tokens spread over the default text: mean cosine 0.9915 with 4096, 0.9925 with 16384; 32 s).
 #: Causal LMs: 4096, to keep a 135M model within 5 minutes on 2 cores (SmolLM2 at 4.25 bpw: KL 0.110
@@ -67,7 +67,7 @@ class Gram:
 def read_text(calibration: str | os.PathLike | None) -> str:
     """The calibration text: the file ``calibration``, or the built-in default when None."""
     path = DEFAULT_TEXT if calibration is None else Path(calibration)
-    from .models.common import ModelError
+    from ..models.common import ModelError
 
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -90,8 +90,8 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
 
     ``tensors`` (name -> array) overrides what is loaded from the source.
     """
-    from .models.common import LayerFactory, load_tokenizer
-    from .registry import get_codec
+    from ..models.common import LayerFactory, load_tokenizer
+    from ..registry import get_codec
 
     class Recorder(LayerFactory):
         """A dense factory that remembers which tensors became Linear layers and embeddings."""
@@ -131,7 +131,7 @@ def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: 
     """
     import torch
 
-    from .models.common import CausalLM
+    from ..models.common import CausalLM
 
     tok = model.tokenizer
     if isinstance(model, CausalLM):
@@ -183,7 +183,7 @@ def _scored_output(model, out, mask):
     import torch
     import torch.nn.functional as F
 
-    from .models.common import CausalLM
+    from ..models.common import CausalLM
 
     if isinstance(model, CausalLM):
         return F.log_softmax(out[0].float(), -1)
@@ -194,7 +194,7 @@ def _scored_output(model, out, mask):
 
 def _damage(model, ref, cur) -> float:
     """Mean per-token KL(ref ‖ cur) (causal LMs) or mean ``1 − cos`` of the sentence embeddings."""
-    from .models.common import CausalLM
+    from ..models.common import CausalLM
 
     if isinstance(model, CausalLM):
         return float((ref.exp() * (ref - cur)).sum(-1).mean())
@@ -540,8 +540,8 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     """
     from tqdm.auto import tqdm
 
-    from .models.common import CausalLM
-    from .registry import get_codec
+    from ..models.common import CausalLM
+    from ..registry import get_codec
 
     model, factory = source_model(source)
     if max_tokens is None:

@@ -1,4 +1,4 @@
-"""``rbe_core.calibration``: measured output damage, bit allocation under a budget."""
+"""``rbe_core.compression.calibration``: measured output damage, bit allocation under a budget."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
+sys.path.insert(0, str(Path(__file__).parents[1]))  # --import-mode=importlib: make the helpers importable
 from _model_helpers import tiny_bert, tiny_llama  # noqa: E402
 
 import rbe_core  # noqa: E402
-from rbe_core.calibration import (  # noqa: E402
+from rbe_core.compression.calibration import (  # noqa: E402
     _damage,
     _scored_output,
     allocate,

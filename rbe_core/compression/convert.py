@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .abc import Backend, Encoded
-from .container import Writer
-from .container import open as open_rbe
-from .models import attach_native, build_model, get_spec, model_metadata
-from .models.common import CausalLM, ModelError, RBEModel
-from .models.sources import open_source
-from .registry import get_backend, get_codec, list_codecs
+from ..abc import Backend, Encoded
+from ..container import Writer
+from ..container import open as open_rbe
+from ..models import attach_native, build_model, get_spec, model_metadata
+from ..models.common import CausalLM, ModelError, RBEModel
+from ..models.sources import open_source
+from ..registry import get_backend, get_codec, list_codecs
 
 log = logging.getLogger("rbe.convert")
 

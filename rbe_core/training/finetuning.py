@@ -35,15 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .abc import Encoded
-from .container import open as open_rbe
-from .container import save
-from .evaluate import reference_model
-from .layers import RBEEmbedding, RBELinear
-from .models import build_model
-from .models.common import CausalLM, ModelError, RBEModel
-from .registry import get_backend
-from .training import finalize, prepare_for_training
+from ..abc import Encoded
+from ..compression.evaluate import reference_model
+from ..container import open as open_rbe
+from ..container import save
+from ..layers import RBEEmbedding, RBELinear
+from ..models import build_model
+from ..models.common import CausalLM, ModelError, RBEModel
+from ..registry import get_backend
+from .trainable import finalize, prepare_for_training
 
 CHECKPOINT_FORMAT = 1
 #: Settings a resumed run must share with the run that wrote the checkpoint.

@@ -9,7 +9,12 @@ from torch import nn
 
 import rbe_core
 from rbe_core.layers import RBELinear
-from rbe_core.training import QATLinear, TrainableRBELinear, finalize, prepare_for_training
+from rbe_core.training.trainable import (
+    QATLinear,
+    TrainableRBELinear,
+    finalize,
+    prepare_for_training,
+)
 
 SETUPS = [
     ({"id": "int8"}, {}),
@@ -133,7 +138,7 @@ def _embedding(cfg, rows=40, dim=24):
 
 @pytest.mark.parametrize("cfg", EMB_CODECS, ids=lambda c: c["id"])
 def test_embedding_param_grads_gradcheck(cfg):
-    from rbe_core.training import TrainableRBEEmbedding, decode_rows
+    from rbe_core.training.trainable import TrainableRBEEmbedding, decode_rows
 
     model = _embedding(cfg)
     assert prepare_for_training(model) == ["0"]
@@ -203,7 +208,7 @@ def test_finetune_trains_an_untied_embedding(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))
     from _model_helpers import tiny_llama, write_gguf
 
     write_gguf(tiny_llama(tie_word_embeddings=False), tmp_path / "t.gguf")

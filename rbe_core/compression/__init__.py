@@ -1,0 +1,1 @@
+"""Compression: model conversion, calibrated rounding (GPTQ, bit allocation), quality reports and evaluation."""
