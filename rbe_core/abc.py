@@ -136,19 +136,56 @@ class Codec(abc.ABC):
         return encoded.bits_per_weight
 
     def lower(self, encoded: Encoded):
-        """Optional: ``encoded`` in a canonical layout (``rbe_core.native.lowering.Lowered``), exactly equal
-        to ``decode``, so every backend's native kernels run it; ``None`` (the default) when the
-        codec has none, and backends use the generic ``decode_rows`` path."""
+        """Optional: ``encoded`` in a canonical layout (``rbe_core.native.Lowered``), exactly equal
+        to ``decode``, so every backend's native kernels run it (the cffi engine, the torch
+        CPU/CUDA kernels); ``None`` (the default) when the codec has none, and backends use a
+        registered kernel or the generic ``decode_rows`` path (docs/writing-a-codec-plugin.md)."""
         return None
+
+    def from_lowered(self, encoded: Encoded, lowered) -> Encoded:
+        """Optional, the inverse of ``lower``: a valid ``Encoded`` of this codec (same shape,
+        dtype and source as ``encoded``) holding ``lowered``'s codes and continuous parameters
+        (``step``, ``offset``, ``levels``) rounded to their storage types. Raise ``ValueError``
+        for values it cannot store (a code outside its table, a changed fixed level table).
+        A codec with ``lower`` and ``from_lowered`` trains (``rbe finetune``, with or without a
+        quantizer) and takes calibrated (GPTQ) rounding with no more code. Default: not supported."""
+        raise NotImplementedError(f"codec {self.codec_id!r} does not implement from_lowered")
+
+    #: Lowered fields training may change, of ``step``, ``offset``, ``levels`` (those the codec
+    #: stores with ``from_lowered``; a fixed level table is not listed).
+    trainable_lowered: ClassVar[tuple[str, ...]] = ("step", "offset")
+
+    def bit_settings(self) -> list[Codec]:
+        """The variants of this codec a ``--target-bpw`` budget chooses between per tensor (e.g.
+        the same codec at several bit widths, best quality first). Default: none (the codec
+        cannot be budgeted)."""
+        return []
 
     def torch_form(self):
         """Optional, for training: a ``rbe_core.training.TorchForm`` giving this codec's continuous
-        parameters, a differentiable torch decode of them and how to write them back; ``None``
-        (the default) when the codec has nothing to train (see docs/training.md)."""
-        return None
+        parameters, a differentiable torch decode of them and how to write them back. The default
+        is the form derived from the lowered layout when the codec implements ``lower`` and
+        ``from_lowered`` (``rbe_core.training.LoweredForm``), else ``None`` (nothing to train;
+        see docs/training.md)."""
+        if not lifts(self):
+            return None
+        from .training.lowered import LoweredForm
+
+        return LoweredForm()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.get_config())})"
+
+
+def lowers(codec: Codec) -> bool:
+    """True when ``codec``'s class implements ``lower`` (its tensors may run on native kernels)."""
+    return type(codec).lower is not Codec.lower
+
+
+def lifts(codec: Codec) -> bool:
+    """True when ``codec``'s class implements both ``lower`` and ``from_lowered`` (it trains and
+    takes calibrated rounding through its lowered layout)."""
+    return lowers(codec) and type(codec).from_lowered is not Codec.from_lowered
 
 
 def check_payload(encoded: Encoded, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
@@ -165,8 +202,33 @@ def check_payload(encoded: Encoded, expected: Mapping[str, tuple[tuple[int, ...]
             )
 
 
+class Kernel(abc.ABC):
+    """A plugin's own implementation of one codec's matrix products on named backends, for
+    layouts that do not lower (vector or trellis codes...). Register instances' classes with the
+    ``rbe_register_kernels`` hook; a backend named in ``backends`` then runs the codec through
+    it instead of its lowered or generic path.
+
+    Contract: ``linear(x, encoded, bias)`` and ``linear_grad_input(grad_out, encoded)`` have the
+    semantics of ``Backend.linear``/``Backend.linear_grad_input`` for inputs of that backend's
+    array kind (torch tensors on its device for ``torch``/``cuda``; numpy float32 or CPU torch
+    for ``numpy``/``cffi``); ``accepts(encoded)`` may decline a tensor (default: all).
+    """
+
+    codec_id: ClassVar[str]
+    backends: ClassVar[tuple[str, ...]]
+
+    def accepts(self, encoded: Encoded) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def linear(self, x, encoded: Encoded, bias=None): ...
+
+    @abc.abstractmethod
+    def linear_grad_input(self, grad_out, encoded: Encoded): ...
+
+
 class Backend(abc.ABC):
-    """A compute backend: decode, fused linear and the backward op for the codecs it supports.
+    """A compute backend: decode, fused linear and the backward op for every codec.
 
     Contract:
     - ``availability()`` says whether it can run here and, if not, why (never raises).
@@ -174,13 +236,14 @@ class Backend(abc.ABC):
       (out_features, in_features) without materialising the whole float32 W; ``x`` is numpy or
       torch and the result is the same kind (device and dtype kept).
     - ``linear_grad_input(grad_out, encoded)`` computes ``grad_out @ W`` the same way.
-    - ``kernels`` names the codec ids with a native kernel; other codecs run through the generic
-      row-chunked path built on ``Codec.decode_rows`` (an explicit, documented fallback).
+    - Which path runs a tensor (``path(encoded)``): a plugin ``Kernel`` registered for this
+      backend and codec ("kernel"), else the backend's native kernels on the codec's lowered
+      layout ("native"), else the generic row-chunked ``Codec.decode_rows`` path ("generic": an
+      explicit, documented fallback, logged once per codec).
     """
 
     name: ClassVar[str]
     priority: ClassVar[int] = 0
-    kernels: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abc.abstractmethod
@@ -192,9 +255,34 @@ class Backend(abc.ABC):
         """Compiled or detected features (e.g. 'avx2', 'cuda'); informational."""
         return ()
 
+    def kernel_for(self, encoded: Encoded) -> Kernel | None:
+        """The plugin kernel registered for this backend and ``encoded``'s codec, if it accepts it."""
+        from .registry import kernel_for
+
+        kernel = kernel_for(self.name, encoded.codec.codec_id)
+        return kernel if kernel is not None and kernel.accepts(encoded) else None
+
+    def path(self, encoded: Encoded) -> str:
+        """"kernel", "native" or "generic": how this backend runs ``encoded`` (see the class)."""
+        if self.kernel_for(encoded) is not None:
+            return "kernel"
+        from .native.lowering import lower
+
+        return "native" if self.runs_lowered() and lower(encoded) is not None else "generic"
+
+    @classmethod
+    def runs_lowered(cls) -> bool:
+        """True when this backend has native kernels for the canonical lowered layouts."""
+        return True
+
     def supports(self, codec_id: str) -> bool:
-        """True when this backend has a native kernel for ``codec_id`` (not the generic path)."""
-        return codec_id in self.kernels
+        """True when this backend runs ``codec_id`` without the generic path: a kernel is
+        registered for it, or its codec class lowers (``Codec.lower``)."""
+        from .registry import get_codec, kernel_for
+
+        if kernel_for(self.name, codec_id) is not None:
+            return True
+        return self.runs_lowered() and lowers(get_codec(codec_id))
 
     def native_decoder(self, plan, tensors: Mapping[str, Encoded]):
         """A native engine running a whole causal LM (``plan``: ``rbe_core.models.NativePlan``;
@@ -204,17 +292,31 @@ class Backend(abc.ABC):
 
         raise NativeUnavailableError(f"backend {self.name!r} has no native engine")
 
+    def linear(self, x, encoded: Encoded, bias=None):
+        """``x @ W.T + bias``, same array kind as ``x`` (a plugin kernel first, see the class)."""
+        kernel = self.kernel_for(encoded)
+        if kernel is not None:
+            return kernel.linear(x, encoded, bias)
+        return self.own_linear(x, encoded, bias)
+
+    def linear_grad_input(self, grad_out, encoded: Encoded):
+        """``grad_out @ W``, same array kind as ``grad_out``."""
+        kernel = self.kernel_for(encoded)
+        if kernel is not None:
+            return kernel.linear_grad_input(grad_out, encoded)
+        return self.own_linear_grad_input(grad_out, encoded)
+
     @abc.abstractmethod
     def decode(self, encoded: Encoded):
         """The whole decoded weight in this backend's array kind."""
 
     @abc.abstractmethod
-    def linear(self, x, encoded: Encoded, bias=None):
-        """``x @ W.T + bias``, same array kind as ``x``."""
+    def own_linear(self, x, encoded: Encoded, bias=None):
+        """``linear`` on the backend's own paths (native on the lowered layout, else generic)."""
 
     @abc.abstractmethod
-    def linear_grad_input(self, grad_out, encoded: Encoded):
-        """``grad_out @ W``, same array kind as ``grad_out``."""
+    def own_linear_grad_input(self, grad_out, encoded: Encoded):
+        """``linear_grad_input`` on the backend's own paths."""
 
 
 class NumpyKernelBackend(Backend):
@@ -223,13 +325,13 @@ class NumpyKernelBackend(Backend):
     def decode(self, encoded: Encoded) -> np.ndarray:
         return encoded.decode()
 
-    def linear(self, x, encoded: Encoded, bias=None):
+    def own_linear(self, x, encoded: Encoded, bias=None):
         out = self.linear_np(_as_rows(x, encoded.matrix_shape[1]), encoded)
         if bias is not None:
             out += to_numpy_f32(bias)
         return like(out.reshape(*x.shape[:-1], encoded.matrix_shape[0]), x)
 
-    def linear_grad_input(self, grad_out, encoded: Encoded):
+    def own_linear_grad_input(self, grad_out, encoded: Encoded):
         out = self.grad_input_np(_as_rows(grad_out, encoded.matrix_shape[0]), encoded)
         return like(out.reshape(*grad_out.shape[:-1], encoded.matrix_shape[1]), grad_out)
 

@@ -12,6 +12,7 @@ import rbe_core
 
 from .errors import RBEError
 from .hookspecs import KINDS
+from .registry import codec_capabilities
 
 
 def _fail(exc: Exception) -> None:
@@ -68,7 +69,9 @@ def plugins(as_json: bool) -> None:
         for key, entry in sorted(reg.entries[kind].items()):
             row = {"name": key, "plugin": entry.plugin, "dist": entry.dist, "available": True, "reason": ""}
             if kind == "backends":
-                row.update({k: backends[key][k] for k in ("available", "reason", "features", "kernels", "priority")})
+                row.update({k: backends[key][k] for k in ("available", "reason", "features", "priority")})
+            elif kind == "codecs":
+                row.update(codec_capabilities(key))
             rows.append(row)
         out[kind] = rows
     out["failed"] = [vars_of(p) for p in reg.failures]
@@ -81,10 +84,22 @@ def plugins(as_json: bool) -> None:
         for row in out[kind] or [{"name": "(none)", "dist": "", "available": True, "reason": ""}]:
             state = "" if row["available"] else f"  [unavailable: {row['reason']}]"
             feats = f"  features: {', '.join(row['features'])}" if row.get("features") else ""
-            click.echo(f"  {row['name']:<16} {row['dist']}{state}{feats}")
+            click.echo(f"  {row['name']:<16} {row['dist']}{state}{feats}{_capabilities(row)}")
     for label in ("failed", "disabled"):
         for p in out[label]:
             click.echo(f"{label}: {p['plugin']} ({p['dist']}): {p['error']}")
+
+
+def _capabilities(row: dict) -> str:
+    """``  native: cffi, torch; generic: numpy; trains; calibrates`` for a codec row."""
+    if "paths" not in row:
+        return ""
+    by_path: dict[str, list[str]] = {}
+    for backend, path in row["paths"].items():
+        by_path.setdefault(path, []).append(backend)
+    parts = [f"{path}: {', '.join(names)}" for path, names in sorted(by_path.items())]
+    parts += [flag for flag in ("trains", "calibrates") if row[flag]]
+    return "  " + "; ".join(parts)
 
 
 def vars_of(problem) -> dict:

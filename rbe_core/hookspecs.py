@@ -22,6 +22,7 @@ KINDS = {
     "backends": "rbe_register_backends",
     "engines": "rbe_register_derivative_engines",
     "quantizers": "rbe_register_quantizers",
+    "kernels": "rbe_register_kernels",
 }
 
 
@@ -48,3 +49,10 @@ def rbe_register_derivative_engines(register):
 @hookspec
 def rbe_register_quantizers(register):
     """Register ``Quantizer`` subclasses (keyed by their ``name``)."""
+
+
+@hookspec
+def rbe_register_kernels(register):
+    """Register ``Kernel`` subclasses: a codec's own ``linear``/``linear_grad_input`` on the
+    backends it names (keyed ``codec_id@backend``); they take precedence over the backend's
+    lowered and generic paths for that codec."""

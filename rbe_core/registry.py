@@ -58,6 +58,20 @@ def _key_of(kind: str, obj: Any) -> str:
     return key
 
 
+def _kernel_keys(obj: Any) -> list[str]:
+    """``codec_id@backend`` for each backend a registered ``Kernel`` class names."""
+    codec_id, backends = getattr(obj, "codec_id", None), getattr(obj, "backends", None)
+    if not isinstance(codec_id, str) or not codec_id or isinstance(backends, str) or not backends \
+            or not all(isinstance(b, str) and b for b in backends):
+        raise TypeError(f"{obj!r} registered as kernel needs a string 'codec_id' and a tuple of backend names 'backends'")
+    return [f"{codec_id}@{b}" for b in backends]
+
+
+def _entries(kind: str, obj: Any, plugin: str, dist: str) -> list[Entry]:
+    keys = _kernel_keys(obj) if kind == "kernels" else [_key_of(kind, obj)]
+    return [Entry(kind, key, obj, plugin, dist) for key in keys]
+
+
 class Registry:
     """Everything the installed plugins provide, by kind and key."""
 
@@ -89,7 +103,7 @@ class Registry:
         try:
             for kind, hook in hookspecs.KINDS.items():
                 caller = self._pm.subset_hook_caller(hook, remove_plugins=others)
-                caller(register=lambda obj, _k=kind: staged.append(Entry(_k, _key_of(_k, obj), obj, ep.name, dist)))
+                caller(register=lambda obj, _k=kind: staged.extend(_entries(_k, obj, ep.name, dist)))
         except Exception as exc:
             self._pm.unregister(module)
             self._fail(ep.name, dist, exc)
@@ -116,6 +130,7 @@ class Registry:
 
 _REGISTRY: Registry | None = None
 _BACKENDS: dict[str, Any] = {}
+_KERNELS: dict[str, Any] = {}
 
 
 def registry() -> Registry:
@@ -131,6 +146,7 @@ def reload_plugins() -> Registry:
     global _REGISTRY
     _REGISTRY = None
     _BACKENDS.clear()
+    _KERNELS.clear()
     importlib.invalidate_caches()
     return registry()
 
@@ -164,6 +180,15 @@ def list_codecs() -> list[str]:
     return sorted(registry().entries["codecs"])
 
 
+def kernel_for(backend: str, codec_id: str):
+    """The plugin ``Kernel`` instance registered for ``codec_id`` on ``backend``, or None."""
+    key = f"{codec_id}@{backend}"
+    if key not in _KERNELS:
+        entry = registry().lookup("kernels", key)
+        _KERNELS[key] = None if entry is None else entry.obj()
+    return _KERNELS[key]
+
+
 def list_backends() -> list[dict[str, Any]]:
     """Every registered backend with availability, the reason when unavailable, and features."""
     rows = []
@@ -177,7 +202,6 @@ def list_backends() -> list[dict[str, Any]]:
                 "reason": reason,
                 "priority": entry.obj.priority,
                 "features": list(entry.obj.features()) if ok else [],
-                "kernels": sorted(entry.obj.kernels),
             }
         )
     return rows
@@ -207,3 +231,23 @@ def get_backend(name: str | None = None):
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     _BACKENDS[name] = backend = entry.obj()
     return backend
+
+
+def codec_capabilities(codec_id: str) -> dict[str, Any]:
+    """What rbe gives a registered codec: per available backend the path its tensors take
+    ("kernel": a plugin kernel, "native": its lowered layout on native kernels, "generic"), and
+    whether it trains (a torch form) and takes calibrated rounding (GPTQ)."""
+    from .abc import Codec
+
+    cls = registry().entries["codecs"][codec_id].obj
+    lowers = cls.lower is not Codec.lower
+    lifts = lowers and cls.from_lowered is not Codec.from_lowered
+    paths = {}
+    for row in list_backends():
+        if row["available"]:
+            backend = registry().entries["backends"][row["name"]].obj
+            kernel = registry().lookup("kernels", f"{codec_id}@{row['name']}") is not None
+            paths[row["name"]] = "kernel" if kernel else "native" if lowers and backend.runs_lowered() else "generic"
+    trains = lifts or cls.torch_form is not Codec.torch_form
+    calibrates = lifts or bool(getattr(cls, "accepts_calibration", False))
+    return {"paths": paths, "trains": trains, "calibrates": calibrates}

@@ -1,11 +1,12 @@
 """``cffi``: C kernels with runtime SIMD dispatch (AVX-512, AVX2+FMA, portable scalar), and a
 native decoder engine that runs a whole Llama / GPT-2 step in C (``engine.py``, ``src/engine.c``).
 
-Fused decode+GEMV/GEMM for ``int8``, ``int4`` and ``hadamard`` (input rotated once in C; weights are decoded in registers for batch 1,
-a few rows at a time otherwise; never the whole matrix), on up to ``RBE_CFFI_THREADS`` pthreads,
-with the GIL released. Other codecs run through the numpy backend's generic row-chunked path and
-``supports()`` is False for them. The C module is built at ``pip install``; when it is missing,
-the backend is unavailable (with the reason) and calls raise ``BackendUnavailableError``.
+Fused decode+GEMV/GEMM for every codec that lowers to the canonical layout (input padded and
+rotated once in C; codes through the level table, decoded in registers for batch 1, a few rows at
+a time otherwise; never the whole matrix), on up to ``RBE_CFFI_THREADS`` threads, with the GIL
+released. Codecs that do not lower run through a registered plugin kernel or the generic path.
+The C module is built at ``pip install``; when it is missing, the backend is unavailable (with
+the reason) and calls raise ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ IMPORT_ERROR_HINT = "the C module is missing: "
 class CffiBackend(NumpyKernelBackend):
     name = "cffi"
     priority = 30
-    kernels = ops.KERNEL_CODECS
 
     @classmethod
     def availability(cls):
@@ -45,11 +45,6 @@ class CffiBackend(NumpyKernelBackend):
             active = f"invalid: {exc}"
         return (*ops.supported_isas(), f"active={active}", f"threads={ops.thread_count()}")
 
-    def supports(self, codec_id: str) -> bool:
-        if codec_id == ops.had.CODEC_ID:  # only while the codec still writes the layout we know
-            return ops.had.default_supported()
-        return codec_id in self.kernels
-
     def native_decoder(self, plan, tensors):
         """The C decoder engine (``engine.NativeDecoder``) for Llama and GPT-2 models whose every
         matrix lowers to the canonical layout."""
@@ -61,24 +56,24 @@ class CffiBackend(NumpyKernelBackend):
             raise NativeUnavailableError(IMPORT_ERROR_HINT + ops.IMPORT_ERROR)
         return NativeDecoder(plan, tensors)
 
-    def linear(self, x, encoded, bias=None):
+    def own_linear(self, x, encoded, bias=None):
         if not self._direct(x, encoded):
-            return super().linear(x, encoded, bias)
+            return super().own_linear(x, encoded, bias)
         out = self._torch_call("linear", x, encoded)
         if bias is not None:
             out.numpy()[...] += to_numpy_f32(bias)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def linear_grad_input(self, grad_out, encoded):
+    def own_linear_grad_input(self, grad_out, encoded):
         if not self._direct(grad_out, encoded):
-            return super().linear_grad_input(grad_out, encoded)
+            return super().own_linear_grad_input(grad_out, encoded)
         out = self._torch_call("grad_input", grad_out, encoded)
         return out if out.dtype == grad_out.dtype else out.to(grad_out.dtype)
 
     @staticmethod
     def _direct(x, encoded) -> bool:
         """CPU torch input to a C kernel: run on its memory, skipping the numpy round trip."""
-        return is_torch(x) and x.device.type == "cpu" and ops.has_kernel(encoded)
+        return is_torch(x) and x.device.type == "cpu" and ops.matrix(encoded) is not None
 
     @staticmethod
     def _torch_call(op: str, t, encoded):
@@ -91,9 +86,8 @@ class CffiBackend(NumpyKernelBackend):
         a = t.detach().reshape(-1, width)
         if a.dtype != torch.float32 or not a.is_contiguous():
             a = a.to(torch.float32).contiguous()
-        out = a.new_empty((a.shape[0], out_width))
-        ops.call_into(op, a.numpy(), encoded, out.numpy())
-        return out.view(*t.shape[:-1], out_width)
+        fn = ops.linear if op == "linear" else ops.grad_input
+        return torch.from_numpy(fn(a.numpy(), encoded)).view(*t.shape[:-1], out_width)
 
     def linear_np(self, x, encoded):
         return ops.linear(x, encoded)

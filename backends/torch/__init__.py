@@ -17,7 +17,6 @@ class TorchBackend(Backend):
     name = "torch"
     priority = 20
     device_type = "cpu"
-    kernels = frozenset({"int8", "raw", "hadamard"})
 
     @classmethod
     def availability(cls):
@@ -36,13 +35,6 @@ class TorchBackend(Backend):
         except ValueError as exc:  # a bad $RBE_TORCH_CHUNK_MB: shown here, raised by the kernels
             chunk = f"chunk=invalid ({exc})"
         return (f"torch-{torch.__version__}", cls.device_type, f"threads={torch.get_num_threads()}", chunk)
-
-    def supports(self, codec_id: str) -> bool:
-        if codec_id == "hadamard":  # only while the codec still writes the layout we know
-            from rbe_backends.numpy import hadamard
-
-            return hadamard.default_supported()
-        return codec_id in self.kernels
 
     @property
     def device(self):
@@ -69,7 +61,7 @@ class TorchBackend(Backend):
 
         return ops.decode_rows(encoded, 0, encoded.matrix_shape[0], self.device).reshape(encoded.shape)
 
-    def linear(self, x, encoded, bias=None):
+    def own_linear(self, x, encoded, bias=None):
         from . import ops
 
         rows, cols = encoded.matrix_shape
@@ -78,7 +70,7 @@ class TorchBackend(Backend):
             out += self._in(bias, rows)[0]
         return self._out(out, x, rows)
 
-    def linear_grad_input(self, grad_out, encoded):
+    def own_linear_grad_input(self, grad_out, encoded):
         from . import ops
 
         rows, cols = encoded.matrix_shape

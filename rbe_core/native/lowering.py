@@ -25,6 +25,7 @@ import attrs
 import numpy as np
 
 from ..abc import Encoded
+from ..arrays import row_chunks
 
 
 def fwht(x: np.ndarray) -> np.ndarray:
@@ -160,6 +161,53 @@ class Lowered:
 
     def decode(self) -> np.ndarray:
         return self.decode_rows(0, self.rows)
+
+    def rotate_input(self, x: np.ndarray) -> np.ndarray:
+        """(n, cols) inputs padded to ``cols_p`` and rotated (``pad(x) @ Tᵀ``), float32."""
+        xp = np.zeros((x.shape[0], self.cols_p), dtype=np.float32)
+        xp[:, : self.cols] = x
+        return xp if self.transform is None else self.transform.rotate(xp)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        """(n, cols) float32 ``@ W.T`` -> (n, rows): the input rotated once, then row chunks of
+        ``W_c`` (the numpy reference of every native kernel)."""
+        xr = self.rotate_input(x)
+        out = np.empty((x.shape[0], self.rows), dtype=np.float32)
+        for start, stop in row_chunks(self.rows, self.cols_p):
+            out[:, start:stop] = xr @ self.values(start, stop).T
+        return out
+
+    def grad_input(self, grad_out: np.ndarray) -> np.ndarray:
+        """(n, rows) float32 ``@ W`` -> (n, cols): ``(g @ W_c) @ T``, cut to ``cols``."""
+        acc = np.zeros((grad_out.shape[0], self.cols_p), dtype=np.float32)
+        for start, stop in row_chunks(self.rows, self.cols_p):
+            acc += grad_out[:, start:stop] @ self.values(start, stop)
+        if self.transform is not None:
+            acc = self.transform.unrotate(acc)
+        return np.ascontiguousarray(acc[:, : self.cols])
+
+    def unrotated_target(self, w: np.ndarray) -> np.ndarray:
+        """The ``W_c`` (rows, cols_p) whose decode is closest to a float weight ``w`` (rows,
+        cols): ``pad(w) @ Tᵀ`` (T is orthogonal), what rounding onto this layout aims at."""
+        return self.rotate_input(np.asarray(w, dtype=np.float32).reshape(self.rows, self.cols))
+
+    def with_values(self, **fields) -> Lowered:
+        """A copy with some arrays replaced (codes, levels, step, offset); the step factorisation
+        is dropped when ``step`` changes."""
+        if "step" in fields:
+            fields = {"step_row": None, "step_code": None, **fields}
+        return attrs.evolve(self, **fields)
+
+
+def nearest_codes(levels: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """uint8 codes of the entries of ``levels`` nearest to ``u`` (ties to the lower value; of
+    equal levels, the first code): rounding onto any level table."""
+    levels = np.asarray(levels, dtype=np.float64)
+    values, first = np.unique(levels, return_index=True)
+    if len(values) == 1:
+        return np.full(np.shape(u), first[0], dtype=np.uint8)
+    edges = (values[1:] + values[:-1]) / 2
+    return first[np.searchsorted(edges, u, side="left")].astype(np.uint8)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

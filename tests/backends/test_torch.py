@@ -1,4 +1,4 @@
-"""The torch backend's native kernels (int8, int4, raw) against the numpy reference, its chunk
+"""The torch backend's kernels on the lowered layout (int8, int4, raw, hadamard) against the numpy reference, its chunk
 budget, CUDA when a device is visible, and torch tensors through the C kernels' direct path."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ CODECS = [
     ("int4", {"group_size": 2}),
     ("int4", {"group_size": 32}),
     ("int4", {"group_size": 48}),
+    ("hadamard", {"bits": 3}),
+    ("hadamard", {"bits": 4, "grid": "normal"}),
 ]
 SHAPES = [(1, 1), (7, 33), (37, 101), (130, 257)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -44,7 +46,7 @@ def torch_backend(device: str):
 @pytest.mark.parametrize("batch", [1, 5])
 def test_kernels_agree_with_numpy(device, codec_id, params, shape, batch, rng):
     enc = encode(codec_id, params, shape, rng)
-    assert ops.KERNELS.get(codec_id) is not None  # a native kernel, not the numpy fallback
+    assert ops.prepared(enc, torch.device(device)) is not None  # the lowered path, not the numpy fallback
     ref = rbe_core.get_backend("numpy")
     b = torch_backend(device)
     x = rng.standard_normal((batch, shape[1])).astype(np.float32)
@@ -89,7 +91,7 @@ def test_default_budgets_and_bad_setting(monkeypatch):
 
 def test_other_codecs_fall_back_to_their_numpy_rows(rng):
     enc = encode("hybrid", {}, (16, 64), rng)
-    assert "hybrid" not in ops.KERNELS
+    assert ops.prepared(enc, torch.device("cpu")) is None
     x = rng.standard_normal((2, 64)).astype(np.float32)
     y = rbe_core.get_backend("torch").linear(x, enc)
     assert rel(y, x @ enc.decode().reshape(16, 64).T) <= 1e-5
