@@ -1,16 +1,23 @@
-"""The example third-party plugin, pip-installed into the test environment like a user would."""
+"""The example third-party plugin (``example-nf``), pip-installed into the test environment like a
+user would. Each test runs its code in a fresh interpreter: plugins are discovered at import."""
+
+from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rbe-codec-example"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "rbe-codec-example"
+GOLDEN = ROOT / "tests" / "golden" / "example-nf"
 
 
-def pip(*args):
+def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True, text=True)
 
 
@@ -21,44 +28,160 @@ def installed_example():
     pip("uninstall", "-y", "rbe-codec-example")
 
 
-def fresh_python(code: str) -> str:
-    """Run ``code`` in a new interpreter, which discovers plugins from scratch."""
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return done.stdout
+def fresh_python(code: str) -> Any:
+    """Run ``code`` in a new interpreter (which discovers plugins from scratch); the JSON value
+    it prints (its whole stdout)."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
-def test_listed_with_distribution_name(installed_example):
+def test_listed_with_distribution_and_capabilities(installed_example):
     out = fresh_python("from rbe_core.cli import main; main(['plugins', '--json'])")
-    codecs = {c["name"]: c for c in json.loads(out)["codecs"]}
-    assert codecs["example-fp16"]["dist"] == "rbe-codec-example"
-    assert codecs["int8"]["dist"] == "rbe"
+    codecs = {c["name"]: c for c in out["codecs"]}
+    row = codecs["example-nf"]
+    assert row["dist"] == "rbe-codec-example" and codecs["int8"]["dist"] == "rbe"
+    assert "numpy" in row["paths"] and set(row["paths"].values()) == {"native"}
+    assert row["trains"] is True and row["calibrates"] is True
 
 
-def test_usable_by_name_end_to_end(installed_example, tmp_path):
-    out = fresh_python(
-        "import json, numpy as np, rbe_core\n"
-        "w = np.random.default_rng(0).standard_normal((32, 48)).astype(np.float32) * 1e3\n"
-        "enc = rbe_core.get_codec('example-fp16').encode(w)\n"
-        f"rbe_core.save({str(tmp_path / 'e.rbe')!r}, {{'w': enc}})\n"
-        f"back = rbe_core.open({str(tmp_path / 'e.rbe')!r})['w']\n"
-        "x = np.ones((2, 48), np.float32)\n"
-        "y = rbe_core.get_backend('numpy').linear(x, back)\n"
-        "print(json.dumps({'plugin': rbe_core.open(" + repr(str(tmp_path / "e.rbe")) + ").headers['w']['plugin'],"
-        " 'rmse': rbe_core.report(back, w)['relative_rmse'], 'bpw': back.bits_per_weight,"
-        " 'lin': float(np.abs(y - x @ w.T).max() / np.abs(x @ w.T).max())}))\n"
-    )
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["plugin"] == "rbe-codec-example"
-    assert result["rmse"] < 1e-3 and 16 < result["bpw"] < 20 and result["lin"] < 1e-3
+def test_round_trip_lowering_and_backends(installed_example, tmp_path):
+    out = fresh_python(f"""
+        import json, attrs, numpy as np, rbe_core
+        rng = np.random.default_rng(0)
+        big = rng.standard_normal((256, 1024)).astype(np.float32)
+        odd = rng.standard_normal((48, 3, 50)).astype(np.float32)  # 150 columns: padded groups
+        res = {{"rmse": {{}}, "bpw": {{}}, "checks": [], "err": {{}}, "path": {{}}}}
+        base = rbe_core.get_codec("example-nf")
+        res["settings"] = [c.get_config() for c in base.bit_settings()]
+        res["trainable"] = list(base.trainable_lowered)
+        backends = [rbe_core.get_backend(r["name"]) for r in rbe_core.list_backends()
+                    if r["available"] and r["name"] in ("numpy", "cffi", "torch")]
+        for bits in (2, 3, 4):
+            codec = rbe_core.get_codec({{"id": "example-nf", "bits": bits}})
+            enc = codec.encode(big)
+            res["rmse"][bits] = rbe_core.report(enc, big)["relative_rmse"]
+            res["bpw"][bits] = enc.bits_per_weight
+            for w in (big, odd):
+                enc = codec.encode(w)
+                dec = enc.decode()
+                rows, cols = enc.matrix_shape
+                lowered = codec.lower(enc)
+                back = codec.from_lowered(enc, lowered)
+                path = str({str(tmp_path)!r}) + f"/w{{bits}}.rbe"
+                rbe_core.save(path, {{"w": enc}})
+                opened = rbe_core.open(path)["w"]
+                res["checks"] += [
+                    dec.shape == w.shape and dec.dtype == np.float32,
+                    lowered.decode().tobytes() == dec.reshape(rows, cols).tobytes(),
+                    enc.decode_rows(5, rows).tobytes() == dec.reshape(rows, cols)[5:].tobytes(),
+                    sorted(back.payload) == sorted(enc.payload),
+                    all(np.array_equal(back.payload[k], enc.payload[k]) for k in enc.payload),
+                    opened.decode().tobytes() == dec.tobytes() and opened.codec == codec,
+                ]
+                wm = dec.reshape(rows, cols)
+                x = rng.standard_normal((3, cols)).astype(np.float32)
+                g = rng.standard_normal((3, rows)).astype(np.float32)
+                for be in backends:
+                    if be.name == "torch":
+                        import torch
+                        y = be.linear(torch.from_numpy(x), opened).numpy()
+                        gi = be.linear_grad_input(torch.from_numpy(g), opened).numpy()
+                    else:
+                        y, gi = be.linear(x, opened), be.linear_grad_input(g, opened)
+                    err = max(float(np.abs(y - x @ wm.T).max() / np.abs(x @ wm.T).max()),
+                              float(np.abs(gi - g @ wm).max() / np.abs(g @ wm).max()))
+                    res["err"][be.name] = max(res["err"].get(be.name, 0.0), err)
+                    res["path"][be.name] = be.path(opened)
+        print(json.dumps(res))
+    """)
+    assert all(out["checks"]), out["checks"]
+    assert [c["bits"] for c in out["settings"]] == [4, 3, 2] and out["trainable"] == ["step"]
+    rmse, bpw = out["rmse"], out["bpw"]
+    assert rmse["3"] < 0.2 and rmse["2"] < 0.5 and rmse["4"] < 0.1 and rmse["4"] < rmse["3"] < rmse["2"]
+    for bits in (2, 3, 4):
+        assert bits + 0.25 < bpw[str(bits)] < bits + 0.25 + 0.02  # + the tensor's JSON header
+    assert {"numpy", "torch"} <= set(out["path"]) and set(out["path"].values()) == {"native"}
+    assert max(out["err"].values()) < 1e-5, out["err"]
 
 
 def test_file_written_by_uninstalled_plugin_names_it(installed_example, tmp_path):
-    fresh_python(
-        "import numpy as np, rbe_core\n"
-        f"rbe_core.save({str(tmp_path / 'e.rbe')!r}, {{'w': rbe_core.get_codec('example-fp16').encode(np.ones((2, 2), np.float32))}})\n"
-    )
-    code = f"import rbe_core; rbe_core.open({str(tmp_path / 'e.rbe')!r})['w']"
+    path = str(tmp_path / "e.rbe")
+    fresh_python(f"""
+        import numpy as np, rbe_core
+        rbe_core.save({path!r}, {{"w": rbe_core.get_codec("example-nf").encode(np.ones((2, 2), np.float32))}})
+        print("null")
+    """)
+    code = f"import rbe_core; rbe_core.open({path!r})['w']"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"RBE_DISABLE_PLUGINS": "example-fp16", "PATH": "/usr/bin:/bin"})
+                          env={"RBE_DISABLE_PLUGINS": "example-nf", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "UnknownCodecError" in done.stderr and "pip install rbe-codec-example" in done.stderr
+
+
+def test_golden_file_decodes_bit_exactly(installed_example):
+    """Files written once by examples/rbe-codec-example/make_golden.py; never regenerated here."""
+    out = fresh_python(f"""
+        import json, numpy as np, rbe_core, safetensors.numpy
+        f = rbe_core.open({str(GOLDEN / "encoded.rbe")!r})
+        expected = safetensors.numpy.load_file({str(GOLDEN / "expected.safetensors")!r})
+        w = safetensors.numpy.load_file({str(GOLDEN / "input.safetensors")!r})["weight"]
+        res = {{}}
+        for name in sorted(f):
+            enc, want = f[name], expected[name]
+            rows = enc.matrix_shape[0]
+            out = enc.decode()
+            res[name] = dict(
+                bits=enc.codec.bits, plugin=f.headers[name]["plugin"],
+                exact=out.dtype == want.dtype and out.shape == want.shape and out.tobytes() == want.tobytes(),
+                rows=enc.decode_rows(rows // 3, rows).tobytes() == want[rows // 3:].tobytes(),
+                lowered=enc.codec.lower(enc).decode().tobytes() == want.tobytes(),
+                rmse=float(np.sqrt(np.mean((out - w) ** 2) / np.mean(w ** 2))),
+            )
+        print(json.dumps(res))
+    """)
+    assert sorted(out) == ["nf2", "nf3", "nf4"] and [r["bits"] for r in out.values()] == [2, 3, 4]
+    for name, r in out.items():
+        assert r["plugin"] == "rbe-codec-example" and r["exact"] and r["rows"] and r["lowered"], name
+        assert r["rmse"] < 0.5, name
+
+
+def test_rejects_bad_payloads_weights_configs_and_lowerings(installed_example):
+    out = fresh_python("""
+        import json, attrs, numpy as np, rbe_core
+        from rbe_core.errors import InvalidWeightError, RBEFormatError
+        codec = rbe_core.get_codec("example-nf")
+        enc = codec.encode(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+        lowered = codec.lower(enc)
+
+        def raises(fn, exc):
+            try:
+                fn()
+            except exc:
+                return True
+            except Exception as other:
+                return f"{type(other).__name__}: {other}"
+            return False
+
+        def payload(**fields):
+            return rbe_core.Encoded(codec, enc.shape, {**enc.payload, **fields})
+
+        res = {
+            "truncated": raises(lambda: codec.validate(payload(codes=enc.payload["codes"][:, :-1])), RBEFormatError),
+            "missing": raises(lambda: codec.validate(rbe_core.Encoded(codec, enc.shape, {"codes": enc.payload["codes"]})), RBEFormatError),
+            "scale_dtype": raises(lambda: codec.validate(payload(scale=enc.payload["scale"].astype(np.float32))), RBEFormatError),
+            "nan": raises(lambda: codec.encode(np.array([[1.0, np.nan]], np.float32)), InvalidWeightError),
+            "bits5": raises(lambda: rbe_core.get_codec({"id": "example-nf", "bits": 5}), (ValueError, RBEFormatError)),
+            "group48": raises(lambda: rbe_core.get_codec({"id": "example-nf", "group_size": 48}), (ValueError, RBEFormatError)),
+            "levels": raises(lambda: codec.from_lowered(enc, lowered.with_values(levels=lowered.levels * 2)), ValueError),
+            "offset": raises(lambda: codec.from_lowered(enc, lowered.with_values(offset=lowered.step)), ValueError),
+            "codes": raises(lambda: codec.from_lowered(enc, lowered.with_values(codes=lowered.codes + 8)), ValueError),
+            "shape": raises(lambda: codec.from_lowered(rbe_core.Encoded(codec, (4, 64), enc.payload), lowered), ValueError),
+            "bits": raises(lambda: attrs.evolve(codec, bits=4).from_lowered(enc, lowered), ValueError),
+        }
+        print(json.dumps(res))
+    """)
+    assert all(v is True for v in out.values()), out
+
+
+# --- end-to-end on models: see below ---
