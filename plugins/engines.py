@@ -58,7 +58,7 @@ def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, transposed: bool = Fals
 
 def _leaves(form: TorchForm, encoded: Encoded, params, like: torch.Tensor) -> dict[str, torch.Tensor]:
     values = form.params(encoded) if params is None else params
-    return {f: _torch(values[f], like).detach().clone().requires_grad_() for f in form.fields}
+    return {f: _torch(values[f], like).detach().clone().requires_grad_() for f in form.fields if f in values}
 
 
 class _FormEngine(DerivativeEngine):
@@ -73,7 +73,8 @@ class _FormEngine(DerivativeEngine):
     def _chunked_param_grads(self, encoded, x, grad_out, params, transposed) -> dict[str, torch.Tensor]:
         """``param_grads`` for ``dL/dW = grad_outᵀ x``, a row chunk at a time for ``row_wise`` forms."""
         rows, cols = encoded.matrix_shape
-        row_wise = torch_form(encoded.codec).row_wise and len(encoded.shape) == 2  # see ``row_encoded``
+        # see ``row_encoded``: every payload array stored row by row
+        row_wise = torch_form(encoded.codec).row_wise and row_encoded(encoded, slice(0, 0)) is not None
         chunks = list(row_chunks(rows, cols, CHUNK_ELEMENTS)) if row_wise else []
         if len(chunks) < 2:
             return self.param_grads(encoded, weight_grad(x, grad_out, transposed), params)

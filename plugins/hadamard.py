@@ -262,11 +262,17 @@ def choose_steps(wr: np.ndarray, group_size: int, grid: Grid) -> tuple[np.ndarra
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, step[:, :, 0], best)
-    row_scale = (best.max(axis=1) / _SCALE_LEVELS).astype(np.float32)
+    return factor_steps(best)
+
+
+def factor_steps(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group steps (rows, groups) as stored: (row_scale f32, scale_code u8), 8 bits relative to
+    the row's largest step (a positive step never becomes 0; negative ones become 0)."""
+    step = np.asarray(step, dtype=np.float32)
+    row_scale = (np.maximum(step.max(axis=1), 0) / _SCALE_LEVELS).astype(np.float32)
     safe_row = np.where(row_scale > 0, row_scale, np.float32(1.0))
-    code = np.clip(np.rint(best / safe_row[:, None]), 0, _SCALE_LEVELS)
-    code = np.where((best > 0) & (code == 0), 1, code).astype(np.uint8)
-    return row_scale, code
+    code = np.clip(np.rint(step / safe_row[:, None]), 0, _SCALE_LEVELS)
+    return row_scale, np.where((step > 0) & (code == 0), 1, code).astype(np.uint8)
 
 
 def group_steps(row_scale: np.ndarray, scale_code: np.ndarray) -> np.ndarray:
@@ -467,6 +473,25 @@ class HadamardCodec(Codec):
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
             step_row=p["row_scale"], step_code=p["scale_code"],
         )
+
+    #: training moves the group steps (stored again as row scale × 8-bit code); the grid is fixed
+    trainable_lowered = ("step",)
+
+    def from_lowered(self, encoded: Encoded, lowered: Lowered) -> Encoded:
+        """The inverse of :meth:`lower`: codes packed again, steps factored into row scale × code."""
+        rows, cols = encoded.matrix_shape
+        cols_p = self.layout(cols)[0]
+        if (lowered.bits, lowered.group_size, lowered.rows, lowered.cols, lowered.cols_p) != (
+                self.bits, self.group_size, rows, cols, cols_p) or lowered.offset is not None:
+            raise ValueError("hadamard: the lowered layout does not match this codec and shape")
+        if not np.array_equal(lowered.levels, self.levels()) or int(lowered.codes.max(initial=0)) >= 2**self.bits:
+            raise ValueError("hadamard: the level table is fixed and codes must be below 2**bits")
+        if lowered.step_row is not None:
+            row_scale, scale_code = lowered.step_row, lowered.step_code
+        else:
+            row_scale, scale_code = factor_steps(lowered.step)
+        payload = {"codes": pack_codes(lowered.codes, self.bits), "scale_code": scale_code, "row_scale": row_scale}
+        return Encoded(self, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
 
     def rotate_input(self, x: np.ndarray, cols: int) -> np.ndarray:
         """Activations (n, cols) in the rotated, padded basis: ``x @ W.T == rotate_input(x) @ W_rot.T``."""

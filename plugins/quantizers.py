@@ -16,6 +16,11 @@ and return the same kind; ``fake_quantize`` is torch and equals ``dequantize(qua
 ``step_dtype`` (e.g. ``"float16"``) makes the forward see steps and offsets rounded to their
 storage type, so finalizing into a codec reproduces the trained forward exactly.
 
+``ste`` and ``lsq`` also take a ``levels`` table (a codec's lowered level table, any values, up to
+``2**bits`` entries): codes then index the table, a value rounds to the nearest entry
+(``rbe_core.native.nearest_codes``) and ``v = levels[code] · step (+ offset)``; the gradients are
+the same with ``round`` read as "nearest level" and the range as the table's.
+
 Signed grids are symmetric, codes in [−(2**(bits−1) − 1), 2**(bits−1) − 1] (int8 style); unsigned
 grids are affine, codes in [0, 2**bits − 1] with ``v = code · step + offset`` (int4 style).
 """
@@ -40,13 +45,18 @@ class UniformQuantizer(Quantizer):
     name = "ste"
     learnable = False
 
-    def __init__(self, bits: int = 8, signed: bool = True, step_dtype: str | None = None):
+    def __init__(self, bits: int = 8, signed: bool = True, step_dtype: str | None = None, levels=None):
         import torch
 
         self.bits, self.signed = _check_bits(bits), bool(signed)
         self.step_dtype = step_dtype  # storage type of steps/offsets, seen by the forward (STE)
         self.qmin = -(2 ** (bits - 1) - 1) if signed else 0
         self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.levels = None if levels is None else np.asarray(levels, dtype=np.float32)
+        if self.levels is not None:
+            if not 1 <= self.levels.size <= 2**bits or not np.isfinite(self.levels).all():
+                raise ValueError(f"levels must be 1..{2**bits} finite values, got {self.levels.size}")
+            self.qmin, self.qmax = float(self.levels.min()), float(self.levels.max())
         self.step = torch.nn.Parameter(torch.ones(1), requires_grad=self.learnable)
         self.offset = None if signed else torch.nn.Parameter(torch.zeros(1), requires_grad=self.learnable)
 
@@ -98,8 +108,21 @@ class UniformQuantizer(Quantizer):
             return step.to(like.device, like.dtype), offset if self.signed else offset.to(like.device, like.dtype)
         return step.cpu().double().numpy(), offset if self.signed else offset.cpu().double().numpy()
 
+    def _nearest(self, u):
+        """``u`` (values in steps, inside the range) at its nearest level, and that level's code."""
+        from rbe_core.native import nearest_codes
+
+        codes = nearest_codes(self.levels, u.detach().cpu().numpy() if is_torch(u) else u)
+        if not is_torch(u):
+            return self.levels[codes].astype(np.float64), codes
+        import torch
+
+        return torch.from_numpy(self.levels[codes]).to(u.device, u.dtype), torch.from_numpy(codes).to(u.device)
+
     def quantize(self, values):
         step, offset = self._affine(values)
+        if self.levels is not None:
+            return self._nearest((values - offset) / step)[1]
         if is_torch(values):
             return ((values - offset) / step).round().clamp(self.qmin, self.qmax).to(self._code_dtype(torch=True))
         codes = np.clip(np.rint((np.asarray(values, dtype=np.float64) - offset) / step), self.qmin, self.qmax)
@@ -107,6 +130,14 @@ class UniformQuantizer(Quantizer):
 
     def dequantize(self, codes):
         step, offset = self._affine(codes if not is_torch(codes) else codes.float())
+        if self.levels is not None:
+            index = codes.cpu().numpy() if is_torch(codes) else np.asarray(codes)
+            table = self.levels[index.astype(np.intp)]
+            if is_torch(codes):
+                import torch
+
+                return torch.from_numpy(table).to(step.device, step.dtype) * step + offset
+            return table.astype(np.float64) * step + offset
         if is_torch(codes):
             return codes.to(step.dtype) * step + offset
         return np.asarray(codes, dtype=np.float64) * step + offset
@@ -120,11 +151,18 @@ class UniformQuantizer(Quantizer):
 
         return {"int8": t.int8, "uint8": t.uint8, "int16": t.int16, "uint16": t.int32}[name]
 
+    def _round(self, u):
+        """``u`` on the grid: the nearest level, or the clamped integer."""
+        if self.levels is not None:
+            return self._nearest(u.clamp(self.qmin, self.qmax))[0]
+        return u.round().clamp(self.qmin, self.qmax)
+
     def fake_quantize(self, values):
         step, offset = self._affine(values)
         u = (values - offset) / step
-        inside = ((u >= self.qmin - 0.5) & (u <= self.qmax + 0.5)).to(values.dtype)
-        out = u.detach().round().clamp(self.qmin, self.qmax) * step + offset
+        half = 0.0 if self.levels is not None else 0.5
+        inside = ((u >= self.qmin - half) & (u <= self.qmax + half)).to(values.dtype)
+        out = self._round(u.detach()) * step + offset
         # forward: the grid value; backward: 1 inside the range, 0 where clipped
         return out + (values - values.detach()) * inside
 
@@ -140,7 +178,7 @@ class LSQQuantizer(UniformQuantizer):
         step = self._stored(_scale_grad(self.step.to(values.dtype), g))
         offset = 0.0 if self.signed else self._stored(_scale_grad(self.offset.to(values.dtype), g))
         u = ((values - offset) / step).clamp(self.qmin, self.qmax)
-        u = u + (u.round() - u).detach()  # round with a straight-through gradient
+        u = u + (self._round(u.detach()) - u).detach()  # round with a straight-through gradient
         return u * step + offset
 
 

@@ -171,7 +171,7 @@ class Codec(abc.ABC):
             return None
         from .training.lowered import LoweredForm
 
-        return LoweredForm()
+        return LoweredForm(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.get_config())})"

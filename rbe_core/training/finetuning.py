@@ -43,7 +43,7 @@ from ..layers import RBEEmbedding, RBELinear
 from ..models import build_model
 from ..models.common import CausalLM, ModelError, RBEModel
 from ..registry import get_backend
-from .trainable import finalize, prepare_for_training
+from .trainable import QATLinear, finalize, prepare_for_training
 
 CHECKPOINT_FORMAT = 1
 #: Settings a resumed run must share with the run that wrote the checkpoint.
@@ -146,11 +146,11 @@ class _Trainee:
                 modules[m].bias.requires_grad_(True)
             elif modules[m].bias is not None:
                 modules[m].bias.requires_grad_(False)
-        # an embedding sharing a trained matrix (tied lm_head) reads the trained codes every forward
+        # an embedding sharing a trained matrix (tied lm_head) follows it every forward
         for emb, name in embeddings:
             trained = [modules[m] for m, n in self.layer_tensor.items() if n == name]
             if trained:
-                emb.register_forward_pre_hook(lambda mod, _args, src=trained[0]: setattr(mod, "encoded", src.encoded))
+                _tie(emb, trained[0])
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.model.train()
 
@@ -175,6 +175,15 @@ class _Trainee:
                 bias = modules[m].bias.detach().numpy().astype(np.float32)
                 out[name] = old.codec.encode(bias.reshape(old.shape), source=old.source)
         return out
+
+
+def _tie(embedding: RBEEmbedding, head) -> None:
+    """Make ``embedding`` read the matrix ``head`` trains: the trained codes (codec parameters),
+    or rows of the quantized shadow weight with the gradient flowing into it (QAT)."""
+    if isinstance(head, QATLinear):
+        embedding.register_forward_hook(lambda _mod, args, _out: F.embedding(args[0], head.quantized_weight()))
+    else:
+        embedding.register_forward_pre_hook(lambda mod, _args: setattr(mod, "encoded", head.encoded))
 
 
 def _write_checkpoint(ckpt_dir: Path, step: int, trainee: _Trainee, opt: torch.optim.Optimizer,

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer
+from ..abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer, lifts
 from ..errors import RBEError
 from ..layers import RBEEmbedding, RBELinear
 from ..registry import registry
@@ -218,9 +218,9 @@ class TrainableRBELinear(_ShadowEncoded, nn.Module):
         self.backend = backend or layer.backend
         self.transposed = layer.transposed
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.fields = self.form.fields
-        self.bias = layer.bias
         values = self.form.params(layer.encoded)
+        self.fields = tuple(f for f in self.form.fields if f in values)
+        self.bias = layer.bias
         self.shadow = nn.ParameterList(
             [nn.Parameter(torch.from_numpy(values[f]).float()) for f in self.fields])
         self._base = layer.encoded
@@ -260,29 +260,39 @@ class QATLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bias = layer.bias
         rows, cols = self._base.matrix_shape
-        self.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(self._base.decode()).reshape(rows, cols)))
-        form = _form_or_none(self._base.codec)
+        form = _qat_form(self._base.codec)
         grid = None if form is None else form.grid(self._base)
         name = quantizer if isinstance(quantizer, str) else quantizer.name
         # uniform quantizers (those with ``steps``) can work on the codec's own grid
         self.on_grid = grid is not None and hasattr(_lookup("quantizers", name), "steps")
         self.form = form if self.on_grid else None
+        # a lowered form's grid acts on the basis values W_c (before its input transform)
+        self.in_basis = self.on_grid and hasattr(form, "basis")
+        start = form.basis(self._base) if self.in_basis else self._base.decode().reshape(rows, cols)
+        self.weight = nn.Parameter(torch.from_numpy(np.array(start, dtype=np.float32)))
         if self.on_grid:
             bits, signed, group = grid
             self.group = group or cols
             quantizer_kwargs = {"bits": bits, "signed": signed, "step_dtype": form.step_dtype, **quantizer_kwargs}
+            if hasattr(form, "grid_levels"):
+                quantizer_kwargs["levels"] = form.grid_levels(self._base)
         else:
             self.group = cols
         self.quantizer = get_quantizer(quantizer, **quantizer_kwargs) if isinstance(quantizer, str) else quantizer
         with torch.no_grad():
             if self.on_grid:
-                params = self.form.params(self._base)
-                step = torch.from_numpy(params["scale"]).float().reshape(rows, -1, 1)
-                offset = params.get("minimum")
-                self.quantizer.steps(step, None if offset is None else torch.from_numpy(offset).float().reshape(rows, -1, 1))
+                step, offset = self._grid_steps()
+                self.quantizer.steps(torch.from_numpy(step).float().reshape(rows, -1, 1),
+                                     None if offset is None else torch.from_numpy(offset).float().reshape(rows, -1, 1))
             else:
                 self.quantizer.fit(self._groups(self.weight))
         self.quantizer_params = nn.ParameterList(self.quantizer.parameters())
+
+    def _grid_steps(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if hasattr(self.form, "grid_steps"):
+            return self.form.grid_steps(self._base)
+        params = self.form.params(self._base)
+        return params["scale"], params.get("minimum")
 
     def _groups(self, w: torch.Tensor) -> torch.Tensor:
         rows, cols = w.shape
@@ -291,8 +301,9 @@ class QATLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward sees, in stored (rows, cols) layout."""
-        rows, cols = self.weight.shape
-        return self.quantizer.fake_quantize(self._groups(self.weight)).reshape(rows, -1)[:, :cols]
+        rows, width = self.weight.shape
+        w = self.quantizer.fake_quantize(self._groups(self.weight)).reshape(rows, -1)[:, :width]
+        return self.form.from_basis(self._base, w) if self.in_basis else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -348,9 +359,9 @@ class TrainableRBEEmbedding(_ShadowEncoded, nn.Module):
     def __init__(self, layer: RBEEmbedding):
         super().__init__()
         self.form = torch_form(layer.encoded.codec)
-        self.fields = self.form.fields
         self.num_embeddings, self.embedding_dim = layer.num_embeddings, layer.embedding_dim
         values = self.form.params(layer.encoded)
+        self.fields = tuple(f for f in self.form.fields if f in values)
         self.shadow = nn.ParameterList(
             [nn.Parameter(torch.from_numpy(values[f]).float()) for f in self.fields])
         self._base = layer.encoded
@@ -412,6 +423,16 @@ def _form_or_none(codec: Codec) -> TorchForm | None:
         return torch_form(codec)
     except RBEError:
         return None
+
+
+def _qat_form(codec: Codec) -> TorchForm | None:
+    """The form whose grid quantization-aware training uses: the lowered layout's (the codec's own
+    level table and steps) when the codec lowers and lifts, else its training form."""
+    if lifts(codec):
+        from .lowered import LoweredForm
+
+        return LoweredForm(codec)
+    return _form_or_none(codec)
 
 
 _TRAINABLE = (TrainableRBELinear, QATLinear, TrainableRBEEmbedding)

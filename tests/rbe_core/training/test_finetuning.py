@@ -143,3 +143,20 @@ def test_cli_finetune(llama, text, tmp_path):
                                     "-o", str(tmp_path / "bad.rbe"), "--batch-tokens", "4000"])
     assert res.exit_code == 2 and "positions" in res.output
     assert not (tmp_path / "bad.rbe").exists()
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_quantizer_on_a_tied_model(llama, text, tmp_path, quantizer):
+    """Quantization-aware training of a model whose embedding is its head (the tied table reads
+    the quantized shadow weight; this crashed with AttributeError before). On the codec's own
+    grid (hadamard lifts its lowered layout) a step too small to move a code writes the file back
+    bit for bit; a real one changes the tied table."""
+    gguf, rbe = llama
+    src = rbe_core.open(rbe)
+    still = _run(rbe, text, tmp_path / "still.rbe", teacher=gguf, quantizer="ste", lr=1e-9, steps=2)
+    assert {n: h["sha256"] for n, h in rbe_core.open(still.path).headers.items()} == \
+        {n: h["sha256"] for n, h in src.headers.items()}
+    res = _run(rbe, text, tmp_path / "qat.rbe", teacher=gguf, quantizer=quantizer, lr=1e-3, steps=4)
+    assert np.isfinite(res.losses).all() and np.isfinite(_fixed_loss(res.path, text, gguf))
+    f = rbe_core.open(res.path)
+    assert f.headers["token_embd.weight"]["sha256"] != src.headers["token_embd.weight"]["sha256"]
