@@ -42,11 +42,11 @@ from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
 from rbe_core.compression.calibration import Gram
+from rbe_core.compression.gptq import gptq
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered, fwht_blocks
 
 _SCALE_LEVELS = 255
-_GPTQ_BLOCK = 128
 
 
 def _pow2(name: str):
@@ -318,49 +318,6 @@ def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: lis
     return rotate(np.ascontiguousarray(rotate(hp, signs, blocks).T), signs, blocks)
 
 
-def gptq(
-    wr: np.ndarray, steps: np.ndarray, h: np.ndarray, grid: Grid, damp: float, act_order: bool
-) -> np.ndarray:
-    """GPTQ codes (uint8, rows × cols_p) for rotated weights ``wr`` with per-element ``steps``.
-
-    Minimises ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` greedily column by column, propagating each column's
-    rounding error to the not-yet-quantized columns through the inverse Hessian's Cholesky factor
-    (blocks of ``_GPTQ_BLOCK`` columns, lazy batch updates).
-    """
-    rows, n = wr.shape
-    levels = grid.levels.astype(np.float64)
-    w = wr.astype(np.float64)
-    h = h.copy()
-    diag = np.diag(h).copy()
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
-    w = np.ascontiguousarray(w[:, perm])
-    s = np.ascontiguousarray(steps[:, perm].astype(np.float64))
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
-    safe = np.where(s > 0, s, 1.0)
-    q = np.empty((rows, n), dtype=np.uint8)
-    for i1 in range(0, n, _GPTQ_BLOCK):
-        i2 = min(i1 + _GPTQ_BLOCK, n)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.empty_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            qi = grid.nearest(col / safe[:, i1 + i])
-            q[:, i1 + i] = qi
-            e = (col - levels[qi] * s[:, i1 + i]) / u1[i, i]
-            w1[:, i + 1 :] -= np.outer(e, u1[i, i + 1 :])
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    out = np.empty_like(q)
-    out[:, perm] = q
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the codec
 
@@ -418,7 +375,7 @@ class HadamardCodec(Codec):
                 h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
             else:
                 h = hessian(calibration, cols, cols_p, signs, blocks)
-            q = gptq(wr, steps, h, grid, float(self.damp), self.act_order)
+            q = gptq(wr, steps, h, grid.levels, grid.nearest, float(self.damp), self.act_order)
         payload = {
             "codes": pack_codes(q, self.bits),
             "scale_code": scale_code,
@@ -473,6 +430,10 @@ class HadamardCodec(Codec):
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
             step_row=p["row_scale"], step_code=p["scale_code"],
         )
+
+    def bit_settings(self) -> list[HadamardCodec]:
+        """This codec at 8, 6, 5, 4, 3 and 2 bits (its grid, groups and rotation kept)."""
+        return [attrs.evolve(self, bits=b) for b in (8, 6, 5, 4, 3, 2)]
 
     #: training moves the group steps (stored again as row scale × 8-bit code); the grid is fixed
     trainable_lowered = ("step",)

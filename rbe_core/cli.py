@@ -167,7 +167,9 @@ def _model_errors():
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
 @click.option("--codec", default=None, help="Codec id or JSON config for every weight matrix (default int8).")
-@click.option("--target-bpw", type=float, default=None, help="Pick codec settings so the average bits/weight <= X.")
+@click.option("--target-bpw", type=float, default=None,
+              help="Pick codec settings per tensor so the average bits/weight <= X (with --codec: among its bit "
+                   "settings; default: the flagship hadamard's).")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="JSON {tensor-name glob: codec}.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tensors encoded in parallel.")
 @backend_option("Run the converted model once on this backend before writing (default: no check run).")
@@ -180,8 +182,6 @@ def _model_errors():
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
-    if codec is not None and target_bpw is not None:
-        _fail(click.UsageError("give --codec or --target-bpw, not both"))
     if backend is not None:
         _check_backend(backend)
     if codec is not None and codec.lstrip().startswith("{"):

@@ -185,3 +185,102 @@ def test_rejects_bad_payloads_weights_configs_and_lowerings(installed_example):
 
 
 # --- end-to-end on models: see below ---
+# The plugin on a real (tiny, random) Llama in this process: plugins rediscovered after the
+# install, the way `rbe` finds them; nothing below is specific to the example codec.
+
+
+@pytest.fixture(scope="module")
+def nf_model(installed_example, tmp_path_factory):
+    """(teacher GGUF, text file, the model converted to example-nf without calibration)."""
+    import numpy as np
+
+    import rbe_core
+
+    sys.path.insert(0, str(ROOT / "tests" / "rbe_core"))
+    from _model_helpers import tiny_llama, write_gguf
+
+    rbe_core.reload_plugins()
+    d = tmp_path_factory.mktemp("nf")
+    write_gguf(tiny_llama(tie_word_embeddings=True), d / "tiny.gguf")
+    words = "the of and to in is it that for on with as was at by an be this from or are have not".split()
+    (d / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 1500)))
+    rtn = rbe_core.compress_model(d / "tiny.gguf", d / "rtn.rbe", codec="example-nf", progress=False, calibration=False)
+    yield d / "tiny.gguf", d / "text.txt", rtn
+    rbe_core.reload_plugins()
+
+
+def _distill_loss(path, text, teacher) -> float:
+    """KL to the teacher on one fixed batch."""
+    import torch
+
+    import rbe_core
+    from rbe_core.compression.evaluate import reference_model
+    from rbe_core.training import finetuning
+
+    model = rbe_core.load_model(path, "torch")
+    ids = finetuning.batch_ids(*finetuning.token_windows(model, Path(text).read_text(), 16), 16, 8, 123, 0)
+    with torch.no_grad():
+        return finetuning.loss_fn(model, ids, reference_model(teacher)).item()
+
+
+def test_converted_model_runs_on_the_native_engine(nf_model):
+    import numpy as np
+
+    import rbe_core
+
+    _, _, rtn = nf_model
+    f = rbe_core.open(rtn)
+    assert {f.headers[n]["codec"]["id"] for n in f if len(f.headers[n]["shape"]) == 2} == {"example-nf"}
+    native = rbe_core.load_model(rtn, "cffi", engine="native")
+    modules = rbe_core.load_model(rtn, "cffi", engine="torch")
+    assert native.engine_name == "native" and modules.engine_name != "native"
+    ids = [1, 5, 9, 17, 33]
+    a = list(native.generate_ids(ids, max_new_tokens=6))
+    b = list(modules.generate_ids(ids, max_new_tokens=6))
+    assert len(a) == 6 and a == b
+
+
+def test_calibrated_conversion_and_bit_budget(nf_model, tmp_path):
+    import rbe_core
+
+    gguf, text, rtn = nf_model
+    gptq = rbe_core.compress_model(gguf, tmp_path / "gptq.rbe", codec="example-nf", progress=False,
+                                   calibration=text)
+    assert _distill_loss(gptq, text, gguf) < _distill_loss(rtn, text, gguf)
+    mixed = rbe_core.compress_model(gguf, tmp_path / "mixed.rbe", codec="example-nf", target_bpw=3.0,
+                                    progress=False, calibration=text)
+    f = rbe_core.open(mixed)
+    budgeted = [f[n] for n in f if f.headers[n]["codec"]["id"] == "example-nf"
+                and "token_embd" not in n and len(f.headers[n]["shape"]) == 2]
+    bits = {e.codec.bits for e in budgeted}
+    assert len(bits) >= 2 and bits <= {2, 3, 4}
+    assert sum(8 * e.nbytes for e in budgeted) / sum(e.numel for e in budgeted) <= 3.0 + 1e-6
+
+
+def test_finetune_codec_parameters_lowers_the_distillation_loss(nf_model, tmp_path):
+    import rbe_core
+
+    gguf, text, rtn = nf_model
+    res = rbe_core.finetune(rtn, text, tmp_path / "ft.rbe", steps=6, teacher=gguf, lr=3e-2, batch_tokens=64,
+                            seq_len=16, progress=False)
+    assert _distill_loss(res.path, text, gguf) < _distill_loss(rtn, text, gguf)
+    f = rbe_core.open(res.path)
+    assert all(f.status(n) == "ok" for n in f) and f.headers["token_embd.weight"]["codec"]["id"] == "example-nf"
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_finetune_with_a_quantizer_works_on_the_codec_grid(nf_model, tmp_path, quantizer):
+    """QAT on the plugin's own level table: a step too small to move a code writes the file back
+    bit for bit (training starts exactly from the compressed model); a real one moves codes."""
+    import rbe_core
+
+    gguf, text, rtn = nf_model
+    kw = {"teacher": gguf, "quantizer": quantizer, "batch_tokens": 64, "seq_len": 16, "progress": False}
+    still = rbe_core.finetune(rtn, text, tmp_path / "still.rbe", steps=2, lr=1e-9, **kw)
+    src = rbe_core.open(rtn)
+    assert {n: h["sha256"] for n, h in rbe_core.open(still.path).headers.items()} == \
+        {n: h["sha256"] for n, h in src.headers.items()}
+    res = rbe_core.finetune(rtn, text, tmp_path / "qat.rbe", steps=2, lr=5e-3, **kw)  # shadows start at cell centres
+    f = rbe_core.open(res.path)
+    assert all(f.status(n) == "ok" for n in f)
+    assert any(f.headers[n]["sha256"] != src.headers[n]["sha256"] for n in f if "blk" in n)

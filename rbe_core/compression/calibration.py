@@ -347,8 +347,21 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
-def _accepts(codec) -> bool:
-    return bool(getattr(codec, "accepts_calibration", False))
+def takes_calibration(codec) -> bool:
+    """True when calibration changes how ``codec`` encodes: its own (``accepts_calibration``), or
+    GPTQ on its lowered grid (a codec that lowers and lifts)."""
+    from ..abc import lifts
+
+    return bool(getattr(codec, "accepts_calibration", False)) or lifts(codec)
+
+
+def _encode(codec, w: np.ndarray, gram: Gram | None, source: str):
+    """``codec.encode`` with the calibration it takes: its own, or GPTQ on its lowered grid."""
+    if gram is None or getattr(codec, "accepts_calibration", False):
+        return codec.encode(w, calibration=gram, source=source)
+    from .gptq import DEFAULT_DAMP, calibrated_encode
+
+    return calibrated_encode(codec, w, gram, source=source, damp=float(getattr(codec, "damp", DEFAULT_DAMP)))
 
 
 def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: int = 1,
@@ -371,8 +384,8 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
             codec = codecs[n]
             w = layer.weight.detach().numpy()
             w = np.ascontiguousarray(w.T if transposed else w)
-            calib = gram if (gram is not None and not transposed and _accepts(codec)) else None
-            return n, codec.encode(w, calibration=calib, source=n)
+            calib = gram if (gram is not None and not transposed and takes_calibration(codec)) else None
+            return n, _encode(codec, w, calib, n)
 
         for n, enc in pool.map(one, stage):
             layer, transposed = factory.linears[n]
@@ -548,7 +561,7 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
         max_tokens = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
     data = batches(model, text, max_tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW)
     linears = [n for n in names if n in factory.linears and n not in factory.embeddings]
-    codecs = {n: get_codec(plans[n]) for n in linears if plans[n] is not None and _accepts(get_codec(plans[n]))}
+    codecs = {n: get_codec(plans[n]) for n in linears if plans[n] is not None and takes_calibration(get_codec(plans[n]))}
     out: dict[str, Any] = {}
     for n in names:
         if plans[n] is None and n not in linears:

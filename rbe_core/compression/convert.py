@@ -30,6 +30,7 @@ from ..models import attach_native, build_model, get_spec, model_metadata
 from ..models.common import CausalLM, ModelError, RBEModel
 from ..models.sources import open_source
 from ..registry import get_backend, get_codec, list_codecs
+from .calibration import takes_calibration
 
 log = logging.getLogger("rbe.convert")
 
@@ -70,12 +71,24 @@ def load_policy(policy: str | os.PathLike | Mapping[str, Any] | None) -> list[tu
     return rules
 
 
+def budget_candidates(codec: str | Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The codec settings a ``target_bpw`` budget chooses from: ``codec``'s ``bit_settings()``
+    when a codec is given (``ModelError`` when it has none), else the registered ``CANDIDATES``."""
+    if codec is None:
+        return [c for c in CANDIDATES if c["id"] in list_codecs()]
+    base = get_codec(codec)
+    settings = [dict(c.get_config()) for c in base.bit_settings()]
+    if not settings:
+        raise ModelError(f"codec {base.codec_id!r} offers no bit settings for a --target-bpw budget (Codec.bit_settings)")
+    return settings
+
+
 class _Budget:
     """Chooses a codec per tensor so the running average bits/weight never exceeds ``target``."""
 
-    def __init__(self, target: float):
+    def __init__(self, target: float, candidates: list[dict[str, Any]]):
         self.target = target
-        self.codecs = [get_codec(c) for c in CANDIDATES if c["id"] in list_codecs()]
+        self.codecs = [get_codec(c) for c in candidates]
         if not self.codecs:
             raise ModelError("no candidate codec for --target-bpw is registered")
         self.last_bpw: dict[int, float] = {}
@@ -124,7 +137,8 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
-    ``CANDIDATES`` so the average bits/weight over compressed (non-raw) tensors is at most that;
+    ``CANDIDATES`` (with ``codec`` too: among that codec's ``bit_settings()``) so the average
+    bits/weight over compressed (non-raw) tensors is at most that;
     ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
     ``verify_backend`` runs the converted model (read back from the complete temporary file) once
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
@@ -133,21 +147,19 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
     when complete, and an error or Ctrl-C leaves nothing behind.
     """
-    if codec is not None and target_bpw is not None:
-        raise ModelError("give either a codec or a target bits/weight, not both")
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
         raise ModelError(f"target bits/weight must be a positive number, got {target_bpw}")
     source = open_source(src)
     names = source.spec.check(source.config, source.shapes)
     rules = load_policy(policy)
     default = None if target_bpw is not None else dict(get_codec(codec or DEFAULT_CODEC).get_config())
-    budget = _Budget(target_bpw) if target_bpw is not None else None
+    candidates = budget_candidates(codec) if target_bpw is not None else []
+    budget = _Budget(target_bpw, candidates) if target_bpw is not None else None
     plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
     pre: dict[str, Encoded] = {}
-    if calibration is not False and (budget is not None or getattr(get_codec(default or RAW), "accepts_calibration", False)):
+    if calibration is not False and (budget is not None or takes_calibration(get_codec(default or RAW))):
         from .calibration import calibrated_encodings, read_text
 
-        candidates = [c for c in CANDIDATES if c["id"] in list_codecs()]
         try:
             pre = calibrated_encodings(source, names, plans, target_bpw, read_text(None if calibration is True else calibration),
                                        candidates, jobs=jobs, progress=progress, max_tokens=calibration_tokens)

@@ -1,7 +1,9 @@
 """The training form every codec gets from its lowered layout (``Codec.lower`` + ``Codec.from_lowered``).
 
 Trainable parameters are the lowered continuous fields the codec stores
-(``Codec.trainable_lowered``, of ``step``, ``offset``, ``levels``); the codes stay. ``decode`` is
+(``Codec.trainable_lowered``, of ``step``, ``offset``, ``levels``); the codes stay. Steps train
+in the log domain (field ``log_step``; each step keeps its sign, a zero step stays zero), so one
+learning rate moves every group by the same relative amount. ``decode`` is
 ``levels[codes] · step (+ offset)`` per group in torch, then the inverse input transform (block
 Hadamard) and the cut to the matrix width; ``write`` hands the trained values to
 ``Codec.from_lowered``, which rounds them to their storage types. For quantization-aware
@@ -26,6 +28,8 @@ from ..native.torch_lowered import fwht_blocks, hadamard_factors
 from .trainable import TorchForm, as_numpy
 
 _CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: log of a zero step: exp() of it underflows to 0 in float32 and float64 alike.
+_LOG_ZERO = -1000.0
 
 
 def _lowered(encoded: Encoded) -> Lowered:
@@ -42,12 +46,29 @@ class LoweredForm(TorchForm):
 
     def __init__(self, codec=None):
         trainable = ("step", "offset") if codec is None else tuple(codec.trainable_lowered)
-        self.fields = tuple(f for f in ("step", "offset", "levels") if f in trainable)
+        names = {"step": "log_step", "offset": "offset", "levels": "levels"}
+        self.fields = tuple(names[f] for f in ("step", "offset", "levels") if f in trainable)
         self.row_wise = "levels" not in self.fields
 
     def params(self, encoded: Encoded) -> dict[str, np.ndarray]:
         low = _lowered(encoded)
-        return {f: getattr(low, f).astype(np.float64) for f in self.fields if getattr(low, f) is not None}
+        out = {}
+        for f in self.fields:
+            if f == "log_step":
+                step = np.abs(low.step.astype(np.float64))
+                with np.errstate(divide="ignore"):
+                    out[f] = np.where(step > 0, np.log(np.where(step > 0, step, 1.0)), _LOG_ZERO)
+            elif getattr(low, f) is not None:
+                out[f] = getattr(low, f).astype(np.float64)
+        return out
+
+    @staticmethod
+    def _step(low: Lowered, log_step):
+        """Steps from their logs, with the stored signs (torch or numpy)."""
+        sign = np.where(low.step < 0, -1.0, 1.0)
+        if isinstance(log_step, torch.Tensor):
+            return torch.exp(log_step) * torch.from_numpy(sign).to(log_step.device, log_step.dtype)
+        return np.exp(log_step) * sign
 
     def _codes(self, encoded: Encoded, device: torch.device) -> torch.Tensor:
         per = _CODES.setdefault(encoded, {})
@@ -66,8 +87,9 @@ class LoweredForm(TorchForm):
                 value = torch.from_numpy(np.ascontiguousarray(getattr(low, name))).to(like.device, like.dtype)
             return value
 
+        step = self._step(low, params["log_step"]) if "log_step" in params else field("step")
         col_group = torch.arange(low.cols_p, device=like.device) // low.group_size
-        w = field("levels")[self._codes(encoded, like.device)] * field("step")[:, col_group]
+        w = field("levels")[self._codes(encoded, like.device)] * step[:, col_group]
         offset = field("offset")
         return w if offset is None else w + offset[:, col_group]
 
@@ -88,8 +110,10 @@ class LoweredForm(TorchForm):
 
     def write(self, encoded: Encoded, params: Mapping[str, Any]) -> Encoded:
         low = _lowered(encoded)
-        new = low.with_values(**{f: as_numpy(v).astype(np.float32).reshape(getattr(low, f).shape)
-                                 for f, v in params.items()})
+        values = {f: as_numpy(v) for f, v in params.items()}
+        if "log_step" in values:
+            values["step"] = self._step(low, values.pop("log_step"))
+        new = low.with_values(**{f: v.astype(np.float32).reshape(getattr(low, f).shape) for f, v in values.items()})
         return encoded.codec.from_lowered(encoded, new)
 
     # quantization-aware training on the codec's own level table

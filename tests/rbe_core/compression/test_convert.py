@@ -107,7 +107,7 @@ def test_cli_bad_input(llama_dir, tmp_path):
     run = CliRunner().invoke
     out = tmp_path / "m.rbe"
     r = run(main, ["convert", str(llama_dir), "-o", str(out), "--codec", "int8", "--target-bpw", "4"])
-    assert r.exit_code == 2 and "not both" in r.output
+    assert r.exit_code == 2 and "no bit settings" in r.output
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (tmp_path / "cfg" / "model.safetensors").write_bytes(b"junk")

@@ -1,0 +1,93 @@
+"""GPTQ (Frantar et al., 2022): calibrated rounding onto any scalar grid, and its use for every
+codec that lowers and lifts (``Codec.lower`` + ``Codec.from_lowered``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..abc import Encoded
+from ..errors import InvalidWeightError
+from ..native.lowering import lower, nearest_codes
+
+#: Columns per lazy-update block.
+_GPTQ_BLOCK = 128
+#: Dampening of the Hessian's diagonal (fraction of its mean) for codecs that do not set one.
+DEFAULT_DAMP = 0.01
+
+
+def gptq(w: np.ndarray, steps: np.ndarray, h: np.ndarray, levels: np.ndarray,
+         nearest: Callable[[np.ndarray], np.ndarray], damp: float, act_order: bool) -> np.ndarray:
+    """GPTQ codes (uint8, rows × n) for weights ``w`` (rows, n) on the grid ``levels[q] * steps``
+    (per-element ``steps``; ``nearest(u)`` gives the codes of the levels nearest ``u``, in steps).
+
+    Minimises ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` greedily column by column, propagating each column's
+    rounding error to the not-yet-quantized columns through the inverse Hessian's Cholesky factor
+    (blocks of ``_GPTQ_BLOCK`` columns, lazy batch updates).
+    """
+    rows, n = w.shape
+    levels = np.asarray(levels, dtype=np.float64)
+    w = w.astype(np.float64)
+    h = h.copy()
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
+    w = np.ascontiguousarray(w[:, perm])
+    s = np.ascontiguousarray(steps[:, perm].astype(np.float64))
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
+    safe = np.where(s > 0, s, 1.0)
+    q = np.empty((rows, n), dtype=np.uint8)
+    for i1 in range(0, n, _GPTQ_BLOCK):
+        i2 = min(i1 + _GPTQ_BLOCK, n)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qi = nearest(col / safe[:, i1 + i])
+            q[:, i1 + i] = qi
+            e = (col - levels[qi] * s[:, i1 + i]) / u1[i, i]
+            w1[:, i + 1 :] -= np.outer(e, u1[i, i + 1 :])
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    out = np.empty_like(q)
+    out[:, perm] = q
+    return out
+
+
+def lowered_hessian(gram, low) -> np.ndarray:
+    """The layer Hessian ``XᵀX / n`` (a ``calibration.Gram``) in ``low``'s basis: padded to
+    ``cols_p`` and rotated by the input transform (``T H Tᵀ``) when there is one."""
+    h = np.asarray(gram.hessian, dtype=np.float64)
+    if h.shape != (low.cols, low.cols) or not np.isfinite(h).all():
+        raise InvalidWeightError(f"calibration Gram must be a finite ({low.cols}, {low.cols}) matrix, got {h.shape}")
+    hp = np.zeros((low.cols_p, low.cols_p), dtype=np.float64)
+    hp[: low.cols, : low.cols] = h
+    if low.transform is None:
+        return hp
+    return low.transform.rotate(np.ascontiguousarray(low.transform.rotate(hp).T))
+
+
+def calibrated_encode(codec, weight, gram, *, source: str = "", damp: float = DEFAULT_DAMP,
+                      act_order: bool = True) -> Encoded:
+    """``codec.encode(weight)`` with its codes re-chosen by GPTQ against ``gram``'s Hessian, on
+    the codec's own lowered grid (its level table, steps and offsets, in the transformed basis),
+    written back with ``codec.from_lowered``. A tensor whose lowering is not a coded grid (dense,
+    or none) is returned as plainly encoded."""
+    enc = codec.encode(weight, source=source)
+    low = lower(enc, cache=False)
+    if low is None or low.bits == 32:
+        return enc
+    target = low.unrotated_target(np.asarray(weight, dtype=np.float32))
+    col_group = np.arange(low.cols_p) // low.group_size
+    steps = low.step[:, col_group]
+    if low.offset is not None:
+        target = target - low.offset[:, col_group]
+    codes = gptq(target, steps, lowered_hessian(gram, low), low.levels,
+                 lambda u: nearest_codes(low.levels, u), damp, act_order)
+    return codec.from_lowered(enc, low.with_values(codes=codes))
