@@ -208,10 +208,10 @@ class Kernel(abc.ABC):
     ``rbe_register_kernels`` hook; a backend named in ``backends`` then runs the codec through
     it instead of its lowered or generic path.
 
-    Contract: ``linear(x, encoded, bias)`` and ``linear_grad_input(grad_out, encoded)`` have the
-    semantics of ``Backend.linear``/``Backend.linear_grad_input`` for inputs of that backend's
-    array kind (torch tensors on its device for ``torch``/``cuda``; numpy float32 or CPU torch
-    for ``numpy``/``cffi``); ``accepts(encoded)`` may decline a tensor (default: all).
+    Contract: ``linear(x, encoded, bias)`` and ``linear_grad_input(grad_out, encoded)`` have
+    exactly the semantics of ``Backend.linear``/``Backend.linear_grad_input`` (numpy or torch in,
+    the same kind, device and dtype out; ``rbe_core.arrays.like`` helps), on the backends named;
+    ``accepts(encoded)`` may decline a tensor (default: all), which then takes the backend's path.
     """
 
     codec_id: ClassVar[str]

@@ -1,4 +1,6 @@
-"""The ``rbe`` command line. Every command exits non-zero with a one-line message on bad input."""
+"""The ``rbe`` command line. Every command exits non-zero with a one-line message on bad input
+(status 2) and on an internal error (status 1: ``rbe: internal error: ...``; ``-v`` shows the
+traceback)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,25 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group: an exception no command turned into a message still ends in one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless -v
+            if ctx.params.get("verbose"):
+                raise
+            click.echo(f"rbe: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.version_option(rbe_core.__version__, prog_name="rbe")
-@click.option("-v", "--verbose", is_flag=True, help="Log what rbe decides (e.g. the automatic backend) to stderr.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log what rbe decides (e.g. the automatic backend) to stderr; tracebacks for internal errors.")
 def main(verbose: bool) -> None:
     """Compress neural-network weights into block codes and run them."""
     _log_to_stderr(verbose)

@@ -224,7 +224,6 @@ def _distill_loss(path, text, teacher) -> float:
 
 
 def test_converted_model_runs_on_the_native_engine(nf_model):
-    import numpy as np
 
     import rbe_core
 

@@ -78,3 +78,14 @@ def test_inspect_reports_error_against_the_reference(tmp_path, rng):
     assert {"snr_db", "max_abs_error"} <= set(row)
     code, out = run("inspect", str(path), "--reference", str(src))
     assert code == 0 and "rel.RMSE" in out
+
+
+def test_internal_error_is_one_line_and_traceback_only_with_verbose(tmp_path, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rbe_core, "open", broken)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.rbe")])
+    assert r.exit_code == 1 and r.output.strip() == "rbe: internal error: RuntimeError: boom (run with -v for the traceback)"
+    r = CliRunner().invoke(main, ["-v", "inspect", str(tmp_path / "m.rbe")])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)

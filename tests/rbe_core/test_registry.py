@@ -2,7 +2,9 @@ import json
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import rbe_core
 from rbe_core.errors import BackendUnavailableError, RBEFormatError, UnknownCodecError
@@ -142,3 +144,77 @@ def test_plugins_are_namespaced_when_installed():
     assert rbe_plugins.int8.Int8Codec.codec_id == "int8"
     assert rbe_backends.numpy.NumpyBackend.name == "numpy"
     assert "plugins" not in sys.modules and "backends" not in sys.modules
+
+
+KERNEL_BODY = """
+    import attrs
+    import numpy as np
+    from rbe_core import hookimpl
+    from rbe_core.abc import Kernel
+    from rbe_core.arrays import like, to_numpy_f32
+    from rbe_plugins.hybrid import HybridCodec
+
+    @attrs.define(frozen=True)
+    class Trellis(HybridCodec):
+        codec_id = "trellis-demo"
+
+    class TrellisKernel(Kernel):
+        codec_id = "trellis-demo"
+        backends = ("numpy", "torch", "cffi")
+        calls = []
+
+        def _w(self, encoded):
+            return encoded.codec.decode(encoded).reshape(encoded.matrix_shape)
+
+        def linear(self, x, encoded, bias=None):
+            self.calls.append("linear")
+            out = to_numpy_f32(x) @ self._w(encoded).T
+            return like(out if bias is None else out + to_numpy_f32(bias), x)
+
+        def linear_grad_input(self, grad_out, encoded):
+            self.calls.append("grad")
+            return like(to_numpy_f32(grad_out) @ self._w(encoded), grad_out)
+
+    @hookimpl
+    def rbe_register_codecs(register):
+        register(Trellis)
+
+    @hookimpl
+    def rbe_register_kernels(register):
+        register(TrellisKernel)
+"""
+
+
+def test_plugin_kernel_replaces_the_generic_path(tmp_path, monkeypatch, fresh_registry, rng):
+    """A plugin's own kernel runs its codec on every backend it names; the generic path (the
+    backends' only other path, which this codec lacks) is never called; ``rbe plugins`` lists it."""
+    import torch
+
+    from rbe_core.cli import main
+    from rbe_core.native import generic
+
+    make_dist(tmp_path, "rbe-trellis", "rbe_trellis_demo", KERNEL_BODY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_registry()
+    enc = rbe_core.get_codec("trellis-demo").encode(rng.standard_normal((24, 64)).astype(np.float32))
+    w = enc.decode().reshape(24, 64)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the generic path ran")
+
+    monkeypatch.setattr(generic, "decoded_chunks", refuse)
+    kernel_cls = rbe_core.registry().entries["kernels"]["trellis-demo@torch"].obj
+    for name in ("numpy", "torch") + (("cffi",) if rbe_core.get_backend("cffi").availability()[0] else ()):
+        backend = rbe_core.get_backend(name)
+        assert backend.path(enc) == "kernel" and backend.supports("trellis-demo")
+        x, g = torch.randn(3, 64), torch.randn(3, 24)
+        y, gi = backend.linear(x, enc), backend.linear_grad_input(g, enc)
+        assert isinstance(y, torch.Tensor) and torch.allclose(y, x @ torch.from_numpy(w).T, atol=1e-5)
+        assert torch.allclose(gi, g @ torch.from_numpy(w), atol=1e-5)
+    assert kernel_cls.calls.count("linear") >= 2 and kernel_cls.calls.count("grad") >= 2
+    r = CliRunner().invoke(main, ["plugins", "--json"])
+    out = json.loads(r.output)
+    assert {k["name"] for k in out["kernels"]} >= {"trellis-demo@torch", "trellis-demo@numpy"}
+    row = next(c for c in out["codecs"] if c["name"] == "trellis-demo")
+    assert row["paths"]["torch"] == "kernel" and row["dist"] == "rbe-trellis"
+    assert next(c for c in out["codecs"] if c["name"] == "hybrid")["paths"]["torch"] == "generic"
