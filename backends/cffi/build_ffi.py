@@ -1,9 +1,9 @@
 """cffi build script (API mode) for ``rbe_backends.cffi._kernels``.
 
-Used by ``setup.py`` through ``cffi_modules``. This script builds the portable part (dispatcher
-and scalar kernels); ``setup.py`` compiles the AVX2 and AVX-512 files separately, each with its
-own flags, links them in and defines ``RBE_WITH_X86_SIMD``; without that step the module has
-only the scalar path.
+Used by ``setup.py`` through ``cffi_modules``. This script builds the portable part (ISA
+selection, the engine and the scalar kernels); ``setup.py`` compiles the AVX2 and AVX-512 files
+separately, each with its own flags, links them in and defines ``RBE_WITH_X86_SIMD``; without
+that step the module has only the scalar path.
 """
 
 from __future__ import annotations

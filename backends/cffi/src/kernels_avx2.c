@@ -1,5 +1,5 @@
-/* AVX2 + FMA + F16C path. Compiled on its own with -mavx2 -mfma -mf16c; only called after the dispatcher
- * checked the CPU with __builtin_cpu_supports. */
+/* AVX2 + FMA + F16C path. Compiled on its own with -mavx2 -mfma -mf16c; only reached through
+ * rbe_kernels_for (dispatch.c), which checks the CPU with __builtin_cpu_supports. */
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -8,8 +8,6 @@
 #define ISA_SUFFIX avx2
 #define VLEN 8
 #define GEMV_ROWS 2
-#define TILE_ROWS 4
-#define TILE_BATCH 2
 #define GRAD_BATCH 6
 #define VF __m256
 
@@ -49,18 +47,6 @@ static inline float vhsum(__m256 v) {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
-static inline __m256 load_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-static inline void q4_unpack32(const uint8_t *p, __m256 *out) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);
-    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c0));
-    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)));
-    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c1));
-    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)));
-}
 /* 16-entry table: vpermps picks from 8 entries (low 3 index bits); bit 3 selects the half. */
 typedef struct {
     __m256 lo, hi;
@@ -74,33 +60,6 @@ static inline __m256 lookup8(__m128i bytes, lut16 t) {
     const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
 }
-static inline void q4_lookup32(const uint8_t *p, lut16 t, __m256 *out) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);
-    out[0] = lookup8(c0, t);
-    out[1] = lookup8(_mm_srli_si128(c0, 8), t);
-    out[2] = lookup8(c1, t);
-    out[3] = lookup8(_mm_srli_si128(c1, 8), t);
-}
-static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
-    /* Same bit trick as rbe_half_to_float, eight at a time (no F16C needed). */
-    const __m256i mag = _mm256_set1_epi32(0x7fff), sgn = _mm256_set1_epi32(0x8000);
-    const __m256i infexp = _mm256_set1_epi32(0x7f800000), big = _mm256_set1_epi32(0x7bff);
-    const __m256 rebias = _mm256_set1_ps(0x1p112f);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
-        const __m256i em = _mm256_and_si256(h, mag), sh = _mm256_slli_epi32(em, 13);
-        const __m256i fin = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(sh), rebias));
-        const __m256i special = _mm256_or_si256(sh, infexp);
-        const __m256i r = _mm256_blendv_epi8(fin, special, _mm256_cmpgt_epi32(em, big));
-        const __m256i s = _mm256_slli_epi32(_mm256_and_si256(h, sgn), 16);
-        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_or_si256(r, s)));
-    }
-    for (; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
-}
-
 /* Canonical layout: nibble codes through the two-register table above; byte codes through a
  * convert when the levels are affine in the code, else a gather. */
 typedef struct {

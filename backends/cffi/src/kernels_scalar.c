@@ -8,8 +8,6 @@
 #define ISA_SUFFIX scalar
 #define VLEN 8
 #define GEMV_ROWS 2
-#define TILE_ROWS 2
-#define TILE_BATCH 2
 #define GRAD_BATCH 4
 
 typedef struct {
@@ -72,29 +70,6 @@ static inline float vhsum(VF a) {
     const float s45 = a.v[2] + a.v[6], s67 = a.v[3] + a.v[7];
     return (s01 + s45) + (s23 + s67);
 }
-static inline VF load_i8(const int8_t *p) {
-    VF r;
-    for (int i = 0; i < VLEN; i++) r.v[i] = (float)p[i];
-    return r;
-}
-static inline void q4_unpack32(const uint8_t *p, VF *out) {
-    for (int j = 0; j < 16; j++) {
-        out[(2 * j) / VLEN].v[(2 * j) % VLEN] = (float)(p[j] & 15);
-        out[(2 * j + 1) / VLEN].v[(2 * j + 1) % VLEN] = (float)(p[j] >> 4);
-    }
-}
-typedef const float *lut16;
-static inline lut16 lut16_load(const float *levels) { return levels; }
-static inline void q4_lookup32(const uint8_t *p, lut16 t, VF *out) {
-    for (int j = 0; j < 16; j++) {
-        out[(2 * j) / VLEN].v[(2 * j) % VLEN] = t[p[j] & 15];
-        out[(2 * j + 1) / VLEN].v[(2 * j + 1) % VLEN] = t[p[j] >> 4];
-    }
-}
-static inline void halves_to_float(const uint16_t *src, float *dst, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = rbe_half_to_float(src[i]);
-}
-
 /* Canonical layout: the level table stays in memory. */
 typedef struct {
     const float *levels;

@@ -1,4 +1,5 @@
-/* Internal interface between the dispatcher (dispatch.c) and the per-ISA kernel files. */
+/* Internal interface between the C API (engine.c, with ISA selection in dispatch.c) and the
+ * per-ISA kernel files (kernels_<isa>.c through kern_impl.h and lut_impl.h). */
 #ifndef RBE_INTERNAL_H
 #define RBE_INTERNAL_H
 
@@ -32,38 +33,10 @@ typedef struct {
 } rbe_lut;
 
 typedef struct {
-    /* Fused batch-1 products: y[r] = dot(W[r, :cols], x) for r in [r0, r1); W decoded in registers.
-     * int4_gemv needs scratch for 2 * gemv_rows * groups + cols_p floats (cols_p: padded cols). */
-    void (*int8_gemv)(const float *x, const int8_t *q, const float *scale, int64_t cols,
-                      int64_t r0, int64_t r1, float *y);
-    void (*int4_gemv)(const float *x, const uint8_t *q, const uint16_t *scale,
-                      const uint16_t *minimum, int64_t cols, int64_t gs, int64_t r0, int64_t r1,
-                      float *y, float *scratch);
-    /* Decode rows [r0, r0 + nr), columns [c0, c1) into w (row stride ldw). int4 needs c0 even. */
-    void (*int8_decode)(const int8_t *q, const float *scale, int64_t cols, int64_t r0, int nr,
-                        int64_t c0, int64_t c1, float *w, int64_t ldw);
-    void (*int4_decode)(const uint8_t *q, const uint16_t *scale, const uint16_t *minimum,
-                        int64_t cols, int64_t gs, int64_t r0, int nr, int64_t c0, int64_t c1,
-                        float *w, int64_t ldw);
-    /* y[b * ldy + i] = dot(w[i * ldw, :k], x[b * ldx, :k]) for i < nr <= tile_rows,
-     * b < nb <= tile_batch. */
-    void (*dot_tile)(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int nb,
-                     int64_t k, float *y, int64_t ldy);
     /* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= grad_batch,
      * j < k; written when accumulate is 0, else added. */
     void (*grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *g, int64_t ldg, int nb,
                       int64_t k, float *out, int64_t ldo, int accumulate);
-    /* hadamard: rows [r0, r0 + nr), columns [c0, c1) (c0 even) of the rotated weight
-     * levels[q] * step into w (row stride ldw); codes are bits-bit little-endian streams,
-     * levels has 2^bits entries. */
-    void (*had_decode)(const uint8_t *codes, const uint8_t *scale_code, const float *row_scale,
-                       const float *levels, int64_t cols_p, int64_t gs, int bits, int64_t r0,
-                       int nr, int64_t c0, int64_t c1, float *w, int64_t ldw);
-    /* hadamard 4-bit batch-1 product on the rotated input xr; needs gs % 32 == 0 and scratch
-     * for cols_p floats. */
-    void (*had4_gemv)(const float *xr, const uint8_t *codes, const uint8_t *scale_code,
-                      const float *row_scale, const float *levels, int64_t cols_p, int64_t gs,
-                      int64_t r0, int64_t r1, float *y, float *scratch);
     /* Canonical layout (rbe_lut). lut_decode: row r, columns [c0, c1) (multiples of 32) into w.
      * lut_gemv: y[r] = dot(W[r], x) for r in [r0, r1); x is cols_p wide; scratch holds
      * 17 * m->groups floats. lut_gemv_t: y[c] = sum_r x[r] W[r, c] for c in [c0, c1) (multiples of
@@ -97,7 +70,7 @@ typedef struct {
     void (*fwht)(float *v, const long long *blocks, int nblocks);
     /* In place: kind 0 g = silu(g) * u, 1 gelu (tanh), 2 gelu (erf), 3 relu (u unused). */
     void (*activate)(int kind, float *g, const float *u, int64_t n);
-    int gemv_rows, tile_rows, tile_batch, grad_batch;
+    int grad_batch; /* most batch rows (nb) per grad_tile call */
 } rbe_kernels;
 
 extern const rbe_kernels rbe_kernels_scalar;
@@ -156,8 +129,6 @@ static inline float rbe_lut_offset(const rbe_lut *m, int64_t r, int64_t g) {
     return m->step_kind == RBE_STEP_F16 ? rbe_half_to_float(m->offset16[i]) : m->offset[i];
 }
 
-static inline int64_t rbe_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 static inline int64_t rbe_min(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t rbe_max(int64_t a, int64_t b) { return a > b ? a : b; }
 
 #endif
