@@ -84,7 +84,7 @@ class LoweredForm(TorchForm):
         def field(name):
             value = params.get(name)
             if value is None and getattr(low, name) is not None:
-                value = torch.from_numpy(np.ascontiguousarray(getattr(low, name))).to(like.device, like.dtype)
+                value = torch.from_numpy(np.array(getattr(low, name))).to(like.device, like.dtype)
             return value
 
         step = self._step(low, params["log_step"]) if "log_step" in params else field("step")
