@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -385,6 +386,76 @@ def eval_(path, text_file, reference, window, max_tokens, backend, dense, as_jso
         return
     for key, value in res.items():
         click.echo(f"{key:<16} {value:.6g}" if isinstance(value, float) else f"{key:<16} {value}")
+
+
+
+def _draining_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGINT/SIGTERM start a graceful shutdown (running requests finish), then exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return DrainingServer
+
+
+@main.command()
+@click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 routes.")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the API key from this file (first line).")
+@backend_option()
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests waiting per model; more are answered 503 at once.")
+@click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Sequences generated at once per model (interleaved token by token).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a request may take (and how long shutdown waits for running ones).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
+@click.option("--max-body", type=click.IntRange(1024), default=8 << 20, show_default=True,
+              help="Largest request body in bytes (413 beyond).")
+def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, max_body):
+    """Serve .rbe MODELS over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Models load in the background (GET /health answers 503 until they are ready); more can be
+    added with POST /v1/models/load. SIGTERM or Ctrl-C finishes running requests, then exits.
+    """
+    try:
+        import uvicorn
+
+        from .serve.app import Settings, create_app
+    except ImportError as exc:
+        _fail(RBEError(f"rbe serve needs the 'serve' extra: pip install 'rbe[serve]' ({exc})"))
+    if api_key_file is not None:
+        lines = Path(api_key_file).read_text().splitlines()
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            _fail(RBEError(f"{api_key_file}: the first line holds no key"))
+    if backend is not None:
+        _check_backend(backend)
+    settings = Settings(models=tuple(models), backend=backend, api_key=api_key, max_queue=max_queue, slots=slots,
+                        timeout=timeout, cors_origins=tuple(cors_origins), max_body=max_body)
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=int(timeout), access_log=False)
+    server = _draining_server_class()(config)
+    click.echo(f"rbe serve: http://{host}:{port}/ ({len(models)} model(s) loading)", err=True)
+    try:
+        server.run()
+    except OSError as exc:
+        _fail(exc)
 
 
 if __name__ == "__main__":

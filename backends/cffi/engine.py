@@ -39,8 +39,8 @@ def _f32(a) -> np.ndarray:
 class NativeDecoder:
     """A loaded model in the C engine. ``forward(ids, pos)`` runs tokens at positions
     ``pos, pos + 1, ...`` (``pos`` at most the cached length; later cache entries are dropped) and
-    returns float32 logits of the last token, or of every token with ``all_logits``. One sequence
-    at a time; calls are serialised by a lock."""
+    returns float32 logits of the last token, or of every token with ``all_logits``. ``slot``
+    picks one of ``slots`` independent KV caches (sequences); calls are serialised by a lock."""
 
     def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None):
         """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
@@ -99,17 +99,32 @@ class NativeDecoder:
         if rc:
             raise NativeUnavailableError(f"the native engine rejected {what} (error {rc})")
 
+    #: Independent sequences (KV cache slots) the engine can hold at once, sharing the weights;
+    #: a slot's cache takes memory only as its positions are written.
+    slots = 64
+
+    def _use(self, slot: int) -> None:
+        rc = self._lib.rbe_engine_use_slot(self._e, slot)
+        if rc:
+            raise RuntimeError(f"native engine: KV cache slot {slot}: {ops.engine_error(rc)}")
+
     @property
     def length(self) -> int:
-        """Positions held in the KV cache."""
+        """Positions held in the KV cache of the slot the last call used."""
         return int(self._lib.rbe_engine_length(self._e))
+
+    def slot_length(self, slot: int) -> int:
+        """Positions held in the KV cache of ``slot``."""
+        with self._lock:
+            self._use(slot)
+            return self.length
 
     @property
     def nbytes(self) -> int:
         """Bytes the engine holds for weights, tables and scratch (the KV cache excluded)."""
         return int(self._lib.rbe_engine_bytes(self._e))
 
-    def forward(self, ids, pos: int = 0, *, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids, pos: int = 0, *, all_logits: bool = False, slot: int = 0) -> np.ndarray:
         from rbe_core.models.common import ModelError
 
         tokens = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -122,7 +137,10 @@ class NativeDecoder:
             raise ModelError(f"token id out of range [0, {self.vocab})")
         out = np.empty((n if all_logits else 1, self.vocab), dtype=np.float32)
         ffi = self._ffi
+        if not 0 <= slot < self.slots:
+            raise ModelError(f"KV cache slot {slot} is outside 0..{self.slots - 1}")
         with self._lock:
+            self._use(slot)
             if pos > self.length:
                 raise ModelError(f"position {pos} is past the {self.length} cached positions")
             rc = self._lib.rbe_engine_forward(

@@ -204,7 +204,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
             raise
         finally:
             bar.close()
-        metadata = model_metadata(source.spec, source.config, source.tokenizer_json)
+        metadata = model_metadata(source.spec, source.config, source.tokenizer_json, source.chat_template)
         check = None if verify_backend is None else (lambda tmp: _smoke_test(load_model(tmp, verify_backend)))
         return writer.close(metadata, check=check)
 

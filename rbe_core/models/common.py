@@ -224,16 +224,19 @@ class CausalLM(RBEModel):
         return "native" if self.native is not None else "torch"
 
     @torch.no_grad()
-    def start(self, ids: list[int]) -> tuple[torch.Tensor, Any]:
+    def start(self, ids: list[int], slot: int = 0) -> tuple[torch.Tensor, Any]:
         """Run a prompt: the last position's logits (1-D float32) and the state :meth:`step` continues.
 
-        The native engine holds one sequence: starting another one invalidates earlier states."""
+        The native engine holds one sequence per KV cache ``slot`` (``native.slots`` of them):
+        starting another one in the same slot invalidates earlier states of that slot. The torch
+        modules keep each sequence's cache in its state (``slot`` is not needed)."""
         if self.native is None:
             logits, past = self(torch.tensor([list(ids)]))
             return logits[0, -1], past
-        logits = torch.from_numpy(self.native.forward(ids, 0))
-        self._native_epoch = getattr(self, "_native_epoch", 0) + 1
-        return logits, (self._native_epoch, len(ids))
+        logits = torch.from_numpy(self.native.forward(ids, 0, slot=slot))
+        epochs = self.__dict__.setdefault("_native_epochs", {})
+        epochs[slot] = epochs.get(slot, 0) + 1
+        return logits, (slot, epochs[slot], len(ids))
 
     @torch.no_grad()
     def step(self, token: int, state) -> tuple[torch.Tensor, Any]:
@@ -241,11 +244,11 @@ class CausalLM(RBEModel):
         if self.native is None:
             logits, past = self(torch.tensor([[int(token)]]), state)
             return logits[0, -1], past
-        epoch, length = state
-        if epoch != getattr(self, "_native_epoch", 0):
-            raise ModelError("this sequence was replaced by a newer start() on the same model")
-        logits = torch.from_numpy(self.native.forward([int(token)], length))
-        return logits, (epoch, length + 1)
+        slot, epoch, length = state
+        if epoch != self.__dict__.get("_native_epochs", {}).get(slot):
+            raise ModelError("this sequence was replaced by a newer start() in the same KV cache slot")
+        logits = torch.from_numpy(self.native.forward([int(token)], length, slot=slot))
+        return logits, (slot, epoch, length + 1)
 
     def max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
         """``requested`` clamped to the room the context leaves after ``prompt_tokens``."""
@@ -285,7 +288,12 @@ class CausalLM(RBEModel):
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
 
-def model_metadata(spec: type[Spec], cfg: Mapping[str, Any], tokenizer_json: str | None) -> dict[str, Any]:
-    """The .rbe user metadata that makes a model file self-contained."""
-    return {"rbe.model": {"architecture": spec.name, "config": dict(cfg)},
-            "rbe.tokenizer": json.loads(tokenizer_json) if tokenizer_json else None}
+def model_metadata(spec: type[Spec], cfg: Mapping[str, Any], tokenizer_json: str | None,
+                   chat_template: str | None = None) -> dict[str, Any]:
+    """The .rbe user metadata that makes a model file self-contained (the chat template only
+    when the source has one)."""
+    out = {"rbe.model": {"architecture": spec.name, "config": dict(cfg)},
+           "rbe.tokenizer": json.loads(tokenizer_json) if tokenizer_json else None}
+    if chat_template:
+        out["rbe.chat_template"] = chat_template
+    return out

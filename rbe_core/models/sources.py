@@ -29,6 +29,8 @@ class Source:
     tokenizer_json: str | None
     shapes: dict[str, tuple[int, ...]]
     _loader: Any
+    #: the tokenizer's chat template (Jinja, as transformers and llama.cpp apply it), when known
+    chat_template: str | None = None
 
     def load(self, name: str):
         return self._loader(name)
@@ -63,7 +65,23 @@ def _hf_source(path: Path) -> Source:
     except KeyError as exc:
         raise ModelError(f"{config_path}: missing key {exc}") from exc
     tok = folder / "tokenizer.json"
-    return Source(path, spec, cfg, tok.read_text() if tok.is_file() else None, shapes, load)
+    return Source(path, spec, cfg, tok.read_text() if tok.is_file() else None, shapes, load, _hf_chat_template(folder))
+
+
+def _hf_chat_template(folder: Path) -> str | None:
+    """``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string, or the
+    one named "default" of a list)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -193,4 +211,5 @@ def _gguf_source(path: Path) -> Source:
         raise ModelError(f"{path}: GGUF architecture {spec.name!r} is not supported (llama only)")
     shapes, load = _gguf_tensors(reader)
     cfg = spec.from_gguf(kv, list(shapes))
-    return Source(path, spec, cfg, gguf_tokenizer_json(kv), shapes, load)
+    template = kv.get("tokenizer.chat_template")
+    return Source(path, spec, cfg, gguf_tokenizer_json(kv), shapes, load, template if isinstance(template, str) else None)

@@ -130,7 +130,35 @@ def _check_model(path, vocab, length=19, tol=MODEL_TOL):
     # generation through the engine equals generation through the torch modules
     prompt = ids[0, :5].tolist()
     assert list(native.generate_ids(prompt, 8)) == list(ref.generate_ids(prompt, 8))
+    _check_slots(native, ids[0].tolist())
     return native
+
+
+def _check_slots(model, ids):
+    """Sequences in different KV cache slots, stepped in turn, each equal to itself run alone;
+    a state of a slot restarted since is refused."""
+    alone = []
+    for prompt in (ids[:4], ids[2:9]):
+        logits, state = model.start(prompt)
+        out = [logits]
+        for t in ids[9:13]:
+            logits, state = model.step(t, state)
+            out.append(logits)
+        alone.append(torch.stack(out))
+    states, outs = [], [[], []]
+    for slot, prompt in enumerate((ids[:4], ids[2:9])):
+        logits, state = model.start(prompt, slot=slot + 1)
+        states.append(state)
+        outs[slot].append(logits)
+    for t in ids[9:13]:
+        for k in (0, 1):
+            logits, states[k] = model.step(t, states[k])
+            outs[k].append(logits)
+    for k in (0, 1):
+        assert torch.equal(torch.stack(outs[k]), alone[k])
+    model.start(ids[:3], slot=1)
+    with pytest.raises(ModelError, match="slot"):
+        model.step(ids[3], states[0])
 
 
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4", {"id": "hadamard", "bits": 3},

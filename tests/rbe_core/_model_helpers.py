@@ -60,7 +60,7 @@ def byte_level_vocab() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_gguf(model, path: Path, quantize_embedding: bool = True) -> dict:
+def write_gguf(model, path: Path, quantize_embedding: bool = True, chat_template: str | None = None) -> dict:
     """Write a transformers Llama as a llama.cpp-style GGUF (q/k permuted, optional Q8_0 embedding).
 
     Returns the state dict with the embedding replaced by its dequantized value, so a reference
@@ -89,6 +89,8 @@ def write_gguf(model, path: Path, quantize_embedding: bool = True) -> dict:
     w.add_token_types([1] * (len(tokens) - 1) + [3])
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
+    if chat_template:
+        w.add_chat_template(chat_template)
     by_hf = {hf.format(i=i): (key, gg.format(i=i)) for key, (hf, gg) in NAMES.items()
              for i in (range(cfg.num_hidden_layers) if "{i}" in hf else [None])}
     for hf_name, array in sd.items():

@@ -232,6 +232,11 @@ struct rbe_engine {
     etf *tfs;
     void *kc, *vc;           /* [layer][kv head]: K blocked by 16 positions, V rows (see kv_at) */
     int kv_half;
+    /* KV cache slots (independent sequences sharing the weights): slot s's caches and length;
+     * kc, vc and length are those of the selected slot */
+    void *slot_kc[RBE_MAX_SLOTS], *slot_vc[RBE_MAX_SLOTS];
+    int64_t slot_len[RBE_MAX_SLOTS], cache_bytes;
+    int slot;
     int64_t ctx16;           /* positions per (layer, kv head), max_ctx rounded up to 16 */
     float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
@@ -277,7 +282,7 @@ void rbe_engine_free(rbe_engine *e) {
         free(e->tfs[i].signs);
         free(e->tfs[i].blocks);
     }
-    free(e->kc), free(e->vc);
+    for (int i = 0; i < RBE_MAX_SLOTS; i++) free(e->slot_kc[i]), free(e->slot_vc[i]);
     float *bufs[] = {e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
                      e->att, e->f1, e->f2, e->xr, e->xt, e->yr, e->row, e->attp};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
@@ -310,8 +315,9 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     const int64_t cache = (int64_t)c.n_layers * kvd * e->ctx16;
     /* calloc: the cache's pages become resident only as positions are written */
     e->kv_half = c.kv_f16 != 0;
-    e->kc = calloc((size_t)cache, e->kv_half ? 2 : 4);
-    e->vc = calloc((size_t)cache, e->kv_half ? 2 : 4);
+    e->cache_bytes = cache * (e->kv_half ? 2 : 4);
+    e->kc = e->slot_kc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
+    e->vc = e->slot_vc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
     e->rope_cos = alloc_floats((int64_t)c.max_ctx * hd / 2);
     e->rope_sin = alloc_floats((int64_t)c.max_ctx * hd / 2);
     int64_t w = c.hidden > c.intermediate ? c.hidden : c.intermediate;
@@ -528,6 +534,24 @@ int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, lo
 }
 
 long long rbe_engine_length(const rbe_engine *e) { return e ? e->length : 0; }
+
+int rbe_engine_use_slot(rbe_engine *e, int slot) {
+    if (!e || slot < 0 || slot >= RBE_MAX_SLOTS) return RBE_E_ARGS;
+    if (slot == e->slot) return 0;
+    if (!e->slot_kc[slot]) { /* a new sequence: its caches, resident only as positions are written */
+        e->slot_kc[slot] = calloc((size_t)e->cache_bytes, 1);
+        e->slot_vc[slot] = calloc((size_t)e->cache_bytes, 1);
+        if (!e->slot_kc[slot] || !e->slot_vc[slot]) {
+            free(e->slot_kc[slot]), free(e->slot_vc[slot]);
+            e->slot_kc[slot] = e->slot_vc[slot] = NULL;
+            return RBE_E_NOMEM;
+        }
+        e->slot_len[slot] = 0;
+    }
+    e->slot_len[e->slot] = e->length;
+    e->slot = slot, e->kc = e->slot_kc[slot], e->vc = e->slot_vc[slot], e->length = e->slot_len[slot];
+    return 0;
+}
 long long rbe_engine_bytes(const rbe_engine *e) { return e ? e->bytes : 0; }
 
 void rbe_engine_profile(rbe_engine *e, double *s) {

@@ -80,7 +80,11 @@ int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, lo
  * dropped). logits: vocab floats for the last token, or n x vocab when all_logits. */
 int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,
                        float *logits, int all_logits, int isa, int nthreads);
-long long rbe_engine_length(const rbe_engine *e);
+long long rbe_engine_length(const rbe_engine *e); /* cached positions of the selected slot */
+/* KV cache slots: up to RBE_MAX_SLOTS independent sequences share the weights. Selects the slot
+ * that forward and length use from now on (slot 0 at first; a new slot starts empty). */
+#define RBE_MAX_SLOTS 64
+int rbe_engine_use_slot(rbe_engine *e, int slot);
 long long rbe_engine_bytes(const rbe_engine *e); /* weights, tables and scratch held */
 /* Seconds spent since the last call in: [0] weight kernels, [1] attention, [2] the rest. */
 void rbe_engine_profile(rbe_engine *e, double *seconds3);
