@@ -176,7 +176,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/models/load")
     async def load(request: Request):
         req = parse(LoadRequest, await body(request))
-        if not Path(req.path).is_file():
+        try:
+            found = Path(req.path).is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
+            raise APIError(400, f"bad path: {exc}", param="path") from None
+        if not found:
             raise APIError(400, f"no such file: {req.path}", param="path")
         served = await asyncio.to_thread(store.load, req.path, req.name)
         return _model_object(served)

@@ -31,7 +31,7 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=False)
+    model_config = ConfigDict(extra="allow", strict=True)  # "5" is not a number, 3.0 not a count
 
 
 class Sampling(_Request):
