@@ -256,11 +256,13 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """Replace the section of ``path`` between the markers ``begin`` and ``end`` with ``text``
+    (which holds them), or append it."""
     old = path.read_text() if path.exists() else ""
-    if MARK_BEGIN in old and MARK_END in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(MARK_END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text
     tmp = path.with_suffix(".tmp")

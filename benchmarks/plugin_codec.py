@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     if args.out == "-":
         print(text)
     else:
-        d.write_section(Path(args.out), text.replace(d.MARK_BEGIN, MARK_BEGIN).replace(d.MARK_END, MARK_END))
+        d.write_section(Path(args.out), text, MARK_BEGIN, MARK_END)
     return 0
 
 
