@@ -13,7 +13,7 @@ import sys
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "ray"]
 nox.options.error_on_missing_interpreters = True
 
 BACKENDS = ["numpy", "cffi", "torch", "cuda"]
@@ -40,7 +40,15 @@ def tests(session: nox.Session, backend: str) -> None:
             session.error(f"backend {backend!r} is required here but unavailable: {status['reason']}")
         session.skip(f"backend {backend!r} unavailable: {status['reason']}")
     session.env["RBE_BACKEND"] = backend
-    session.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs, external=True)
+    session.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not ray", *session.posargs,
+                external=True)
+
+
+@nox.session(venv_backend="none")
+def ray(session: nox.Session) -> None:
+    """Distributed conversion and serving on a local Ray cluster (tests marked ``ray``)."""
+    session.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "ray",
+                "tests/rbe_core/distributed", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

@@ -199,7 +199,11 @@ def _model_errors():
               help="Tokens of the calibration text GPTQ sees (more: better Hessians, slower). "
                    "Default: 16384 for encoders, 4096 for causal LMs.")
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
-def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Encode on a Ray cluster: ADDRESS (e.g. ray://head:10001), 'auto' (the one `ray start` runs "
+                   "here), or nothing (a local one); --jobs defaults to its CPUs. Needs rbe[ray].")
+def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration,
+            ray_address):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
     if backend is not None:
         _check_backend(backend)
@@ -212,7 +216,7 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
         path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
                                        progress=not quiet, verify_backend=backend,
                                        calibration=False if no_calibration else calibration,
-                                       calibration_tokens=calibration_tokens)
+                                       calibration_tokens=calibration_tokens, cluster=ray_address)
     except _model_errors() as exc:
         _fail(exc)
     f = rbe_core.open(path)
@@ -427,7 +431,12 @@ def _draining_server_class():
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
 @click.option("--max-body", type=click.IntRange(1024), default=8 << 20, show_default=True,
               help="Largest request body in bytes (413 beyond).")
-def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, max_body):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Serve as a Ray Serve application (a cluster ADDRESS, 'auto', or nothing: a local one). Needs rbe[ray].")
+@click.option("--replicas", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="With --ray: copies of the server behind Ray Serve's proxy.")
+def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, max_body,
+          ray_address, replicas):
     """Serve .rbe MODELS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Models load in the background (GET /health answers 503 until they are ready); more can be
@@ -446,8 +455,20 @@ def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, 
             _fail(RBEError(f"{api_key_file}: the first line holds no key"))
     if backend is not None:
         _check_backend(backend)
-    settings = Settings(models=tuple(models), backend=backend, api_key=api_key, max_queue=max_queue, slots=slots,
-                        timeout=timeout, cors_origins=tuple(cors_origins), max_body=max_body)
+    settings = Settings(models=tuple(str(Path(m).resolve()) for m in models), backend=backend, api_key=api_key,
+                        max_queue=max_queue, slots=slots, timeout=timeout, cors_origins=tuple(cors_origins),
+                        max_body=max_body)
+    if ray_address is not None:
+        from .distributed.ray_tasks import serve_replicas
+
+        click.echo(f"rbe serve: http://{host}:{port}/ on Ray, {replicas} replica(s)", err=True)
+        try:
+            serve_replicas(settings, ray_address, replicas, host, port)
+        except _model_errors() as exc:
+            _fail(exc)
+        return
+    if replicas != 1:
+        _fail(click.UsageError("--replicas needs --ray"))
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(timeout), access_log=False)
     server = _draining_server_class()(config)

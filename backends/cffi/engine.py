@@ -205,7 +205,8 @@ def _rejected(low: Lowered, rc: int) -> str:
 
 class LoweredMatrix:
     """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
-    ``transposed``) plus the bias, run on the active ISA path and thread count."""
+    ``transposed``) plus the bias, run on the active ISA path and thread count; calls from several
+    threads are serialised per matrix (different matrices run at once)."""
 
     def __init__(self, low: Lowered, bias=None, transposed: bool = False):
         lib, ffi = ops._require_lib(), ops.ffi
@@ -221,15 +222,17 @@ class LoweredMatrix:
         if handle == ffi.NULL:
             raise NativeUnavailableError(f"lowered matrix rejected: {_rejected(low, 2)}")
         self._h = ffi.gc(handle, lib.rbe_matrix_free)
+        self._lock = threading.Lock()  # a matrix's scratch buffers serve one call at a time
         self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)
         y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
         ffi = self._ffi
-        rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
-                                         ffi.from_buffer("float[]", y, require_writable=True),
-                                         ops.ISAS[ops.active_isa()], ops.thread_count())
+        isa, threads = ops.ISAS[ops.active_isa()], ops.thread_count()
+        with self._lock:
+            rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
+                                             ffi.from_buffer("float[]", y, require_writable=True), isa, threads)
         if rc:
             raise RuntimeError(f"lowered linear failed: {ops.engine_error(rc)}")
         return y

@@ -355,8 +355,9 @@ def takes_calibration(codec) -> bool:
     return bool(getattr(codec, "accepts_calibration", False)) or lifts(codec)
 
 
-def _encode(codec, w: np.ndarray, gram: Gram | None, source: str):
-    """``codec.encode`` with the calibration it takes: its own, or GPTQ on its lowered grid."""
+def encode_calibrated(codec, w: np.ndarray, gram: Gram | None, source: str):
+    """``codec.encode`` with the calibration it takes (none when ``gram`` is None): its own, or
+    GPTQ on its lowered grid."""
     if gram is None or getattr(codec, "accepts_calibration", False):
         return codec.encode(w, calibration=gram, source=source)
     from .gptq import DEFAULT_DAMP, calibrated_encode
@@ -365,12 +366,14 @@ def _encode(codec, w: np.ndarray, gram: Gram | None, source: str):
 
 
 def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: int = 1,
-                      on_encoded: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+                      on_encoded: Callable[[str, Any], None] | None = None,
+                      encode: Callable = encode_calibrated) -> dict[str, Any]:
     """Encode every weight in ``codecs`` (name -> codec) that is a Linear of ``model``, layer-sequentially.
 
     Returns name -> ``Encoded``; each decoded weight is written back into the model before the next
     stage, so later Grams see the compressed earlier layers. Transposed weights (GPT-2's Conv1D)
-    get no calibration (their stored rows are inputs, which GPTQ cannot order).
+    get no calibration (their stored rows are inputs, which GPTQ cannot order). ``encode(codec,
+    weight, gram, name)`` does each encoding (``jobs`` at a time; e.g. on a Ray cluster).
     """
     import torch
 
@@ -385,7 +388,7 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
             w = layer.weight.detach().numpy()
             w = np.ascontiguousarray(w.T if transposed else w)
             calib = gram if (gram is not None and not transposed and takes_calibration(codec)) else None
-            return n, _encode(codec, w, calib, n)
+            return n, encode(codec, w, calib, n)
 
         for n, enc in pool.map(one, stage):
             layer, transposed = factory.linears[n]
@@ -541,14 +544,15 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
 
 def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], target_bpw: float | None, text: str,
                          candidates: list[dict[str, Any]], *, jobs: int = 1, progress: bool = False,
-                         max_tokens: int | None = None, damage_tokens: int = 256) -> dict[str, Any]:
+                         max_tokens: int | None = None, damage_tokens: int = 256,
+                         encode: Callable = encode_calibrated) -> dict[str, Any]:
     """Encodings for the tensors calibration decides: name -> ``Encoded``.
 
     Covers every Linear weight left to the budget (``plans[n] is None``: bits allocated from
     ``candidates`` so their average is at most ``target_bpw``) or planned with a codec that accepts
     calibration; other budgeted 2-D tensors (embedding tables) are ``int8``. GPTQ sees the first
     ``max_tokens`` tokens of ``text`` (None: ``DEFAULT_TOKENS`` of the model's kind), the bit
-    allocation the first ``damage_tokens``.
+    allocation the first ``damage_tokens``; ``encode`` as in :func:`sequential_encode`.
     ``ValueError`` when the budget cannot be met.
     """
     from tqdm.auto import tqdm
@@ -579,7 +583,7 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     bar = tqdm(total=len(codecs), unit="tensor", disable=not progress, desc="rbe calibrate", dynamic_ncols=True)
     try:
         out.update(sequential_encode(model, factory, data, codecs, jobs=jobs,
-                                     on_encoded=lambda n, e: bar.update(1)))
+                                     on_encoded=lambda n, e: bar.update(1), encode=encode))
     finally:
         bar.close()
     return out

@@ -30,7 +30,7 @@ from ..models import attach_native, build_model, get_spec, model_metadata
 from ..models.common import CausalLM, ModelError, RBEModel
 from ..models.sources import open_source
 from ..registry import get_backend, get_codec, list_codecs
-from .calibration import takes_calibration
+from .calibration import encode_calibrated, takes_calibration
 
 log = logging.getLogger("rbe.convert")
 
@@ -133,7 +133,7 @@ def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | No
 def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
                    target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
                    verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None,
-                   calibration_tokens: int | None = None) -> Path:
+                   calibration_tokens: int | None = None, cluster: str | None = None) -> Path:
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
@@ -144,11 +144,21 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
     off; ``calibration_tokens`` of it, None: ``calibration.DEFAULT_TOKENS``) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
     weight by measured output damage and weights are encoded layer-sequentially with GPTQ
-    (``rbe_core.calibration``); this holds the fp32 model in memory. Raises ``ModelError`` on bad input; the output appears only
-    when complete, and an error or Ctrl-C leaves nothing behind.
+    (``rbe_core.calibration``); this holds the fp32 model in memory. ``cluster`` (a Ray address,
+    "local" or "auto"; ``rbe_core.distributed.ray_tasks``) runs every encoding and every GPTQ as Ray
+    tasks, ``jobs`` (default there: the cluster's CPUs) at a time; the file is the same, bit for bit,
+    as a local conversion with the same ``jobs``. Raises ``ModelError`` on bad input; the output
+    appears only when complete, and an error or Ctrl-C leaves nothing behind.
     """
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
         raise ModelError(f"target bits/weight must be a positive number, got {target_bpw}")
+    encode = encode_calibrated
+    if cluster is not None:
+        from ..distributed.ray_tasks import RayCluster
+
+        ray_cluster = RayCluster(cluster)
+        jobs = jobs if jobs > 1 else ray_cluster.cpus
+        encode = ray_cluster.encode_with
     source = open_source(src)
     names = source.spec.check(source.config, source.shapes)
     rules = load_policy(policy)
@@ -162,20 +172,26 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
 
         try:
             pre = calibrated_encodings(source, names, plans, target_bpw, read_text(None if calibration is True else calibration),
-                                       candidates, jobs=jobs, progress=progress, max_tokens=calibration_tokens)
+                                       candidates, jobs=jobs, progress=progress, max_tokens=calibration_tokens,
+                                       encode=encode)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         plans.update({n: dict(e.codec.get_config()) for n, e in pre.items()})
 
     def encode_with(name: str, codec_obj) -> Encoded:
-        return pre.pop(name) if name in pre else codec_obj.encode(source.load(name), source=name)
+        return pre.pop(name) if name in pre else encode(codec_obj, source.load(name), None, name)
 
-    def task(name: str):
+    def task(name: str, guess: int | None):
         conf = plans[name]
         if conf is not None:
             return None, encode_with(name, get_codec(conf))
-        i = budget.first_guess(math.prod(source.shapes[name]))
-        return i, encode_with(name, budget.codecs[i])
+        return guess, encode_with(name, budget.codecs[guess])
+
+    def submit(name: str):
+        """The encoding of ``name``; a budgeted tensor's first guess is taken here, in order, so
+        the choices do not depend on which thread or worker finishes first."""
+        guess = None if plans[name] is not None else budget.first_guess(math.prod(source.shapes[name]))
+        return pool.submit(task, name, guess)
 
     sizes = {n: math.prod(source.shapes[n]) for n in names}
     # fixed-codec tensors first so the budget knows what they cost before choosing for the rest
@@ -184,13 +200,13 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
         bar = _progress(sum(sizes.values()), progress)
         try:
             window = max(1, jobs)
-            futures = {n: pool.submit(task, n) for n in order[:window]}
+            futures = {n: submit(n) for n in order[:window]}
             for k, name in enumerate(order):
                 bar.set_postfix_str(name, refresh=False)
                 i, enc = futures.pop(name).result()
                 if k + window < len(order):
                     nxt = order[k + window]
-                    futures[nxt] = pool.submit(task, nxt)
+                    futures[nxt] = submit(nxt)
                 if budget is not None and plans[name] is None:
                     enc = budget.accept(i, enc, lambda c, _n=name: encode_with(_n, c))
                 elif budget is not None and plans[name]["id"] != "raw":

@@ -22,6 +22,8 @@ import base64
 import contextlib
 import hmac
 import json
+import os
+import socket
 import time
 import uuid
 from importlib import resources
@@ -54,6 +56,8 @@ from .protocol import (
 from .store import ModelStore, Served
 from .worker import Job, QueueFull
 
+#: which server process answered (several run behind Ray Serve's proxy with ``--ray --replicas N``)
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 #: completions without ``max_tokens`` generate this many (OpenAI's default); chat: the rest of the context
 COMPLETION_DEFAULT_TOKENS = 16
 
@@ -148,8 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health():
         if state["starting"] or store.loading:
-            return JSONResponse({"status": "loading", "models": store.names()}, status_code=503)
-        return {"status": "ok", "models": store.names(), "load_errors": state["load_errors"]}
+            return JSONResponse({"status": "loading", "models": store.names(), "replica": REPLICA}, status_code=503)
+        return {"status": "ok", "models": store.names(), "load_errors": state["load_errors"], "replica": REPLICA}
 
     @app.get("/metrics")
     async def prometheus():
