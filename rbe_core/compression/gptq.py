@@ -19,6 +19,17 @@ DEFAULT_DAMP = 0.01
 
 def gptq(w: np.ndarray, steps: np.ndarray, h: np.ndarray, levels: np.ndarray,
          nearest: Callable[[np.ndarray], np.ndarray], damp: float, act_order: bool) -> np.ndarray:
+    """See :func:`_gptq`; BLAS runs single-threaded so the codes never depend on how many threads
+    the BLAS library used (which changes with load, and between a driver and a Ray worker):
+    conversions are reproducible bit for bit. Matrices are encoded in parallel instead (``jobs``)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _gptq(w, steps, h, levels, nearest, damp, act_order)
+
+
+def _gptq(w: np.ndarray, steps: np.ndarray, h: np.ndarray, levels: np.ndarray,
+          nearest: Callable[[np.ndarray], np.ndarray], damp: float, act_order: bool) -> np.ndarray:
     """GPTQ codes (uint8, rows × n) for weights ``w`` (rows, n) on the grid ``levels[q] * steps``
     (per-element ``steps``; ``nearest(u)`` gives the codes of the levels nearest ``u``, in steps).
 

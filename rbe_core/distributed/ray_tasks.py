@@ -38,10 +38,9 @@ class RayCluster:
         ray = _ray()
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
-            if address not in (None, "local"):
-                kwargs["address"] = address
-            elif num_cpus is not None:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True,
+                                      "address": "local" if address in (None, "local") else address}
+            if address in (None, "local") and num_cpus is not None:
                 kwargs["num_cpus"] = num_cpus
             ray.init(**kwargs)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -147,24 +147,3 @@ def test_without_ray_the_message_names_the_extra(gguf, tmp_path):
             f"main(['convert', {str(gguf)!r}, '-o', {str(tmp_path / 'x.rbe')!r}, '--codec', 'int8', '--ray'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2 and "pip install 'rbe[ray]'" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_serve_replicas_answer_the_openai_client(tmp_path, gguf):
-    from _serve_helpers import Server
-
-    model = rbe_core.compress_model(gguf, tmp_path / "tiny.rbe", codec="int8", progress=False, calibration=False)
-    srv = Server(str(model), "--ray", "--replicas", "2", "--slots", "2")
-    try:
-        client = srv.client()
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-        replicas = set()
-        for i in range(8):
-            out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"hi {i}"}],
-                                                 max_tokens=3)
-            assert out.usage.completion_tokens == 3
-            replicas.add(srv.json("GET", "/health", key=None)[1]["replica"])
-        pieces = list(client.completions.create(model="tiny", prompt="the", max_tokens=4, stream=True))
-        assert pieces[-1].choices[0].finish_reason == "length"
-        assert len(replicas) == 2
-    finally:
-        assert srv.stop() == 0

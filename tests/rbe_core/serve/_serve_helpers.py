@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -33,8 +34,10 @@ class Server:
 
     def __init__(self, *args: str, wait: bool = True):
         self.port = free_port()
+        # a file, not a pipe: a server that logs a lot must never block on a full pipe
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "rbe_core.cli", "serve", *args, "--port", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdout=self.log, stderr=self.log, text=True,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if wait:
             self.wait_ready()
@@ -43,7 +46,7 @@ class Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise AssertionError(f"rbe serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise AssertionError(f"rbe serve exited {self.proc.returncode}: {self.output()}")
             try:
                 if self.request("GET", "/health")[0] == 200:
                     return
@@ -51,6 +54,11 @@ class Server:
                 pass
             time.sleep(0.1)
         raise AssertionError("rbe serve did not become ready")
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        self.log.seek(0)
+        return self.log.read()
 
     def request(self, method: str, path: str, body=None, *, key: str | None = KEY, headers=None, raw: bytes | None = None):
         """(status, headers, body bytes)."""
