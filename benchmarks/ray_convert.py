@@ -65,7 +65,7 @@ print(json.dumps({{k: sum(v) / len(v) for k, v in times.items()}}))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--calibration-tokens", type=int, default=1024)
+    p.add_argument("--calibration-tokens", type=int, default=512)
     p.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "scaling.md"))
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rbe-bench")
     args = p.parse_args(argv)
@@ -73,12 +73,10 @@ def main(argv=None) -> int:
     c.mkdir(parents=True, exist_ok=True)
     tok = ["--calibration-tokens", str(args.calibration_tokens)]
     rows = {"local, --jobs 1": run([*tok, "--jobs", "1"], c / "scale-local1.rbe"),
-            "local, --jobs 2": run([*tok, "--jobs", "2"], c / "scale-local2.rbe"),
             "Ray, 1 worker CPU": on_ray(1, c / "scale-ray1.rbe", args.calibration_tokens),
             "Ray, 2 worker CPUs": on_ray(2, c / "scale-ray2.rbe", args.calibration_tokens)}
     digests = {n: hashlib.sha256((c / f).read_bytes()).hexdigest()[:16] for n, f in
-               (("local1", "scale-local1.rbe"), ("local2", "scale-local2.rbe"), ("ray1", "scale-ray1.rbe"),
-                ("ray2", "scale-ray2.rbe"))}
+               (("local1", "scale-local1.rbe"), ("ray1", "scale-ray1.rbe"), ("ray2", "scale-ray2.rbe"))}
     times = matrix_times(args.calibration_tokens)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     base = rows["local, --jobs 1"]
@@ -89,7 +87,10 @@ def main(argv=None) -> int:
              "| run | seconds | vs local --jobs 1 |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.0f} | {base / v:.2f}× |" for k, v in rows.items()]
     same = len(set(digests.values())) == 1
-    lines += ["", f"Files bit-identical: **{'yes' if same else 'NO'}** (sha256 prefixes {digests}).", "",
+    lines += ["", f"Files bit-identical: **{'yes' if same else 'no'}** (sha256 prefixes {digests}); calibrated "
+              "files can differ between any two runs, local ones included, because the driver's forward passes "
+              "(MKL) that build the Hessians are not bit-reproducible here; uncalibrated conversions and the GPTQ "
+              "tasks given the same Hessians are (tests/rbe_core/distributed).", "",
               "Mean seconds of one matrix's calibrated encoding (GPTQ), by shape (rows, cols):", "",
               "| shape | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in sorted(times.items())]

@@ -3,7 +3,10 @@ codec that lowers and lifts (``Codec.lower`` + ``Codec.from_lowered``)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -22,10 +25,32 @@ def gptq(w: np.ndarray, steps: np.ndarray, h: np.ndarray, levels: np.ndarray,
     """See :func:`_gptq`; BLAS runs single-threaded so the codes never depend on how many threads
     the BLAS library used (which changes with load, and between a driver and a Ray worker):
     conversions are reproducible bit for bit. Matrices are encoded in parallel instead (``jobs``)."""
+    with single_threaded_blas():
+        return _gptq(w, steps, h, levels, nearest, damp, act_order)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: dict[str, Any] = {"depth": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """BLAS limited to one thread while any thread of this process is inside (threadpoolctl's
+    limits are process-wide: the first entrant sets it, the last one out restores it)."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _gptq(w, steps, h, levels, nearest, damp, act_order)
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            _BLAS_STATE["limiter"] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def _gptq(w: np.ndarray, steps: np.ndarray, h: np.ndarray, levels: np.ndarray,

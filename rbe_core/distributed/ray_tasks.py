@@ -73,6 +73,8 @@ def serve_replicas(settings, address: str | None, replicas: int, host: str, port
     import signal
     import threading
 
+    import attrs
+
     cluster = RayCluster(address)
     try:
         from ray import serve
@@ -80,18 +82,20 @@ def serve_replicas(settings, address: str | None, replicas: int, host: str, port
         raise ModelError("rbe serve --ray needs Ray Serve: pip install 'rbe[ray]'") from None
     from ..serve.app import create_app
 
+    replica_settings = attrs.evolve(settings, load_first=True)
+
     def build():  # run on each replica (a function, so Ray Serve calls it instead of serving it)
-        return create_app(settings)
+        return create_app(replica_settings)
 
     serve.start(http_options={"host": host, "port": port})
     replica = serve.ingress(build)(type("RbeReplica", (), {}))
     deployment = serve.deployment(name="rbe", num_replicas=replicas, ray_actor_options={"num_cpus": 1},
                                   max_ongoing_requests=settings.max_queue + settings.slots,
                                   health_check_period_s=5)(replica)
-    serve.run(deployment.bind(), name="rbe", route_prefix="/", blocking=False)
-    log.info("rbe serve: %d replicas on Ray (%d CPUs) at http://%s:%d/", replicas, cluster.cpus, host, port)
-    stop = threading.Event()
+    stop = threading.Event()  # handlers first: a signal while the replicas start still shuts down cleanly
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    serve.run(deployment.bind(), name="rbe", route_prefix="/", blocking=False)
+    log.info("rbe serve: %d replicas on Ray (%d CPUs) at http://%s:%d/", replicas, cluster.cpus, host, port)
     stop.wait()
     serve.shutdown()

@@ -72,6 +72,9 @@ class Settings:
     timeout: float = 600.0
     cors_origins: tuple[str, ...] = ()
     max_body: int = 8 << 20
+    #: load the models before answering at all (Ray Serve replicas: a replica counts as ready when
+    #: its app has started); otherwise they load in the background while /health says 503
+    load_first: bool = False
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -92,6 +95,8 @@ def create_app(settings: Settings) -> FastAPI:
                 state["starting"] = False
 
         task = asyncio.create_task(load_all())
+        if settings.load_first:
+            await task
         try:
             yield
         finally:
