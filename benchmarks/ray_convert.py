@@ -35,7 +35,7 @@ def on_ray(cpus: int, out: Path, tokens: int) -> float:
 import time, ray, rbe_core
 ray.init(num_cpus={cpus}, include_dashboard=False, log_to_driver=False)
 t0 = time.perf_counter()
-rbe_core.compress_model({str(d.smollm2_gguf())!r}, {str(out)!r}, codec={CODEC!r}, jobs={cpus}, progress=False,
+rbe_core.compress_model({str(d.smollm2_gguf())!r}, {str(out)!r}, codec={json.loads(CODEC)!r}, jobs={cpus}, progress=False,
                         calibration_tokens={tokens}, cluster="local")
 print(time.perf_counter() - t0)
 """
@@ -55,7 +55,7 @@ def timed(codec, w, gram, name):
     times.setdefault(str(tuple(w.shape)), []).append(time.perf_counter() - t0); return out
 import rbe_core.compression.convert as conv
 conv.encode_calibrated = timed
-rbe_core.compress_model({str(d.smollm2_gguf())!r}, "/tmp/rbe-matrix-times.rbe", codec={CODEC!r}, progress=False,
+rbe_core.compress_model({str(d.smollm2_gguf())!r}, "/tmp/rbe-matrix-times.rbe", codec={json.loads(CODEC)!r}, progress=False,
                         calibration_tokens={tokens})
 print(json.dumps({{k: sum(v) / len(v) for k, v in times.items()}}))
 """
