@@ -256,6 +256,22 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU model, for the tables (these machines change between runs)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
+def publish(text: str, out: str, begin: str, end: str) -> None:
+    """Print ``text``; unless ``out`` is "-", also replace its marked section of the file ``out``."""
+    if out != "-":
+        write_section(Path(out), text, begin, end)
+    print(text)
+
+
 def write_section(path: Path, text: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
     """Replace the section of ``path`` between the markers ``begin`` and ``end`` with ``text``
     (which holds them), or append it."""

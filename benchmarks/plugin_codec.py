@@ -131,18 +131,14 @@ def main(argv=None) -> int:
             ft[q] = finetune(files["nf3"], src, out, None if q == "codec parameters" else q, args.steps)
     quality = {k: child("run_eval", str(v), str(src), args.eval_tokens)
                for k, v in {**files, **{f"nf3 + finetune ({q})": p for q, p in tuned.items()}}.items()}
-    text = report(args, speed, generic, quality, conv, ft)
-    if args.out == "-":
-        print(text)
-    else:
-        d.write_section(Path(args.out), text, MARK_BEGIN, MARK_END)
+    d.publish(report(args, speed, generic, quality, conv, ft), args.out, MARK_BEGIN, MARK_END)
     return 0
 
 
 def report(args, speed, generic, quality, conv, ft) -> str:
     best = {k: {m: max(r[m] for r in v) for m in ("prefill", "decode")} for k, v in speed.items()}
     base = best["rbe int4 (built-in)"]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = d.cpu_name()
     lines = [MARK_BEGIN, "## A third-party codec plugin on SmolLM2 (`benchmarks/plugin_codec.py`)", "",
              f"`python benchmarks/plugin_codec.py` — {cpu}, {args.threads} threads, prompt {args.prompt_tokens} "
              f"tokens, {args.new_tokens} decoded, best of {args.repeat} interleaved runs, each in its own process.",

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     digests = {n: hashlib.sha256((c / f).read_bytes()).hexdigest()[:16] for n, f in
                (("local1", "scale-local1.rbe"), ("ray1", "scale-ray1.rbe"), ("ray2", "scale-ray2.rbe"))}
     times = matrix_times(args.calibration_tokens)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = d.cpu_name()
     base = rows["local, --jobs 1"]
     lines = [MARK_BEGIN, "## SmolLM2 conversion, local vs Ray (`benchmarks/ray_convert.py`)", "",
              f"`python benchmarks/ray_convert.py` — {cpu}, 2 cores; `--codec '{CODEC}'` (GPTQ on every Linear, "
@@ -96,11 +96,7 @@ def main(argv=None) -> int:
     lines += [f"| {k} | {v:.3f} |" for k, v in sorted(times.items())]
     lines.append(MARK_END)
     text = "\n".join(lines) + "\n"
-    if args.out == "-":
-        print(text)
-    else:
-        d.write_section(Path(args.out), text, MARK_BEGIN, MARK_END)
-        print(text)
+    d.publish(text, args.out, MARK_BEGIN, MARK_END)
     return 0
 
 

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         proc.terminate()
         proc.wait(60)
     full = queue_full(model, args.backend, name)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = d.cpu_name()
     lines = [MARK_BEGIN, "## Load (`benchmarks/serve_load.py`)", "",
              f"`python benchmarks/serve_load.py` — `{name}` on `{args.backend}`, {cpu}, {os.cpu_count()} cores; "
              f"streaming chat, max_tokens {args.max_tokens}, {args.requests} requests per client, "
@@ -199,11 +199,7 @@ def main(argv=None) -> int:
     lines += ["", f"Full queue (`--max-queue 1 --slots 1`, one long request running, a burst of {full['burst']}): "
               f"{full['rejected']} answered 503, the slowest in {full['reject_ms_max']:.1f} ms.", MARK_END]
     text = "\n".join(lines) + "\n"
-    if args.out == "-":
-        print(text)
-    else:
-        d.write_section(Path(args.out), text, MARK_BEGIN, MARK_END)
-    print(text)
+    d.publish(text, args.out, MARK_BEGIN, MARK_END)
     return 0
 
 
