@@ -152,13 +152,6 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     """
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
         raise ModelError(f"target bits/weight must be a positive number, got {target_bpw}")
-    encode = encode_calibrated
-    if cluster is not None:
-        from ..distributed.ray_tasks import RayCluster
-
-        ray_cluster = RayCluster(cluster)
-        jobs = jobs if jobs > 1 else ray_cluster.cpus
-        encode = ray_cluster.encode_with
     source = open_source(src)
     names = source.spec.check(source.config, source.shapes)
     rules = load_policy(policy)
@@ -167,6 +160,13 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     budget = _Budget(target_bpw, candidates) if target_bpw is not None else None
     plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
     pre: dict[str, Encoded] = {}
+    encode = encode_calibrated
+    if cluster is not None:  # joined only once the source, codecs and policy are known to be good
+        from ..distributed.ray_tasks import RayCluster
+
+        ray_cluster = RayCluster(cluster)
+        jobs = jobs if jobs > 1 else ray_cluster.cpus
+        encode = ray_cluster.encode_with
     if calibration is not False and (budget is not None or takes_calibration(get_codec(default or RAW))):
         from .calibration import calibrated_encodings, read_text
 

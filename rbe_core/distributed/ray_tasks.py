@@ -12,7 +12,6 @@ dies is retried (``max_retries``); Ctrl-C on the driver cancels the tasks and le
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from ..models.common import ModelError
 
@@ -34,15 +33,12 @@ class RayCluster:
     """A connection to a Ray cluster: ``address`` None or "local" starts one in this process
     (all local cores), "auto" joins the one ``ray start`` runs here, anything else is its address."""
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None):
         ray = _ray()
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True,
-                                      "address": "local" if address in (None, "local") else address}
-            if address in (None, "local") and num_cpus is not None:
-                kwargs["num_cpus"] = num_cpus
-            ray.init(**kwargs)
+            ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                     address="local" if address in (None, "local") else address)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._encode = ray.remote(max_retries=RETRIES, retry_exceptions=False)(_encode_task)
 

@@ -24,6 +24,7 @@ import hmac
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from importlib import resources
@@ -89,8 +90,9 @@ def create_app(settings: Settings) -> FastAPI:
                 for path in settings.models:
                     try:
                         await asyncio.to_thread(store.load, path)
-                    except APIError as exc:
+                    except APIError as exc:  # the server stays up (models can be loaded later); say why
                         state["load_errors"].append(exc.message)
+                        print(f"rbe serve: {exc.message}", file=sys.stderr, flush=True)
             finally:
                 state["starting"] = False
 
