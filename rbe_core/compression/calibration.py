@@ -167,14 +167,32 @@ def batches(model, text: str, max_tokens: int = 4096, window: int = 512, batch: 
     return out
 
 
-def _block_list(model) -> tuple[str | None, Any]:
-    """(attribute name, ModuleList) of the model's transformer blocks; (None, []) when it has none."""
+def _block_list(model) -> tuple[Any, str | None, Any]:
+    """(parent module, attribute name, ModuleList) of the model's transformer blocks: the ModuleList
+    holding the most parameters, at any depth (rbe's models: a direct child; HF models e.g.
+    ``model.layers``, ``transformer.h``, ``encoder.layer``); (model, None, []) when it has none."""
     import torch
 
-    for name, child in model.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            return name, child
-    return None, []
+    best, best_size = (model, None, []), 0
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+                size = sum(p.numel() for p in child.parameters()) + sum(b.numel() for b in child.buffers())
+                if size > best_size:
+                    best, best_size = (parent, name, child), size
+    return best
+
+
+def _call(model, inputs):
+    """Run ``model`` on one calibration input: positional args (a tuple) or keyword args (a dict)."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
+
+
+def _is_causal(model) -> bool:
+    """rbe's causal LMs, and models that generate (``transformers``' ``can_generate()``)."""
+    from ..models.common import CausalLM
+
+    return isinstance(model, CausalLM) or (callable(getattr(model, "can_generate", None)) and bool(model.can_generate()))
 
 
 def _scored_output(model, out, mask):
@@ -183,10 +201,10 @@ def _scored_output(model, out, mask):
     import torch
     import torch.nn.functional as F
 
-    from ..models.common import CausalLM
-
-    if isinstance(model, CausalLM):
-        return F.log_softmax(out[0].float(), -1)
+    if _is_causal(model):
+        return F.log_softmax((out.logits if hasattr(out, "logits") else out[0]).float(), -1)
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
     m = torch.ones(out.shape[:2]) if mask is None else mask.reshape(out.shape[:2]).float()
     pooled = (out * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
     return F.normalize(pooled, dim=-1)
@@ -194,9 +212,7 @@ def _scored_output(model, out, mask):
 
 def _damage(model, ref, cur) -> float:
     """Mean per-token KL(ref ‖ cur) (causal LMs) or mean ``1 − cos`` of the sentence embeddings."""
-    from ..models.common import CausalLM
-
-    if isinstance(model, CausalLM):
+    if _is_causal(model):
         return float((ref.exp() * (ref - cur)).sum(-1).mean())
     return float((1.0 - (ref * cur).sum(-1)).mean())
 
@@ -214,7 +230,7 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
     """
     import torch
 
-    attr, blocks = _block_list(model)
+    parent, attr, blocks = _block_list(model)
     block_of = {id(m): b for b, block in enumerate(blocks) for m in block.modules()}
     name_of = {id(factory.linears[n][0]): n for n in names}
     power: dict[str, Any] = {}
@@ -230,7 +246,7 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
         counts[n] = counts.get(n, 0) + rows.shape[0]
 
     def scored(args, mask):
-        return _scored_output(model, model(*args), mask)
+        return _scored_output(model, _call(model, args), mask)
 
     head = getattr(model, "lm_head", None)
     strided = [] if head is None or head_stride <= 1 else [
@@ -242,7 +258,7 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
     def run_from(b: int | None) -> float:
         """Mean damage over ``data`` of the current weights, running from block ``b`` (None: whole model)."""
         if b is not None:
-            setattr(model, attr, torch.nn.ModuleList(list(blocks)[b:]))
+            setattr(parent, attr, torch.nn.ModuleList(list(blocks)[b:]))
             feed = blocks[b].register_forward_pre_hook(lambda mod, a, k: cached[b][state["batch"]], with_kwargs=True)
         try:
             total = 0.0
@@ -253,7 +269,7 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
         finally:
             if b is not None:
                 feed.remove()
-                setattr(model, attr, blocks)
+                setattr(parent, attr, blocks)
 
     try:
         with torch.no_grad():
@@ -446,7 +462,7 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
     masks = [m for _a, m in data]
     try:
         with torch.no_grad():
-            blocks = _block_list(model)[1]
+            blocks = _block_list(model)[2]
             cached: list[tuple[tuple, dict]] = []
 
             def grab(mod, args, kwargs):
@@ -458,7 +474,7 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
                 try:
                     for args, _mask in data:
                         try:
-                            model(*args)
+                            _call(model, args)
                         except _Stop:
                             pass
                 finally:
@@ -476,7 +492,7 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
 
             def run_model(b, state):
                 state["mask"] = masks[b]
-                model(*data[b][0])
+                _call(model, data[b][0])
 
             tail = [m for m in model.modules() if id(m) in todo and todo[id(m)] not in out]
             for i in run_stages(tail, run_model, len(data)):

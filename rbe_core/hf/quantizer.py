@@ -1,0 +1,131 @@
+"""transformers integration: ``RbeConfig`` and ``RbeHfQuantizer`` under ``quant_method: "rbe"``.
+
+``register()`` (run when ``rbe_core.hf`` is imported) adds both to transformers' registries, once.
+Then ``from_pretrained(path, quantization_config=RbeConfig(codec=...))`` compresses while loading
+(after the dense weights are in: the peak is the dense model), ``save_pretrained`` writes the codes
+into the safetensors (``QuantizedLinear`` buffers; every layer's codec, shape, payload fields and
+checksum in ``config.json`` under ``quantization_config.modules``), and ``from_pretrained`` of such
+a folder builds empty ``QuantizedLinear`` shells that the normal state-dict load fills, checked
+against the recorded checksums. Written against transformers 5.23 (the project's pin).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import __version__
+
+QUANT_METHOD = "rbe"
+
+
+class RbeConfig(QuantizationConfigMixin):
+    """How to compress a transformers model with rbe (the arguments of ``rbe_core.hf.quantize``).
+
+    ``codec``: an rbe codec id or config (default ``int8``); ``target_bpw``: a bits/weight budget
+    chosen among the codec's settings; ``calibration``: a text file to calibrate on (needs the
+    model's tokenizer next to the weights); ``include``/``exclude``: module-name globs; ``backend``:
+    the rbe backend to run on. ``modules`` is filled by quantization (name -> layer entry) and is
+    what a saved folder is loaded from.
+    """
+
+    def __init__(self, codec: str | dict | None = None, target_bpw: float | None = None,
+                 calibration: str | None = None, include: list[str] | None = None,
+                 exclude: list[str] | None = None, backend: str | None = None,
+                 modules: dict[str, Any] | None = None, rbe_version: str | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.codec = codec
+        self.target_bpw = target_bpw
+        self.calibration = calibration
+        self.include = include
+        self.exclude = exclude
+        self.backend = backend
+        self.modules = modules or {}
+        self.rbe_version = rbe_version or __version__
+        unknown = sorted(set(kwargs) - {"quant_method"})
+        if unknown:
+            raise ValueError(f"RbeConfig: unknown option(s) {', '.join(unknown)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["quant_method"] = QUANT_METHOD
+        return out
+
+
+class RbeHfQuantizer(HfQuantizer):
+    """The ``HfQuantizer`` for rbe: quantize-on-load, load of saved codes, save, dequantize; trainable (LoRA)."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            return model
+        from ..registry import get_backend
+        from .layers import QuantizedLinear
+        from .quantize import _set_module
+
+        modules = self.quantization_config.modules
+        if not modules:
+            raise ValueError("this checkpoint's rbe quantization_config lists no quantized modules")
+        backend = get_backend(self.quantization_config.backend)
+        for name, entry in modules.items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"the rbe checkpoint quantizes {name!r}, which this model does not have") from None
+            _set_module(model, name, QuantizedLinear.shell(entry, getattr(old, "bias", None) is not None, backend))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .quantize import _record, quantize, quantized_modules
+
+        if self.pre_quantized:
+            for layer in quantized_modules(model).values():
+                layer.refresh()
+            model.hf_quantizer = self
+            _record(model, None, None, None, None, None)
+            return model
+        c = self.quantization_config
+        calibration = tokenizer = None
+        if c.calibration:
+            from pathlib import Path
+
+            from transformers import AutoTokenizer
+
+            calibration = Path(c.calibration).read_text(encoding="utf-8", errors="replace")
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        model.hf_quantizer = self
+        return quantize(model, c.codec, target_bpw=c.target_bpw, calibration=calibration, tokenizer=tokenizer,
+                        include=c.include, exclude=c.exclude, backend=c.backend)
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {"rbe": __version__}
+
+    def _dequantize(self, model, dtype=None):
+        from .quantize import dequantize
+
+        model = dequantize(model)
+        return model if dtype is None else model.to(dtype)
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register ``RbeConfig`` and ``RbeHfQuantizer`` with transformers (no-op when already there)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(RbeConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(RbeHfQuantizer)
