@@ -126,7 +126,7 @@ def vars_of(problem) -> dict:
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--reference", type=click.Path(exists=True),
               help="Source checkpoint (HF dir, .safetensors, .gguf): add each tensor's error against it.")
@@ -184,7 +184,8 @@ def _model_errors():
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="The .rbe file to write (with --hf: the directory to create).")
 @click.option("--codec", default=None, help="Codec id or JSON config for every weight matrix (default int8).")
 @click.option("--target-bpw", type=float, default=None,
               help="Pick codec settings per tensor so the average bits/weight <= X (with --codec: among its bit "
@@ -202,9 +203,13 @@ def _model_errors():
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encode on a Ray cluster: ADDRESS (e.g. ray://head:10001), 'auto' (the one `ray start` runs "
                    "here), or nothing (a local one); --jobs defaults to its CPUs. Needs rbe[ray].")
+@click.option("--hf", "as_hf", is_flag=True,
+              help="Write a transformers folder with rbe codes (from_pretrained loads it after `import rbe_core.hf`); "
+                   "any architecture transformers builds. Needs rbe[hf].")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration,
-            ray_address):
-    """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file."""
+            ray_address, as_hf):
+    """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file (or, with --hf,
+    a transformers folder)."""
     if backend is not None:
         _check_backend(backend)
     if codec is not None and codec.lstrip().startswith("{"):
@@ -212,6 +217,10 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
             codec = json.loads(codec)
         except json.JSONDecodeError as exc:
             _fail(ValueError(f"--codec is not valid JSON: {exc}"))
+    if as_hf:
+        _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet,
+                    False if no_calibration else calibration, calibration_tokens)
+        return
     try:
         path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
                                        progress=not quiet, verify_backend=backend,
@@ -225,6 +234,28 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
     bpw = 8.0 * sum(e.nbytes for e in comp) / max(1, sum(e.numel for e in comp))
     click.echo(f"wrote {path}: {len(enc)} tensors, {path.stat().st_size / 1e6:.2f} MB, "
                f"{bpw:.3f} bits/weight over {len(comp)} compressed tensors", err=True)
+
+
+def _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet, calibration, calibration_tokens):
+    """``rbe convert --hf``: compress with ``rbe_core.hf`` and save a transformers folder."""
+    unsupported = [o for o, v in (("--policy", policy), ("--jobs", jobs > 1), ("--ray", ray_address)) if v]
+    if unsupported:
+        _fail(ValueError(f"{', '.join(unsupported)} cannot be combined with --hf"))
+    try:
+        from .hf.convert import convert_to_hf
+    except ImportError as exc:
+        _fail(ValueError(f"--hf needs transformers (pip install 'rbe[hf]'): {exc}"))
+    try:
+        path = convert_to_hf(src, out, codec, target_bpw, calibration=calibration,
+                             calibration_tokens=calibration_tokens, progress=not quiet)
+    except _model_errors() as exc:
+        _fail(exc)
+    f = rbe_core.open(path)
+    comp = [f[n] for n, h in f.headers.items() if h["codec"]["id"] != "raw"]
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    bpw = 8.0 * sum(e.payload_nbytes for e in comp) / max(1, sum(e.numel for e in comp))
+    click.echo(f"wrote {path}: transformers folder, {size / 1e6:.2f} MB of safetensors, "
+               f"{bpw:.3f} bits/weight over {len(comp)} quantized layers", err=True)
 
 
 def engine_option():
@@ -245,7 +276,7 @@ def _load(path: str, backend: str | None, engine: str = "auto"):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
@@ -271,7 +302,7 @@ def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend, en
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.argument("sentences", nargs=-1, required=True)
 @backend_option()
 def embed(path, sentences, backend):
@@ -285,7 +316,7 @@ def embed(path, sentences, backend):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
 def export(path, out):
     """Write the model in PATH as a HF directory (decoded fp32 safetensors, config.json, tokenizer.json)."""
@@ -298,7 +329,7 @@ def export(path, out):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @backend_option("Compute backend for the compressed model (default: $RBE_BACKEND or the best available).")
@@ -330,7 +361,7 @@ def bench(path, prompt_tokens, new_tokens, backend, threads, engine, as_json):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text to train on.")
 @click.option("--steps", required=True, type=click.IntRange(1), help="Optimizer steps (in total, resumed ones included).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
@@ -365,7 +396,7 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
 
 
 @main.command("eval")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluation text (use one the model was not calibrated on).")
 @click.option("--reference", type=click.Path(exists=True), default=None,
@@ -415,7 +446,7 @@ def _draining_server_class():
 
 
 @main.command()
-@click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 routes.")

@@ -350,5 +350,10 @@ class RBEFile(Mapping):
 
 
 def open(path: str | os.PathLike) -> RBEFile:  # noqa: A001 - public API name, mirrors builtins.open
-    """Open an .rbe file lazily. Raises ``RBEFormatError`` when it is not a valid container."""
+    """Open an .rbe file lazily, or a transformers folder saved with rbe codes (``rbe_core.hf.folder``,
+    the same read interface). Raises ``RBEFormatError`` when it is neither."""
+    if Path(path).is_dir():
+        from .hf.folder import HFFolder
+
+        return HFFolder(path)
     return RBEFile(path)

@@ -188,6 +188,12 @@ def _call(model, inputs):
     return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
 
 
+def _real_tokens(rows, mask):
+    """The rows of real (not padding) tokens: ``mask`` applies to per-token inputs only (a pooler's
+    one row per sentence has no padding to drop)."""
+    return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask]
+
+
 def _is_causal(model) -> bool:
     """rbe's causal LMs, and models that generate (``transformers``' ``can_generate()``)."""
     from ..models.common import CausalLM
@@ -240,7 +246,7 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
 
     def record(mod, args):
         rows = args[0].detach().reshape(-1, args[0].shape[-1])
-        rows = (rows if state["mask"] is None else rows[state["mask"]]).double()
+        rows = _real_tokens(rows, state["mask"]).double()
         n = name_of[id(mod)]
         power[n] = power.get(n, 0) + rows.square().sum(0)
         counts[n] = counts.get(n, 0) + rows.shape[0]
@@ -437,7 +443,7 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
                     raise _Stop
                 if n == state["stage"][0]:
                     rows = x.detach().reshape(-1, x.shape[-1])
-                    rows = (rows if state["mask"] is None else rows[state["mask"]]).float()
+                    rows = _real_tokens(rows, state["mask"]).float()
                     g = (rows.T @ rows).double()
                     state["xtx"] = g if state["xtx"] is None else state["xtx"] + g
                     state["count"] += rows.shape[0]

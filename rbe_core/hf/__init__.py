@@ -8,9 +8,11 @@ import importlib.util
 
 from .layers import QuantizedLinear
 from .quantize import dequantize, footprint, quantize, quantized_modules, select_modules
-from .quantizer import RbeConfig, RbeHfQuantizer, register
 
-register()
+if importlib.util.find_spec("transformers") is not None:
+    from .quantizer import RbeConfig, RbeHfQuantizer, register
+
+    register()
 if importlib.util.find_spec("peft") is not None:
     from . import lora
 
