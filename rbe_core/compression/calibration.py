@@ -174,7 +174,7 @@ def _block_list(model) -> tuple[Any, str | None, Any]:
     import torch
 
     best, best_size = (model, None, []), 0
-    for parent_name, parent in model.named_modules():
+    for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
                 size = sum(p.numel() for p in child.parameters()) + sum(b.numel() for b in child.buffers())
