@@ -407,7 +407,11 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
 @click.option("--dense", is_flag=True, help="Decode the weights once instead of fused kernels (faster, same numbers).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_(path, text_file, reference, window, max_tokens, backend, dense, as_json):
-    """Perplexity (+ KL and top-1 vs --reference) of a causal LM, or embedding cosines of an encoder."""
+    """Perplexity (+ KL and top-1 vs --reference) of a causal LM, or embedding cosines of an encoder.
+
+    PATH: an .rbe file, a transformers folder with rbe codes, or a checkpoint rbe reads (a GGUF of any
+    llama.cpp type, for side-by-side figures); bits per weight are reported over the Linear layers
+    (linear_bpw) and over every stored byte (file_bpw)."""
     from .compression.evaluate import evaluate
 
     try:

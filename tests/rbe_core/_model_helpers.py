@@ -60,8 +60,10 @@ def byte_level_vocab() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_gguf(model, path: Path, quantize_embedding: bool = True, chat_template: str | None = None) -> dict:
-    """Write a transformers Llama as a llama.cpp-style GGUF (q/k permuted, optional Q8_0 embedding).
+def write_gguf(model, path: Path, quantize_embedding: bool = True, chat_template: str | None = None,
+               quantize_blocks: bool = False) -> dict:
+    """Write a transformers Llama as a llama.cpp-style GGUF (q/k permuted, optional Q8_0 embedding,
+    optional Q8_0 for every 2-D weight inside the blocks, as llama.cpp's quantize writes them).
 
     Returns the state dict with the embedding replaced by its dequantized value, so a reference
     model loaded from it sees exactly the weights the GGUF holds.
@@ -101,7 +103,7 @@ def write_gguf(model, path: Path, quantize_embedding: bool = True, chat_template
             array = _permute_rows(array, cfg.num_attention_heads, inverse=False)
         elif key == "k":
             array = _permute_rows(array, cfg.num_key_value_heads, inverse=False)
-        if key == "embed" and quantize_embedding:
+        if (key == "embed" and quantize_embedding) or (quantize_blocks and array.ndim == 2 and "blk." in gg_name):
             qt = gguf.GGMLQuantizationType.Q8_0
             packed = gguf.quants.quantize(array, qt)
             sd[hf_name] = gguf.quants.dequantize(packed, qt).reshape(array.shape)

@@ -58,6 +58,20 @@ def test_cli_eval_json(llama):
     assert r.exit_code == 2 and "fewer than 2 tokens" in r.output
 
 
+def test_gguf_side_by_side_counts_bits_two_ways(llama, tmp_path):
+    """A llama.cpp-quantized GGUF is evaluated like an .rbe file (dequantized by the ``gguf``
+    package), with bits counted over the Linear layers and over every byte of the file."""
+    src, rbe = llama
+    write_gguf(tiny_llama(tie_word_embeddings=True), tmp_path / "q8.gguf", quantize_blocks=True)
+    q8 = evaluate(tmp_path / "q8.gguf", TEXT, src, window=32)
+    assert q8["linear_bpw"] == 8.5  # Q8_0: 34 bytes per 32 weights
+    assert 0.0 < q8["kl"] < 0.01 and q8["file_bpw"] > q8["linear_bpw"] / 2
+    f32 = evaluate(src, TEXT, src, window=32)
+    assert f32["kl"] < 1e-9 and f32["linear_bpw"] == 32.0
+    ours = evaluate(rbe, TEXT, src, window=32, dense=True)
+    assert 8.0 < ours["linear_bpw"] < 9.0 and ours["file_bpw"] > ours["linear_bpw"] / 2
+
+
 def _bert_tokenizer_json() -> str:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
