@@ -187,12 +187,13 @@ def write_f32_gguf(src: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def ensure_ggufs(cache: Path, src: Path, lib_dir: Path) -> dict[str, Path]:
+def ensure_ggufs(cache: Path, src: Path, lib_dir: Path, types: dict[str, int] = GGUF_TYPES) -> dict[str, Path]:
+    """GGUFs of ``types`` (name -> llama.cpp file type) quantized from an F32 GGUF of ``src``, cached."""
     f32 = cache / "smol-f32.gguf"
     if not f32.exists():
         write_f32_gguf(src, f32)
     out = {}
-    for name, ftype in GGUF_TYPES.items():
+    for name, ftype in types.items():
         path = cache / f"smol-{name}.gguf"
         if not path.exists():
             code = (f"import sys; sys.path.insert(0, {str(lib_dir)!r}); import llama_cpp\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -182,6 +183,23 @@ def _model_errors():
     return (RBEError, ModelError, OSError, ValueError)
 
 
+def refine_options(f):
+    """The options ``rbe refine`` and ``rbe convert --refine`` share."""
+    opts = [
+        click.option("--data", "data", default=None,
+                     help="Data spec: a file, a folder, builtin:stdlib|debian|teacher|broad, or several joined "
+                          "with commas (default: builtin:broad for --refine, the built-in text for calibration)."),
+        click.option("--refine-tokens", type=click.IntRange(2), default=16384, show_default=True,
+                     help="Tokens of the data each block is refined on."),
+        click.option("--refine-epochs", type=click.IntRange(1), default=4, show_default=True),
+        click.option("--e2e-steps", type=click.IntRange(0), default=0, show_default=True,
+                     help="Then this many end-to-end distillation steps (KL to the float model, codes frozen)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
@@ -203,11 +221,14 @@ def _model_errors():
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encode on a Ray cluster: ADDRESS (e.g. ray://head:10001), 'auto' (the one `ray start` runs "
                    "here), or nothing (a local one); --jobs defaults to its CPUs. Needs rbe[ray].")
+@click.option("--refine", "do_refine", is_flag=True,
+              help="Then refine it (rbe refine): block-wise reconstruction against the source, codes frozen.")
+@refine_options
 @click.option("--hf", "as_hf", is_flag=True,
               help="Write a transformers folder with rbe codes (from_pretrained loads it after `import rbe_core.hf`); "
                    "any architecture transformers builds. Needs rbe[hf].")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration,
-            ray_address, as_hf):
+            ray_address, do_refine, data, refine_tokens, refine_epochs, e2e_steps, as_hf):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file (or, with --hf,
     a transformers folder)."""
     if backend is not None:
@@ -217,17 +238,40 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
             codec = json.loads(codec)
         except json.JSONDecodeError as exc:
             _fail(ValueError(f"--codec is not valid JSON: {exc}"))
+    if data is not None and calibration is not None:
+        _fail(ValueError("give --data or --calibration, not both"))
     if as_hf:
+        if do_refine:
+            _fail(ValueError("--refine cannot be combined with --hf"))
         _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet,
                     False if no_calibration else calibration, calibration_tokens)
         return
-    try:
-        path = rbe_core.compress_model(src, out, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
-                                       progress=not quiet, verify_backend=backend,
-                                       calibration=False if no_calibration else calibration,
-                                       calibration_tokens=calibration_tokens, cluster=ray_address)
-    except _model_errors() as exc:
-        _fail(exc)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".rbe-convert-", dir=Path(out).resolve().parent) as work:
+        try:
+            if data is not None and not no_calibration:
+                from .compression.data import load as load_data
+
+                calibration = Path(work) / "calibration.txt"
+                calibration.write_text(load_data(data).train, encoding="utf-8")
+            target = Path(work) / "unrefined.rbe" if do_refine else out
+            t0 = time.perf_counter()
+            path = rbe_core.compress_model(src, target, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
+                                           progress=not quiet, verify_backend=backend,
+                                           calibration=False if no_calibration else calibration,
+                                           calibration_tokens=calibration_tokens, cluster=ray_address)
+            if do_refine:
+                from .compression.refine import refine as run_refine
+
+                click.echo(f"converted in {time.perf_counter() - t0:.0f} s; refining", err=True)
+                res = run_refine(path, src, out, data=data or "builtin:broad", tokens=refine_tokens,
+                                 epochs=refine_epochs, e2e_steps=e2e_steps, progress=not quiet)
+                click.echo(f"refined: block output error {res['mean_before']:.4g} -> {res['mean_after']:.4g} "
+                           f"(mean over {len(res['blocks'])} blocks, held-out), {res['seconds']:.0f} s", err=True)
+                path = Path(out)
+        except _model_errors() as exc:
+            _fail(exc)
     f = rbe_core.open(path)
     enc = [f[n] for n in f]
     comp = [e for e in enc if e.codec.codec_id != "raw"]
@@ -393,6 +437,28 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
         _fail(exc)
     last = f", final loss {res.losses[-1]:.4f}" if res.losses else ""
     click.echo(f"wrote {res.path}: steps {res.start_step}..{res.steps}{last}", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--source", required=True, type=click.Path(exists=True),
+              help="The float model PATH was converted from (HF dir, .safetensors, .gguf).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
+@refine_options
+@click.option("--resume", is_flag=True, help="Continue after the last block of an interrupted run (OUT.refine-ckpt).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def refine(path, source, out, data, refine_tokens, refine_epochs, e2e_steps, resume, quiet):
+    """Refine the compressed model in PATH after rounding: block by block, its continuous parameters
+    (group steps, norms; codes frozen) reproduce the float model's blocks; then, with --e2e-steps, end to end."""
+    from .compression.refine import refine as run_refine
+
+    try:
+        res = run_refine(path, source, out, data=data or "builtin:broad", tokens=refine_tokens, epochs=refine_epochs,
+                         e2e_steps=e2e_steps, resume=resume, progress=not quiet)
+    except _model_errors() as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}: block output error {res['mean_before']:.4g} -> {res['mean_after']:.4g} "
+               f"(mean over {len(res['blocks'])} blocks, held-out), {res['seconds']:.0f} s", err=True)
 
 
 @main.command("eval")

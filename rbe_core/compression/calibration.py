@@ -94,16 +94,25 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
     from ..registry import get_codec
 
     class Recorder(LayerFactory):
-        """A dense factory that remembers which tensors became Linear layers and embeddings."""
+        """A dense factory that remembers which tensors became Linear layers, embeddings and
+        small parameters (``params``: name -> the tensor the model holds)."""
 
         def __init__(self, encoded):
             super().__init__(encoded, dense=True)
             self.linears: dict[str, tuple[Any, bool]] = {}
             self.embeddings: set[str] = set()
+            self.params: dict[str, Any] = {}
+
+        def param(self, name):
+            self.params[name] = out = super().param(name)
+            return out
 
         def linear(self, weight, bias=None, *, transposed=False):
             layer = super().linear(weight, bias, transposed=transposed)
             self.linears[weight] = (layer, transposed)
+            self.params.pop(weight, None)
+            if bias is not None:
+                self.params[bias] = layer.bias
             return layer
 
         def embedding(self, name):
