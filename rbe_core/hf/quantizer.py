@@ -107,7 +107,10 @@ class RbeHfQuantizer(HfQuantizer):
                         include=c.include, exclude=c.exclude, backend=c.backend)
 
     def get_state_dict_and_metadata(self, model):
-        return None, {"rbe": __version__}
+        """The state dict as is (the codes are buffers); the metadata names rbe and every layer's entry."""
+        import json
+
+        return None, {"rbe": __version__, "rbe.modules": json.dumps(self.quantization_config.modules, sort_keys=True)}
 
     def _dequantize(self, model, dtype=None):
         from .quantize import dequantize

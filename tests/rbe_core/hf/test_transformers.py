@@ -59,7 +59,7 @@ def test_save_reload_in_a_fresh_process_generates_the_same(tmp_path):
         assert set(cfg["modules"]) == set(quantized_modules(model))
         assert not list((tmp_path / arch).glob("*.bin"))
         with safe_open(str(tmp_path / arch / "model.safetensors"), "pt") as f:
-            assert f.metadata()["rbe"]
+            assert f.metadata()["rbe"] and json.loads(f.metadata()["rbe.modules"]) == cfg["modules"]
             name = next(iter(cfg["modules"]))
             assert f.get_tensor(f"{name}.weight").numel() == 0
             assert f.get_tensor(f"{name}.rbe_codes").dtype == torch.uint8
@@ -122,3 +122,14 @@ def test_a_corrupted_checkpoint_is_refused(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt", "rbe": "test"})
     with pytest.raises(Exception, match="checksum"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_quickstart_example_runs():
+    """examples/hf_quickstart.py: an architecture rbe has no code for, end to end (the issue's acceptance)."""
+    from pathlib import Path
+
+    script = Path(__file__).parents[3] / "examples" / "hf_quickstart.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "generate identical = True" in res.stdout and "still rbe layers: 28" in res.stdout
