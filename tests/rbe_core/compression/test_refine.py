@@ -59,7 +59,7 @@ def test_refine_never_hurts_a_block_and_lowers_the_error(tiny):
 def test_refine_resumes_after_an_interruption(tiny, monkeypatch):
     d, rbe = tiny
     kwargs = dict(data=str(d / "data.txt"), tokens=1024, window=32, batch=4, epochs=1, progress=False)
-    full = refine_mod.refine(rbe, d / "tiny.gguf", d / "full.rbe", **kwargs)
+    refine_mod.refine(rbe, d / "tiny.gguf", d / "full.rbe", **kwargs)
     real = refine_mod._checkpoint
 
     def dies_after_block_1(ckpt, src_file, encs, raws, settings, block, stats):
