@@ -189,11 +189,11 @@ def refine_options(f):
         click.option("--data", "data", default=None,
                      help="Data spec: a file, a folder, builtin:stdlib|debian|teacher|broad, or several joined "
                           "with commas (default: builtin:broad for --refine, the built-in text for calibration)."),
-        click.option("--refine-tokens", type=click.IntRange(2), default=16384, show_default=True,
+        click.option("--refine-tokens", type=click.IntRange(2), default=8192, show_default=True,
                      help="Tokens of the data each block is refined on."),
-        click.option("--refine-epochs", type=click.IntRange(1), default=4, show_default=True),
-        click.option("--e2e-steps", type=click.IntRange(0), default=0, show_default=True,
-                     help="Then this many end-to-end distillation steps (KL to the float model, codes frozen)."),
+        click.option("--refine-epochs", type=click.IntRange(1), default=2, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue after the last refined block of an interrupted run "
+                                                    "(OUT.refine-ckpt)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -228,7 +228,7 @@ def refine_options(f):
               help="Write a transformers folder with rbe codes (from_pretrained loads it after `import rbe_core.hf`); "
                    "any architecture transformers builds. Needs rbe[hf].")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration,
-            ray_address, do_refine, data, refine_tokens, refine_epochs, e2e_steps, as_hf):
+            ray_address, do_refine, data, refine_tokens, refine_epochs, resume, as_hf):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file (or, with --hf,
     a transformers folder)."""
     if backend is not None:
@@ -241,8 +241,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
     if data is not None and calibration is not None:
         _fail(ValueError("give --data or --calibration, not both"))
     if as_hf:
-        if do_refine:
-            _fail(ValueError("--refine cannot be combined with --hf"))
+        if do_refine or data is not None:
+            _fail(ValueError("--refine and --data cannot be combined with --hf (use --calibration FILE)"))
         _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet,
                     False if no_calibration else calibration, calibration_tokens)
         return
@@ -255,20 +255,25 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
 
                 calibration = Path(work) / "calibration.txt"
                 calibration.write_text(load_data(data).train, encoding="utf-8")
-            target = Path(work) / "unrefined.rbe" if do_refine else out
+            # refining: the unrefined file waits beside OUT, so an interrupted refinement resumes without re-converting
+            target = Path(out).with_name(Path(out).name + ".unrefined.rbe") if do_refine else out
             t0 = time.perf_counter()
-            path = rbe_core.compress_model(src, target, codec=codec, target_bpw=target_bpw, policy=policy, jobs=jobs,
-                                           progress=not quiet, verify_backend=backend,
-                                           calibration=False if no_calibration else calibration,
-                                           calibration_tokens=calibration_tokens, cluster=ray_address)
+            if do_refine and resume and target.is_file():
+                path = target
+            else:
+                path = rbe_core.compress_model(src, target, codec=codec, target_bpw=target_bpw, policy=policy,
+                                               jobs=jobs, progress=not quiet, verify_backend=backend,
+                                               calibration=False if no_calibration else calibration,
+                                               calibration_tokens=calibration_tokens, cluster=ray_address)
             if do_refine:
                 from .compression.refine import refine as run_refine
 
                 click.echo(f"converted in {time.perf_counter() - t0:.0f} s; refining", err=True)
                 res = run_refine(path, src, out, data=data or "builtin:broad", tokens=refine_tokens,
-                                 epochs=refine_epochs, e2e_steps=e2e_steps, progress=not quiet)
+                                 epochs=refine_epochs, resume=resume, progress=not quiet)
                 click.echo(f"refined: block output error {res['mean_before']:.4g} -> {res['mean_after']:.4g} "
                            f"(mean over {len(res['blocks'])} blocks, held-out), {res['seconds']:.0f} s", err=True)
+                Path(target).unlink()
                 path = Path(out)
         except _model_errors() as exc:
             _fail(exc)
@@ -445,16 +450,15 @@ def finetune(path, data, steps, out, teacher, lr, batch_tokens, seq_len, engine,
               help="The float model PATH was converted from (HF dir, .safetensors, .gguf).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The .rbe file to write.")
 @refine_options
-@click.option("--resume", is_flag=True, help="Continue after the last block of an interrupted run (OUT.refine-ckpt).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def refine(path, source, out, data, refine_tokens, refine_epochs, e2e_steps, resume, quiet):
+def refine(path, source, out, data, refine_tokens, refine_epochs, resume, quiet):
     """Refine the compressed model in PATH after rounding: block by block, its continuous parameters
-    (group steps, norms; codes frozen) reproduce the float model's blocks; then, with --e2e-steps, end to end."""
+    (group steps, norms; codes frozen) are tuned so each block reproduces the float model's block."""
     from .compression.refine import refine as run_refine
 
     try:
         res = run_refine(path, source, out, data=data or "builtin:broad", tokens=refine_tokens, epochs=refine_epochs,
-                         e2e_steps=e2e_steps, resume=resume, progress=not quiet)
+                         resume=resume, progress=not quiet)
     except _model_errors() as exc:
         _fail(exc)
     click.echo(f"wrote {out}: block output error {res['mean_before']:.4g} -> {res['mean_after']:.4g} "

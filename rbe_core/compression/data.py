@@ -9,7 +9,7 @@ A data spec (``--data``) is one source or several joined with commas:
   ``.txt``/``.md``/``.rst``, gzipped or not) — broad technical English from hundreds of projects;
 - ``builtin:teacher``: text the float model writes itself (LLM-QAT's data-free recipe: a random
   first token, then sampling at temperature 1), generated when the data is loaded;
-- ``builtin:broad``: stdlib + debian + teacher.
+- ``builtin:broad``: stdlib + debian, + teacher where the float model is at hand (refinement).
 
 Streaming: files are read one at a time and stop once ``max_chars`` are collected. Paragraphs
 (blank-line separated, whitespace collapsed, at least 8 words, mostly letters) are deduplicated by
@@ -135,7 +135,7 @@ def _source_texts(spec: str, model) -> Iterator[tuple[str, str]]:
     elif spec == "builtin:teacher":
         yield spec, teacher_text(model)
     elif spec == "builtin:broad":
-        for part in ("builtin:stdlib", "builtin:debian", "builtin:teacher"):
+        for part in ("builtin:stdlib", "builtin:debian", *(("builtin:teacher",) if model is not None else ())):
             yield from _source_texts(part, model)
     elif spec.startswith("builtin:"):
         raise ModelError(f"unknown data source {spec!r}; built-in: stdlib, debian, teacher, broad")

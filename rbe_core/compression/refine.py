@@ -12,8 +12,8 @@ with the lowest held-out loss is kept (so a block never gets worse on held-out d
 are then written back through ``Codec.from_lowered`` (which rounds them to their storage types;
 the held-out loss is measured *after* that rounding).
 
-**End to end**: ``rbe refine --e2e-steps N`` continues with ``rbe finetune``'s distillation (KL
-to the float model's logits, codec parameters only, codes frozen).
+End-to-end distillation of the same parameters is ``rbe finetune --teacher SRC`` (not chained
+here: measured on SmolLM2's flagship file it raised the KL, see docs/quality.md).
 
 Checkpoints: after every block the partly refined model goes to ``<out>.refine-ckpt/``
 (``model.rbe`` + ``state.json``); ``resume=True`` continues after the last completed block.
@@ -235,12 +235,9 @@ def _write(out: Path, src_file, encodings: Mapping[str, Encoded], raws: Mapping[
 
 
 def refine(model_path: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike, *,
-           data: str = "builtin:broad", tokens: int = 16384, window: int = 256, batch: int = 2, epochs: int = 4,
-           lr: float = 1e-3, norm_lr: float = 1e-4, e2e_steps: int = 0, e2e_lr: float = 1e-4,
-           e2e_tokens: int = 1024, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Write ``out``: the .rbe model ``model_path`` refined block-wise against its float ``source``,
-    then (``e2e_steps`` > 0) end to end: ``rbe finetune``'s distillation on KL to the float model's
-    logits, ``e2e_tokens`` tokens of the data's training split a step.
+           data: str = "builtin:broad", tokens: int = 8192, window: int = 256, batch: int = 2, epochs: int = 2,
+           lr: float = 1e-3, norm_lr: float = 1e-4, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write ``out``: the .rbe model ``model_path`` refined block-wise against its float ``source``.
 
     ``data``: a data spec (``rbe_core.compression.data``); ``tokens`` tokens of its training split
     in windows of ``window`` (encoders: sentences), ``batch`` windows a step, ``epochs`` passes; one
@@ -291,23 +288,6 @@ def refine(model_path: str | os.PathLike, source: str | os.PathLike, out: str | 
                "data_chars": text.sources,
                "mean_before": float(np.mean([s["before"] for s in stats])) if stats else math.nan,
                "mean_after": float(np.mean([s["after"] for s in stats])) if stats else math.nan}
-    if e2e_steps <= 0:
-        _write(out, src_file, encs, raws, {"rbe.refine": summary})
-        shutil.rmtree(ckpt, ignore_errors=True)
-        return {**summary, "blocks": stats}
-    from ..training.finetuning import finetune
-
-    work = out.with_name(out.name + ".refine-e2e")
-    work.mkdir(exist_ok=True)
-    try:
-        (work / "train.txt").write_text(text.train, encoding="utf-8")
-        blockwise = _write(work / "blocks.rbe", src_file, encs, raws, {"rbe.refine": summary})
-        shutil.rmtree(ckpt, ignore_errors=True)
-        t1 = time.perf_counter()
-        res = finetune(blockwise, work / "train.txt", out, steps=e2e_steps, teacher=source, lr=e2e_lr,
-                       batch_tokens=e2e_tokens, seq_len=min(window, e2e_tokens), progress=progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    summary["e2e"] = {"steps": e2e_steps, "seconds": round(time.perf_counter() - t1, 1),
-                      "first_loss": res.losses[0] if res.losses else None, "last_loss": res.losses[-1] if res.losses else None}
+    _write(out, src_file, encs, raws, {"rbe.refine": summary})
+    shutil.rmtree(ckpt, ignore_errors=True)
     return {**summary, "blocks": stats}

@@ -103,6 +103,21 @@ def test_cli_refine_and_errors(tiny):
     assert r.exit_code == 2 and "unknown data source" in r.output
 
 
+def test_cli_convert_refine(tiny):
+    from click.testing import CliRunner
+
+    d, _rbe = tiny
+    out = d / "cr.rbe"
+    r = CliRunner().invoke(main, ["convert", str(d / "tiny.gguf"), "-o", str(out), "--codec", "int4", "--refine",
+                                  "--data", str(d / "data.txt"), "--refine-tokens", "512", "--refine-epochs", "1",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "refined: block output error" in r.output
+    assert "rbe.refine" in rbe_core.open(out).metadata and not (d / "cr.rbe.unrefined.rbe").exists()
+    r = CliRunner().invoke(main, ["convert", str(d / "tiny.gguf"), "-o", str(d / "x"), "--hf", "--refine"])
+    assert r.exit_code == 2 and "cannot be combined with --hf" in r.output
+
+
 def test_teacher_text_samples_the_float_model(tiny):
     from rbe_core.compression.calibration import source_model
     from rbe_core.models.sources import open_source
