@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {"compress_model": "compression.convert", "export_hf": "compression.convert",
          "load_model": "compression.convert",
          "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers",
-         "RBETensor": "tensor", "finetune": "training.finetuning"}
+         "RBETensor": "tensor", "finetune": "training.finetuning", "quantize": "hf.quantize"}
 
 
 def __getattr__(name: str):
@@ -67,6 +67,7 @@ __all__ = [
     "list_codecs",
     "load_model",
     "open",
+    "quantize",
     "registry",
     "reload_plugins",
     "report",

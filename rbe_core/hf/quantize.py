@@ -27,6 +27,8 @@ log = logging.getLogger("rbe.hf")
 #: Calibration windows (tokens) for causal LMs given text, and the tokens used when none are asked for.
 WINDOW = 256
 DEFAULT_CALIBRATION_TOKENS = 4096
+#: Tokens the bit allocation measures each layer's output damage on (``rbe convert``: 256).
+DAMAGE_TOKENS = 256
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -142,6 +144,18 @@ def _calibration_data(model: nn.Module, calibration, tokenizer, max_tokens: int)
     return out
 
 
+def _first_window(data: list[tuple[Any, Any]], tokens: int = DAMAGE_TOKENS) -> list[tuple[Any, Any]]:
+    """The damage measurement's data: the first input's first row, cut to ``tokens`` tokens (as ``rbe
+    convert`` measures damage on 256 tokens: each of the N layers costs a forward pass)."""
+    inputs, mask = data[0]
+    cut = {k: (v[:1, :tokens] if isinstance(v, torch.Tensor) and v.dim() >= 2 and k != "pixel_values"
+               else v[:1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    if mask is not None:
+        width = inputs["attention_mask"].shape[1] if "attention_mask" in inputs else mask.numel()
+        mask = mask.reshape(-1, width)[:1, :tokens].reshape(-1)
+    return [(cut, mask)]
+
+
 def _codecs(codec) -> list[Codec]:
     if isinstance(codec, Codec):
         return [codec]
@@ -221,7 +235,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
             from ..compression.convert import budget_candidates
 
             settings = [get_codec(c) for c in budget_candidates(codec)]
-            codecs = allocate_settings(model, factory, data[:2], list(targets), settings, target_bpw)
+            codecs = allocate_settings(model, factory, _first_window(data), list(targets), settings, target_bpw)
         else:
             codecs = {n: base for n in targets}
         calibrated = {n: c for n, c in codecs.items() if takes_calibration(c)}

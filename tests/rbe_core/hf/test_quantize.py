@@ -75,6 +75,10 @@ def test_dequantize_is_the_codes_decoded_bit_for_bit(arch):
     assert torch.allclose(output(model, batch), before, atol=1e-4, rtol=1e-4)
 
 
+def test_the_top_level_name_is_the_same_function():
+    assert rbe_core.quantize is quantize
+
+
 def test_include_exclude_and_the_tied_head():
     model = build("llama")
     quantize(model, "int8", include=["*.mlp.*"], exclude=["down_proj"])
