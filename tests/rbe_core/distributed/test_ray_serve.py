@@ -32,10 +32,10 @@ def test_serve_replicas_answer_the_openai_client(tmp_path):
         replicas = set()
         for i in range(8):
             out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"hi {i}"}],
-                                                 max_tokens=3)
+                                                 max_tokens=3, temperature=0)  # greedy: no random EOS
             assert out.usage.completion_tokens == 3
             replicas.add(srv.json("GET", "/health", key=None)[1]["replica"])
-        pieces = list(client.completions.create(model="tiny", prompt="the", max_tokens=4, stream=True))
+        pieces = list(client.completions.create(model="tiny", prompt="the", max_tokens=4, stream=True, temperature=0))
         assert pieces[-1].choices[0].finish_reason == "length"
         assert len(replicas) == 2
     finally:
