@@ -290,7 +290,39 @@ def _mapped_views(path: Path):
     return view
 
 
-class RBEFile(Mapping):
+class TensorFile(Mapping):
+    """The read interface of stored models: tensor name -> ``Encoded`` over ``headers`` (name -> the
+    tensor's JSON header), with ``metadata``, ``status`` and ``close`` (also as a context manager).
+    Subclasses implement ``__getitem__`` and ``close``."""
+
+    headers: dict[str, dict]
+    metadata: dict
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.headers)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    def status(self, name: str) -> str:
+        """'ok', or the error message a read of ``name`` raises."""
+        try:
+            self[name]
+        except RBEError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
+    def close(self) -> None:
+        """Release the underlying files."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RBEFile(TensorFile):
     """A lazily decoded .rbe file: a mapping tensor name -> ``Encoded``.
 
     Payload arrays are read-only views of the memory-mapped file (no copy: a model's weights
@@ -325,31 +357,11 @@ class RBEFile(Mapping):
         release(*payload.values())  # read for the checksum; resident again only when used
         return enc
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.headers)
-
-    def __len__(self) -> int:
-        return len(self.headers)
-
-    def status(self, name: str) -> str:
-        """'ok', or the error message a read of ``name`` raises."""
-        try:
-            self[name]
-        except RBEError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return "ok"
-
     def close(self) -> None:
         self._file = self._views = None
 
-    def __enter__(self) -> RBEFile:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def open(path: str | os.PathLike) -> RBEFile:  # noqa: A001 - public API name, mirrors builtins.open
+def open(path: str | os.PathLike) -> TensorFile:  # noqa: A001 - public API name, mirrors builtins.open
     """Open an .rbe file lazily, or a transformers folder saved with rbe codes (``rbe_core.hf.folder``,
     the same read interface). Raises ``RBEFormatError`` when it is neither."""
     if Path(path).is_dir():

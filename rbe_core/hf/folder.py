@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..abc import Encoded
-from ..errors import ChecksumError, RBEError, RBEFormatError
+from ..container import TensorFile
+from ..errors import ChecksumError, RBEFormatError
 from ..registry import get_codec
 
 #: Payload buffer prefix and the marker tensor's name, as ``rbe_core.hf.layers.QuantizedLinear`` saves them.
@@ -37,7 +37,7 @@ def quantization_config(path: str | os.PathLike) -> dict | None:
     return qc if isinstance(qc, dict) and qc.get("quant_method") == "rbe" else None
 
 
-class HFFolder(Mapping):
+class HFFolder(TensorFile):
     """A transformers folder with rbe codes, read lazily: tensor name -> ``Encoded``."""
 
     def __init__(self, path: str | os.PathLike):
@@ -116,25 +116,5 @@ class HFFolder(Mapping):
             return get_codec("raw").encode(np.ascontiguousarray(enc.decode().T), source=name)
         return enc
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.headers)
-
-    def __len__(self) -> int:
-        return len(self.headers)
-
-    def status(self, name: str) -> str:
-        """'ok', or the error message a read of ``name`` raises."""
-        try:
-            self[name]
-        except RBEError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return "ok"
-
     def close(self) -> None:
         self._owner = {}
-
-    def __enter__(self) -> HFFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
