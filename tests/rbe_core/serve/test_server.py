@@ -174,9 +174,12 @@ def test_client_disconnect_stops_generation(server):
     def generated() -> float:
         return _metric(server, "rbe_generation_tokens_total")
 
+    # Greedy, so the request is known to run all 120 tokens unless cancelled (a sampled one may hit EOS early).
+    full = server.client().completions.create(model="tiny", prompt="the", max_tokens=120, temperature=0)
+    assert full.choices[0].finish_reason == "length"
     before = generated()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 120, "stream": True, "temperature": 1.0})
+    body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 120, "stream": True, "temperature": 0})
     conn.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {KEY}",
                                                                  "Content-Type": "application/json"})
     resp = conn.getresponse()
