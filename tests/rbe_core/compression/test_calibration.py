@@ -13,12 +13,16 @@ from _model_helpers import tiny_bert, tiny_llama  # noqa: E402
 
 import rbe_core  # noqa: E402
 from rbe_core.compression.calibration import (  # noqa: E402
+    Gram,
     _damage,
     _scored_output,
     allocate,
     allocate_settings,
+    asymmetric_target,
     batches,
+    encode_calibrated,
     output_damage,
+    sequential_encode,
     source_model,
     weighted_error,
 )
@@ -123,3 +127,36 @@ def test_target_bpw_conversion_is_within_budget(tmp_path):
     f = rbe_core.open(out)
     linear = [f[n] for n in f if n.endswith("proj.weight")]
     assert 8 * sum(e.nbytes for e in linear) / sum(e.numel for e in linear) <= 4.5
+
+
+def test_asymmetric_target_gives_the_weight_back_without_drift_and_undoes_drift():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 16))
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    assert np.allclose(asymmetric_target(w, Gram(x.T @ x, 512, x.T @ x)), w, atol=1e-6)
+    drifted = x @ (np.eye(16) + 0.2 * rng.standard_normal((16, 16)))  # the compressed model's inputs, distorted
+    adjusted = asymmetric_target(w, Gram(drifted.T @ drifted, 512, drifted.T @ x), ridge=0.01)
+    target = x @ w.T
+    assert np.linalg.norm(drifted @ adjusted.T - target) < 0.25 * np.linalg.norm(drifted @ w.T - target)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_sequential_encode_pairs_compressed_and_float_inputs(kind, tmp_path):
+    """Asymmetric calibration: every block stage's Gram carries Σ x̃ᵀx; the very first stage sees
+    no compressed layer yet, so there x̃ = x exactly; later stages have drifted."""
+    (tiny_llama(num_hidden_layers=2) if kind == "llama" else tiny_bert()).save_pretrained(tmp_path)
+    model, factory = source_model(open_source(tmp_path))
+    data = batches(model, TEXT, max_tokens=128, window=32, batch=2)
+    grams = []
+
+    def encode(codec, w, gram, name):
+        grams.append((name, gram))
+        return encode_calibrated(codec, w, gram, name)
+
+    codec = get_codec({"id": "hadamard", "bits": 3})
+    sequential_encode(model, factory, data, {n: codec for n in _linears(factory)}, encode=encode, asymmetric=True)
+    block_grams = [g for _n, g in grams if g is not None and g.cross is not None]
+    assert len(block_grams) >= 4
+    first = block_grams[0]
+    assert np.allclose(first.cross, first.xtx, rtol=1e-6, atol=1e-6)
+    assert any(not np.allclose(g.cross, g.xtx, rtol=1e-3, atol=1e-3) for g in block_grams[1:])
