@@ -120,6 +120,8 @@ static void drain(uint32_t gen, int tid) {
     const int64_t total = __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST);
     const int64_t chunk = __atomic_load_n(&pool.chunk, __ATOMIC_SEQ_CST);
     const int64_t nchunks = __atomic_load_n(&pool.nchunks, __ATOMIC_SEQ_CST);
+    /* read after the open: a worker that woke on the close must not act on the last region's width */
+    if (tid >= __atomic_load_n(&pool.want, __ATOMIC_SEQ_CST)) return;
     for (;;) {
         uint64_t v = __atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST);
         if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= nchunks) return;
@@ -151,7 +153,7 @@ static void *worker(void *arg) {
             }
         }
         seen = gen;
-        if (tid < __atomic_load_n(&pool.want, __ATOMIC_SEQ_CST)) drain(gen, tid);
+        drain(gen, tid);
     }
     return NULL;
 }
@@ -836,7 +838,8 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
             memset(o, 0, (size_t)hd * sizeof(float));
             for (int pt = 0; pt < j.parts; pt++) {
                 const float *slot = e->attp + ((int64_t)g * j.parts + pt) * rep * (hd + 2);
-                const float w = slot[rep * hd + 2 * r] == -INFINITY ? 0.0f : expf(slot[rep * hd + 2 * r] - mx);
+                if (slot[rep * hd + 2 * r] == -INFINITY) continue; /* an empty part: its output is unwritten */
+                const float w = expf(slot[rep * hd + 2 * r] - mx);
                 total += w * slot[rep * hd + 2 * r + 1];
                 for (int64_t d = 0; d < hd; d++) o[d] += w * slot[r * hd + d];
             }
