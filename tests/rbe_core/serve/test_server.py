@@ -229,7 +229,8 @@ def test_full_queue_answers_503(models):
         def one():
             barrier.wait()
             statuses.append(srv.request("POST", "/v1/completions", {"model": "tiny", "prompt": "the",
-                                                                    "max_tokens": 100}, key=None)[0])
+                                                                    "max_tokens": 100, "temperature": 0},
+                                        key=None)[0])
 
         threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:

@@ -149,8 +149,10 @@ def test_full_queue_is_refused_at_once():
     jobs = [Job([1], 50, temperature=0.0, top_p=1.0, seed=0, stops=[], emit=lambda *a: None,
                 deadline=time.perf_counter() + 30) for _ in range(3)]
     gen.submit(jobs[0])
-    time.sleep(0.05)  # the first is active, the second waits, the third finds the queue full
-    gen.submit(jobs[1])
+    until = time.perf_counter() + 10
+    while gen.active < 1 and time.perf_counter() < until:  # the first is active (a loaded machine may take a while)
+        time.sleep(0.005)
+    gen.submit(jobs[1])  # the second waits, the third finds the queue full
     t0 = time.perf_counter()
     with pytest.raises(QueueFull):
         gen.submit(jobs[2])
