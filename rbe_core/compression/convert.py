@@ -270,7 +270,7 @@ def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bo
 
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a standard HF directory (model.safetensors with decoded fp32 weights, config.json,
-    tokenizer.json) from an .rbe model file. ``out_dir`` must not exist or be empty; it appears
+    tokenizer.json, chat_template.jinja) from an .rbe model file. ``out_dir`` must not exist or be empty; it appears
     only when complete."""
     from safetensors.numpy import save_file
 
@@ -291,6 +291,8 @@ def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(json.dumps(spec.hf_config(cfg), indent=2))
         if f.metadata.get("rbe.tokenizer"):
             (tmp / "tokenizer.json").write_text(json.dumps(f.metadata["rbe.tokenizer"]))
+        if f.metadata.get("rbe.chat_template"):
+            (tmp / "chat_template.jinja").write_text(f.metadata["rbe.chat_template"])
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

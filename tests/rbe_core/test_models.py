@@ -71,7 +71,8 @@ def test_bert_matches_transformers_with_padding(tmp_path):
 
 def test_gguf_llama_matches_transformers_and_exports(tmp_path):
     ref = tiny_llama(tie_word_embeddings=True)
-    state = write_gguf(ref, tmp_path / "tiny.gguf")
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    state = write_gguf(ref, tmp_path / "tiny.gguf", chat_template=template)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     path = rbe_core.compress_model(tmp_path / "tiny.gguf", tmp_path / "m.rbe", codec="raw", progress=False)
     f = rbe_core.open(path)
@@ -87,6 +88,9 @@ def test_gguf_llama_matches_transformers_and_exports(tmp_path):
     assert "th" in enc.tokens and tok.decode(enc.ids) == text
     out = rbe_core.export_hf(path, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)  # the GGUF's chat template travels along
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<|user|>hi"
     back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert _max_diff(back(ids).logits, ref(ids).logits) <= TOL
