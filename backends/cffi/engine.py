@@ -229,7 +229,7 @@ class LoweredMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)
         y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
         ffi = self._ffi
-        isa, threads = ops.ISAS[ops.active_isa()], ops.thread_count()
+        isa, threads = ops.ISAS[ops.active_isa()], ops.threads_for(x.shape[0] * self.low.rows * self.low.cols)
         with self._lock:
             rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
                                              ffi.from_buffer("float[]", y, require_writable=True), isa, threads)

@@ -89,6 +89,17 @@ def thread_count() -> int:
     return _usable_cores()
 
 
+#: Multiply-adds each thread of one matrix product must get for the product to use it: between
+#: products the pool's workers sleep (they would take cores from torch's OpenMP pool), and waking one
+#: costs tens of microseconds (SmolLM2's 576-wide matrices at batch 1 run faster on one thread).
+WAKE_WORK = 1 << 20
+
+
+def threads_for(work: int) -> int:
+    """Threads for one matrix product of ``work`` multiply-adds: at most ``thread_count()``."""
+    return max(1, min(thread_count(), work // WAKE_WORK))
+
+
 @functools.cache
 def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

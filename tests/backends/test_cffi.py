@@ -156,7 +156,8 @@ def test_float16_subnormal_scales(cffi, numpy_ref, isa, rng):
 
 @pytest.mark.parametrize("codec_id", ["int8", "int4"])
 def test_threads_split_work_without_changing_results(monkeypatch, cffi, numpy_ref, codec_id, rng):
-    enc = encode(codec_id, {}, (301, 1000), rng)  # 301 * 1000 > PARALLEL_MIN_WORK
+    monkeypatch.setattr(ops, "WAKE_WORK", 1000)  # split even this small product
+    enc = encode(codec_id, {}, (301, 1000), rng)
     for n in (1, 4):
         x = rng.standard_normal((n, 1000)).astype(np.float32)
         g = rng.standard_normal((n, 301)).astype(np.float32)
@@ -169,6 +170,16 @@ def test_threads_split_work_without_changing_results(monkeypatch, cffi, numpy_re
             np.testing.assert_array_equal(gi, results[0][1])
         assert rel(results[0][0], numpy_ref.linear(x, enc)) <= TOL
         assert rel(results[0][1], numpy_ref.linear_grad_input(g, enc)) <= TOL
+
+
+def test_small_products_stay_on_the_calling_thread(monkeypatch):
+    """A product wakes a sleeping worker only when each thread gets ``WAKE_WORK`` multiply-adds."""
+    monkeypatch.setenv(ops.THREADS_ENV, "3")
+    assert ops.threads_for(576 * 576) == 1  # SmolLM2's projections at batch 1
+    assert ops.threads_for(2 * ops.WAKE_WORK) == 2
+    assert ops.threads_for(4096 * 4096) == 3  # never more than asked for
+    monkeypatch.setenv(ops.THREADS_ENV, "1")
+    assert ops.threads_for(4096 * 4096 * 64) == 1
 
 
 def test_gil_is_released_during_a_kernel(monkeypatch, cffi, rng):

@@ -66,6 +66,7 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("threads", [1, 3])
 def test_lowered_kernels_match_numpy(config, threads, isa, monkeypatch):
     monkeypatch.setenv(ops.THREADS_ENV, str(threads))
+    monkeypatch.setattr(ops, "WAKE_WORK", 1)  # split even these small products
     rng = np.random.default_rng(7)
     for shape in [(37, 101), (70, 200), (130, 64)]:
         enc = rbe_core.get_codec(config).encode(rng.standard_normal(shape).astype(np.float32))
@@ -90,6 +91,7 @@ def test_thread_pool_under_back_to_back_regions(monkeypatch):
     monkeypatch.setenv(ops.THREADS_ENV, "1")
     want = [m.linear(x) for m, x in zip(mats, xs, strict=True)]
     monkeypatch.setenv(ops.THREADS_ENV, "3")
+    monkeypatch.setattr(ops, "WAKE_WORK", 1)
     for i in range(600):
         k = i % 3
         assert np.array_equal(mats[k].linear(xs[k]), want[k]), i

@@ -23,6 +23,13 @@
 #define V_SLOTS 4 /* per-layer vectors */
 #define CHUNK 64  /* tokens per prefill pass (bounds the scratch) */
 #define POOL_MAX 64
+/* How long idle workers spin before sleeping: a decode step of the engine runs its regions back to
+ * back; one matrix product on its own is usually called between other libraries' multi-threaded
+ * work (torch's OpenMP pool), where a spinning worker takes a core from them (SmolLM2 through
+ * transformers, 2 + 2 threads: 10.7 tok/s spinning 2 ms, 17.6 not spinning). The caller of a
+ * single product chooses its thread count knowing that a sleeping worker is slow to wake. */
+#define ENGINE_SPIN 0.002
+#define MATRIX_SPIN 0.0
 #define ATT_PARTS 16 /* most parts a decode token's attention is split into */
 
 static double now(void) {
@@ -93,11 +100,11 @@ static struct {
     range_fn fn;
     void *ctx;
     int64_t total, chunk, nchunks, done;
+    int64_t spin_ns; /* how long the workers spin after this region before sleeping */
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
           .submit = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-#define SPIN_SECONDS 0.002
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -138,7 +145,7 @@ static void *worker(void *arg) {
     uint32_t seen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE) >> 32);
     for (;;) {
         uint32_t gen = seen;
-        const double until = now() + SPIN_SECONDS;
+        const double until = now() + 1e-9 * (double)__atomic_load_n(&pool.spin_ns, __ATOMIC_SEQ_CST);
         for (int i = 0; gen == seen; i++) {
             gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_ACQUIRE) >> 32);
             if (gen != seen) break;
@@ -166,8 +173,9 @@ static void pool_after_fork(void) { /* the child has no workers: start afresh if
 }
 static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
-/* Run fn over [0, total) in chunks of `align` multiples on up to nthreads threads. */
-static void parallel(int nthreads, int64_t total, int64_t align, range_fn fn, void *ctx) {
+/* Run fn over [0, total) in chunks of `align` multiples on up to nthreads threads; the workers
+ * then spin `spin` seconds for the next region before they sleep. */
+static void parallel(int nthreads, double spin, int64_t total, int64_t align, range_fn fn, void *ctx) {
     if (total <= 0) return;
     const int64_t units = (total + align - 1) / align;
     int nt = nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads);
@@ -200,6 +208,7 @@ static void parallel(int nthreads, int64_t total, int64_t align, range_fn fn, vo
     __atomic_store_n(&pool.chunk, chunk, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.nchunks, nchunks, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.want, nt, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.spin_ns, (int64_t)(spin * 1e9), __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.ctr, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST)) {
@@ -251,6 +260,7 @@ struct rbe_engine {
     double prof[3];
     const rbe_kernels *kern;
     int nthreads;
+    double spin; /* seconds the pool's workers wait busily for this context's next region */
     arena_chunk *arena; /* codes and dense weights */
 };
 
@@ -309,6 +319,7 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     rbe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
     e->c = c;
+    e->spin = ENGINE_SPIN;
     e->mats = calloc((size_t)c.n_layers * M_SLOTS + G_SLOTS, sizeof(emat));
     e->vecs = calloc((size_t)c.n_layers * V_SLOTS + 2, sizeof(float *));
     e->tfs = calloc((size_t)(c.n_transforms > 0 ? c.n_transforms : 1), sizeof(etf));
@@ -669,7 +680,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
             j.count++, done++;
         }
-        parallel(e->nthreads, j.start[j.count], n == 1 ? 16 : 2 * e->kern->gemm_rows, lin_rows, &j);
+        parallel(e->nthreads, e->spin, j.start[j.count], n == 1 ? 16 : 2 * e->kern->gemm_rows, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)
         if (ms[i]->bias)
@@ -687,7 +698,7 @@ static void linear(rbe_engine *e, const emat *m, const float *x, int64_t n, int6
     const double t0 = now();
     const int64_t cp = m->lut.cols_p;
     lint_job j = {.e = e, .m = m, .x = x, .n = n, .ldx = ldx, .y = e->yr};
-    parallel(e->nthreads, cp, 32, lin_cols, &j);
+    parallel(e->nthreads, e->spin, cp, 32, lin_cols, &j);
     for (int64_t b = 0; b < n; b++) {
         float *v = e->yr + b * cp;
         if (m->tf >= 0) { /* y = (x @ W_c) @ T */
@@ -819,14 +830,14 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
     att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
     const int64_t len = pos + 1;
     if (n > 1 || e->nthreads < 2 || len < 256) {
-        parallel(e->nthreads, n * e->c.n_kv_heads, 1, attend, &j);
+        parallel(e->nthreads, e->spin, n * e->c.n_kv_heads, 1, attend, &j);
         e->prof[1] += now() - t0;
         return;
     }
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     j.parts = e->nthreads * 2 > ATT_PARTS ? ATT_PARTS : e->nthreads * 2;
     j.span = ((len + j.parts - 1) / j.parts + 15) / 16 * 16; /* whole K blocks per part */
-    parallel(e->nthreads, (int64_t)e->c.n_kv_heads * j.parts, 1, attend_part, &j);
+    parallel(e->nthreads, e->spin, (int64_t)e->c.n_kv_heads * j.parts, 1, attend_part, &j);
     for (int g = 0; g < e->c.n_kv_heads; g++)
         for (int r = 0; r < rep; r++) {
             float mx = -INFINITY, total = 0.0f;
@@ -1028,6 +1039,7 @@ rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const l
     if (!h) return NULL;
     rbe_engine *e = &h->e;
     e->mats = h->m;
+    e->spin = MATRIX_SPIN;
     e->c.n_transforms = 1, e->c.max_ctx = 1;
     e->width = round32(d->rows > d->cols ? d->rows : d->cols);
     e->tfs = calloc(1, sizeof(etf));
