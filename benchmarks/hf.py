@@ -49,6 +49,8 @@ SMOL_ROWS = {
     "quanto qint8": ("quanto", "qint8", False),
     "quanto qint4": ("quanto", "qint4", False),
 }
+#: calibrated rows use the asymmetric target (``--symmetric``: GPTQ rounding only, for comparison)
+ASYMMETRIC = True
 MINILM_ROWS = {k: v for k, v in SMOL_ROWS.items() if "3.25" not in k and "int4 (g64)" not in k}
 
 
@@ -76,7 +78,7 @@ def compress(kind, arg, calibrated, model, tok):
         quanto.freeze(model)
         return time.perf_counter() - t0, None
     text = read_text(None) if calibrated else None
-    rh.quantize(model, calibration=text, tokenizer=tok if calibrated else None, **arg)
+    rh.quantize(model, calibration=text, tokenizer=tok if calibrated else None, asymmetric=ASYMMETRIC, **arg)
     return time.perf_counter() - t0, rh.footprint(model)["bits_per_weight"]
 
 
@@ -203,7 +205,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="-", help="Markdown file whose marked section gets the tables ('-': print only).")
     ap.add_argument("--only", nargs="*", default=None, help="Row names to run (default: all).")
+    ap.add_argument("--symmetric", action="store_true", help="Calibrate without the asymmetric target.")
     args = ap.parse_args()
+    global ASYMMETRIC
+    ASYMMETRIC = not args.symmetric
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         folder = smol_folder(Path(tmp))

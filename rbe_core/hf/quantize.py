@@ -190,7 +190,7 @@ def _budgeted(weights: Mapping[str, np.ndarray], codec, target_bpw: float) -> di
 def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = None, *,
              target_bpw: float | None = None, calibration=None, include=None, exclude=None,
              backend: str | None = None, tokenizer=None, calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-             progress: bool = False) -> nn.Module:
+             asymmetric: bool = True, progress: bool = False) -> nn.Module:
     """Compress ``model``'s Linear (and Conv1D) weights in place; returns ``model``.
 
     ``codec``: an rbe codec id, config or instance (default ``int8``); with ``target_bpw`` the bits
@@ -198,7 +198,9 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     replaced weights average at most that many stored bits. ``calibration``: text (with
     ``tokenizer``), token-id tensors, or dicts of model inputs; then the weights are encoded
     layer-sequentially on the inputs each layer sees (GPTQ for codecs that take calibration, and
-    bits allocated by measured output damage under ``target_bpw``). ``include``/``exclude``: module
+    bits allocated by measured output damage under ``target_bpw``); ``asymmetric``: each weight is
+    first moved to the one that best reproduces the float layer from the compressed model's inputs
+    (``calibration.asymmetric_target``), else GPTQ only rounds it. ``include``/``exclude``: module
     globs (see ``select_modules``). ``backend``: the rbe backend the layers run on (default: the
     best available). On a ``transformers`` model it also sets ``model.config.quantization_config``
     (an ``RbeConfig`` with every layer's codec), so ``save_pretrained`` writes the codes and
@@ -239,7 +241,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
         else:
             codecs = {n: base for n in targets}
         calibrated = {n: c for n, c in codecs.items() if takes_calibration(c)}
-        encoded = sequential_encode(model, factory, data, calibrated)
+        encoded = sequential_encode(model, factory, data, calibrated, asymmetric=asymmetric)
         for n, c in codecs.items():
             if n not in encoded:
                 encoded[n] = encode_calibrated(c, _dense(targets[n]), None, n)

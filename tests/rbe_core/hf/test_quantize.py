@@ -136,6 +136,11 @@ def test_calibration_runs_layer_sequential_gptq_on_the_module_tree():
     rtn = quantize(build("llama"), codec)
     gptq = quantize(build("llama"), codec, calibration=calib)
     assert _output_error(gptq, ref, held_out) < _output_error(rtn, ref, held_out)
+    symmetric = quantize(build("llama"), codec, calibration=calib, asymmetric=False)
+    assert _output_error(symmetric, ref, held_out) < _output_error(rtn, ref, held_out)
+    codes = lambda m: [x.encoded.checksum for x in quantized_modules(m).values()]  # noqa: E731
+    assert codes(symmetric)[0] == codes(gptq)[0]  # the first layer sees the float inputs either way
+    assert codes(symmetric) != codes(gptq)
     budgeted = quantize(build("llama"), {"id": "hadamard"}, target_bpw=3.5, calibration=calib)
     layers = quantized_modules(budgeted).values()
     assert 8.0 * sum(m.encoded.nbytes for m in layers) / sum(m.encoded.numel for m in layers) <= 3.5 + 1e-9
