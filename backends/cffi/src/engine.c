@@ -38,9 +38,11 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* Weight storage: an arena of 2 MiB-aligned chunks asked for transparent huge pages (where the
- * kernel grants them: a token streams every code, and 4 KiB pages cost a TLB miss each). Arena
- * memory is released with the engine only. */
+/* Weight storage: an arena of chunks of at least `min_chunk` bytes; those of a huge page or more
+ * are 2 MiB-aligned and asked for transparent huge pages (where the kernel grants them: a token
+ * streams every code, and 4 KiB pages cost a TLB miss each). A whole model's engine takes 32 MiB
+ * chunks; one matrix on its own takes exactly what it needs (a 2 MiB page per small matrix made
+ * SmolLM2's 211 separate matrices hold 1.2 GB). Arena memory is released with its context only. */
 #define ARENA_CHUNK ((size_t)32 << 20)
 #define HUGE_PAGE ((size_t)2 << 20)
 typedef struct arena_chunk {
@@ -49,21 +51,23 @@ typedef struct arena_chunk {
     unsigned char *base;
 } arena_chunk;
 
-static void *arena_alloc(arena_chunk **head, size_t bytes) {
+static void *arena_alloc(arena_chunk **head, size_t bytes, size_t min_chunk) {
     bytes = (bytes + 63) / 64 * 64;
     arena_chunk *c = *head;
     if (!c || c->size - c->used < bytes) {
-        const size_t size = bytes > ARENA_CHUNK ? (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE : ARENA_CHUNK;
+        const size_t size = bytes > min_chunk ? bytes : min_chunk;
+        const int huge = size >= HUGE_PAGE;
+        const size_t alloc = huge ? (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE : size;
         void *base = NULL;
         arena_chunk *n = malloc(sizeof(*n));
-        if (!n || posix_memalign(&base, HUGE_PAGE, size)) {
+        if (!n || posix_memalign(&base, huge ? HUGE_PAGE : 64, alloc)) {
             free(n);
             return NULL;
         }
 #ifdef MADV_HUGEPAGE
-        madvise(base, size, MADV_HUGEPAGE);
+        if (huge) madvise(base, alloc, MADV_HUGEPAGE);
 #endif
-        n->next = c, n->used = 0, n->size = size, n->base = base;
+        n->next = c, n->used = 0, n->size = alloc, n->base = base;
         *head = c = n;
     }
     void *p = c->base + c->used;
@@ -105,6 +109,7 @@ static struct {
           .submit = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t matrix_mu = PTHREAD_MUTEX_INITIALIZER; /* see shared_scratch */
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -168,6 +173,7 @@ static void *worker(void *arg) {
 static void pool_after_fork(void) { /* the child has no workers: start afresh if needed */
     pthread_mutex_init(&pool.mu, NULL);
     pthread_mutex_init(&pool.submit, NULL);
+    pthread_mutex_init(&matrix_mu, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pool.nworkers = pool.sleepers = 0;
 }
@@ -256,12 +262,14 @@ struct rbe_engine {
     float *attp; /* split decode attention: n_heads * ATT_PARTS * (head_dim + 2) */
     float *scratch[POOL_MAX];
     int64_t scratch_floats, io_floats; /* per-thread scratch; width of xr, yr and row */
+    int scratch_count;                 /* per-thread scratch buffers allocated */
     int64_t bytes;
     double prof[3];
     const rbe_kernels *kern;
     int nthreads;
     double spin; /* seconds the pool's workers wait busily for this context's next region */
     arena_chunk *arena; /* codes and dense weights */
+    size_t arena_chunk;  /* the arena's smallest chunk */
 };
 
 static emat *mat(rbe_engine *e, int layer, int slot) {
@@ -320,6 +328,7 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     if (!e) return NULL;
     e->c = c;
     e->spin = ENGINE_SPIN;
+    e->arena_chunk = ARENA_CHUNK;
     e->mats = calloc((size_t)c.n_layers * M_SLOTS + G_SLOTS, sizeof(emat));
     e->vecs = calloc((size_t)c.n_layers * V_SLOTS + 2, sizeof(float *));
     e->tfs = calloc((size_t)(c.n_transforms > 0 ? c.n_transforms : 1), sizeof(etf));
@@ -464,7 +473,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     rbe_lut *L = &m->lut;
     L->rows = rows, L->cols_p = cp, L->gs = gs, L->groups = groups, L->bits = d->bits;
     if (dense) {
-        float *w = arena_alloc(&e->arena, (size_t)(rows * cp) * sizeof(float));
+        float *w = arena_alloc(&e->arena, (size_t)(rows * cp) * sizeof(float), e->arena_chunk);
         if (!w) return RBE_E_NOMEM;
         for (int64_t r = 0; r < rows; r++) {
             memcpy(w + r * cp, d->dense + r * cols_p, (size_t)cols_p * sizeof(float));
@@ -475,7 +484,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     } else {
         const int nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
         const int64_t bb = nib ? 16 : planes ? 16 + 4 * planes : 32, rb = cp / 32 * bb;
-        uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb));
+        uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb), e->arena_chunk);
         if (!q) return RBE_E_NOMEM;
         L->codes = q;
         const int err = load_steps(e, L, d, rows, groups);
@@ -954,19 +963,19 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         if (want > need) need = want;
         if (cp > io) io = cp;
     }
-    if (need <= e->scratch_floats && nthreads <= e->nthreads && io <= e->io_floats) {
+    if (need <= e->scratch_floats && nthreads <= e->scratch_count && io <= e->io_floats) {
         e->nthreads = nthreads;
         return 0;
     }
     for (int t = 0; t < POOL_MAX; t++) free(e->scratch[t]), e->scratch[t] = NULL;
     free(e->xr), free(e->xt), free(e->yr), free(e->row);
-    e->scratch_floats = e->io_floats = 0, e->nthreads = 0;
+    e->scratch_floats = e->io_floats = 0, e->nthreads = e->scratch_count = 0;
     e->xr = alloc_floats(CHUNK * io), e->yr = alloc_floats(CHUNK * io), e->row = alloc_floats(io);
     e->xt = alloc_floats((CHUNK + 64) * io);
     if (!e->xr || !e->xt || !e->yr || !e->row) return RBE_E_NOMEM;
     for (int t = 0; t < nthreads; t++)
         if (!(e->scratch[t] = alloc_floats(need))) return RBE_E_NOMEM;
-    e->scratch_floats = need, e->io_floats = io, e->nthreads = nthreads;
+    e->scratch_floats = need, e->io_floats = io, e->nthreads = e->scratch_count = nthreads;
     return 0;
 }
 
@@ -1056,17 +1065,35 @@ rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const l
     return h;
 }
 
+/* Scratch and input/output rows that every matrix on its own borrows for the length of a call,
+ * one call at a time (each holding its own made SmolLM2's 211 separate matrices hold ~1 MB more
+ * apiece; products are serialised by the single pool anyway). */
+static rbe_engine shared_scratch; /* only the scratch fields are used; under matrix_mu */
+
+static void swap_scratch(rbe_engine *a, rbe_engine *b) {
+    rbe_engine t = *a;
+    memcpy(a->scratch, b->scratch, sizeof(a->scratch)), memcpy(b->scratch, t.scratch, sizeof(t.scratch));
+    a->xr = b->xr, a->xt = b->xt, a->yr = b->yr, a->row = b->row;
+    b->xr = t.xr, b->xt = t.xt, b->yr = t.yr, b->row = t.row;
+    a->scratch_floats = b->scratch_floats, a->io_floats = b->io_floats, a->scratch_count = b->scratch_count;
+    b->scratch_floats = t.scratch_floats, b->io_floats = t.io_floats, b->scratch_count = t.scratch_count;
+}
+
 int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads) {
     if (!h || !x || !y || n < 0) return RBE_E_ARGS;
     rbe_engine *e = &h->e;
     if (!(e->kern = rbe_kernels_for(isa))) return RBE_E_ISA;
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&matrix_mu);
+    swap_scratch(e, &shared_scratch);
     const int err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads));
-    if (err) return err;
     const emat *m = &h->m[0];
     const int64_t in = m->transposed ? m->rows : m->cols, out = m->transposed ? m->cols : m->rows;
-    for (long long s = 0; s < n; s += CHUNK) {
+    for (long long s = 0; !err && s < n; s += CHUNK) {
         const int64_t c = n - s < CHUNK ? n - s : CHUNK;
         linear(e, m, x + s * in, c, in, y + s * out, out);
     }
-    return 0;
+    swap_scratch(e, &shared_scratch);
+    pthread_mutex_unlock(&matrix_mu);
+    return err;
 }
