@@ -206,7 +206,8 @@ def _rejected(low: Lowered, rc: int) -> str:
 class LoweredMatrix:
     """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
     ``transposed``) plus the bias, run on the active ISA path and thread count; calls from several
-    threads are serialised per matrix (different matrices run at once)."""
+    threads are serialised (the C side shares one set of scratch buffers between all such
+    matrices; the GIL is released meanwhile)."""
 
     def __init__(self, low: Lowered, bias=None, transposed: bool = False):
         lib, ffi = ops._require_lib(), ops.ffi
@@ -222,7 +223,7 @@ class LoweredMatrix:
         if handle == ffi.NULL:
             raise NativeUnavailableError(f"lowered matrix rejected: {_rejected(low, 2)}")
         self._h = ffi.gc(handle, lib.rbe_matrix_free)
-        self._lock = threading.Lock()  # a matrix's scratch buffers serve one call at a time
+        self._lock = threading.Lock()  # one call at a time per matrix (its C context)
         self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
