@@ -206,8 +206,8 @@ def _rejected(low: Lowered, rc: int) -> str:
 class LoweredMatrix:
     """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
     ``transposed``) plus the bias, run on the active ISA path and thread count; calls from several
-    threads are serialised (the C side shares one set of scratch buffers between all such
-    matrices; the GIL is released meanwhile)."""
+    threads are serialised in C (all such matrices share one set of scratch buffers; the GIL is
+    released meanwhile)."""
 
     def __init__(self, low: Lowered, bias=None, transposed: bool = False):
         lib, ffi = ops._require_lib(), ops.ffi
@@ -223,7 +223,6 @@ class LoweredMatrix:
         if handle == ffi.NULL:
             raise NativeUnavailableError(f"lowered matrix rejected: {_rejected(low, 2)}")
         self._h = ffi.gc(handle, lib.rbe_matrix_free)
-        self._lock = threading.Lock()  # one call at a time per matrix (its C context)
         self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
@@ -231,9 +230,8 @@ class LoweredMatrix:
         y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
         ffi = self._ffi
         isa, threads = ops.ISAS[ops.active_isa()], ops.threads_for(x.shape[0] * self.low.rows * self.low.cols)
-        with self._lock:
-            rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
-                                             ffi.from_buffer("float[]", y, require_writable=True), isa, threads)
+        rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
+                                         ffi.from_buffer("float[]", y, require_writable=True), isa, threads)
         if rc:
             raise RuntimeError(f"lowered linear failed: {ops.engine_error(rc)}")
         return y

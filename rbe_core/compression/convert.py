@@ -270,8 +270,8 @@ def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bo
 
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a standard HF directory (model.safetensors with decoded fp32 weights, config.json,
-    tokenizer.json, chat_template.jinja) from an .rbe model file. ``out_dir`` must not exist or be empty; it appears
-    only when complete."""
+    tokenizer.json, chat_template.jinja) from an .rbe model file. ``out_dir`` must not exist or be
+    empty; it appears only when complete."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)

@@ -1082,9 +1082,11 @@ static void swap_scratch(rbe_engine *a, rbe_engine *b) {
 int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads) {
     if (!h || !x || !y || n < 0) return RBE_E_ARGS;
     rbe_engine *e = &h->e;
-    if (!(e->kern = rbe_kernels_for(isa))) return RBE_E_ISA;
+    const rbe_kernels *kern = rbe_kernels_for(isa);
+    if (!kern) return RBE_E_ISA;
     pthread_once(&pool_once, pool_init);
-    pthread_mutex_lock(&matrix_mu);
+    pthread_mutex_lock(&matrix_mu); /* also guards the context's own fields (kern, nthreads) */
+    e->kern = kern;
     swap_scratch(e, &shared_scratch);
     const int err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads));
     const emat *m = &h->m[0];
