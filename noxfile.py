@@ -48,7 +48,7 @@ def tests(session: nox.Session, backend: str) -> None:
 def ray(session: nox.Session) -> None:
     """Distributed conversion and serving on a local Ray cluster (tests marked ``ray``)."""
     session.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "ray",
-                "tests/rbe_core/distributed", *session.posargs, external=True)
+                "tests/rbe_core/compression", "tests/rbe_core/serve", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

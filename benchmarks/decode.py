@@ -68,7 +68,7 @@ def run_rbe(path: str, engine: str, dense: bool, threads: int, prompt: list[int]
     import torch
 
     torch.set_num_threads(threads)
-    from rbe_core.compression.convert import load_model
+    from rbe_core.models.loading import load_model
 
     base = peak_rss_mb()
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
 from rbe_core.arrays import matrix_shape
-from rbe_core.training.trainable import PhaseForm, TorchForm, as_numpy
+from rbe_core.training.forms import PhaseForm, TorchForm, as_numpy
 
 from ._blocks import FLOAT16_MAX, pack_nibbles, round_up
 

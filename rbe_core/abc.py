@@ -18,7 +18,8 @@ import attrs
 import numpy as np
 
 from .arrays import like, matrix_shape, to_numpy_f32
-from .errors import RBEFormatError
+from .errors import NativeUnavailableError, RBEFormatError
+from .native.lowering import lower
 
 
 def payload_digest(config: dict, shape: tuple[int, ...], dtype: str, payload: Mapping[str, np.ndarray]) -> str:
@@ -163,29 +164,30 @@ class Codec(abc.ABC):
 
     def torch_form(self):
         """Optional, for training: a ``rbe_core.training.TorchForm`` giving this codec's continuous
-        parameters, a differentiable torch decode of them and how to write them back. The default
-        is the form derived from the lowered layout when the codec implements ``lower`` and
-        ``from_lowered`` (``rbe_core.training.LoweredForm``), else ``None`` (nothing to train;
-        see docs/training.md)."""
-        if not lifts(self):
-            return None
-        from .training.lowered import LoweredForm
-
-        return LoweredForm(self)
+        parameters, a differentiable torch decode of them and how to write them back. ``None`` (the
+        default): training uses the form derived from the lowered layout when the codec implements
+        ``lower`` and ``from_lowered`` (``rbe_core.training.LoweredForm``), else the codec does not
+        train in the compressed domain (see docs/training.md)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.get_config())})"
 
 
-def lowers(codec: Codec) -> bool:
-    """True when ``codec``'s class implements ``lower`` (its tensors may run on native kernels)."""
-    return type(codec).lower is not Codec.lower
+def _codec_class(codec: Codec | type[Codec]) -> type[Codec]:
+    return codec if isinstance(codec, type) else type(codec)
 
 
-def lifts(codec: Codec) -> bool:
-    """True when ``codec``'s class implements both ``lower`` and ``from_lowered`` (it trains and
-    takes calibrated rounding through its lowered layout)."""
-    return lowers(codec) and type(codec).from_lowered is not Codec.from_lowered
+def lowers(codec: Codec | type[Codec]) -> bool:
+    """True when the codec (instance or class) implements ``lower`` (its tensors may run on
+    native kernels)."""
+    return _codec_class(codec).lower is not Codec.lower
+
+
+def lifts(codec: Codec | type[Codec]) -> bool:
+    """True when the codec (instance or class) implements both ``lower`` and ``from_lowered``
+    (it trains and takes calibrated rounding through its lowered layout)."""
+    return lowers(codec) and _codec_class(codec).from_lowered is not Codec.from_lowered
 
 
 def check_payload(encoded: Encoded, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
@@ -244,6 +246,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     priority: ClassVar[int] = 0
+    #: The plugin kernels registered for this backend, codec id -> ``Kernel``; the registry
+    #: hands each backend it builds its table (``rbe_core.registry.get_backend``).
+    kernels: Mapping[str, Kernel] = {}
 
     @classmethod
     @abc.abstractmethod
@@ -257,17 +262,13 @@ class Backend(abc.ABC):
 
     def kernel_for(self, encoded: Encoded) -> Kernel | None:
         """The plugin kernel registered for this backend and ``encoded``'s codec, if it accepts it."""
-        from .registry import kernel_for
-
-        kernel = kernel_for(self.name, encoded.codec.codec_id)
+        kernel = self.kernels.get(encoded.codec.codec_id)
         return kernel if kernel is not None and kernel.accepts(encoded) else None
 
     def path(self, encoded: Encoded) -> str:
         """"kernel", "native" or "generic": how this backend runs ``encoded`` (see the class)."""
         if self.kernel_for(encoded) is not None:
             return "kernel"
-        from .native.lowering import lower
-
         return "native" if self.runs_lowered() and lower(encoded) is not None else "generic"
 
     @classmethod
@@ -275,21 +276,15 @@ class Backend(abc.ABC):
         """True when this backend has native kernels for the canonical lowered layouts."""
         return True
 
-    def supports(self, codec_id: str) -> bool:
-        """True when this backend runs ``codec_id`` without the generic path: a kernel is
-        registered for it, or its codec class lowers (``Codec.lower``)."""
-        from .registry import get_codec, kernel_for
-
-        if kernel_for(self.name, codec_id) is not None:
-            return True
-        return self.runs_lowered() and lowers(get_codec(codec_id))
+    def supports(self, codec: Codec | type[Codec]) -> bool:
+        """True when this backend runs ``codec``'s tensors (a codec or its class) without the
+        generic path: a kernel is registered for it, or its class lowers (``Codec.lower``)."""
+        return codec.codec_id in self.kernels or (self.runs_lowered() and lowers(codec))
 
     def native_decoder(self, plan, tensors: Mapping[str, Encoded]):
         """A native engine running a whole causal LM (``plan``: ``rbe_core.models.NativePlan``;
         ``tensors``: name -> Encoded) with ``forward(ids, pos, all_logits=False)``, ``length``,
         ``profile()``; raises ``NativeUnavailableError`` saying why not (the default: none)."""
-        from .errors import NativeUnavailableError
-
         raise NativeUnavailableError(f"backend {self.name!r} has no native engine")
 
     def linear(self, x, encoded: Encoded, bias=None):
@@ -357,7 +352,7 @@ class DerivativeEngine(abc.ABC):
     ``grad_input = grad_out @ W`` and ``grads`` maps each continuous payload field of the codec to
     d(loss)/d(field), equal (to float tolerance) to the reference ``autograd`` engine.
     Implementations may take keyword options (``params``, ``backend``, ``transposed``: see
-    ``rbe_plugins.engines``); the three positional arguments alone must always work.
+    ``rbe_plugins.torch_engines``); the three positional arguments alone must always work.
     """
 
     name: ClassVar[str]

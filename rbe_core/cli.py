@@ -315,7 +315,7 @@ def engine_option():
 
 
 def _load(path: str, backend: str | None, engine: str = "auto"):
-    from .compression.convert import load_model
+    from .models.loading import load_model
 
     backend = _check_backend(backend)
     try:
@@ -564,7 +564,7 @@ def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, 
                         max_queue=max_queue, slots=slots, timeout=timeout, cors_origins=tuple(cors_origins),
                         max_body=max_body)
     if ray_address is not None:
-        from .distributed.ray_tasks import serve_replicas
+        from .serve.ray_serve import serve_replicas
 
         click.echo(f"rbe serve: http://{host}:{port}/ on Ray, {replicas} replica(s)", err=True)
         try:

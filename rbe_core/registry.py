@@ -21,6 +21,7 @@ import importlib_metadata
 import pluggy
 
 from . import hookspecs
+from .abc import Codec, Kernel, lifts, lowers
 from .errors import BackendUnavailableError, RBEFormatError, UnknownCodecError
 
 log = logging.getLogger("rbe")
@@ -130,7 +131,6 @@ class Registry:
 
 _REGISTRY: Registry | None = None
 _BACKENDS: dict[str, Any] = {}
-_KERNELS: dict[str, Any] = {}
 
 
 def registry() -> Registry:
@@ -146,7 +146,6 @@ def reload_plugins() -> Registry:
     global _REGISTRY
     _REGISTRY = None
     _BACKENDS.clear()
-    _KERNELS.clear()
     importlib.invalidate_caches()
     return registry()
 
@@ -180,13 +179,11 @@ def list_codecs() -> list[str]:
     return sorted(registry().entries["codecs"])
 
 
-def kernel_for(backend: str, codec_id: str):
-    """The plugin ``Kernel`` instance registered for ``codec_id`` on ``backend``, or None."""
-    key = f"{codec_id}@{backend}"
-    if key not in _KERNELS:
-        entry = registry().lookup("kernels", key)
-        _KERNELS[key] = None if entry is None else entry.obj()
-    return _KERNELS[key]
+def kernels_for(backend: str) -> dict[str, Kernel]:
+    """codec id -> an instance of each plugin ``Kernel`` registered for ``backend``."""
+    suffix = f"@{backend}"
+    return {key.removesuffix(suffix): entry.obj() for key, entry in registry().entries["kernels"].items()
+            if key.endswith(suffix)}
 
 
 def list_backends() -> list[dict[str, Any]]:
@@ -230,6 +227,7 @@ def get_backend(name: str | None = None):
     if not ok:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     _BACKENDS[name] = backend = entry.obj()
+    backend.kernels = kernels_for(name)
     return backend
 
 
@@ -237,17 +235,13 @@ def codec_capabilities(codec_id: str) -> dict[str, Any]:
     """What rbe gives a registered codec: per available backend the path its tensors take
     ("kernel": a plugin kernel, "native": its lowered layout on native kernels, "generic"), and
     whether it trains (a torch form) and takes calibrated rounding (GPTQ)."""
-    from .abc import Codec
-
     cls = registry().entries["codecs"][codec_id].obj
-    lowers = cls.lower is not Codec.lower
-    lifts = lowers and cls.from_lowered is not Codec.from_lowered
     paths = {}
     for row in list_backends():
         if row["available"]:
             backend = registry().entries["backends"][row["name"]].obj
             kernel = registry().lookup("kernels", f"{codec_id}@{row['name']}") is not None
-            paths[row["name"]] = "kernel" if kernel else "native" if lowers and backend.runs_lowered() else "generic"
-    trains = lifts or cls.torch_form is not Codec.torch_form
-    calibrates = lifts or bool(getattr(cls, "accepts_calibration", False))
+            paths[row["name"]] = "kernel" if kernel else "native" if lowers(cls) and backend.runs_lowered() else "generic"
+    trains = lifts(cls) or cls.torch_form is not Codec.torch_form
+    calibrates = lifts(cls) or bool(getattr(cls, "accepts_calibration", False))
     return {"paths": paths, "trains": trains, "calibrates": calibrates}

@@ -1,4 +1,4 @@
-"""Model conversion (``compress_model``), loading (``load_model``) and HF export (``export_hf``).
+"""Model conversion (``compress_model``) and HF export (``export_hf``).
 
 Conversion streams the source tensor by tensor: each is loaded (dequantized for GGUF), encoded
 and streamed to disk through ``container.Writer``, so the working set is about two copies of the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import math
 import os
 import shutil
@@ -23,16 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..abc import Backend, Encoded
+from ..abc import Encoded
 from ..container import Writer
 from ..container import open as open_rbe
-from ..models import attach_native, build_model, get_spec, model_metadata
-from ..models.common import CausalLM, ModelError, RBEModel
+from ..models import get_spec, model_metadata
+from ..models.common import ModelError, RBEModel
+from ..models.loading import load_model
 from ..models.sources import open_source
-from ..registry import get_backend, get_codec, list_codecs
+from ..registry import get_codec, list_codecs
 from .calibration import encode_calibrated, takes_calibration
-
-log = logging.getLogger("rbe.convert")
+from .ray_convert import RayCluster
 
 #: The codec used when neither a codec nor a bit budget is given.
 DEFAULT_CODEC = "int8"
@@ -145,7 +144,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     off; ``calibration_tokens`` of it, None: ``calibration.DEFAULT_TOKENS``) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
     weight by measured output damage and weights are encoded layer-sequentially with GPTQ
     (``rbe_core.calibration``); this holds the fp32 model in memory. ``cluster`` (a Ray address,
-    "local" or "auto"; ``rbe_core.distributed.ray_tasks``) runs every encoding and every GPTQ as Ray
+    "local" or "auto"; ``rbe_core.compression.ray_convert``) runs every encoding and every GPTQ as Ray
     tasks, ``jobs`` (default there: the cluster's CPUs) at a time; the file is the same, bit for bit,
     as a local conversion with the same ``jobs``. Raises ``ModelError`` on bad input; the output
     appears only when complete, and an error or Ctrl-C leaves nothing behind.
@@ -162,8 +161,6 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     pre: dict[str, Encoded] = {}
     encode = encode_calibrated
     if cluster is not None:  # joined only once the source, codecs and policy are known to be good
-        from ..distributed.ray_tasks import RayCluster
-
         ray_cluster = RayCluster(cluster)
         jobs = jobs if jobs > 1 else ray_cluster.cpus
         encode = ray_cluster.encode_with
@@ -239,33 +236,6 @@ def _smoke_test(model: RBEModel) -> None:
     out = out[0] if isinstance(out, tuple) else out
     if not torch.isfinite(out).all():
         raise ModelError("the converted model produces non-finite outputs; nothing was written")
-
-
-def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bool = False,
-               engine: str = "auto") -> RBEModel:
-    """The torch model stored in an .rbe file (``.generate()`` for LMs, ``.embed()`` for encoders).
-
-    ``backend`` names the compute backend (default: ``$RBE_BACKEND`` or the best available);
-    ``dense=True`` decodes every weight into plain fp32 ``nn`` layers (the uncompressed reference).
-    ``engine``: 'auto' runs a causal LM's generation (``start``/``step``/``generate``) in the
-    backend's native engine when it has one and every tensor lowers to it, else in the torch
-    modules (logged once, and why); 'native' requires the engine; 'torch' never uses it. The
-    torch modules (``model(ids)``) stay the reference and the training path either way.
-    """
-    f = open_rbe(path)
-    tensors = {n: f[n] for n in f}
-    be = None if dense else get_backend(backend)
-    model = build_model(f.metadata, tensors, be, dense=dense)
-    if be is not None:
-        why = attach_native(model, tensors, be, engine)
-        if not why:
-            log.info("backend %s: generation runs in its native engine", be.name)
-        elif engine == "auto" and isinstance(model, CausalLM):
-            has_engine = type(be).native_decoder is not Backend.native_decoder
-            (log.warning if has_engine else log.info)(
-                "backend %s: generation runs in the torch modules, not the native engine%s", be.name,
-                f" ({why})" if not has_engine or log.isEnabledFor(logging.INFO) else " (-v says why)")
-    return model
 
 
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

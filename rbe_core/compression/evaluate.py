@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models.common import CausalLM, ModelError
+from ..models.loading import load_model
 from .calibration import sentences
 
 
 def reference_model(src: str | os.PathLike):
     """rbe's dense fp32 model of a source checkpoint (HF directory, .safetensors, .gguf) or .rbe file."""
-    from .convert import load_model
-
     if str(src).endswith(".rbe"):
         return load_model(src, dense=True)
     from ..models.sources import open_source
@@ -88,8 +87,6 @@ def evaluate(model_path: str | os.PathLike, text: str, reference: str | os.PathL
 
     ``dense`` decodes every weight once (faster; numerically what the fused kernels compute).
     """
-    from .convert import load_model
-
     t0 = time.perf_counter()
     if _is_source(model_path):
         model = reference_model(model_path)

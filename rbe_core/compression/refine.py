@@ -40,6 +40,7 @@ from ..container import Writer
 from ..container import open as open_rbe
 from ..models.common import ModelError
 from ..registry import get_codec
+from ..training.lowered import LoweredForm
 from .calibration import _block_list, _call, _Stop, source_model
 
 log = logging.getLogger("rbe.refine")
@@ -52,8 +53,6 @@ def _trainable_form(enc: Encoded):
     """The training form of a tensor whose codec lowers and lifts and trains some field; else None."""
     if not lifts(enc.codec) or not getattr(enc.codec, "trainable_lowered", ()):
         return None
-    from ..training.lowered import LoweredForm
-
     return LoweredForm(enc.codec)
 
 

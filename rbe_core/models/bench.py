@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+from ..registry import get_backend
+from .common import CausalLM
+from .loading import load_model
+
 
 def _rss_mb() -> float:
     """Peak resident memory of this process image in MB (``ru_maxrss`` where /proc is missing)."""
@@ -33,10 +37,6 @@ def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_to
     if threads:
         torch.set_num_threads(threads)
         os.environ["RBE_CFFI_THREADS"] = str(threads)  # the cffi backend's own pool: same core count
-    from ..compression.convert import load_model
-    from ..registry import get_backend
-    from .common import CausalLM
-
     base = _rss_mb()
     t0 = time.perf_counter()
     model = load_model(path, backend, dense=dense, engine=engine)

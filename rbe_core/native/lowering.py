@@ -24,7 +24,6 @@ import weakref
 import attrs
 import numpy as np
 
-from ..abc import Encoded
 from ..arrays import row_chunks
 
 
@@ -213,8 +212,9 @@ def nearest_codes(levels: np.ndarray, u: np.ndarray) -> np.ndarray:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def lower(encoded: Encoded, *, cache: bool = True) -> Lowered | None:
-    """``encoded`` in the canonical layout, or None when its codec has no lowering. Cached per
+def lower(encoded, *, cache: bool = True) -> Lowered | None:
+    """``encoded`` (an ``rbe_core.abc.Encoded``, the layer above this one) in the canonical
+    layout, or None when its codec has no lowering. Cached per
     tensor unless ``cache=False`` (a caller that copies the arrays, like the native engine)."""
     if cache and encoded in _CACHE:
         return _CACHE[encoded]

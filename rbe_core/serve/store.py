@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from ..compression.convert import load_model
+from ..models.loading import load_model
 from ..container import open as open_rbe
 from ..models.common import CausalLM
 from ..registry import get_backend

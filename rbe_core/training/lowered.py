@@ -25,7 +25,7 @@ from ..abc import Encoded
 from ..errors import RBEError
 from ..native.lowering import Lowered, lower
 from ..native.torch_lowered import fwht_blocks, hadamard_factors
-from .trainable import TorchForm, as_numpy
+from .forms import TorchForm, as_numpy
 
 _CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: log of a zero step: exp() of it underflows to 0 in float32 and float64 alike.

@@ -8,8 +8,9 @@ import torch
 
 import rbe_core
 from rbe_core.errors import RBEError
-from rbe_core.training.trainable import PhaseForm, get_engine, sin_cycle, torch_form
-from rbe_plugins.engines import weight_grad
+from rbe_core.training.forms import PhaseForm, sin_cycle
+from rbe_core.training.trainable import get_engine, torch_form
+from rbe_plugins.torch_engines import weight_grad
 
 CODECS = [
     {"id": "int8"},
@@ -118,7 +119,7 @@ def test_grad_input_through_backend(engine_name, transposed, backend):
                                  {"id": "hadamard", "bits": 3, "group_size": 8, "max_block": 8}], ids=_ids)
 def test_row_chunked_param_grads_equal_whole(cfg, engine_name, transposed, backend, monkeypatch):
     """Row-wise forms take parameter gradients a row chunk at a time; the result is the whole-matrix one."""
-    import rbe_plugins.engines as engines
+    import rbe_plugins.torch_engines as engines
 
     enc = rbe_core.get_codec(cfg).encode(np.random.default_rng(4).standard_normal((23, 16)).astype(np.float32))
     form = torch_form(enc.codec)

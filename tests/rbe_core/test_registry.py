@@ -206,7 +206,7 @@ def test_plugin_kernel_replaces_the_generic_path(tmp_path, monkeypatch, fresh_re
     kernel_cls = rbe_core.registry().entries["kernels"]["trellis-demo@torch"].obj
     for name in ("numpy", "torch") + (("cffi",) if rbe_core.get_backend("cffi").availability()[0] else ()):
         backend = rbe_core.get_backend(name)
-        assert backend.path(enc) == "kernel" and backend.supports("trellis-demo")
+        assert backend.path(enc) == "kernel" and backend.supports(rbe_core.get_codec("trellis-demo"))
         x, g = torch.randn(3, 64), torch.randn(3, 24)
         y, gi = backend.linear(x, enc), backend.linear_grad_input(g, enc)
         assert isinstance(y, torch.Tensor) and torch.allclose(y, x @ torch.from_numpy(w).T, atol=1e-5)

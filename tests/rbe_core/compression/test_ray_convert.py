@@ -98,7 +98,7 @@ def test_calibrated_encoding_on_a_worker_is_bit_identical(cluster, config):
     import numpy as np
 
     from rbe_core.compression.calibration import Gram, encode_calibrated
-    from rbe_core.distributed.ray_tasks import RayCluster
+    from rbe_core.compression.ray_convert import RayCluster
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 200)).astype(np.float32)
