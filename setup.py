@@ -1,4 +1,12 @@
-"""Build hook for the cffi backend's C kernels; all metadata lives in pyproject.toml.
+"""Package discovery and the build hook for the cffi backend's C kernels; the rest of the
+metadata (and the package data) lives in pyproject.toml.
+
+Packages are *found*, never listed: the three import roots live in folders that do not all share
+their import name (``plugins/`` is ``rbe_plugins``, ``backends/`` is ``rbe_backends``), which
+``[tool.setuptools.packages.find]`` cannot express, so ``PACKAGE_DIR`` names the roots and
+``_packages()`` adds every folder below them that has an ``__init__.py`` (a subpackage added or
+removed later is picked up by the next build; tests/, benchmarks/, examples/ and docs/ lie
+outside the roots and are never packaged).
 
 ``cffi_modules`` builds ``rbe_backends.cffi._kernels`` (API mode) from the portable sources.
 ``BuildExt`` additionally compiles each per-ISA source with its own flags (AVX2+FMA,
@@ -14,7 +22,7 @@ import os
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CompileError
 
@@ -22,6 +30,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bac
 import build_ffi  # noqa: E402  (the cffi build script, also named in cffi_modules)
 
 sys.path.pop(0)
+
+
+#: Import name of each top-level package -> its folder (relative to this file).
+PACKAGE_DIR = {"rbe_core": "rbe_core", "rbe_plugins": "plugins", "rbe_backends": "backends"}
+
+
+def _packages() -> list[str]:
+    """Every package under the roots of ``PACKAGE_DIR`` (folders with an ``__init__.py``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = []
+    for name, folder in PACKAGE_DIR.items():
+        found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(where=os.path.join(here, folder))]
+    return sorted(found)
 
 
 def _x86_target() -> bool:
@@ -55,4 +77,9 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
-setup(cffi_modules=["backends/cffi/build_ffi.py:ffibuilder"], cmdclass={"build_ext": BuildExt})
+setup(
+    package_dir=PACKAGE_DIR,
+    packages=_packages(),
+    cffi_modules=["backends/cffi/build_ffi.py:ffibuilder"],
+    cmdclass={"build_ext": BuildExt},
+)

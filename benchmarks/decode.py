@@ -206,8 +206,8 @@ def ensure_ggufs(cache: Path, src: Path, lib_dir: Path, types: dict[str, int] = 
 
 
 def prompt_ids(rbe_path: Path, n: int) -> list[int]:
-    from rbe_core.container import open as open_rbe
-    from rbe_core.models.common import load_tokenizer
+    from rbe_core.files import open as open_rbe
+    from rbe_core.models.spec import load_tokenizer
 
     tok = load_tokenizer(json.dumps(open_rbe(rbe_path).metadata["rbe.tokenizer"]))
     text = TEXT.read_text() if TEXT.exists() else Path(__file__).read_text()

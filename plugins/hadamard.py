@@ -41,10 +41,11 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
-from rbe_core.compression.calibration import Gram
 from rbe_core.compression.gptq import gptq
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered, fwht_blocks
+
+from ._hadamard_codes import pack_codes, unpack_codes
 
 _SCALE_LEVELS = 255
 
@@ -125,24 +126,6 @@ def rotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
 def unrotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
     """Rows of ``x`` times ``R``: the inverse of :func:`rotate`."""
     return fwht_blocks(x, blocks) * signs.astype(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# bit packing
-
-
-def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes (rows, n) < 2**bits -> uint8 (rows, ceil(n*bits/8)), little-endian bit streams."""
-    rows, n = q.shape
-    planes = (q[:, :, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
-    return np.packbits(planes.reshape(rows, n * bits), axis=1, bitorder="little")
-
-
-def unpack_codes(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: uint8 (rows, n)."""
-    rows = packed.shape[0]
-    flat = np.unpackbits(packed, axis=1, count=n * bits, bitorder="little").reshape(rows, n, bits)
-    return (flat << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +354,9 @@ class HadamardCodec(Codec):
         if calibration is None:
             q = round_nearest(wr, steps, grid)
         else:
+            # Gram lives in the calibrated-conversion module: loaded only when calibrating
+            from rbe_core.compression.calibration import Gram
+
             if isinstance(calibration, Gram):
                 h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
             else:

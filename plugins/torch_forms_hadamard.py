@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
 from rbe_core.native.lowering import fwht
-from rbe_core.training.trainable import TorchForm, as_numpy
+from rbe_core.training.forms import TorchForm, as_numpy
 
-from .hadamard import unpack_codes
+from ._hadamard_codes import unpack_codes
 
 #: log of a zero scale: exp() of it underflows to 0 in float32 and float64 alike.
 _LOG_ZERO = -1000.0

@@ -8,7 +8,7 @@
 
 from .abc import Backend, Codec, DerivativeEngine, Encoded, Geometry, Quantizer
 from .compression.quality import report
-from .container import FORMAT_VERSION, RBEFile, open, save
+from .container import FORMAT_VERSION, RBEFile, save
 from .errors import (
     BackendUnavailableError,
     ChecksumError,
@@ -17,14 +17,15 @@ from .errors import (
     RBEFormatError,
     UnknownCodecError,
 )
+from .files import open
+from .hf import autoregister as _autoregister
 from .hookspecs import hookimpl
 from .registry import get_backend, get_codec, list_backends, list_codecs, registry, reload_plugins
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - re-exported: rbe_core.__version__
 
 #: Model and layer API, imported on first use so ``import rbe_core`` (and every plugin) stays torch-free.
 _LAZY = {"compress_model": "compression.convert", "export_hf": "compression.convert",
-         "load_model": "compression.convert",
+         "load_model": "models.loading",
          "RBEAttention": "layers", "RBEEmbedding": "layers", "RBEFFN": "layers", "RBELinear": "layers",
          "RBETensor": "tensor", "finetune": "training.finetuning", "quantize": "hf.quantize"}
 
@@ -73,3 +74,6 @@ __all__ = [
     "report",
     "save",
 ]
+
+# transformers/PEFT load rbe folders and dispatch rbe layers once they are imported
+_autoregister.install()

@@ -178,7 +178,7 @@ def inspect(path: str, as_json: bool, reference: str | None) -> None:
 
 def _model_errors():
     """The errors model commands turn into a one-line message and exit status 2."""
-    from .models.common import ModelError
+    from .models.spec import ModelError
 
     return (RBEError, ModelError, OSError, ValueError)
 
@@ -315,11 +315,12 @@ def engine_option():
 
 
 def _load(path: str, backend: str | None, engine: str = "auto"):
-    from .models.loading import load_model
+    """The model in ``path`` for inference (``load_generator``: no torch on a native engine)."""
+    from .models.loading import load_generator
 
     backend = _check_backend(backend)
     try:
-        return load_model(path, backend, engine=engine)
+        return load_generator(path, backend, engine=engine)
     except _model_errors() as exc:
         _fail(exc)
 

@@ -360,12 +360,3 @@ class RBEFile(TensorFile):
     def close(self) -> None:
         self._file = self._views = None
 
-
-def open(path: str | os.PathLike) -> TensorFile:  # noqa: A001 - public API name, mirrors builtins.open
-    """Open an .rbe file lazily, or a transformers folder saved with rbe codes (``rbe_core.hf.folder``,
-    the same read interface). Raises ``RBEFormatError`` when it is neither."""
-    if Path(path).is_dir():
-        from .hf.folder import HFFolder
-
-        return HFFolder(path)
-    return RBEFile(path)

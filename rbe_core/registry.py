@@ -211,11 +211,12 @@ def get_backend(name: str | None = None):
     saying why; there is no silent fallback.
     """
     name = name or os.environ.get(BACKEND_ENV) or None
-    if name is None:
-        usable = [r for r in list_backends() if r["available"]]
+    if name is None:  # availability only: a backend's features may load its libraries (torch)
+        usable = [(e.obj.priority, n) for n, e in sorted(registry().entries["backends"].items())
+                  if e.obj.availability()[0]]
         if not usable:
             raise BackendUnavailableError("no rbe backend is available")
-        name = max(usable, key=lambda r: r["priority"])["name"]
+        name = max(usable, key=lambda r: r[0])[1]
         log.info("rbe: using backend %r (best available; set %s to choose)", name, BACKEND_ENV)
     if name in _BACKENDS:
         return _BACKENDS[name]

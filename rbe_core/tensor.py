@@ -34,8 +34,8 @@ import numpy as np
 from .abc import Codec, Encoded
 from .arrays import as_weight, is_torch, matrix_shape
 from .container import Writer
-from .container import open as open_rbe
 from .errors import RBEError, RBEFormatError
+from .files import open as open_rbe
 from .registry import get_backend, get_codec
 
 #: User-metadata key holding the layouts of the RBETensors in a file.

@@ -1,5 +1,4 @@
-"""``cffi``: C kernels with runtime SIMD dispatch (AVX-512, AVX2+FMA, portable scalar), and a
-native decoder engine that runs a whole Llama / GPT-2 step in C (``engine.py``, ``src/engine.c``).
+"""``cffi``: the ``CffiBackend`` class (C kernels, SIMD dispatch, native decoder) and its hook.
 
 Fused decode+GEMV/GEMM for every codec that lowers to the canonical layout (input padded and
 rotated once in C; codes through the level table, decoded in registers for batch 1, a few rows at
@@ -7,15 +6,21 @@ a time otherwise; never the whole matrix), on up to ``RBE_CFFI_THREADS`` threads
 released. Codecs that do not lower run through a registered plugin kernel or the generic path.
 The C module is built at ``pip install``; when it is missing, the backend is unavailable (with
 the reason) and calls raise ``BackendUnavailableError``.
+
+Modules, each importing only those after it: ``engine.py`` (``NativeDecoder``: a whole Llama /
+GPT-2 step in C, ``src/engine.c``), ``ops.py`` (the matrix products, ``LoweredMatrix``),
+``library.py`` (the compiled module, ISA path and thread settings).
 """
 
 from __future__ import annotations
 
 from rbe_core import hookimpl
 from rbe_core.abc import NumpyKernelBackend
-from rbe_core.arrays import is_torch, to_numpy_f32
+from rbe_core.arrays import dtype_name, is_torch, like, to_numpy_f32
+from rbe_core.errors import NativeUnavailableError
 
-from . import ops
+from . import library, ops
+from .engine import NativeDecoder
 
 IMPORT_ERROR_HINT = "the C module is missing: "
 
@@ -26,10 +31,10 @@ class CffiBackend(NumpyKernelBackend):
 
     @classmethod
     def availability(cls):
-        if ops.lib is None:
-            return False, ops.IMPORT_ERROR
+        if library.lib is None:
+            return False, library.IMPORT_ERROR
         try:
-            ops.active_isa()
+            library.active_isa()
         except ValueError as exc:
             return False, str(exc)
         return True, ""
@@ -37,23 +42,19 @@ class CffiBackend(NumpyKernelBackend):
     @classmethod
     def features(cls):
         """Usable ISA paths (e.g. 'avx512', 'avx2', 'scalar'), then 'active=<path>' and 'threads=<n>'."""
-        if ops.lib is None:
+        if library.lib is None:
             return ()
         try:
-            active = ops.active_isa()
+            active = library.active_isa()
         except ValueError as exc:
             active = f"invalid: {exc}"
-        return (*ops.supported_isas(), f"active={active}", f"threads={ops.thread_count()}")
+        return (*library.supported_isas(), f"active={active}", f"threads={library.thread_count()}")
 
     def native_decoder(self, plan, tensors):
         """The C decoder engine (``engine.NativeDecoder``) for Llama and GPT-2 models whose every
         matrix lowers to the canonical layout."""
-        from .engine import NativeDecoder
-
-        if ops.lib is None:
-            from rbe_core.errors import NativeUnavailableError
-
-            raise NativeUnavailableError(IMPORT_ERROR_HINT + ops.IMPORT_ERROR)
+        if library.lib is None:
+            raise NativeUnavailableError(IMPORT_ERROR_HINT + library.IMPORT_ERROR)
         return NativeDecoder(plan, tensors)
 
     def own_linear(self, x, encoded, bias=None):
@@ -77,17 +78,17 @@ class CffiBackend(NumpyKernelBackend):
 
     @staticmethod
     def _torch_call(op: str, t, encoded):
-        import torch
-
+        """``op`` on CPU tensor ``t`` (any float dtype): a float32 view or copy of it goes to C, and the
+        result comes back as a float32 tensor sharing the C output's memory (``like``)."""
         rows, cols = encoded.matrix_shape
         width, out_width = (cols, rows) if op == "linear" else (rows, cols)
         if t.shape[-1] != width:
             raise ValueError(f"input's last dimension is {t.shape[-1]}, the weight expects {width}")
         a = t.detach().reshape(-1, width)
-        if a.dtype != torch.float32 or not a.is_contiguous():
-            a = a.to(torch.float32).contiguous()
+        if dtype_name(a) != "float32" or not a.is_contiguous():
+            a = a.float().contiguous()
         fn = ops.linear if op == "linear" else ops.grad_input
-        return torch.from_numpy(fn(a.numpy(), encoded)).view(*t.shape[:-1], out_width)
+        return like(fn(a.numpy(), encoded), a).view(*t.shape[:-1], out_width)
 
     def linear_np(self, x, encoded):
         return ops.linear(x, encoded)

@@ -1,4 +1,4 @@
-"""The cffi backend's native decoder: a whole causal-LM step in C (``src/engine.c``).
+"""The native decoder ``NativeDecoder``: a whole causal-LM step (Llama, GPT-2) in C (``src/engine.c``).
 
 Built once from a model's :class:`rbe_core.models.NativePlan` and its encoded tensors: every
 matrix is *lowered* (``rbe_core.native.lowering``) to the canonical layout and copied into the engine,
@@ -15,9 +15,11 @@ import numpy as np
 
 from rbe_core.container import release
 from rbe_core.errors import NativeUnavailableError
-from rbe_core.native.lowering import Lowered
+from rbe_core.models.spec import ModelError
+from rbe_core.native.lowering import Lowered, lower
 
-from . import ops
+from . import library
+from .ops import as_f32, matrix_desc, rejection
 
 ARCHS = {"llama": 1, "gpt2": 2}
 ROPE = {"none": 0, "half": 1, "interleaved": 2}
@@ -32,10 +34,6 @@ KV_TYPES = {"f16": 1, "f32": 0}
 _CONFIG_INTS = ("n_layers", "hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim", "vocab", "max_ctx")
 
 
-def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
 class NativeDecoder:
     """A loaded model in the C engine. ``forward(ids, pos)`` runs tokens at positions
     ``pos, pos + 1, ...`` (``pos`` at most the cached length; later cache entries are dropped) and
@@ -45,7 +43,7 @@ class NativeDecoder:
     def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None):
         """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
         ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16')."""
-        lib, ffi = ops._require_lib(), ops.ffi
+        lib, ffi = library.require_lib(), library.ffi
         self._lib, self._ffi = lib, ffi
         self._lock = threading.Lock()
         cfg = plan.config
@@ -78,7 +76,7 @@ class NativeDecoder:
             del low
             release(*tensors[weight].payload.values())  # the engine holds its own copy
         for layer, slot, name in plan.vectors:
-            v = _f32(tensors[name].decode().reshape(-1))
+            v = as_f32(tensors[name].decode().reshape(-1))
             self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],
                                                   ffi.from_buffer("float[]", v), v.size), f"vector {name}")
         self._epoch = 0
@@ -86,14 +84,14 @@ class NativeDecoder:
     def _set_transform(self, tf: int, t) -> None:
         blocks = np.asarray(t.blocks, dtype=np.int64)
         self._check(self._lib.rbe_engine_set_transform(
-            self._e, tf, t.cols_p, self._ffi.from_buffer("float[]", _f32(t.signs)),
+            self._e, tf, t.cols_p, self._ffi.from_buffer("float[]", as_f32(t.signs)),
             self._ffi.from_buffer("long long[]", blocks), len(blocks)), "a transform")
 
     def _set_matrix(self, layer, slot, name, low: Lowered, bias, transposed, tf):
-        d, _keep = _desc(self._ffi, low, bias, transposed, tf)
+        d, _keep = matrix_desc(self._ffi, low, bias, transposed, tf)
         rc = self._lib.rbe_engine_set_matrix(self._e, layer, slot, d)
         if rc:
-            raise NativeUnavailableError(f"tensor {name}: {_rejected(low, rc)}")
+            raise NativeUnavailableError(f"tensor {name}: {rejection(low, rc)}")
 
     def _check(self, rc: int, what: str) -> None:
         if rc:
@@ -106,7 +104,7 @@ class NativeDecoder:
     def _use(self, slot: int) -> None:
         rc = self._lib.rbe_engine_use_slot(self._e, slot)
         if rc:
-            raise RuntimeError(f"native engine: KV cache slot {slot}: {ops.engine_error(rc)}")
+            raise RuntimeError(f"native engine: KV cache slot {slot}: {library.engine_error(rc)}")
 
     @property
     def length(self) -> int:
@@ -125,8 +123,6 @@ class NativeDecoder:
         return int(self._lib.rbe_engine_bytes(self._e))
 
     def forward(self, ids, pos: int = 0, *, all_logits: bool = False, slot: int = 0) -> np.ndarray:
-        from rbe_core.models.common import ModelError
-
         tokens = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         n = tokens.size
         if n == 0:
@@ -146,9 +142,9 @@ class NativeDecoder:
             rc = self._lib.rbe_engine_forward(
                 self._e, ffi.from_buffer("long long[]", tokens), n, pos,
                 ffi.from_buffer("float[]", out, require_writable=True), int(all_logits),
-                ops.ISAS[ops.active_isa()], ops.thread_count())
+                library.ISAS[library.active_isa()], library.thread_count())
         if rc:
-            raise RuntimeError(f"native engine forward failed: {ops.engine_error(rc)}")
+            raise RuntimeError(f"native engine forward failed: {library.engine_error(rc)}")
         return out if all_logits else out[0]
 
     def profile(self) -> dict[str, float]:
@@ -159,79 +155,7 @@ class NativeDecoder:
 
 
 def _lower(encoded) -> Lowered:
-    from rbe_core.native.lowering import lower
-
     low = lower(encoded, cache=False)
     if low is None:
         raise NativeUnavailableError(f"codec {encoded.codec.codec_id!r} has no canonical layout (Codec.lower)")
     return low
-
-
-def _desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1):
-    """An ``rbe_matrix_desc`` for ``low`` and the arrays it points into (keep them alive)."""
-    d = ffi.new("rbe_matrix_desc *")
-    keep = []
-
-    def ptr(kind, arr):
-        keep.append(arr)
-        return ffi.from_buffer(kind, arr)
-
-    d.rows, d.cols, d.cols_p = low.rows, low.cols, low.cols_p
-    d.bits, d.transposed, d.transform = low.bits, int(bool(transposed)), tf
-    if low.bits == 32:
-        d.group_size = low.cols_p
-        d.dense = ptr("float[]", _f32(low.dense))
-    else:
-        d.group_size = low.group_size
-        d.codes = ptr("unsigned char[]", np.ascontiguousarray(low.codes))
-        d.levels = ptr("float[]", _f32(low.levels))
-        d.step = ptr("float[]", _f32(low.step))
-        if low.offset is not None:
-            d.offset = ptr("float[]", _f32(low.offset))
-        if low.step_row is not None:
-            d.step_row = ptr("float[]", _f32(low.step_row))
-            d.step_code = ptr("unsigned char[]", np.ascontiguousarray(low.step_code, dtype=np.uint8))
-    if bias is not None:
-        d.bias = ptr("float[]", _f32(bias).reshape(-1))
-    return d, keep
-
-
-def _rejected(low: Lowered, rc: int) -> str:
-    if rc == 2:
-        return (f"its layout ({low.bits}-bit, group {low.group_size}) is outside the engine's: the group "
-                "size must be a multiple of 32 dividing the padded width, or the whole row")
-    return ops.engine_error(rc)
-
-
-class LoweredMatrix:
-    """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
-    ``transposed``) plus the bias, run on the active ISA path and thread count; calls from several
-    threads are serialised in C (all such matrices share one set of scratch buffers; the GIL is
-    released meanwhile)."""
-
-    def __init__(self, low: Lowered, bias=None, transposed: bool = False):
-        lib, ffi = ops._require_lib(), ops.ffi
-        self._lib, self._ffi, self.low, self.transposed = lib, ffi, low, transposed
-        d, _keep = _desc(ffi, low, bias, transposed)
-        t = low.transform
-        if t is None:
-            handle = lib.rbe_matrix_new(d, ffi.NULL, ffi.NULL, 0)
-        else:
-            blocks = np.asarray(t.blocks, dtype=np.int64)
-            handle = lib.rbe_matrix_new(d, ffi.from_buffer("float[]", _f32(t.signs)),
-                                        ffi.from_buffer("long long[]", blocks), len(blocks))
-        if handle == ffi.NULL:
-            raise NativeUnavailableError(f"lowered matrix rejected: {_rejected(low, 2)}")
-        self._h = ffi.gc(handle, lib.rbe_matrix_free)
-        self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
-
-    def linear(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)
-        y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        ffi = self._ffi
-        isa, threads = ops.ISAS[ops.active_isa()], ops.threads_for(x.shape[0] * self.low.rows * self.low.cols)
-        rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
-                                         ffi.from_buffer("float[]", y, require_writable=True), isa, threads)
-        if rc:
-            raise RuntimeError(f"lowered linear failed: {ops.engine_error(rc)}")
-        return y

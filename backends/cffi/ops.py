@@ -1,114 +1,105 @@
-"""Python side of the C kernels: ISA and thread choice, and the matrix products.
+"""The matrix products in C: ``LoweredMatrix``, and ``linear`` / ``grad_input`` of a tensor.
 
 Every codec that lowers (``Codec.lower``) runs in C on its canonical layout: the tensor is
-lowered once and copied into a ``LoweredMatrix`` (``engine.py``), one per direction (``x @ W.T``
-for the forward, ``g @ W`` for ``grad_input``, built when first asked for); the input is padded
-and rotated in C, then multiplied through the level table. Layouts the C kernels reject run on
-the numpy reference of the lowered layout; codecs that do not lower take the generic path
-(``rbe_core.native.generic``). cffi calls in API mode release the GIL for their duration.
-
-Environment: ``RBE_CFFI_ISA=scalar|avx2|avx512`` forces a code path (an error if this CPU or
-build lacks it); ``RBE_CFFI_THREADS=N`` sets the thread count (default: usable cores, at most 8).
+lowered once and copied into a ``LoweredMatrix``, one per direction (``x @ W.T`` for the forward,
+``g @ W`` for ``grad_input``, built when first asked for); the input is padded and rotated in C,
+then multiplied through the level table. Layouts the C kernels reject run on the numpy reference
+of the lowered layout; codecs that do not lower take the generic path (``rbe_core.native.generic``).
+cffi calls in API mode release the GIL for their duration. The ISA path and thread count come from
+``library`` (``RBE_CFFI_ISA``, ``RBE_CFFI_THREADS``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import weakref
 
 import numpy as np
 
 from rbe_core.abc import Encoded
-from rbe_core.errors import BackendUnavailableError, NativeUnavailableError
-from rbe_core.native import generic, lower
+from rbe_core.errors import NativeUnavailableError
+from rbe_core.native import Lowered, generic, lower
+
+from . import library
 
 log = logging.getLogger("rbe")
 
-try:
-    from ._kernels import ffi, lib
-except ImportError as exc:  # not compiled (no C compiler at install time) or broken build
-    ffi = lib = None
-    IMPORT_ERROR = (
-        f"the compiled module rbe_backends.cffi._kernels cannot be imported ({exc}); "
-        "reinstall rbe on a machine with a C compiler and the Python headers"
-    )
-else:
-    IMPORT_ERROR = ""
 
-ISA_ENV = "RBE_CFFI_ISA"
-THREADS_ENV = "RBE_CFFI_THREADS"
-#: ISA names and their C bit, best first.
-ISAS = {"avx512": 4, "avx2": 2, "scalar": 1}
-
-_ERRORS = {1: "instruction set not available", 2: "invalid arguments", 3: "out of memory",
-           5: "token id out of range", 6: "context length exceeded", 7: "model incomplete"}
+def as_f32(a) -> np.ndarray:
+    """``a`` as a C-contiguous float32 array (the kernels' element type)."""
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _require_lib():
-    if lib is None:
-        raise BackendUnavailableError(f"backend 'cffi' is not available: {IMPORT_ERROR}")
-    return lib
+def matrix_desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1):
+    """An ``rbe_matrix_desc`` for ``low`` and the arrays it points into (keep them alive)."""
+    d = ffi.new("rbe_matrix_desc *")
+    keep = []
+
+    def ptr(kind, arr):
+        keep.append(arr)
+        return ffi.from_buffer(kind, arr)
+
+    d.rows, d.cols, d.cols_p = low.rows, low.cols, low.cols_p
+    d.bits, d.transposed, d.transform = low.bits, int(bool(transposed)), tf
+    if low.bits == 32:
+        d.group_size = low.cols_p
+        d.dense = ptr("float[]", as_f32(low.dense))
+    else:
+        d.group_size = low.group_size
+        d.codes = ptr("unsigned char[]", np.ascontiguousarray(low.codes))
+        d.levels = ptr("float[]", as_f32(low.levels))
+        d.step = ptr("float[]", as_f32(low.step))
+        if low.offset is not None:
+            d.offset = ptr("float[]", as_f32(low.offset))
+        if low.step_row is not None:
+            d.step_row = ptr("float[]", as_f32(low.step_row))
+            d.step_code = ptr("unsigned char[]", np.ascontiguousarray(low.step_code, dtype=np.uint8))
+    if bias is not None:
+        d.bias = ptr("float[]", as_f32(bias).reshape(-1))
+    return d, keep
 
 
-def compiled_isas() -> tuple[str, ...]:
-    """ISA paths built into the module, best first."""
-    mask = _require_lib().rbe_isa_compiled()
-    return tuple(name for name, bit in ISAS.items() if mask & bit)
+def rejection(low: Lowered, rc: int) -> str:
+    """Why the C side refused ``low`` with return code ``rc``."""
+    if rc == 2:
+        return (f"its layout ({low.bits}-bit, group {low.group_size}) is outside the engine's: the group "
+                "size must be a multiple of 32 dividing the padded width, or the whole row")
+    return library.engine_error(rc)
 
 
-@functools.cache
-def supported_isas() -> tuple[str, ...]:
-    """Compiled ISA paths this CPU can run (checked in C with ``__builtin_cpu_supports``), best first."""
-    mask = _require_lib().rbe_isa_supported()
-    return tuple(name for name, bit in ISAS.items() if mask & bit)
+class LoweredMatrix:
+    """One lowered matrix in the C kernels: ``linear(x)`` is ``x @ W.T`` (``x @ W`` when
+    ``transposed``) plus the bias, run on the active ISA path and thread count; calls from several
+    threads are serialised in C (all such matrices share one set of scratch buffers; the GIL is
+    released meanwhile)."""
 
+    def __init__(self, low: Lowered, bias=None, transposed: bool = False):
+        lib, ffi = library.require_lib(), library.ffi
+        self._lib, self._ffi, self.low, self.transposed = lib, ffi, low, transposed
+        d, _keep = matrix_desc(ffi, low, bias, transposed)
+        t = low.transform
+        if t is None:
+            handle = lib.rbe_matrix_new(d, ffi.NULL, ffi.NULL, 0)
+        else:
+            blocks = np.asarray(t.blocks, dtype=np.int64)
+            handle = lib.rbe_matrix_new(d, ffi.from_buffer("float[]", as_f32(t.signs)),
+                                        ffi.from_buffer("long long[]", blocks), len(blocks))
+        if handle == ffi.NULL:
+            raise NativeUnavailableError(f"lowered matrix rejected: {rejection(low, 2)}")
+        self._h = ffi.gc(handle, lib.rbe_matrix_free)
+        self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
 
-def active_isa() -> str:
-    """The path calls use now: ``$RBE_CFFI_ISA`` if set (validated), else the best supported one."""
-    supported = supported_isas()
-    forced = os.environ.get(ISA_ENV, "").strip().lower()
-    if not forced:
-        return supported[0]
-    if forced not in ISAS:
-        raise ValueError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
-    if forced not in supported:
-        why = "this CPU lacks it" if forced in compiled_isas() else "this build does not include it"
-        raise ValueError(f"{ISA_ENV}={forced}: {why} (usable here: {', '.join(supported)})")
-    return forced
-
-
-def thread_count() -> int:
-    """Threads for large calls: ``$RBE_CFFI_THREADS``, else the usable cores (at most 8)."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive integer")
-        return int(value)
-    return _usable_cores()
-
-
-#: Multiply-adds each thread of one matrix product must get for the product to use it: between
-#: products the pool's workers sleep (they would take cores from torch's OpenMP pool), and waking one
-#: costs tens of microseconds (SmolLM2's 576-wide matrices at batch 1 run faster on one thread).
-WAKE_WORK = 1 << 20
-
-
-def threads_for(work: int) -> int:
-    """Threads for one matrix product of ``work`` multiply-adds: at most ``thread_count()``."""
-    return max(1, min(thread_count(), work // WAKE_WORK))
-
-
-@functools.cache
-def _usable_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
-
-
-def engine_error(rc: int) -> str:
-    """The meaning of a C return code."""
-    return _ERRORS.get(rc, f"error {rc}")
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)
+        y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        ffi = self._ffi
+        isa = library.ISAS[library.active_isa()]
+        threads = library.threads_for(x.shape[0] * self.low.rows * self.low.cols)
+        rc = self._lib.rbe_matrix_linear(self._h, ffi.from_buffer("float[]", x), x.shape[0],
+                                         ffi.from_buffer("float[]", y, require_writable=True), isa, threads)
+        if rc:
+            raise RuntimeError(f"lowered linear failed: {library.engine_error(rc)}")
+        return y
 
 
 #: Per encoded tensor and direction: its ``LoweredMatrix``, or None when it does not lower or the
@@ -119,8 +110,6 @@ _MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def matrix(encoded: Encoded, transposed: bool = False):
     """``encoded`` lowered and copied into the C kernels (``transposed``: for ``g @ W``), built
     once per tensor and direction; None when its codec does not lower or the layout is rejected."""
-    from .engine import LoweredMatrix
-
     per = _MATRICES.setdefault(encoded, {})
     if transposed not in per:
         low = lower(encoded, cache=False)

@@ -6,6 +6,7 @@ torch is imported when a backend is used, not when the plugin is registered.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 
@@ -77,6 +78,10 @@ class TorchBackend(Backend):
         return self._out(ops.grad_input(self._in(grad_out, rows), encoded), grad_out, cols)
 
 
+#: What a machine whose GPUs torch can use has: the NVIDIA kernel driver, or ROCm's.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/kfd")
+
+
 class CudaBackend(TorchBackend):
     name = "cuda"
     priority = 40
@@ -87,6 +92,8 @@ class CudaBackend(TorchBackend):
         ok, reason = super().availability()
         if not ok:
             return ok, reason
+        if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):  # decided without importing torch
+            return False, f"no CUDA device: no GPU driver on this machine (none of {', '.join(GPU_DRIVER_PATHS)})"
         import torch
 
         if not torch.cuda.is_available():

@@ -79,7 +79,7 @@ class Gram:
 def read_text(calibration: str | os.PathLike | None) -> str:
     """The calibration text: the file ``calibration``, or the built-in default when None."""
     path = DEFAULT_TEXT if calibration is None else Path(calibration)
-    from ..models.common import ModelError
+    from ..models.spec import ModelError
 
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -102,7 +102,9 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
 
     ``tensors`` (name -> array) overrides what is loaded from the source.
     """
-    from ..models.common import LayerFactory, load_tokenizer
+    from ..models.build import MODEL_CLASSES
+    from ..models.common import LayerFactory
+    from ..models.spec import load_tokenizer
     from ..registry import get_codec
 
     class Recorder(LayerFactory):
@@ -136,7 +138,7 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
     tensors = tensors or {}
     encoded = {n: raw.encode(tensors[n] if n in tensors else source.load(n), source=n) for n in names}
     factory = Recorder(encoded)
-    model = source.spec.model_class()(source.config, factory, load_tokenizer(source.tokenizer_json)).eval()
+    model = MODEL_CLASSES[source.spec.name](source.config, factory, load_tokenizer(source.tokenizer_json)).eval()
     factory.tensors = {}  # the model holds its own copies now
     for p in model.parameters():
         p.requires_grad_(False)
@@ -439,123 +441,157 @@ def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: 
     """
     import torch
 
-    todo = {id(layer): n for n, (layer, _t) in factory.linears.items() if n in codecs}
-    out: dict[str, Any] = {}
-    pool = ThreadPoolExecutor(max(1, jobs))
+    encoder = _SequentialEncoder(factory, codecs, encode, on_encoded, jobs)
+    try:
+        with torch.no_grad():
+            encoder.run(model, data, asymmetric)
+    finally:
+        encoder.pool.shutdown()
+    return encoder.out
 
-    def encode_stage(stage: list[str], gram: Gram | None):
-        def one(n):
-            layer, transposed = factory.linears[n]
-            codec = codecs[n]
-            w = layer.weight.detach().numpy()
-            w = np.ascontiguousarray(w.T if transposed else w)
-            calib = gram if (gram is not None and not transposed and takes_calibration(codec)) else None
-            return n, encode(codec, w, calib, n)
 
-        for n, enc in pool.map(one, stage):
-            layer, transposed = factory.linears[n]
-            dec = torch.from_numpy(np.ascontiguousarray(enc.decode(), dtype=np.float32))
-            with torch.no_grad():
-                layer.weight.copy_(dec.T if transposed else dec)
-            out[n] = enc
-            if on_encoded is not None:
-                on_encoded(n, enc)
+class _SequentialEncoder:
+    """One ``sequential_encode``: the Linears left to encode (``todo``: id -> name) and those done
+    (``out``: name -> Encoded)."""
 
-    def run_stages(modules: list, run: Callable, nbatches: int, shadow: Callable | None = None) -> set[int]:
+    def __init__(self, factory, codecs: Mapping[str, Any], encode: Callable,
+                 on_encoded: Callable[[str, Any], None] | None, jobs: int):
+        self.factory, self.codecs, self.encode, self.on_encoded = factory, codecs, encode, on_encoded
+        self.todo = {id(layer): n for n, (layer, _t) in factory.linears.items() if n in codecs}
+        self.out: dict[str, Any] = {}
+        self.pool = ThreadPoolExecutor(max(1, jobs))
+
+    def run(self, model, data, asymmetric: bool) -> None:
+        """Block by block (each block's input cached once), then whatever the blocks left."""
+        masks = [m for _a, m in data]
+        blocks = _block_list(model)[2]
+        cached = _block_inputs(model, blocks[0], data) if len(blocks) else []
+        float_cached = list(cached) if asymmetric else None
+        for block in blocks:
+            def run_block(b, state, block=block):
+                state["mask"] = masks[b]
+                args, kwargs = cached[b]
+                block(*args, **kwargs)
+
+            float_block = copy.deepcopy(block) if asymmetric else None
+            shadow = None if float_block is None else _shadow(block, float_block, float_cached, masks, self.factory)
+            self.run_stages([m for m in block.modules() if id(m) in self.todo], run_block, len(cached), shadow)
+            _advance(block, cached)
+            if float_block is not None:
+                _advance(float_block, float_cached)
+
+        def run_model(b, state):
+            state["mask"] = masks[b]
+            _call(model, data[b][0])
+
+        tail = [m for m in model.modules() if id(m) in self.todo and self.todo[id(m)] not in self.out]
+        for i in self.run_stages(tail, run_model, len(data)):
+            self.encode_stage([self.todo[i]], None)
+
+    def run_stages(self, modules: list, run: Callable, nbatches: int, shadow: Callable | None = None) -> set[int]:
         """Stage by stage over ``modules``; returns the ids of those the forward pass never reached.
         ``shadow(b, name)``: the float model's input rows to Linear ``name`` on batch ``b`` (for ``Gram.cross``)."""
-        remaining = {id(m) for m in modules if id(m) in todo}
+        remaining = {id(m) for m in modules if id(m) in self.todo}
         while remaining:
-            state: dict[str, Any] = {"stage": [], "key": None, "fixed": False, "xtx": None, "count": 0, "mask": None,
-                                     "rows": None, "cross": None}
-
-            def hook(mod, args, state=state, remaining=remaining):
-                if id(mod) not in remaining:
-                    return
-                x, n = args[0], todo[id(mod)]
-                if not state["fixed"]:
-                    key = (x.data_ptr(), tuple(x.shape))
-                    if state["key"] is not None and key != state["key"]:
-                        raise _Stop
-                    state["key"] = key
-                    if n in state["stage"]:
-                        return
-                    state["stage"].append(n)
-                elif n not in state["stage"]:
-                    raise _Stop
-                if n == state["stage"][0]:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                    state["rows"] = rows = _real_tokens(rows, state["mask"]).float()
-                    g = (rows.T @ rows).double()
-                    state["xtx"] = g if state["xtx"] is None else state["xtx"] + g
-                    state["count"] += rows.shape[0]
-
-            hooks = [m.register_forward_pre_hook(hook) for m in modules if id(m) in remaining]
-            try:
-                for b in range(nbatches):
-                    state["rows"] = None
-                    try:
-                        run(b, state)
-                    except _Stop:
-                        pass
-                    state["fixed"] = True
-                    if shadow is not None and state["rows"] is not None:
-                        c = (state["rows"].T @ shadow(b, state["stage"][0])).double()
-                        state["cross"] = c if state["cross"] is None else state["cross"] + c
-            finally:
-                for h in hooks:
-                    h.remove()
+            state = self._collect_stage(modules, remaining, run, nbatches, shadow)
             if not state["stage"]:
                 break
             cross = None if state["cross"] is None else state["cross"].numpy()
-            encode_stage(state["stage"], Gram(state["xtx"].numpy(), state["count"], cross))
-            remaining -= {id(factory.linears[n][0]) for n in state["stage"]}
+            self.encode_stage(state["stage"], Gram(state["xtx"].numpy(), state["count"], cross))
+            remaining -= {id(self.factory.linears[n][0]) for n in state["stage"]}
         return remaining
 
-    masks = [m for _a, m in data]
-    try:
-        with torch.no_grad():
-            blocks = _block_list(model)[2]
-            cached: list[tuple[tuple, dict]] = []
-
-            def grab(mod, args, kwargs):
-                cached.append((args, kwargs))
-                raise _Stop
-
-            if len(blocks):
-                h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def _collect_stage(self, modules: list, remaining: set[int], run: Callable, nbatches: int,
+                       shadow: Callable | None) -> dict[str, Any]:
+        """Run every batch once, finding the next stage (the Linears that read the same input) and
+        summing its Gram (and cross term)."""
+        state: dict[str, Any] = {"stage": [], "key": None, "fixed": False, "xtx": None, "count": 0, "mask": None,
+                                 "rows": None, "cross": None}
+        hook = self._stage_hook(state, remaining)
+        hooks = [m.register_forward_pre_hook(hook) for m in modules if id(m) in remaining]
+        try:
+            for b in range(nbatches):
+                state["rows"] = None
                 try:
-                    for args, _mask in data:
-                        try:
-                            _call(model, args)
-                        except _Stop:
-                            pass
-                finally:
-                    h.remove()
-            float_cached = list(cached) if asymmetric else None
-            for block in blocks:
-                def run_block(b, state, block=block):
-                    state["mask"] = masks[b]
-                    args, kwargs = cached[b]
-                    block(*args, **kwargs)
+                    run(b, state)
+                except _Stop:
+                    pass
+                state["fixed"] = True
+                if shadow is not None and state["rows"] is not None:
+                    c = (state["rows"].T @ shadow(b, state["stage"][0])).double()
+                    state["cross"] = c if state["cross"] is None else state["cross"] + c
+        finally:
+            for h in hooks:
+                h.remove()
+        return state
 
-                float_block = copy.deepcopy(block) if asymmetric else None
-                shadow = None if float_block is None else _shadow(block, float_block, float_cached, masks, factory)
-                run_stages([m for m in block.modules() if id(m) in todo], run_block, len(cached), shadow)
-                _advance(block, cached)
-                if float_block is not None:
-                    _advance(float_block, float_cached)
+    def _stage_hook(self, state: dict[str, Any], remaining: set[int]) -> Callable:
+        """A forward pre-hook: on the first batch it collects the Linears reading the first input
+        seen (and stops the pass at a different input); on the others it stops at a Linear outside
+        the stage. The stage's first Linear adds its real tokens' rows to the Gram."""
+        def hook(mod, args):
+            if id(mod) not in remaining:
+                return
+            x, n = args[0], self.todo[id(mod)]
+            if not state["fixed"]:
+                key = (x.data_ptr(), tuple(x.shape))
+                if state["key"] is not None and key != state["key"]:
+                    raise _Stop
+                state["key"] = key
+                if n in state["stage"]:
+                    return
+                state["stage"].append(n)
+            elif n not in state["stage"]:
+                raise _Stop
+            if n == state["stage"][0]:
+                rows = x.detach().reshape(-1, x.shape[-1])
+                state["rows"] = rows = _real_tokens(rows, state["mask"]).float()
+                g = (rows.T @ rows).double()
+                state["xtx"] = g if state["xtx"] is None else state["xtx"] + g
+                state["count"] += rows.shape[0]
 
-            def run_model(b, state):
-                state["mask"] = masks[b]
-                _call(model, data[b][0])
+        return hook
 
-            tail = [m for m in model.modules() if id(m) in todo and todo[id(m)] not in out]
-            for i in run_stages(tail, run_model, len(data)):
-                encode_stage([todo[i]], None)
+    def encode_stage(self, stage: list[str], gram: Gram | None) -> None:
+        """Encode the Linears of ``stage`` (``jobs`` at a time) and write their decodes back."""
+        import torch
+
+        def one(n):
+            layer, transposed = self.factory.linears[n]
+            codec = self.codecs[n]
+            w = layer.weight.detach().numpy()
+            w = np.ascontiguousarray(w.T if transposed else w)
+            calib = gram if (gram is not None and not transposed and takes_calibration(codec)) else None
+            return n, self.encode(codec, w, calib, n)
+
+        for n, enc in self.pool.map(one, stage):
+            layer, transposed = self.factory.linears[n]
+            dec = torch.from_numpy(np.ascontiguousarray(enc.decode(), dtype=np.float32))
+            with torch.no_grad():
+                layer.weight.copy_(dec.T if transposed else dec)
+            self.out[n] = enc
+            if self.on_encoded is not None:
+                self.on_encoded(n, enc)
+
+
+def _block_inputs(model, first_block, data) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``first_block`` receives for each batch of ``data`` (the pass stops there)."""
+    cached: list[tuple[tuple, dict]] = []
+
+    def grab(mod, args, kwargs):
+        cached.append((args, kwargs))
+        raise _Stop
+
+    h = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for args, _mask in data:
+            try:
+                _call(model, args)
+            except _Stop:
+                pass
     finally:
-        pool.shutdown()
-    return out
+        h.remove()
+    return cached
 
 
 def _advance(block, cached: list) -> None:

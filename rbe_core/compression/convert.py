@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..abc import Encoded
 from ..container import Writer
-from ..container import open as open_rbe
+from ..files import open as open_rbe
 from ..models import get_spec, model_metadata
-from ..models.common import ModelError, RBEModel
 from ..models.loading import load_model
 from ..models.sources import open_source
+from ..models.spec import ModelError
 from ..registry import get_codec, list_codecs
 from .calibration import encode_calibrated, takes_calibration
 from .ray_convert import RayCluster
@@ -158,12 +157,12 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     candidates = budget_candidates(codec) if target_bpw is not None else []
     budget = _Budget(target_bpw, candidates) if target_bpw is not None else None
     plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
-    pre: dict[str, Encoded] = {}
     encode = encode_calibrated
     if cluster is not None:  # joined only once the source, codecs and policy are known to be good
         ray_cluster = RayCluster(cluster)
         jobs = jobs if jobs > 1 else ray_cluster.cpus
         encode = ray_cluster.encode_with
+    pre: dict[str, Encoded] = {}
     if calibration is not False and (budget is not None or takes_calibration(get_codec(default or RAW))):
         from .calibration import calibrated_encodings, read_text
 
@@ -174,6 +173,18 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         plans.update({n: dict(e.codec.get_config()) for n, e in pre.items()})
+    with Writer(out) as writer:
+        _encode_all(source, names, plans, budget, pre, encode, jobs, progress, writer)
+        metadata = model_metadata(source.spec, source.config, source.tokenizer_json, source.chat_template)
+        check = None if verify_backend is None else (lambda tmp: _smoke_test(load_model(tmp, verify_backend)))
+        return writer.close(metadata, check=check)
+
+
+def _encode_all(source, names: list[str], plans: dict[str, dict | None], budget: _Budget | None,
+                pre: dict[str, Encoded], encode, jobs: int, progress: bool, writer: Writer) -> None:
+    """Encode every tensor of ``names`` into ``writer``, ``jobs`` at a time and in a fixed order:
+    its planned codec, or (plan None) the budget's choice; ``pre`` holds those already encoded
+    (calibrated) and is emptied."""
 
     def encode_with(name: str, codec_obj) -> Encoded:
         return pre.pop(name) if name in pre else encode(codec_obj, source.load(name), None, name)
@@ -193,17 +204,16 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     sizes = {n: math.prod(source.shapes[n]) for n in names}
     # fixed-codec tensors first so the budget knows what they cost before choosing for the rest
     order = sorted(names, key=lambda n: plans[n] is None)
-    with Writer(out) as writer, ThreadPoolExecutor(max(1, jobs)) as pool:
+    window = max(1, jobs)
+    with ThreadPoolExecutor(window) as pool:
         bar = _progress(sum(sizes.values()), progress)
+        futures = {n: submit(n) for n in order[:window]}
         try:
-            window = max(1, jobs)
-            futures = {n: submit(n) for n in order[:window]}
             for k, name in enumerate(order):
                 bar.set_postfix_str(name, refresh=False)
                 i, enc = futures.pop(name).result()
                 if k + window < len(order):
-                    nxt = order[k + window]
-                    futures[nxt] = submit(nxt)
+                    futures[order[k + window]] = submit(order[k + window])
                 if budget is not None and plans[name] is None:
                     enc = budget.accept(i, enc, lambda c, _n=name: encode_with(_n, c))
                 elif budget is not None and plans[name]["id"] != "raw":
@@ -217,9 +227,6 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
             raise
         finally:
             bar.close()
-        metadata = model_metadata(source.spec, source.config, source.tokenizer_json, source.chat_template)
-        check = None if verify_backend is None else (lambda tmp: _smoke_test(load_model(tmp, verify_backend)))
-        return writer.close(metadata, check=check)
 
 
 def _progress(total: int, enabled: bool):
@@ -228,8 +235,10 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="w", unit_scale=True, disable=not enabled, desc="rbe convert", dynamic_ncols=True)
 
 
-def _smoke_test(model: RBEModel) -> None:
-    """Run a few tokens through ``model``; ``ModelError`` unless the outputs are finite."""
+def _smoke_test(model) -> None:
+    """Run a few tokens through the torch ``model``; ``ModelError`` unless the outputs are finite."""
+    import torch
+
     ids = torch.arange(min(4, model.config["vocab_size"]))[None]
     with torch.no_grad():
         out = model(ids)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import attrs
 
-from ..models.common import ModelError
+from ..models.spec import ModelError
 
 DEBIAN_DOCS = Path("/usr/share/doc")
 #: Files and folders never read (evaluation texts and licenses).

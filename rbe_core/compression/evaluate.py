@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.common import CausalLM, ModelError
+from ..models.common import CausalLM
 from ..models.loading import load_model
+from ..models.spec import ModelError
 from .calibration import sentences
 
 
@@ -60,7 +61,7 @@ def stored_bits(path: str | os.PathLike) -> dict[str, Any]:
         tensors = [(t.name, len(t.shape), int(t.n_bytes), int(t.n_elements)) for t in gguf.GGUFReader(str(p)).tensors]
         files, compressed = [p], None
     else:
-        from ..container import open as open_rbe
+        from ..files import open as open_rbe
 
         f = open_rbe(p)
         encs = {n: f[n] for n in f}

@@ -11,7 +11,7 @@ dies is retried (``max_retries``); Ctrl-C on the driver cancels the tasks and le
 
 from __future__ import annotations
 
-from ..models.common import ModelError
+from ..models.spec import ModelError
 from ..registry import get_codec
 from .calibration import encode_calibrated
 

@@ -37,8 +37,8 @@ from torch.func import functional_call
 
 from ..abc import Encoded, lifts
 from ..container import Writer
-from ..container import open as open_rbe
-from ..models.common import ModelError
+from ..files import open as open_rbe
+from ..models.spec import ModelError
 from ..registry import get_codec
 from ..training.lowered import LoweredForm
 from .calibration import _block_list, _call, _Stop, source_model

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..models.common import ModelError
+from ..models.spec import ModelError
 
 #: Files besides weights and config that travel with the model (tokenizer, chat template, sentence-transformers).
 _COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

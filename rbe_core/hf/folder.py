@@ -81,8 +81,8 @@ class HFFolder(TensorFile):
     def _model_metadata(self) -> dict:
         """``rbe.model`` etc. when rbe implements this ``model_type`` (else only the tokenizer)."""
         from ..models import spec_for_hf
-        from ..models.common import ModelError, model_metadata
         from ..models.sources import _hf_chat_template, _sentence_transformers_extras
+        from ..models.spec import ModelError, model_metadata
 
         tok = self.path / "tokenizer.json"
         tokenizer = tok.read_text() if tok.is_file() else None

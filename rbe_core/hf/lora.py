@@ -1,6 +1,7 @@
 """PEFT LoRA on ``QuantizedLinear``: adapters train with the codes frozen; merging re-encodes.
 
-``enable()`` puts ``dispatch_rbe`` in front of PEFT's LoRA dispatchers (once), so
+``enable()`` (run by ``import rbe_core`` once PEFT's LoRA model module is imported:
+``rbe_core.hf.autoregister``) puts ``dispatch_rbe`` in front of PEFT's LoRA dispatchers (once), so
 ``peft.get_peft_model`` and ``PeftModel.from_pretrained`` wrap rbe layers like any Linear. The
 frozen base runs through the backend's fused kernels in both passes (``linear`` forward,
 ``linear_grad_input`` backward); gradients reach only the adapters. ``merge`` decodes the weight,
@@ -15,8 +16,8 @@ import warnings
 
 import numpy as np
 import torch
-from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import model as lora_model
+from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 

@@ -88,7 +88,8 @@ def _dense(module: nn.Module) -> np.ndarray:
     return np.ascontiguousarray((w.T if _is_conv1d(module) else w).numpy())
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` (dotted) in ``model``'s module tree."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -218,7 +219,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     conv1d = {n for n, m in targets.items() if _is_conv1d(m)}
     for n in conv1d:
         targets[n] = _as_linear(targets[n])
-        _set_module(model, n, targets[n])
+        set_module(model, n, targets[n])
     for n, m in targets.items():
         if not torch.isfinite(m.weight).all():
             raise ValueError(f"{n}: the weight holds NaN or inf")
@@ -254,9 +255,9 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
             encoded[n] = base.encode(_dense(m), source=n)
     for n, m in targets.items():
         bias = None if m.bias is None else m.bias.detach().float().cpu()
-        _set_module(model, n, QuantizedLinear(encoded[n], bias, backend_obj, conv1d=n in conv1d))
+        set_module(model, n, QuantizedLinear(encoded[n], bias, backend_obj, conv1d=n in conv1d))
     model.train(was_training)
-    _record(model, codec, target_bpw, backend, include, exclude)
+    record(model, codec, target_bpw, backend, include, exclude)
     return model
 
 
@@ -264,12 +265,16 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def _record(model: nn.Module, codec, target_bpw, backend, include, exclude) -> None:
-    """Attach an ``RbeConfig`` describing every quantized layer (transformers models only)."""
+def record(model: nn.Module, codec, target_bpw, backend, include, exclude) -> None:
+    """Attach an ``RbeConfig`` describing every quantized layer (transformers models only), and an
+    ``RbeHfQuantizer`` unless the model has one (made by transformers' ``AutoHfQuantizer`` from the
+    registry ``rbe_core.hf.quantizer.register`` fills, which ``import rbe_core`` sees to)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    from .quantizer import RbeConfig, RbeHfQuantizer
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from .config import RbeConfig
 
     codec_conf = codec.get_config() if isinstance(codec, Codec) else codec
     existing = getattr(config, "quantization_config", None)
@@ -279,7 +284,7 @@ def _record(model: nn.Module, codec, target_bpw, backend, include, exclude) -> N
     rc.modules = {n: m.entry() for n, m in quantized_modules(model).items()}
     config.quantization_config = rc
     if getattr(model, "hf_quantizer", None) is None:
-        model.hf_quantizer = RbeHfQuantizer(rc, pre_quantized=False)
+        model.hf_quantizer = AutoHfQuantizer.from_config(rc, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = "rbe"
 
@@ -287,7 +292,7 @@ def _record(model: nn.Module, codec, target_bpw, backend, include, exclude) -> N
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every ``QuantizedLinear`` by the plain module it decodes to (bit for bit); returns ``model``."""
     for n, m in quantized_modules(model).items():
-        _set_module(model, n, m.dequantize())
+        set_module(model, n, m.dequantize())
     return model
 
 

@@ -1,6 +1,7 @@
 """transformers integration: ``RbeConfig`` and ``RbeHfQuantizer`` under ``quant_method: "rbe"``.
 
-``register()`` (run when ``rbe_core.hf`` is imported) adds both to transformers' registries, once.
+``register()`` adds both to transformers' registries, once; ``import rbe_core`` runs it when (and
+only when) transformers' quantizer registry is imported (``rbe_core.hf.autoregister``).
 Then ``from_pretrained(path, quantization_config=RbeConfig(codec=...))`` compresses while loading
 (after the dense weights are in: the peak is the dense model), ``save_pretrained`` writes the codes
 into the safetensors (``QuantizedLinear`` buffers; every layer's codec, shape, payload fields and
@@ -11,8 +12,6 @@ against the recorded checksums. Written against transformers 5.23 (the project's
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -20,44 +19,11 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import __version__
+from ..version import __version__
+from .config import QUANT_METHOD, RbeConfig
 
-QUANT_METHOD = "rbe"
-
-
-class RbeConfig(QuantizationConfigMixin):
-    """How to compress a transformers model with rbe (the arguments of ``rbe_core.hf.quantize``).
-
-    ``codec``: an rbe codec id or config (default ``int8``); ``target_bpw``: a bits/weight budget
-    chosen among the codec's settings; ``calibration``: a text file to calibrate on (needs the
-    model's tokenizer next to the weights); ``include``/``exclude``: module-name globs; ``backend``:
-    the rbe backend to run on. ``modules`` is filled by quantization (name -> layer entry) and is
-    what a saved folder is loaded from.
-    """
-
-    def __init__(self, codec: str | dict | None = None, target_bpw: float | None = None,
-                 calibration: str | None = None, include: list[str] | None = None,
-                 exclude: list[str] | None = None, backend: str | None = None,
-                 modules: dict[str, Any] | None = None, rbe_version: str | None = None, **kwargs):
-        self.quant_method = QUANT_METHOD
-        self.codec = codec
-        self.target_bpw = target_bpw
-        self.calibration = calibration
-        self.include = include
-        self.exclude = exclude
-        self.backend = backend
-        self.modules = modules or {}
-        self.rbe_version = rbe_version or __version__
-        unknown = sorted(set(kwargs) - {"quant_method"})
-        if unknown:
-            raise ValueError(f"RbeConfig: unknown option(s) {', '.join(unknown)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["quant_method"] = QUANT_METHOD
-        return out
+__all__ = ["QUANT_METHOD", "RbeConfig", "RbeHfQuantizer", "register"]
 
 
 class RbeHfQuantizer(HfQuantizer):
@@ -70,7 +36,7 @@ class RbeHfQuantizer(HfQuantizer):
             return model
         from ..registry import get_backend
         from .layers import QuantizedLinear
-        from .quantize import _set_module
+        from .quantize import set_module
 
         modules = self.quantization_config.modules
         if not modules:
@@ -81,17 +47,17 @@ class RbeHfQuantizer(HfQuantizer):
                 old = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"the rbe checkpoint quantizes {name!r}, which this model does not have") from None
-            _set_module(model, name, QuantizedLinear.shell(entry, getattr(old, "bias", None) is not None, backend))
+            set_module(model, name, QuantizedLinear.shell(entry, getattr(old, "bias", None) is not None, backend))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .quantize import _record, quantize, quantized_modules
+        from .quantize import quantize, quantized_modules, record
 
         if self.pre_quantized:
             for layer in quantized_modules(model).values():
                 layer.refresh()
             model.hf_quantizer = self
-            _record(model, None, None, None, None, None)
+            record(model, None, None, None, None, None)
             return model
         c = self.quantization_config
         calibration = tokenizer = None

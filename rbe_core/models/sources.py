@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from .common import ModelError, Spec
+from .spec import ModelError, Spec
 
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 

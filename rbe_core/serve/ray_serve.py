@@ -9,7 +9,7 @@ import threading
 import attrs
 
 from ..compression.ray_convert import RayCluster
-from ..models.common import ModelError
+from ..models.spec import ModelError
 from .app import create_app
 
 log = logging.getLogger("rbe.serve")

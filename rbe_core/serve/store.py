@@ -18,9 +18,9 @@ from typing import Any
 
 import attrs
 
-from ..models.loading import load_model
-from ..container import open as open_rbe
-from ..models.common import CausalLM
+from ..files import open as open_rbe
+from ..models.generation import TextGeneration
+from ..models.loading import load_generator
 from ..registry import get_backend
 from .metrics import Metrics
 from .protocol import APIError
@@ -141,13 +141,13 @@ class ModelStore:
             self.loading += 1
         try:
             try:
-                model = load_model(path, self.backend)
+                model = load_generator(path, self.backend)
                 card = model_card(path, model)
             except APIError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any load failure is the caller's bad input
                 raise APIError(400, f"cannot load {path}: {exc}", param="path") from None
-            served = Served(name, path, model, "causal" if isinstance(model, CausalLM) else "encoder", card,
+            served = Served(name, path, model, "causal" if isinstance(model, TextGeneration) else "encoder", card,
                             get_backend(self.backend).name)
             if served.kind == "causal":
                 template = open_rbe(path).metadata.get("rbe.chat_template")

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from ..models.generation import sampler_rng
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -40,11 +39,7 @@ class Job:
                  stops: list[str], emit: Callable[..., None], deadline: float):
         self.ids, self.max_tokens = ids, max_tokens
         self.temperature, self.top_p, self.stops = temperature, top_p, stops
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed % (2**63))
-        else:
-            self.generator.seed()
+        self.generator = sampler_rng(seed)
         self.emit, self.deadline = emit, deadline
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()

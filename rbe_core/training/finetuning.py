@@ -37,11 +37,12 @@ import torch.nn.functional as F
 
 from ..abc import Encoded
 from ..compression.evaluate import reference_model
-from ..container import open as open_rbe
 from ..container import save
+from ..files import open as open_rbe
 from ..layers import RBEEmbedding, RBELinear
-from ..models import build_model
-from ..models.common import CausalLM, ModelError, RBEModel
+from ..models.build import build_model
+from ..models.common import CausalLM, RBEModel
+from ..models.spec import ModelError
 from ..registry import get_backend
 from .trainable import QATLinear, finalize, prepare_for_training
 

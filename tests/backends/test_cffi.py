@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import rbe_core
-from rbe_backends.cffi import CffiBackend, ops
+from rbe_backends.cffi import CffiBackend, library, ops
 from rbe_core.errors import BackendUnavailableError
 
 _OK, _REASON = CffiBackend.availability()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cffi backend unavailable: {_REASON}")
 
-ISAS = list(ops.ISAS)
+ISAS = list(library.ISAS)
 CODECS = [
     ("int8", {}),
     ("int4", {}),
@@ -61,9 +61,9 @@ def numpy_ref():
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Force each ISA path in turn; skip the ones this CPU (or build) cannot run."""
-    if request.param not in ops.supported_isas():
-        pytest.skip(f"{request.param} not usable here (usable: {', '.join(ops.supported_isas())})")
-    monkeypatch.setenv(ops.ISA_ENV, request.param)
+    if request.param not in library.supported_isas():
+        pytest.skip(f"{request.param} not usable here (usable: {', '.join(library.supported_isas())})")
+    monkeypatch.setenv(library.ISA_ENV, request.param)
     return request.param
 
 
@@ -72,20 +72,20 @@ def test_registered_with_features(cffi):
     entry = rbe_core.registry().lookup("backends", "cffi")
     assert entry.plugin == "cffi"
     feats = CffiBackend.features()
-    assert "scalar" in feats and f"active={ops.active_isa()}" in feats
-    assert set(feats[: len(ops.supported_isas())]) <= set(ops.ISAS)
-    assert cffi.supports("int8") and cffi.supports("hadamard") and not cffi.supports("hybrid")
+    assert "scalar" in feats and f"active={library.active_isa()}" in feats
+    assert set(feats[: len(library.supported_isas())]) <= set(library.ISAS)
+    assert cffi.supports(rbe_core.get_codec("int8")) and cffi.supports(rbe_core.get_codec("hadamard")) and not cffi.supports(rbe_core.get_codec("hybrid"))
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="SIMD paths are x86 only")
 def test_simd_paths_are_built_on_x86():
     """A per-ISA file that fails to compile leaves a scalar-only module (setup.py only warns):
     on x86 both SIMD paths must be in the build."""
-    assert {"avx2", "avx512"} <= set(ops.compiled_isas())
+    assert {"avx2", "avx512"} <= set(library.compiled_isas())
 
 
 def test_forced_isa_is_reported_active(isa):
-    assert ops.active_isa() == isa
+    assert library.active_isa() == isa
     assert f"active={isa}" in CffiBackend.features()
 
 
@@ -156,14 +156,14 @@ def test_float16_subnormal_scales(cffi, numpy_ref, isa, rng):
 
 @pytest.mark.parametrize("codec_id", ["int8", "int4"])
 def test_threads_split_work_without_changing_results(monkeypatch, cffi, numpy_ref, codec_id, rng):
-    monkeypatch.setattr(ops, "WAKE_WORK", 1000)  # split even this small product
+    monkeypatch.setattr(library, "WAKE_WORK", 1000)  # split even this small product
     enc = encode(codec_id, {}, (301, 1000), rng)
     for n in (1, 4):
         x = rng.standard_normal((n, 1000)).astype(np.float32)
         g = rng.standard_normal((n, 301)).astype(np.float32)
         results = []
         for threads in ("1", "2", "3"):
-            monkeypatch.setenv(ops.THREADS_ENV, threads)
+            monkeypatch.setenv(library.THREADS_ENV, threads)
             results.append((cffi.linear(x, enc), cffi.linear_grad_input(g, enc)))
         for y, gi in results[1:]:  # each output element is computed by exactly one thread
             np.testing.assert_array_equal(y, results[0][0])
@@ -174,17 +174,17 @@ def test_threads_split_work_without_changing_results(monkeypatch, cffi, numpy_re
 
 def test_small_products_stay_on_the_calling_thread(monkeypatch):
     """A product wakes a sleeping worker only when each thread gets ``WAKE_WORK`` multiply-adds."""
-    monkeypatch.setenv(ops.THREADS_ENV, "3")
-    assert ops.threads_for(576 * 576) == 1  # SmolLM2's projections at batch 1
-    assert ops.threads_for(2 * ops.WAKE_WORK) == 2
-    assert ops.threads_for(4096 * 4096) == 3  # never more than asked for
-    monkeypatch.setenv(ops.THREADS_ENV, "1")
-    assert ops.threads_for(4096 * 4096 * 64) == 1
+    monkeypatch.setenv(library.THREADS_ENV, "3")
+    assert library.threads_for(576 * 576) == 1  # SmolLM2's projections at batch 1
+    assert library.threads_for(2 * library.WAKE_WORK) == 2
+    assert library.threads_for(4096 * 4096) == 3  # never more than asked for
+    monkeypatch.setenv(library.THREADS_ENV, "1")
+    assert library.threads_for(4096 * 4096 * 64) == 1
 
 
 def test_gil_is_released_during_a_kernel(monkeypatch, cffi, rng):
-    monkeypatch.setenv(ops.ISA_ENV, "scalar")
-    monkeypatch.setenv(ops.THREADS_ENV, "1")
+    monkeypatch.setenv(library.ISA_ENV, "scalar")
+    monkeypatch.setenv(library.THREADS_ENV, "1")
     enc = encode("int8", {}, (512, 512), rng)
     x = rng.standard_normal((32, 512)).astype(np.float32)
     start = time.perf_counter()
@@ -213,7 +213,7 @@ def test_gil_is_released_during_a_kernel(monkeypatch, cffi, rng):
 
 def test_other_codecs_use_the_generic_path(cffi, numpy_ref, rng):
     enc = encode("hybrid", {}, (13, 64), rng)
-    assert not cffi.supports("hybrid") and cffi.path(enc) == "generic" and ops.matrix(enc) is None
+    assert not cffi.supports(rbe_core.get_codec("hybrid")) and cffi.path(enc) == "generic" and ops.matrix(enc) is None
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_array_equal(cffi.linear(x, enc), numpy_ref.linear(x, enc))
 
@@ -233,18 +233,18 @@ def test_inconsistent_payload_is_rejected_before_c(cffi, rng):
 
 def test_bad_isa_or_threads_setting_is_explained(monkeypatch, cffi, rng):
     enc = encode("int8", {}, (4, 8), rng)
-    monkeypatch.setenv(ops.ISA_ENV, "neon")
+    monkeypatch.setenv(library.ISA_ENV, "neon")
     ok, reason = CffiBackend.availability()
     assert not ok and "RBE_CFFI_ISA='neon'" in reason
     with pytest.raises(ValueError, match="expected one of"):
         cffi.linear(np.ones((1, 8), np.float32), enc)
-    missing = [name for name in ops.ISAS if name not in ops.supported_isas()]
+    missing = [name for name in library.ISAS if name not in library.supported_isas()]
     if missing:
-        monkeypatch.setenv(ops.ISA_ENV, missing[0])
+        monkeypatch.setenv(library.ISA_ENV, missing[0])
         ok, reason = CffiBackend.availability()
-        assert not ok and reason.startswith(f"{ops.ISA_ENV}={missing[0]}:")
-    monkeypatch.setenv(ops.ISA_ENV, "scalar")
-    monkeypatch.setenv(ops.THREADS_ENV, "zero")
+        assert not ok and reason.startswith(f"{library.ISA_ENV}={missing[0]}:")
+    monkeypatch.setenv(library.ISA_ENV, "scalar")
+    monkeypatch.setenv(library.THREADS_ENV, "zero")
     with pytest.raises(ValueError, match="RBE_CFFI_THREADS"):
         cffi.linear(np.ones((1, 8), np.float32), enc)
 
@@ -253,8 +253,8 @@ def test_missing_compiled_module_fails_on_call_not_import(monkeypatch, rng):
     enc = encode("int8", {}, (4, 8), rng)
     monkeypatch.setitem(sys.modules, "rbe_backends.cffi._kernels", None)  # import now fails
     try:
-        importlib.reload(ops)
-        assert ops.lib is None
+        importlib.reload(library)
+        assert library.lib is None
         ok, reason = CffiBackend.availability()
         assert not ok and "rbe_backends.cffi._kernels" in reason and "C compiler" in reason
         assert CffiBackend.features() == ()
@@ -262,5 +262,5 @@ def test_missing_compiled_module_fails_on_call_not_import(monkeypatch, rng):
             CffiBackend().linear(np.ones((1, 8), np.float32), enc)
     finally:
         monkeypatch.undo()
-        importlib.reload(ops)
-    assert ops.lib is not None and CffiBackend.availability() == (True, "")
+        importlib.reload(library)
+    assert library.lib is not None and CffiBackend.availability() == (True, "")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import rbe_core
-from rbe_backends.cffi import CffiBackend, ops
+from rbe_backends.cffi import CffiBackend, library
 from rbe_core.errors import NativeUnavailableError
 from rbe_core.native.lowering import lower
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"cffi backend unavailable: {_RE
 sys.path.insert(0, str(Path(__file__).parents[1] / "rbe_core"))
 from _model_helpers import mini_gpt2, package_dir, tiny_llama, torch, write_gguf  # noqa: E402
 
-from rbe_backends.cffi.engine import LoweredMatrix  # noqa: E402
+from rbe_backends.cffi.ops import LoweredMatrix  # noqa: E402
 from rbe_core.models import ModelError  # noqa: E402
 
 KERNEL_CODECS = [
@@ -49,11 +49,11 @@ def f32_cache(monkeypatch):
     monkeypatch.setenv("RBE_ENGINE_KV", "f32")
 
 
-@pytest.fixture(params=list(ops.ISAS))
+@pytest.fixture(params=list(library.ISAS))
 def isa(request, monkeypatch):
-    if request.param not in ops.supported_isas():
-        pytest.skip(f"{request.param} not usable here (usable: {', '.join(ops.supported_isas())})")
-    monkeypatch.setenv(ops.ISA_ENV, request.param)
+    if request.param not in library.supported_isas():
+        pytest.skip(f"{request.param} not usable here (usable: {', '.join(library.supported_isas())})")
+    monkeypatch.setenv(library.ISA_ENV, request.param)
     return request.param
 
 
@@ -65,8 +65,8 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("config", KERNEL_CODECS, ids=str)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_lowered_kernels_match_numpy(config, threads, isa, monkeypatch):
-    monkeypatch.setenv(ops.THREADS_ENV, str(threads))
-    monkeypatch.setattr(ops, "WAKE_WORK", 1)  # split even these small products
+    monkeypatch.setenv(library.THREADS_ENV, str(threads))
+    monkeypatch.setattr(library, "WAKE_WORK", 1)  # split even these small products
     rng = np.random.default_rng(7)
     for shape in [(37, 101), (70, 200), (130, 64)]:
         enc = rbe_core.get_codec(config).encode(rng.standard_normal(shape).astype(np.float32))
@@ -88,10 +88,10 @@ def test_thread_pool_under_back_to_back_regions(monkeypatch):
     mats = [LoweredMatrix(lower(rbe_core.get_codec(c).encode(rng.standard_normal(s).astype(np.float32))))
             for c, s in (("int4", (96, 64)), ({"id": "hadamard", "bits": 5}, (160, 96)), ("int8", (64, 160)))]
     xs = [rng.standard_normal((1, m.in_features)).astype(np.float32) for m in mats]
-    monkeypatch.setenv(ops.THREADS_ENV, "1")
+    monkeypatch.setenv(library.THREADS_ENV, "1")
     want = [m.linear(x) for m, x in zip(mats, xs, strict=True)]
-    monkeypatch.setenv(ops.THREADS_ENV, "3")
-    monkeypatch.setattr(ops, "WAKE_WORK", 1)
+    monkeypatch.setenv(library.THREADS_ENV, "3")
+    monkeypatch.setattr(library, "WAKE_WORK", 1)
     for i in range(600):
         k = i % 3
         assert np.array_equal(mats[k].linear(xs[k]), want[k]), i
@@ -195,7 +195,7 @@ def test_gpt2_engine_matches_torch_modules(codec, tmp_path):
 @pytest.mark.parametrize("threads", [2, 3])
 def test_long_decode_splits_attention_over_positions(threads, tmp_path, monkeypatch):
     """Past 256 cached positions a decode step's attention is split over positions and merged."""
-    monkeypatch.setenv(ops.THREADS_ENV, str(threads))
+    monkeypatch.setenv(library.THREADS_ENV, str(threads))
     ref = tiny_llama(max_position_embeddings=400)
     native, torch_path = _engine_and_reference(_save(ref, tmp_path, "int8"))
     ids = torch.randint(0, ref.config.vocab_size, (1, 320), generator=torch.Generator().manual_seed(5))

@@ -14,15 +14,14 @@ from hypothesis import strategies as st
 import rbe_core
 from rbe_core import Encoded, InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import fwht
+from rbe_plugins._hadamard_codes import pack_codes, unpack_codes
 from rbe_plugins.hadamard import (
     HadamardCodec,
     grid_for,
     hadamard_blocks,
     normal_levels,
-    pack_codes,
     rotate,
     sign_vector,
-    unpack_codes,
     unrotate,
 )
 

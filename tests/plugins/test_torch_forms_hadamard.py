@@ -9,7 +9,7 @@ import torch
 
 import rbe_core
 from rbe_core.training.trainable import TrainableRBELinear, get_engine, torch_form
-from rbe_plugins.engines import weight_grad
+from rbe_plugins.torch_engines import weight_grad
 
 CODECS = [
     {"id": "hadamard", "bits": 3, "group_size": 8},

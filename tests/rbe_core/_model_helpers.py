@@ -70,7 +70,7 @@ def write_gguf(model, path: Path, quantize_embedding: bool = True, chat_template
     """
     import gguf
 
-    from rbe_core.models.llama import NAMES, _permute_rows
+    from rbe_core.models.families.llama import NAMES, _permute_rows
 
     cfg = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}

@@ -55,3 +55,25 @@ def test_infer_and_bench_run_the_native_engine(model_file):
 def test_engine_native_without_one_is_a_clear_error(model_file):
     code, out = run("infer", model_file, "--prompt", "the", "--backend", "numpy", "--engine", "native")
     assert code == 2 and "no native engine" in out and "Traceback" not in out
+
+
+@needs_cffi
+def test_native_infer_runs_without_torch_and_agrees_with_the_torch_modules(model_file):
+    """``rbe infer`` on the native engine loads no torch (``load_generator``: ``NativeLM``) and
+    generates the tokens the torch modules generate."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from rbe_core.cli import main
+        main(["infer", {model_file!r}, "--prompt", "the the", "--max-tokens", "8", "--backend", "cffi"],
+             standalone_mode=False)
+        print("torch loaded:", "torch" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "torch loaded: False"
+    code, out = run("infer", model_file, "--prompt", "the the", "--max-tokens", "8", "--backend", "cffi",
+                    "--engine", "torch")
+    assert code == 0 and done.stdout.rsplit("torch loaded", 1)[0] == out

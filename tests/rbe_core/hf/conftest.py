@@ -7,7 +7,7 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'rbe[hf]')")
 torch = pytest.importorskip("torch")
 
-import rbe_core.hf  # noqa: E402,F401  (registers quant_method "rbe")
+import rbe_core.hf  # noqa: E402,F401  (with it rbe_core, whose import registers quant_method "rbe")
 
 _LM = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
