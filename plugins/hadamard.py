@@ -43,7 +43,7 @@ from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
 from rbe_core.compression.gptq import gptq
 from rbe_core.errors import InvalidWeightError, RBEFormatError
-from rbe_core.native.lowering import HadamardTransform, Lowered, fwht_blocks
+from rbe_core.native.lowering import HadamardTransform, Lowered
 
 from ._hadamard_codes import pack_codes, unpack_codes
 
@@ -119,13 +119,14 @@ def sign_vector(n: int, seed: int) -> np.ndarray:
 
 
 def rotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
-    """Rows of ``x`` (…, cols_p) times ``Rᵀ``: the forward rotation of weights and activations."""
-    return fwht_blocks(x * signs.astype(x.dtype), blocks)
+    """Rows of ``x`` (…, cols_p) times ``Rᵀ``: the forward rotation of weights and activations
+    (``R``: the lowered layout's ``HadamardTransform``)."""
+    return HadamardTransform(signs, tuple(blocks)).rotate(x)
 
 
 def unrotate(x: np.ndarray, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
     """Rows of ``x`` times ``R``: the inverse of :func:`rotate`."""
-    return fwht_blocks(x, blocks) * signs.astype(x.dtype)
+    return HadamardTransform(signs, tuple(blocks)).unrotate(x)
 
 
 # ---------------------------------------------------------------------------------------------

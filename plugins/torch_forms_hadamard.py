@@ -19,8 +19,6 @@ step, where differentiating ``decode`` costs a Hadamard transform of every weigh
 
 from __future__ import annotations
 
-import functools
-import math
 import weakref
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rbe_core.abc import Encoded
-from rbe_core.native.lowering import fwht
+from rbe_core.native.torch_lowered import fwht_blocks, hadamard_factors
 from rbe_core.training.forms import TorchForm, as_numpy
 
 from ._hadamard_codes import unpack_codes
@@ -43,19 +41,9 @@ def _log(values: np.ndarray) -> np.ndarray:
         return np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), _LOG_ZERO)
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The orthonormal (symmetric) Sylvester Hadamard matrix ``H_b / sqrt(b)``."""
-    return torch.from_numpy(fwht(np.eye(b)) / math.sqrt(b)).to(device, dtype)
-
-
 def _blockwise(x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
-    """``hadamard._blockwise`` in torch: one matmul per block (BLAS beats a torch butterfly here)."""
-    parts, start = [], 0
-    for b in blocks:
-        parts.append(x[..., start:start + b] @ _hadamard_matrix(b, x.dtype, x.device))
-        start += b
-    return torch.cat(parts, -1)
+    """The block-diagonal orthonormal Hadamard transform of ``x``'s rows, in ``x``'s dtype."""
+    return fwht_blocks(x, hadamard_factors(blocks, x.device, x.dtype))
 
 
 class _Unrotate(torch.autograd.Function):

@@ -258,3 +258,12 @@ def layer_norm(weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> n
         if bias is not None:
             ln.bias.copy_(bias)
     return ln
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` (dotted) in ``model``'s module tree; ``ValueError`` for the root
+    itself (name '')."""
+    if not name:
+        raise ValueError(f"cannot replace the model itself with a {type(new).__name__}; it must contain the layer")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..abc import Codec, Encoded
+from ..layers import set_module
 from ..registry import get_backend, get_codec
 from .layers import QuantizedLinear
 
@@ -86,12 +87,6 @@ def _dense(module: nn.Module) -> np.ndarray:
     """The module's weight as an (out, in) float32 array."""
     w = module.weight.detach().float().cpu()
     return np.ascontiguousarray((w.T if _is_conv1d(module) else w).numpy())
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name`` (dotted) in ``model``'s module tree."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:

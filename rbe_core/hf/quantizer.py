@@ -34,9 +34,9 @@ class RbeHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return model
+        from ..layers import set_module
         from ..registry import get_backend
         from .layers import QuantizedLinear
-        from .quantize import set_module
 
         modules = self.quantization_config.modules
         if not modules:

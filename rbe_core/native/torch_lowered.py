@@ -103,30 +103,34 @@ def prepare(low: Lowered, device: torch.device) -> TorchLowered:
                         offset=None if low.offset is None else _t(low.offset, device), dense=None)
 
 
-def _sylvester(m: int, device: torch.device) -> torch.Tensor:
-    h = torch.ones((1, 1), dtype=torch.float32)
+def _sylvester(m: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    h = torch.ones((1, 1), dtype=dtype)
     while h.shape[0] < m:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h.to(device)
 
 
-def hadamard_factors(blocks: list[int], device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+def hadamard_factors(blocks: list[int], device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per block b = b1 * b2: Sylvester ``H_b1`` and ``H_b2 / sqrt(b)`` (``H_b = H_b1 ⊗ H_b2``)."""
     out = []
     for b in blocks:
         b1 = 1 << ((b.bit_length() - 1) // 2)
-        out.append((b, _sylvester(b1, device), _sylvester(b // b1, device) * (1.0 / b**0.5)))
+        out.append((b, _sylvester(b1, device, dtype), _sylvester(b // b1, device, dtype) * (1.0 / b**0.5)))
     return out
 
 
 def fwht_blocks(x: torch.Tensor, factors) -> torch.Tensor:
-    """Orthonormal block-diagonal Walsh–Hadamard transform along the last axis of (n, cols_p):
-    each block as two small matmuls, ``H_b1 @ X @ H_b2`` on the block viewed as (b1, b2)."""
+    """Orthonormal block-diagonal Walsh–Hadamard transform along the last axis of (…, cols_p):
+    each block as two small matmuls, ``H_b1 @ X @ H_b2`` on the block viewed as (b1, b2) (the
+    torch twin of ``rbe_core.native.lowering.fwht_blocks``)."""
+    rows = x.reshape(-1, x.shape[-1])
     parts, start = [], 0
     for b, h1, h2 in factors:
-        y = x[:, start : start + b].reshape(x.shape[0], h1.shape[0], -1)
-        parts.append(torch.matmul(h1, y @ h2).reshape(x.shape[0], b))
+        y = rows[:, start : start + b].reshape(rows.shape[0], h1.shape[0], -1)
+        parts.append(torch.matmul(h1, y @ h2).reshape(rows.shape[0], b))
         start += b
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    return out.reshape(x.shape)
 
 

@@ -99,7 +99,7 @@ class LoweredForm(TorchForm):
         t = low.transform
         if t is not None:
             signs = torch.from_numpy(t.signs).to(w_c.device, w_c.dtype)
-            factors = [(b, h1.to(w_c.dtype), h2.to(w_c.dtype)) for b, h1, h2 in hadamard_factors(list(t.blocks), w_c.device)]
+            factors = hadamard_factors(list(t.blocks), w_c.device, w_c.dtype)
             w_c = fwht_blocks(w_c, factors) * signs
         return w_c[:, : low.cols]
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..abc import Backend, Codec, DerivativeEngine, Encoded, Quantizer, lifts
 from ..errors import RBEError
-from ..layers import RBEEmbedding, RBELinear
+from ..layers import RBEEmbedding, RBELinear, set_module
 from ..registry import registry
 from .forms import TorchForm, as_numpy
 from .lowered import LoweredForm
@@ -364,7 +364,7 @@ def prepare_for_training(model: nn.Module, *, engine: str = "autograd", quantize
         if isinstance(module, RBEEmbedding):
             if (embeddings and quantizer is None and id(module.encoded) not in tied
                     and _form_or_none(module.encoded.codec) is not None):
-                _set_child(model, name, TrainableRBEEmbedding(module))
+                set_module(model, name, TrainableRBEEmbedding(module))
                 names.append(name)
             continue
         if not isinstance(module, RBELinear):
@@ -375,7 +375,7 @@ def prepare_for_training(model: nn.Module, *, engine: str = "autograd", quantize
             new = QATLinear(module, quantizer, **quantizer_kwargs)
         if new.bias is not None:
             new.bias.requires_grad_(True)
-        _set_child(model, name, new)
+        set_module(model, name, new)
         names.append(name)
     return names
 
@@ -386,13 +386,6 @@ def finalize(model: nn.Module) -> dict[str, Encoded]:
     for name, module in list(model.named_modules()):
         if isinstance(module, _TRAINABLE):
             layer = module.finalize()
-            _set_child(model, name, layer)
+            set_module(model, name, layer)
             out[name] = layer.encoded
     return out
-
-
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    if not name:
-        raise ValueError("prepare_for_training needs a model containing RBELinear layers, not one itself")
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
