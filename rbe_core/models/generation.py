@@ -134,7 +134,7 @@ class NativeSequences:
 
 class NativeLM(TextGeneration):
     """A causal LM whose every step runs in a backend's native engine: no torch modules, no torch.
-    Logits are float32 numpy arrays. Built by ``rbe_core.models.loading.load_generator``."""
+    Logits are float32 numpy arrays. Built by ``rbe_core.models.loading.load_inference``."""
 
     engine_name = "native"
 

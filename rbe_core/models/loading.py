@@ -1,5 +1,6 @@
 """Loading a compressed model file as a runnable model: the torch model (``load_model``), or for
-generation the lightest model that runs it (``load_generator``: no torch on a native engine)."""
+inference the lightest one that runs it (``load_inference``: no torch on a native engine or,
+for encoders, in numpy)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from ..files import open as open_rbe
 from ..registry import get_backend
 from .families import read_description
 from .generation import NativeLM
+from .numpy_bert import NumpyBert
 from .spec import check_engine
 
 log = logging.getLogger("rbe.models")
+
+#: architecture -> the class that runs it as an encoder without torch.
+NUMPY_ENCODERS = {"bert": NumpyBert}
 
 
 def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bool = False,
@@ -47,17 +52,20 @@ def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bo
     return model
 
 
-def load_generator(path: str | os.PathLike, backend: str | None = None, *, engine: str = "auto"):
-    """The model stored in ``path`` for inference: a causal LM that ``backend``'s native engine
-    runs whole (``NativeLM``: generation without torch) when ``engine`` allows it and the engine
-    can run the model, else ``load_model``'s torch model (an encoder, or a causal LM in the
-    torch modules; 'native' raises instead of falling back)."""
+def load_inference(path: str | os.PathLike, backend: str | None = None, *, engine: str = "auto"):
+    """The model stored in ``path`` for inference, without torch where it can: a causal LM that
+    ``backend``'s native engine runs whole (``NativeLM``) when ``engine`` allows it and the engine
+    can run the model; an encoder in numpy around the backend's fused products (``NumpyBert``)
+    unless ``engine`` is 'torch'; else ``load_model``'s torch model ('native' raises instead of
+    falling back)."""
     check_engine(engine)
     if engine != "torch":
         be = get_backend(backend)
         f = open_rbe(path)
         tensors = {n: f[n] for n in f}
-        spec, cfg, _keep, tokenizer = read_description(f.metadata, {n: tuple(t.shape) for n, t in tensors.items()})
+        spec, cfg, keep, tokenizer = read_description(f.metadata, {n: tuple(t.shape) for n, t in tensors.items()})
+        if spec.name in NUMPY_ENCODERS:
+            return NUMPY_ENCODERS[spec.name](spec, cfg, tokenizer, {n: tensors[n] for n in keep}, be)
         try:
             native = be.native_decoder(spec.native_plan(cfg, set(tensors)), tensors)
         except NativeUnavailableError:

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
+from ..arrays import to_numpy_f32
 from .metrics import Metrics
 from .protocol import APIError, EmbeddingRequest, LoadRequest, UnloadRequest, parse
 from .store import ModelStore, Served
@@ -154,9 +155,7 @@ def add_embedding_routes(app: FastAPI, store: ModelStore, metrics: Metrics, max_
 
 
 def _embed(served: Served, texts: list[str]) -> np.ndarray:
-    """``texts`` embedded by ``served`` (under its lock, no autograd), each row scaled to unit length."""
-    import torch
-
-    with served.lock, torch.no_grad():
-        v = served.model.embed(texts).float().numpy().astype(np.float32)
+    """``texts`` embedded by ``served`` (under its lock), each row scaled to unit length."""
+    with served.lock:
+        v = to_numpy_f32(served.model.embed(texts))
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)

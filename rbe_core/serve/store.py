@@ -20,7 +20,7 @@ import attrs
 
 from ..files import open as open_rbe
 from ..models.generation import TextGeneration
-from ..models.loading import load_generator
+from ..models.loading import load_inference
 from ..registry import get_backend
 from .metrics import Metrics
 from .protocol import APIError
@@ -141,7 +141,7 @@ class ModelStore:
             self.loading += 1
         try:
             try:
-                model = load_generator(path, self.backend)
+                model = load_inference(path, self.backend)
                 card = model_card(path, model)
             except APIError:
                 raise

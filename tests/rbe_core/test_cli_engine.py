@@ -59,7 +59,7 @@ def test_engine_native_without_one_is_a_clear_error(model_file):
 
 @needs_cffi
 def test_native_infer_runs_without_torch_and_agrees_with_the_torch_modules(model_file):
-    """``rbe infer`` on the native engine loads no torch (``load_generator``: ``NativeLM``) and
+    """``rbe infer`` on the native engine loads no torch (``load_inference``: ``NativeLM``) and
     generates the tokens the torch modules generate."""
     import subprocess
     import textwrap
