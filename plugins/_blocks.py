@@ -73,8 +73,8 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack_nibbles`: uint8 (rows, n) -> uint8 (rows, 2n)."""
     out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
-    out[:, 0::2] = packed & 0x0F
-    out[:, 1::2] = packed >> 4
+    np.bitwise_and(packed, 0x0F, out=out[:, 0::2])  # written in place: no temporaries
+    np.right_shift(packed, 4, out=out[:, 1::2])
     return out
 
 

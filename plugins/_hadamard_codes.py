@@ -15,8 +15,18 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(planes.reshape(rows, n * bits), axis=1, bitorder="little")
 
 
+#: Code bits unpacked at a time (one byte each while unpacking): 4 Mi.
+UNPACK_CHUNK_BITS = 1 << 22
+
+
 def unpack_codes(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: uint8 (rows, n)."""
-    rows = packed.shape[0]
-    flat = np.unpackbits(packed, axis=1, count=n * bits, bitorder="little").reshape(rows, n, bits)
-    return (flat << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    """Inverse of :func:`pack_codes`: uint8 (rows, n). Unpacked in row chunks, so the temporary
+    bit arrays (``bits`` bytes a code) stay within ``UNPACK_CHUNK_BITS`` (a 49152-row embedding
+    at once took 226 MB)."""
+    out = np.empty((packed.shape[0], n), dtype=np.uint8)
+    weights = np.arange(bits, dtype=np.uint8)
+    step = max(1, UNPACK_CHUNK_BITS // max(1, n * bits))
+    for start in range(0, packed.shape[0], step):
+        flat = np.unpackbits(packed[start : start + step], axis=1, count=n * bits, bitorder="little")
+        out[start : start + step] = (flat.reshape(-1, n, bits) << weights).sum(axis=2, dtype=np.uint8)
+    return out

@@ -8,6 +8,7 @@ import logging
 import os
 
 from ..abc import Backend
+from ..container import trim_heap
 from ..errors import NativeUnavailableError
 from ..files import open as open_rbe
 from ..registry import get_backend
@@ -64,6 +65,7 @@ def load_inference(path: str | os.PathLike, backend: str | None = None, *, engin
         f = open_rbe(path)
         tensors = {n: f[n] for n in f}
         spec, cfg, keep, tokenizer = read_description(f.metadata, {n: tuple(t.shape) for n, t in tensors.items()})
+        trim_heap()  # before the engine copies the weights: the metadata's and tokenizer's leftovers
         if spec.name in NUMPY_ENCODERS:
             return NUMPY_ENCODERS[spec.name](spec, cfg, tokenizer, {n: tensors[n] for n in keep}, be)
         try:
