@@ -77,3 +77,25 @@ def test_native_infer_runs_without_torch_and_agrees_with_the_torch_modules(model
     code, out = run("infer", model_file, "--prompt", "the the", "--max-tokens", "8", "--backend", "cffi",
                     "--engine", "torch")
     assert code == 0 and done.stdout.rsplit("torch loaded", 1)[0] == out
+
+
+@needs_cffi
+def test_serving_a_native_model_loads_no_torch(model_file):
+    """The server's model store loads a causal LM into the native engine without torch."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from rbe_core.serve.app import Settings, create_app
+        from rbe_core.serve.metrics import Metrics
+        from rbe_core.serve.store import ModelStore
+        store = ModelStore(backend="cffi", max_queue=2, slots=1, metrics=Metrics())
+        served = store.load({model_file!r})
+        print(served.kind, served.model.engine_name, len(served.model.generate("the", 3)) >= 0)
+        store.close()
+        print("torch loaded:", "torch" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["causal native True", "torch loaded: False"]
