@@ -10,14 +10,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import sys
 import time
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..registry import get_backend
-from .common import CausalLM
-from .loading import load_model
+from .generation import TextGeneration
+from .loading import load_inference, load_model
+from .numpy_bert import NumpyBert
 
 
 def _rss_mb() -> float:
@@ -34,40 +36,59 @@ def _rss_mb() -> float:
 
 def _run(path: str, backend: str | None, dense: bool, prompt_tokens: int, new_tokens: int,
          threads: int | None, engine: str = "auto") -> dict[str, Any]:
+    """One variant in this (fresh) process: the .rbe model as ``rbe infer`` runs it
+    (``load_inference``: no torch on a native engine or for an encoder), or its dense fp32 twin."""
     if threads:
-        torch.set_num_threads(threads)
         os.environ["RBE_CFFI_THREADS"] = str(threads)  # the cffi backend's own pool: same core count
     base = _rss_mb()
     t0 = time.perf_counter()
-    model = load_model(path, backend, dense=dense, engine=engine)
+    model = load_model(path, dense=True) if dense else load_inference(path, backend, engine=engine)
     load_s = time.perf_counter() - t0
-    causal = isinstance(model, CausalLM)
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    causal = isinstance(model, TextGeneration)
     limit = model.config["max_position"] - (new_tokens + 1 if causal else 0)
     n = max(1, min(prompt_tokens, limit))
-    ids = torch.randint(0, model.config["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    ids = np.random.default_rng(0).integers(0, model.config["vocab_size"], n)
     out: dict[str, Any] = {"variant": "dense-fp32" if dense else "rbe", "backend": "torch" if dense else get_backend(backend).name,
-                           "engine": model.engine_name if causal else "torch", "load_s": load_s, "prompt_tokens": n,
-                           "threads": threads or torch.get_num_threads()}
-    with torch.no_grad():
-        if not causal:
-            t0 = time.perf_counter()
-            model(ids)
-            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
-        else:
-            t0 = time.perf_counter()
-            logits, state = model.start(ids[0].tolist())
-            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
-            if model.native is not None:
-                model.native.profile()  # reset: the split below is of the decode steps only
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                logits, state = model.step(int(logits.argmax()), state)
-            out["decode_tok_s"] = new_tokens / (time.perf_counter() - t0)
-            out["new_tokens"] = new_tokens
-            if model.native is not None:
-                out["decode_ms_per_token"] = {k: 1000.0 * v / new_tokens for k, v in model.native.profile().items()}
+                           "engine": getattr(model, "engine_name", "torch"), "load_s": load_s, "prompt_tokens": n,
+                           "threads": threads or _default_threads()}
+    t0 = time.perf_counter()
+    if not causal:
+        _encode(model, ids)
+        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+    else:
+        logits, state = model.start(ids.tolist())
+        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        native = getattr(model, "native", None)
+        if native is not None:
+            native.profile()  # reset: the split below is of the decode steps only
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits, state = model.step(int(logits.argmax()), state)
+        out["decode_tok_s"] = new_tokens / (time.perf_counter() - t0)
+        out["new_tokens"] = new_tokens
+        if native is not None:
+            out["decode_ms_per_token"] = {k: 1000.0 * v / new_tokens for k, v in native.profile().items()}
     out.update(base_rss_mb=base, peak_rss_mb=_rss_mb(), load_avg=os.getloadavg()[0])
     return out
+
+
+def _encode(model, ids: np.ndarray) -> None:
+    """One pass of an encoder over ``ids`` (numpy, or the torch modules)."""
+    if isinstance(model, NumpyBert):
+        model.hidden_states(ids[None], np.ones((1, ids.size), dtype=bool), np.zeros((1, ids.size), dtype=np.int64))
+        return
+    import torch
+
+    with torch.no_grad():
+        model(torch.from_numpy(ids)[None])
+
+
+def _default_threads() -> int:
+    """torch's intra-op threads when torch is loaded, else the cffi pool's own choice (the cores)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else os.cpu_count() or 1
 
 
 #: Set for both variants' processes unless already set: OpenMP workers that spin after each
