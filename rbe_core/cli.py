@@ -337,10 +337,15 @@ def _load(path: str, backend: str | None, engine: str = "auto"):
 @engine_option()
 def infer(path, prompt, max_tokens, temperature, top_k, top_p, seed, backend, engine):
     """Continue PROMPT with the language model in PATH, streaming tokens; stops at EOS or the context end."""
+    from .models.generation import TextGeneration
+    from .models.spec import ModelError
+
     model = _load(path, backend, engine)
+    if not isinstance(model, TextGeneration):
+        _fail(ModelError(f"{model.spec.name} models do not generate text; use rbe embed"))
     try:
-        prompt_tokens = len(model.encode_prompt(prompt)) if hasattr(model, "max_new_tokens") else 0
-        room = model.max_new_tokens(prompt_tokens, max_tokens) if prompt_tokens else max_tokens
+        prompt_tokens = len(model.encode_prompt(prompt))
+        room = model.max_new_tokens(prompt_tokens, max_tokens)
         if room < max_tokens:
             click.echo(f"rbe: note: --max-tokens {max_tokens} clamped to {room}: the prompt is {prompt_tokens} tokens "
                        f"of the model's {model.context_length}-token context", err=True)

@@ -56,3 +56,12 @@ def test_rbe_embed_loads_no_torch(minilm):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "torch loaded: False"
     assert '"dim": 384' in done.stdout
+
+
+def test_rbe_infer_on_an_encoder_is_a_one_line_error(minilm):
+    from click.testing import CliRunner
+
+    from rbe_core.cli import main
+
+    result = CliRunner().invoke(main, ["infer", str(minilm), "--prompt", "x"])
+    assert result.exit_code == 2 and "do not generate text" in result.output and "Traceback" not in result.output
