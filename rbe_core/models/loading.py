@@ -34,13 +34,16 @@ def load_model(path: str | os.PathLike, backend: str | None = None, *, dense: bo
     modules (logged once, and why); 'native' requires the engine; 'torch' never uses it. The
     torch modules (``model(ids)``) stay the reference and the training path either way.
     """
+    f = open_rbe(path)
+    return _torch_model(f.metadata, {n: f[n] for n in f}, None if dense else get_backend(backend), dense, engine)
+
+
+def _torch_model(metadata, tensors, be: Backend | None, dense: bool, engine: str):
+    """``load_model`` on a file already opened and checked (``be`` None: dense)."""
     from .build import attach_native, build_model  # the torch modules: torch is loaded here
     from .common import CausalLM
 
-    f = open_rbe(path)
-    tensors = {n: f[n] for n in f}
-    be = None if dense else get_backend(backend)
-    model = build_model(f.metadata, tensors, be, dense=dense)
+    model = build_model(metadata, tensors, be, dense=dense)
     if be is not None:
         why = attach_native(model, tensors, be, engine)
         if not why:
@@ -60,10 +63,10 @@ def load_inference(path: str | os.PathLike, backend: str | None = None, *, engin
     unless ``engine`` is 'torch'; else ``load_model``'s torch model ('native' raises instead of
     falling back)."""
     check_engine(engine)
+    be = get_backend(backend)
+    f = open_rbe(path)
+    tensors = {n: f[n] for n in f}
     if engine != "torch":
-        be = get_backend(backend)
-        f = open_rbe(path)
-        tensors = {n: f[n] for n in f}
         spec, cfg, keep, tokenizer = read_description(f.metadata, {n: tuple(t.shape) for n, t in tensors.items()})
         trim_heap()  # before the engine copies the weights: the metadata's and tokenizer's leftovers
         if spec.name in NUMPY_ENCODERS:
@@ -76,4 +79,4 @@ def load_inference(path: str | os.PathLike, backend: str | None = None, *, engin
         else:
             log.info("backend %s: the model runs in its native engine (no torch modules)", be.name)
             return NativeLM(spec, cfg, tokenizer, native)
-    return load_model(path, backend, engine=engine)
+    return _torch_model(f.metadata, tensors, be, False, engine)  # the file opened and checked once
