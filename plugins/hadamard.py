@@ -40,7 +40,7 @@ import numpy as np
 
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
-from rbe_core.arrays import as_weight, matrix_shape, to_numpy_f32
+from rbe_core.arrays import as_weight, matrix_shape, row_chunks, to_numpy_f32
 from rbe_core.compression.gptq import gptq
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
@@ -48,6 +48,9 @@ from rbe_core.native.lowering import HadamardTransform, Lowered
 from ._hadamard_codes import pack_codes, unpack_codes
 
 _SCALE_LEVELS = 255
+#: Weights encoded at a time by round-to-nearest (rows are independent): the float64 rotation of
+#: a chunk stays in the L2 cache; a whole 8B-shape matrix at once took several GB of temporaries.
+RTN_CHUNK_ELEMENTS = 1 << 18
 
 
 def _pow2(name: str):
@@ -345,9 +348,20 @@ class HadamardCodec(Codec):
         """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches RTN to GPTQ."""
         w, dtype = as_weight(weight)
         rows, cols = matrix_shape(w.shape)
+        flat = w.reshape(rows, cols)
+        if calibration is None:  # rows are independent: in chunks that stay in cache, bounded memory
+            parts = [self._encode_rows(flat[a:b], None) for a, b in row_chunks(rows, cols, RTN_CHUNK_ELEMENTS)]
+            payload = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            payload = self._encode_rows(flat, calibration)
+        return Encoded(self, w.shape, payload, dtype=dtype, source=source)
+
+    def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
+        """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``."""
+        rows, cols = w.shape
         cols_p, signs, blocks = self.layout(cols)
         wp = np.zeros((rows, cols_p), dtype=np.float64)
-        wp[:, :cols] = w.reshape(rows, cols)
+        wp[:, :cols] = w
         wr = rotate(wp, signs, blocks)
         grid = grid_for(self.bits, self.grid)
         row_scale, scale_code = choose_steps(wr, self.group_size, grid)
@@ -363,12 +377,7 @@ class HadamardCodec(Codec):
             else:
                 h = hessian(calibration, cols, cols_p, signs, blocks)
             q = gptq(wr, steps, h, grid.levels, grid.nearest, float(self.damp), self.act_order)
-        payload = {
-            "codes": pack_codes(q, self.bits),
-            "scale_code": scale_code,
-            "row_scale": row_scale,
-        }
-        return Encoded(self, w.shape, payload, dtype=dtype, source=source)
+        return {"codes": pack_codes(q, self.bits), "scale_code": scale_code, "row_scale": row_scale}
 
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)

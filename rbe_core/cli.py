@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -209,7 +210,8 @@ def refine_options(f):
               help="Pick codec settings per tensor so the average bits/weight <= X (with --codec: among its bit "
                    "settings; default: the flagship hadamard's).")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="JSON {tensor-name glob: codec}.")
-@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tensors encoded in parallel.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None,
+              help="Tensors encoded in parallel (default: the CPUs this process may use; each holds one tensor).")
 @backend_option("Run the converted model once on this backend before writing (default: no check run).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -241,6 +243,7 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
     if data is not None and calibration is not None:
         _fail(ValueError("give --data or --calibration, not both"))
     if as_hf:
+        jobs = jobs or 1
         if do_refine or data is not None:
             _fail(ValueError("--refine and --data cannot be combined with --hf (use --calibration FILE)"))
         _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet,
@@ -261,8 +264,9 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
             if do_refine and resume and target.is_file():
                 path = target
             else:
+                local_cpus = 1 if ray_address else len(os.sched_getaffinity(0))  # Ray: the cluster's CPUs
                 path = rbe_core.compress_model(src, target, codec=codec, target_bpw=target_bpw, policy=policy,
-                                               jobs=jobs, progress=not quiet, verify_backend=backend,
+                                               jobs=jobs or local_cpus, progress=not quiet, verify_backend=backend,
                                                calibration=False if no_calibration else calibration,
                                                calibration_tokens=calibration_tokens, cluster=ray_address)
             if do_refine:

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from ..container import release
 from .spec import ModelError, Spec
 
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
@@ -126,7 +127,9 @@ def _gguf_tensors(reader) -> tuple[dict[str, tuple[int, ...]], Any]:
 
     def load(name: str) -> np.ndarray:
         t = tensors[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
+        out = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
+        release(t.data)  # the mapped source pages: read once, not kept resident (a 16 GB file is not)
+        return out
 
     return shapes, load
 
