@@ -265,28 +265,31 @@ def prompt_tokens(n: int) -> list[int]:
 # ---- one shape ------------------------------------------------------------------------------------
 
 
-def prepare(shape: str, cache: Path, tools: Path) -> tuple[dict[str, Path], dict[str, dict]]:
-    """The model files of every variant (made when missing) and each conversion's time and peak RSS."""
+def prepare(shape: str, cache: Path, tools: Path, reconvert: bool) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The model files of every variant (made when missing, or all again with ``reconvert``) and
+    each conversion's time and peak RSS (kept beside the file as ``FILE.convert.json``)."""
     f16 = cache / f"scale-{shape}-f16.gguf"
-    conversions = {}
     if not f16.exists():
         t0 = time.perf_counter()
         write_gguf(shape, f16)
         print(f"{f16}: written in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    files = {}
-    for name, codec in RBE_CODECS.items():
-        files[name] = cache / f"scale-{shape}-{name.split()[1]}.rbe"
-        if not files[name].exists():
-            conversions[name] = timed([sys.executable, "-m", "rbe_core.cli", "convert", str(f16), "-o",
-                                       str(files[name]), "--codec", codec, "--no-calibration", "--quiet"])
-    for name, qtype in LLAMA_TYPES.items():
-        files[name] = cache / f"scale-{shape}-{qtype}.gguf"
-        if not files[name].exists():
-            conversions[name] = timed([str(tools / "llama-quantize"), str(f16), str(files[name]), qtype,
-                                       str(os.cpu_count() or 2)])
-    for name, c in conversions.items():
-        c.pop("log")
-        print(f"{shape} convert {name}: {c['seconds']:.0f} s, peak RSS {c['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    commands = {name: [sys.executable, "-m", "rbe_core.cli", "convert", str(f16), "-o",
+                       str(cache / f"scale-{shape}-{name.split()[1]}.rbe"), "--codec", codec, "--no-calibration",
+                       "--quiet"] for name, codec in RBE_CODECS.items()}
+    commands.update({name: [str(tools / "llama-quantize"), str(f16), str(cache / f"scale-{shape}-{qtype}.gguf"),
+                            qtype, str(os.cpu_count() or 2)] for name, qtype in LLAMA_TYPES.items()})
+    files, conversions = {}, {}
+    for name, command in commands.items():
+        files[name] = path = Path(command[6] if name.startswith("rbe") else command[2])
+        record = path.with_name(path.name + ".convert.json")
+        if reconvert or not path.exists() or not record.exists():
+            path.unlink(missing_ok=True)
+            stats = timed(command)
+            stats.pop("log")
+            record.write_text(json.dumps(stats))
+            print(f"{shape} convert {name}: {stats['seconds']:.0f} s, peak RSS {stats['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr)
+        conversions[name] = json.loads(record.read_text())
     return files, conversions
 
 
@@ -327,8 +330,8 @@ def markdown(results: dict, meta: dict, command: str) -> str:
             peer = res["speed"].get(PEERS.get(name, ""))
             ratio = [f"{r[k] / peer[k]:.2f}×" if peer else "" for k in ("prefill", "decode")]
             share = r["bytes_per_token"] * r["decode"] / (meta["bandwidth"] * 1e9)
-            conv = res["conversions"].get(name, {})
-            conv_txt = [f"{conv['seconds']:.0f}" if conv else "(cached)", f"{conv['peak_rss_mb']:.0f}" if conv else ""]
+            conv = res["conversions"][name]
+            conv_txt = [f"{conv['seconds']:.0f}", f"{conv['peak_rss_mb']:.0f}"]
             lines.append(f"| {shape} | {name} | {r['file_mb']:.0f} | {r['prefill']:.1f} | {r['decode']:.2f} | "
                          f"{ratio[0]} | {ratio[1]} | {share:.0%} | {r['peak_rss_mb']:.0f} | {conv_txt[0]} | {conv_txt[1]} |")
     return "\n".join([*lines, "", MARK_END, ""])
@@ -342,8 +345,10 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rbe-bench")
+    p.add_argument("--reconvert", action="store_true", help="convert again even when the files are cached")
     p.add_argument("--llama-tools", type=Path, help="a bin folder holding llama.cpp's tools already built")
     p.add_argument("--only-gguf", type=Path, help="write the first shape's F16 GGUF to this path and stop")
+    p.add_argument("--only-convert", action="store_true", help="make the files (and time the conversions), no runs")
     p.add_argument("--out", default="-", help="markdown file whose section to replace ('-': print only)")
     args = p.parse_args(argv)
     if args.only_gguf:
@@ -357,8 +362,11 @@ def main(argv=None) -> int:
     print(f"read bandwidth, {args.threads} threads: {meta['bandwidth']:.1f} GB/s", file=sys.stderr)
     results = {}
     for shape in args.shape:
-        files, conversions = prepare(shape, args.cache, tools)
-        results[shape] = {"conversions": conversions, "speed": measure(shape, files, lib_dir, args)}
+        files, conversions = prepare(shape, args.cache, tools, args.reconvert)
+        if not args.only_convert:
+            results[shape] = {"conversions": conversions, "speed": measure(shape, files, lib_dir, args)}
+    if args.only_convert:
+        return 0
     command = " ".join(["python benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])])
     d.publish(markdown(results, meta, command), args.out, MARK_BEGIN, MARK_END)
     return 0

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import rbe_core
 from rbe_core import Encoded, InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import fwht
+from rbe_plugins import hadamard as hadamard_module
 from rbe_plugins._hadamard_codes import pack_codes, unpack_codes
 from rbe_plugins.hadamard import (
     HadamardCodec,
@@ -116,6 +117,28 @@ def test_pack_unpack_roundtrip(bits, rows, n, seed):
     packed = pack_codes(q, bits)
     assert packed.shape == (rows, -(-n * bits // 8))
     np.testing.assert_array_equal(unpack_codes(packed, n, bits), q)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_codes_are_little_endian_bit_streams(rng, bits):
+    """Whole-codes-per-byte widths (1, 2, 4, 8) take a shift path; every width writes the stream
+    numpy's packbits makes of each code's bits, lowest first."""
+    for n in (1, 7, 64, 129):
+        q = rng.integers(0, 2**bits, (3, n)).astype(np.uint8)
+        stream = ((q[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(3, n * bits)
+        np.testing.assert_array_equal(pack_codes(q, bits), np.packbits(stream, axis=1, bitorder="little"))
+
+
+def test_rtn_encoding_in_row_chunks_equals_whole_matrix(rng, monkeypatch):
+    """Round-to-nearest encodes a matrix in row chunks; the chunking never shows in the payload."""
+    w = rng.standard_normal((300, 192)).astype(np.float32)
+    codec = HadamardCodec(bits=4)
+    monkeypatch.setattr(hadamard_module, "RTN_CHUNK_ELEMENTS", 1 << 30)
+    whole = codec.encode(w).payload
+    monkeypatch.setattr(hadamard_module, "RTN_CHUNK_ELEMENTS", 192 * 7)  # chunks of 7 rows, a ragged last one
+    chunked = codec.encode(w).payload
+    for field in whole:
+        np.testing.assert_array_equal(chunked[field], whole[field])
 
 
 @pytest.mark.parametrize("bits,tol", [(2, 0.45), (3, 0.22), (4, 0.11), (8, 0.008)])
