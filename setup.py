@@ -73,6 +73,7 @@ class BuildExt(build_ext):
                 )
             else:
                 ext.extra_objects = [*ext.extra_objects, *objects]
+                ext.depends = [*ext.depends, *objects]  # relink when an ISA object changes
                 ext.define_macros = [*ext.define_macros, ("RBE_WITH_X86_SIMD", "1")]
         super().build_extension(ext)
 

@@ -42,6 +42,7 @@ ffibuilder.set_source(
     MODULE,
     '#include "rbe_kernels.h"\n#include "rbe_engine.h"',
     sources=[_rel(os.path.join(SRC, s)) for s in PORTABLE_SOURCES],
+    depends=[_rel(os.path.join(SRC, h)) for h in sorted(os.listdir(SRC)) if h.endswith(".h")],
     include_dirs=[_rel(SRC)],
     extra_compile_args=COMMON_FLAGS,
     extra_link_args=["-pthread"],

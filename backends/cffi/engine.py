@@ -31,6 +31,12 @@ VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, 
 #: memory and the attention's memory traffic; float32 for bit-level agreement with the torch path).
 KV_ENV = "RBE_ENGINE_KV"
 KV_TYPES = {"f16": 1, "f32": 0}
+#: ``RBE_ENGINE_ACT``: the inputs of prefill's products with coded matrices: 'int8' (the default,
+#: as llama.cpp's: quantized per token and 32-column block, after an exact in-block Hadamard
+#: rotation where the matrix has no input transform of its own, and multiplied on integer units)
+#: or 'f32' (bit-level agreement with the torch path). Decode (one token) is float32 either way.
+ACT_ENV = "RBE_ENGINE_ACT"
+ACT_TYPES = {"int8": 1, "f32": 0}
 _CONFIG_INTS = ("n_layers", "hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim", "vocab", "max_ctx")
 
 
@@ -40,9 +46,10 @@ class NativeDecoder:
     returns float32 logits of the last token, or of every token with ``all_logits``. ``slot``
     picks one of ``slots`` independent KV caches (sequences); calls are serialised by a lock."""
 
-    def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None):
+    def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None, act: str | None = None):
         """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
-        ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16')."""
+        ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16'); ``act``: 'int8' or
+        'f32' prefill inputs (default ``$RBE_ENGINE_ACT``, else 'int8')."""
         lib, ffi = library.require_lib(), library.ffi
         self._lib, self._ffi = lib, ffi
         self._lock = threading.Lock()
@@ -54,10 +61,10 @@ class NativeDecoder:
         c.arch, c.eps, c.rope_theta = ARCHS[plan.arch], float(cfg["eps"]), float(cfg.get("rope_theta", 10000.0))
         c.rope_style, c.activation = ROPE[cfg["rope_style"]], ACTIVATIONS[cfg["activation"]]
         c.n_transforms = len(plan.matrices)  # an upper bound: ids are given as transforms appear
-        self.kv = kv or os.environ.get(KV_ENV, "").strip().lower() or "f16"
-        if self.kv not in KV_TYPES:
-            raise ValueError(f"{KV_ENV}={self.kv!r}: expected one of {', '.join(KV_TYPES)}")
+        self.kv = _setting(kv, KV_ENV, KV_TYPES, "f16")
         c.kv_f16 = KV_TYPES[self.kv]
+        self.act = _setting(act, ACT_ENV, ACT_TYPES, "int8")
+        c.act_int8 = ACT_TYPES[self.act]
         handle = lib.rbe_engine_new(c)
         if handle == ffi.NULL:
             raise NativeUnavailableError("the native engine rejected the model config (or memory is short)")
@@ -152,6 +159,14 @@ class NativeDecoder:
         s = self._ffi.new("double[3]")
         self._lib.rbe_engine_profile(self._e, s)
         return {"kernels": s[0], "attention": s[1], "rest": s[2]}
+
+
+def _setting(value: str | None, env: str, choices: dict, default: str) -> str:
+    """``value``, else ``$env``, else ``default``; ValueError unless one of ``choices``."""
+    value = value or os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{env}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _lower(encoded) -> Lowered:

@@ -1,9 +1,11 @@
 """The cffi backend's native decoder engine and its canonical-layout kernels.
 
 Kernels: every lowered layout against the numpy reference on every ISA path, odd shapes, batch 1
-and batches, ragged thread splits, both orientations. Engine: logits of whole models against the
-torch modules (tiny Llama in both RoPE layouts, GPT-2, real SmolLM2), KV-cache decoding equal to
-recomputing the prefix, identical greedy continuations, typed errors on bad input.
+and batches, ragged thread splits, both orientations; the int8 prefill product against a numpy
+reference of its quantized arithmetic. Engine: logits of whole models against the torch modules
+(tiny Llama in both RoPE layouts, GPT-2, real SmolLM2), KV-cache decoding equal to recomputing
+the prefix, identical greedy continuations, typed errors on bad input; int8 prefill close to the
+float32 one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import rbe_core
 from rbe_backends.cffi import CffiBackend, library
 from rbe_core.errors import NativeUnavailableError
-from rbe_core.native.lowering import lower
+from rbe_core.native.lowering import Lowered, lower
 
 _OK, _REASON = CffiBackend.availability()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cffi backend unavailable: {_REASON}")
@@ -45,8 +47,10 @@ F16_TOL = 5e-3
 
 @pytest.fixture(autouse=True)
 def f32_cache(monkeypatch):
-    """Exactness checks run the float32 cache; the float16 one is checked on its own below."""
+    """Exactness checks run the float32 cache and float32 prefill products; the float16 cache and
+    the int8 products are checked on their own below."""
     monkeypatch.setenv("RBE_ENGINE_KV", "f32")
+    monkeypatch.setenv("RBE_ENGINE_ACT", "f32")
 
 
 @pytest.fixture(params=list(library.ISAS))
@@ -95,6 +99,130 @@ def test_thread_pool_under_back_to_back_regions(monkeypatch):
     for i in range(600):
         k = i % 3
         assert np.array_equal(mats[k].linear(xs[k]), want[k]), i
+
+
+def _layout(rng, bits, grid, offset, steps, rows=37, cols=250, group_size=64):
+    """A lowered layout (no transform) with random codes: ``grid`` 'uniform' (mid-rise, k - (2^bits
+    - 1) / 2) or 'normal' (random sorted levels), ``offset`` per group or none, ``steps`` float32
+    ('f32'), float16-exact ('f16') or a row scale times an 8-bit code ('code')."""
+    cp = -(-cols // 32) * 32
+    group_size = min(group_size, cp)
+    groups = -(-cp // group_size)
+    n = 2**bits
+    levels = (np.arange(n) - (n - 1) / 2 if grid == "uniform" else np.sort(rng.standard_normal(n))).astype(np.float32)
+    extra = {}
+    if steps == "code":
+        extra = {"step_row": rng.uniform(1e-3, 1e-2, rows).astype(np.float32),
+                 "step_code": rng.integers(0, 256, (rows, groups), dtype=np.uint8)}
+        step = extra["step_row"][:, None] * extra["step_code"].astype(np.float32)
+    else:
+        step = rng.uniform(0.01, 0.1, (rows, groups)).astype(np.float16 if steps == "f16" else np.float32)
+    off = rng.uniform(-0.5, 0.5, (rows, groups)).astype(step.dtype) if offset else None
+    return Lowered(rows=rows, cols=cols, bits=bits, group_size=group_size,
+                   codes=rng.integers(0, n, (rows, cp), dtype=np.uint8), levels=levels,
+                   step=step.astype(np.float32), offset=None if off is None else off.astype(np.float32), **extra)
+
+
+def _int8_levels(m: LoweredMatrix):
+    """The C side's int8 level table of a matrix: (lv8, alpha, beta, in-block rotation, exact)."""
+    ffi = library.ffi
+    lv8, ab, rot = np.zeros(256, np.int8), np.zeros(2, np.float32), ffi.new("int *")
+    exact = library.lib.rbe_matrix_int8_levels(m._h, ffi.from_buffer("signed char[]", lv8, require_writable=True),
+                                               ffi.from_buffer("float[]", ab, require_writable=True), rot)
+    return lv8[: 2**m.low.bits].astype(np.int64), float(ab[0]), float(ab[1]), rot[0], exact
+
+
+def _linear_int8(m: LoweredMatrix, x: np.ndarray) -> np.ndarray:
+    """The engine's prefill product (int8 inputs) of one matrix, on the active ISA and threads."""
+    ffi = library.ffi
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty((x.shape[0], m.out_features), np.float32)
+    rc = library.lib.rbe_matrix_linear_int8(m._h, ffi.from_buffer("float[]", x), x.shape[0],
+                                            ffi.from_buffer("float[]", y, require_writable=True),
+                                            library.ISAS[library.active_isa()], library.thread_count())
+    assert rc == 0, library.engine_error(rc)
+    return y
+
+
+def _hadamard(v: np.ndarray, rot: int) -> np.ndarray:
+    """Each group of ``rot`` entries along the last axis (32 wide) times the unnormalised
+    Sylvester Hadamard matrix, each output summed in v's dtype over ascending inputs."""
+    h = np.ones((1, 1), v.dtype)
+    while h.shape[0] < rot:
+        h = np.block([[h, h], [h, -h]])
+    groups = v.reshape(*v.shape[:-1], 32 // rot, rot)
+    out = np.zeros_like(groups)
+    for j in range(rot):
+        out = out + groups[..., j:j + 1] * h[j]
+    return out.reshape(v.shape)
+
+
+def _quantize_q8(xp: np.ndarray, rot: int):
+    """Per token and 32-column block, after the in-block rotation (float32): x8 = round(x * (127 /
+    max|x|)) in float32, ties to even, and d = max|x| / 127 (both 0 for an all-zero block), as the
+    C side quantizes."""
+    blocks = _hadamard(xp.reshape(xp.shape[0], -1, 32), rot)
+    amax = np.abs(blocks).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return np.rint(blocks * inv[..., None]).astype(np.int64), (amax / np.float32(127)).astype(np.float32)
+
+
+def _int8_reference(low: Lowered, lv8, alpha, beta, rot, x) -> np.ndarray:
+    """The int8 product in exact integers and float64: per group, step * (alpha / rot * sum_b d_b
+    * (H lv8 . x8)_b + beta * S) + offset * S, S = sum_b d_b * (x8_b summed over the rotation
+    groups' first columns), x8 and H lv8 rotated in groups of rot."""
+    x8, d = _quantize_q8(low.rotate_input(x), rot)
+    n, nblk, _ = x8.shape
+    rows, bpg = low.rows, min(low.group_size, low.cols_p) // 32
+    w = _hadamard(lv8[low.codes].reshape(rows, nblk, 32), rot)
+    dots = np.einsum("rkj,nkj->nrk", w, x8) * d[:, None, :].astype(np.float64)
+    sums = (x8[..., ::rot].sum(-1) * d.astype(np.float64)).reshape(n, low.groups, bpg).sum(-1)
+    step = low.step.astype(np.float64)
+    y = alpha / rot * np.einsum("nrg,rg->nr", dots.reshape(n, rows, low.groups, bpg).sum(-1), step)
+    return y + np.einsum("ng,rg->nr", sums, beta * step + (0 if low.offset is None else low.offset.astype(np.float64)))
+
+
+@pytest.mark.parametrize("grid", ["uniform", "normal"])
+@pytest.mark.parametrize("bits", range(2, 9))  # nibbles (2-4), bit planes (5, 6), bytes (7, 8)
+def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
+    """The int8 prefill product equals the numpy reference of its arithmetic (quantized inputs,
+    integer levels, exact integer dot products, float scales) on every layout, step form and
+    offset, any token count and thread split; uniform grids have exact integer levels, others
+    are rounded to the nearest of 255; inputs are rotated in blocks as far as the levels allow
+    (these layouts have no transform)."""
+    monkeypatch.setenv(library.THREADS_ENV, "3")
+    monkeypatch.setattr(library, "WAKE_WORK", 1)
+    rng = np.random.default_rng(bits)
+    for offset, steps, group_size, cols in [(False, "f32", 64, 250), (True, "f32", 32, 90), (False, "f16", 10**6, 250),
+                                            (True, "f16", 64, 250), (False, "code", 32, 230)]:
+        low = _layout(rng, bits, grid, offset, steps, cols=cols, group_size=group_size)
+        m = LoweredMatrix(low)
+        lv8, alpha, beta, rot, exact = _int8_levels(m)
+        lo, hi = min(lv8.min(), 0), max(lv8.max(), 0)  # a rotated level sums r, or r/2 minus r/2, levels
+        assert rot == max(r for r in (1, 2, 4, 8, 16) if r * hi <= 127 and r * lo >= -128 and r // 2 * (hi - lo) <= 127)
+        approx = alpha * lv8.astype(np.float64) + beta
+        if grid == "uniform":
+            assert exact == 1 and np.array_equal(approx, low.levels), (lv8, alpha, beta)
+        else:
+            assert exact == 0 and np.abs(approx - low.levels).max() <= alpha / 2 * (1 + 1e-6)
+            assert np.abs(lv8).max() == 127
+        for n in (2, 17, 70):
+            x = rng.standard_normal((n, low.cols)).astype(np.float32)
+            x[0, :40] = 0  # an all-zero block
+            got = _linear_int8(m, x)
+            assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, (offset, steps, n)
+            assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
+
+
+def test_int8_product_of_codecs_stays_near_float32(isa):
+    """Lowered codecs (rotated inputs included) through the int8 product: within the error of
+    8-bit inputs of the float32 product."""
+    rng = np.random.default_rng(3)
+    for codec in ["int8", "int4", {"id": "hadamard", "bits": 4}, {"id": "hadamard", "bits": 6, "grid": "normal"}]:
+        m = LoweredMatrix(lower(rbe_core.get_codec(codec).encode(rng.standard_normal((96, 200)).astype(np.float32))))
+        x = rng.standard_normal((33, 200)).astype(np.float32)
+        assert _rel(_linear_int8(m, x), m.linear(x)) <= 0.02, codec
 
 
 def test_layouts_outside_the_engine_are_refused():
@@ -190,6 +318,67 @@ def test_tied_gguf_llama_with_interleaved_rope(tmp_path):
 def test_gpt2_engine_matches_torch_modules(codec, tmp_path):
     ref = mini_gpt2()
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)
+
+
+def _softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("codec", ["int4", {"id": "hadamard", "bits": 4}, {"id": "hadamard", "bits": 6, "grid": "normal"}],
+                         ids=str)
+@pytest.mark.parametrize("make", [tiny_llama, mini_gpt2], ids=["llama", "gpt2"])
+def test_int8_prefill_stays_close_to_float32(make, codec, tmp_path, monkeypatch, isa):
+    """Prefill on int8 inputs (the default) next to float32 prefill: the same distributions to a
+    small KL; decode (one token at a time) runs float32 either way, bit for bit."""
+    ref = make()
+    path = _save(ref, tmp_path, codec)
+    ids = torch.randint(0, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).numpy()
+    out = {}
+    for act in ("f32", "int8"):
+        monkeypatch.setenv("RBE_ENGINE_ACT", act)
+        native = rbe_core.load_model(path, "cffi", engine="native").native
+        assert native.act == act
+        out[act] = native.forward(ids, 0, all_logits=True)
+        out[act, "decode"] = np.stack([native.forward(ids[t:t + 1], t) for t in range(5)])
+    p, q = _softmax(out["f32"]), _softmax(out["int8"])
+    assert float((p * np.log(p / q)).sum(-1).mean()) <= 1e-4
+    assert float(np.abs(out["int8"] - out["f32"]).max()) <= 0.03 * float(np.abs(out["f32"]).max())
+    assert np.array_equal(out["f32", "decode"], out["int8", "decode"])
+
+
+def test_prefill_activation_setting(tmp_path, monkeypatch):
+    """``act=`` (else ``$RBE_ENGINE_ACT``, else 'int8') picks the prefill products' inputs; dense
+    matrices run float32 in either mode; an unknown value is refused."""
+    from rbe_backends.cffi.engine import NativeDecoder
+    from rbe_core.files import open as open_rbe
+    from rbe_core.models.families import read_description
+
+    ref = tiny_llama()
+    ids = np.arange(1, 20)
+
+    def decoder(path, **kw):
+        f = open_rbe(path)
+        tensors = {n: f[n] for n in f}
+        spec, cfg, _, _ = read_description(f.metadata, {n: tuple(t.shape) for n, t in tensors.items()})
+        return NativeDecoder(spec.native_plan(cfg, set(tensors)), tensors, **kw)
+
+    coded = _save(ref, tmp_path, "int4", "coded")
+    monkeypatch.delenv("RBE_ENGINE_ACT")
+    assert decoder(coded).act == "int8"
+    int8 = decoder(coded).forward(ids, 0, all_logits=True)
+    monkeypatch.setenv("RBE_ENGINE_ACT", "f32")
+    f32 = decoder(coded).forward(ids, 0, all_logits=True)
+    assert np.array_equal(decoder(coded, act="f32").forward(ids, 0, all_logits=True), f32)
+    assert np.array_equal(decoder(coded, act="int8").forward(ids, 0, all_logits=True), int8)
+    assert not np.array_equal(int8, f32)
+    dense = _save(ref, tmp_path, "raw", "dense")
+    assert np.array_equal(decoder(dense, act="int8").forward(ids, 0, all_logits=True),
+                          decoder(dense, act="f32").forward(ids, 0, all_logits=True))
+    monkeypatch.setenv("RBE_ENGINE_ACT", "int4")
+    with pytest.raises(ValueError, match="RBE_ENGINE_ACT"):
+        decoder(coded)
 
 
 @pytest.mark.parametrize("threads", [2, 3])

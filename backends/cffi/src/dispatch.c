@@ -32,7 +32,8 @@ const rbe_kernels *rbe_kernels_for(int isa) {
         case RBE_ISA_SCALAR: return &rbe_kernels_scalar;
 #ifdef RBE_WITH_X86_SIMD
         case RBE_ISA_AVX2: return &rbe_kernels_avx2;
-        case RBE_ISA_AVX512: return &rbe_kernels_avx512;
+        case RBE_ISA_AVX512: /* the int8 product needs VNNI too; without it, the float product */
+            return __builtin_cpu_supports("avx512vnni") ? &rbe_kernels_avx512 : &rbe_kernels_avx512_noq8;
 #endif
         default: return NULL;
     }

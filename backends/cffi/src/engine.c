@@ -21,7 +21,7 @@
 #define M_SLOTS 8 /* per-layer matrices */
 #define G_SLOTS 3 /* global matrices */
 #define V_SLOTS 4 /* per-layer vectors */
-#define CHUNK 64  /* tokens per prefill pass (bounds the scratch) */
+#define CHUNK 128 /* tokens per prefill pass (bounds the scratch) */
 #define POOL_MAX 64
 /* How long idle workers spin before sleeping: a decode step of the engine runs its regions back to
  * back; one matrix product on its own is usually called between other libraries' multi-threaded
@@ -260,8 +260,10 @@ struct rbe_engine {
     /* per-chunk activations */
     float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *xt, *yr, *row;
     float *attp; /* split decode attention: n_heads * ATT_PARTS * (head_dim + 2) */
+    uint8_t *pack; /* a chunk's input quantized for the int8 product (RBE_Q8_REC) */
     float *scratch[POOL_MAX];
     int64_t scratch_floats, io_floats; /* per-thread scratch; width of xr, yr and row */
+    int64_t pack_bytes;
     int scratch_count;                 /* per-thread scratch buffers allocated */
     int64_t bytes;
     double prof[3];
@@ -307,6 +309,7 @@ void rbe_engine_free(rbe_engine *e) {
                      e->att, e->f1, e->f2, e->xr, e->xt, e->yr, e->row, e->attp};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
+    free(e->pack);
     free(e->mats);
     free(e->vecs);
     free(e->tfs);
@@ -322,7 +325,7 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
         c.intermediate < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
         c.head_dim < 2 || c.head_dim % 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
         c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 3 || c.kv_f16 < 0 ||
-        c.kv_f16 > 1)
+        c.kv_f16 > 1 || c.act_int8 < 0 || c.act_int8 > 1)
         return NULL;
     rbe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
@@ -457,6 +460,51 @@ static int load_steps(rbe_engine *e, rbe_lut *L, const rbe_matrix_desc *d, int64
     return 0;
 }
 
+/* Fits lv8 = round((level - beta) / alpha) in [-128, 127] to L's first n levels; 1 when
+ * alpha * lv8 + beta equals every level exactly. */
+static int q8_fit(rbe_lut *L, int n, float alpha, float beta) {
+    int exact = 1;
+    for (int k = 0; k < n; k++) {
+        const double v = nearbyint(((double)L->levels[k] - beta) / alpha);
+        const int q = v < -128.0 ? -128 : v > 127.0 ? 127 : (int)v;
+        L->lv8[k] = (int8_t)q;
+        exact &= (double)alpha * q + beta == (double)L->levels[k];
+    }
+    L->q8_alpha = alpha, L->q8_beta = beta, L->q8_exact = exact;
+    return exact;
+}
+
+/* The int8 form of L's n levels (rbe_lut's lv8): with offsets (whose input sums q8_beta shares)
+ * levels affine in the code as lv8 = k - n / 2 (centred: the widest rotation); else integer
+ * multiples of max |level| / m for the least m <= 128 that is exact (mid-rise grids such as
+ * k - 7.5: m = 15; int8's k - 128: m = 128), else affine (8-bit mid-rise grids), else
+ * max |level| / 127 rounded (non-uniform grids). */
+static void q8_levels(rbe_lut *L, int n) {
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) amax = fabsf(L->levels[k]) > amax ? fabsf(L->levels[k]) : amax;
+    memset(L->lv8, 0, sizeof(L->lv8));
+    const float beta = L->a0 + L->da * (float)(n / 2);
+    if (amax == 0.0f) {
+        q8_fit(L, n, 1.0f, 0.0f);
+        return;
+    }
+    if (L->affine && L->has_offset && q8_fit(L, n, L->da, beta)) return;
+    for (int m = 1; m <= 128; m++)
+        if (q8_fit(L, n, amax / (float)m, 0.0f)) return;
+    if (L->affine && q8_fit(L, n, L->da, beta)) return;
+    q8_fit(L, n, amax / 127.0f, 0.0f);
+}
+
+/* The widest rotation R <= 16 whose rotated levels fit int8 (rbe_lut's q8_rot): a group's first
+ * value sums R levels, the others R / 2 minus R / 2. */
+static int q8_rotation(const rbe_lut *L, int n) {
+    int lo = 0, hi = 0;
+    for (int k = 0; k < n; k++) lo = L->lv8[k] < lo ? L->lv8[k] : lo, hi = L->lv8[k] > hi ? L->lv8[k] : hi;
+    int r = 16;
+    while (r > 1 && (r * hi > 127 || r * lo < -128 || r / 2 * (hi - lo) > 127)) r /= 2;
+    return r;
+}
+
 /* Copy d into m, repacking codes (nibbles for <= 4 bits, else bytes) to 32-column blocks. */
 static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     const int64_t rows = d->rows, cols_p = d->cols_p;
@@ -512,6 +560,9 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
             if (fmaf((float)i, L->da, L->a0) != L->levels[i]) L->affine = 0;
         L->kind = nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
         L->row_bytes = rb, L->block_bytes = bb;
+        q8_levels(L, n);
+        /* rotated inputs have no outliers to spread: a transform already mixed them */
+        L->q8_rot = d->transform < 0 ? q8_rotation(L, n) : 1;
         e->bytes += rows * rb;
     }
     m->rows = rows, m->cols = d->cols, m->cols_p = cols_p;
@@ -602,13 +653,41 @@ static void prepare_input(const rbe_engine *e, const emat *m, const float *x, fl
 
 typedef struct {
     rbe_engine *e;
+    const emat *m;
+    const float *x; /* n x ldx */
+    int64_t ldx, n;
+    int q8, rot;
+} prep_job;
+
+/* Tokens [s, t) of a product's input prepared (prepare_input) into xr and, with q8, quantized
+ * into the pack (s a multiple of the kernels' q8_tokens, t too unless it is n). */
+static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
+    (void)tid;
+    const prep_job *j = ctx;
+    const rbe_engine *e = j->e;
+    const int64_t cp = j->m->lut.cols_p;
+    for (int64_t b = s; b < t; b++) prepare_input(e, j->m, j->x + b * j->ldx, e->xr + b * cp);
+    if (j->q8)
+        e->kern->q8_quantize(e->xr + s * cp, cp, t - s, cp, j->rot,
+                             e->pack + s / e->kern->q8_tokens * (cp / 32) * RBE_Q8_REC(e->kern->q8_tokens));
+}
+
+/* Whether the product of n tokens with m runs on int8 inputs (lut_gemm_q8). */
+static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
+    return n > 1 && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
+}
+
+typedef struct {
+    rbe_engine *e;
     const emat *m[3];
     int64_t start[4]; /* row offsets of each matrix in the joint task space */
     int count;
     const float *x; /* n x ldx, prepared (padded / rotated) input */
     int64_t n, ldx;
-    const float *xt; /* n > 1: the same transposed, cols_p x ldt */
+    const float *xt; /* n > 1, float products: the same transposed, cols_p x ldt */
     int64_t ldt;
+    const uint8_t *pack; /* n > 1, int8 products: the same quantized (RBE_Q8_REC) */
+    int rot;             /* the pack's rotation */
     float *y[3];
     int64_t ldy;
 } lin_job;
@@ -625,11 +704,9 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const rbe_lut *L = &j->m[mi]->lut;
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
-        if (j->n == 1) {
-            k->lut_gemv(L, j->x, r0, r1, y, scratch);
-            continue;
-        }
-        k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
+        if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
+        else if (use_q8(j->e, j->m[mi], j->n)) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
+        else k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
     }
 }
 
@@ -673,9 +750,19 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
     while (done < count) {
         const emat *first = ms[done];
         const int64_t cp = first->lut.cols_p;
-        for (int64_t b = 0; b < n; b++) prepare_input(e, first, x + b * ldx, e->xr + b * cp);
+        int q8 = 0, f32 = 0, rot = 16; /* the widest rotation all int8 products allow */
         j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
-        if (n > 1) { /* transposed for the batched kernel: tokens contiguous per column */
+        while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
+            j.m[j.count] = ms[done], j.y[j.count] = ys[done];
+            j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
+            if (use_q8(e, ms[done], n)) q8 = 1, rot = ms[done]->lut.q8_rot < rot ? ms[done]->lut.q8_rot : rot;
+            else f32 = 1;
+            j.count++, done++;
+        }
+        j.rot = rot;
+        prep_job pj = {.e = e, .m = first, .x = x, .ldx = ldx, .n = n, .q8 = q8, .rot = rot};
+        parallel(e->nthreads, e->spin, n, q8 ? e->kern->q8_tokens : n, prepare_rows, &pj);
+        if (n > 1 && f32) { /* transposed for the batched kernel: tokens contiguous per column */
             const int64_t nt = e->kern->gemm_tokens, ldt = (n + nt - 1) / nt * nt;
             for (int64_t c = 0; c < cp; c++) {
                 float *col = e->xt + c * ldt;
@@ -684,12 +771,9 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             }
             j.xt = e->xt, j.ldt = ldt;
         }
-        while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
-            j.m[j.count] = ms[done], j.y[j.count] = ys[done];
-            j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
-            j.count++, done++;
-        }
-        parallel(e->nthreads, e->spin, j.start[j.count], n == 1 ? 16 : 2 * e->kern->gemm_rows, lin_rows, &j);
+        j.pack = e->pack;
+        const int64_t align = n == 1 ? 16 : q8 ? e->kern->q8_rows : 2 * e->kern->gemm_rows;
+        parallel(e->nthreads, e->spin, j.start[j.count], align, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)
         if (ms[i]->bias)
@@ -950,18 +1034,28 @@ static int complete(rbe_engine *e) {
     return 0;
 }
 
-/* Per-thread scratch for the widest panel any product or attention needs, and input/output
- * rows as wide as the widest padded matrix. */
+/* Per-thread scratch for the widest panel any product or attention needs, input/output rows as
+ * wide as the widest padded matrix, and (int8 products) a chunk's quantized input. */
 static int ensure_scratch(rbe_engine *e, int nthreads) {
     int64_t need = (int64_t)e->c.n_heads * e->c.max_ctx + e->width, io = e->width;
+    const int q8 = e->c.act_int8 && e->kern->lut_gemm_q8; /* int8 products: the pack, their scratch */
     const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
     for (int64_t i = 0; i < nm; i++) {
         const emat *m = &e->mats[i];
         if (!m->set) continue;
         const int64_t cp = m->lut.cols_p;
-        const int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->gemm_rows * (cp + e->kern->gemm_tokens) + 17 * m->lut.groups;
+        int64_t want = m->transposed ? 64 * cp : (int64_t)e->kern->gemm_rows * (cp + e->kern->gemm_tokens) + 17 * m->lut.groups;
+        if (q8 && m->lut.kind != RBE_LUT_F32 && e->kern->q8_scratch(&m->lut, CHUNK) / 4 + 1 > want)
+            want = e->kern->q8_scratch(&m->lut, CHUNK) / 4 + 1;
         if (want > need) need = want;
         if (cp > io) io = cp;
+    }
+    const int64_t tq = e->kern->q8_tokens, pack = q8 ? (CHUNK + tq - 1) / tq * (io / 32) * RBE_Q8_REC(tq) : 0;
+    if (pack > e->pack_bytes) {
+        free(e->pack);
+        e->pack_bytes = 0;
+        if (posix_memalign((void **)&e->pack, 64, (size_t)pack)) return e->pack = NULL, RBE_E_NOMEM;
+        e->pack_bytes = pack;
     }
     if (need <= e->scratch_floats && nthreads <= e->scratch_count && io <= e->io_floats) {
         e->nthreads = nthreads;
@@ -1037,7 +1131,7 @@ void rbe_matrix_free(rbe_matrix *h) {
     arena_free(h->e.arena);
     if (h->e.tfs) free(h->e.tfs[0].signs), free(h->e.tfs[0].blocks);
     free(h->e.tfs);
-    free(h->e.xr), free(h->e.xt), free(h->e.yr), free(h->e.row);
+    free(h->e.xr), free(h->e.xt), free(h->e.yr), free(h->e.row), free(h->e.pack);
     for (int t = 0; t < POOL_MAX; t++) free(h->e.scratch[t]);
     free(h);
 }
@@ -1073,20 +1167,23 @@ static rbe_engine shared_scratch; /* only the scratch fields are used; under mat
 static void swap_scratch(rbe_engine *a, rbe_engine *b) {
     rbe_engine t = *a;
     memcpy(a->scratch, b->scratch, sizeof(a->scratch)), memcpy(b->scratch, t.scratch, sizeof(t.scratch));
-    a->xr = b->xr, a->xt = b->xt, a->yr = b->yr, a->row = b->row;
-    b->xr = t.xr, b->xt = t.xt, b->yr = t.yr, b->row = t.row;
+    a->xr = b->xr, a->xt = b->xt, a->yr = b->yr, a->row = b->row, a->pack = b->pack;
+    b->xr = t.xr, b->xt = t.xt, b->yr = t.yr, b->row = t.row, b->pack = t.pack;
+    a->pack_bytes = b->pack_bytes, b->pack_bytes = t.pack_bytes;
     a->scratch_floats = b->scratch_floats, a->io_floats = b->io_floats, a->scratch_count = b->scratch_count;
     b->scratch_floats = t.scratch_floats, b->io_floats = t.io_floats, b->scratch_count = t.scratch_count;
 }
 
-int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads) {
+/* rbe_matrix_linear (int8 0) and rbe_matrix_linear_int8 (1). */
+static int matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa,
+                         int nthreads, int int8) {
     if (!h || !x || !y || n < 0) return RBE_E_ARGS;
     rbe_engine *e = &h->e;
     const rbe_kernels *kern = rbe_kernels_for(isa);
-    if (!kern) return RBE_E_ISA;
+    if (!kern || (int8 && !kern->lut_gemm_q8)) return RBE_E_ISA;
     pthread_once(&pool_once, pool_init);
     pthread_mutex_lock(&matrix_mu); /* also guards the context's own fields (kern, nthreads) */
-    e->kern = kern;
+    e->kern = kern, e->c.act_int8 = int8;
     swap_scratch(e, &shared_scratch);
     const int err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads));
     const emat *m = &h->m[0];
@@ -1098,4 +1195,21 @@ int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int 
     swap_scratch(e, &shared_scratch);
     pthread_mutex_unlock(&matrix_mu);
     return err;
+}
+
+int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads) {
+    return matrix_linear(h, x, n, y, isa, nthreads, 0);
+}
+
+int rbe_matrix_linear_int8(rbe_matrix *h, const float *x, long long n, float *y, int isa,
+                           int nthreads) {
+    return matrix_linear(h, x, n, y, isa, nthreads, 1);
+}
+
+int rbe_matrix_int8_levels(const rbe_matrix *h, signed char *lv8, float *alpha_beta, int *rot) {
+    const rbe_lut *L = &h->m[0].lut;
+    if (L->kind == RBE_LUT_F32) return -1;
+    memcpy(lv8, L->lv8, (size_t)1 << L->bits);
+    alpha_beta[0] = L->q8_alpha, alpha_beta[1] = L->q8_beta, *rot = L->q8_rot;
+    return L->q8_exact;
 }

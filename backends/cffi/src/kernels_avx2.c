@@ -2,6 +2,7 @@
  * rbe_kernels_for (dispatch.c), which checks the CPU with __builtin_cpu_supports. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "rbe_internal.h"
 
@@ -96,11 +97,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
         out[3] = lookup8(_mm_srli_si128(hi, 8), t->t);
     } else if (m->kind == RBE_LUT_PLANES) { /* rebuild byte codes, then as BYTE */
         uint8_t codes[32];
-        for (int j = 0; j < 32; j++) {
-            unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
-            for (int k = 0; k < m->bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
-            codes[j] = (uint8_t)code;
-        }
+        rbe_block_codes(m->kind, m->bits, p, codes);
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, codes + 8 * k);
     } else {
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, p + 8 * k);
@@ -108,5 +105,81 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
 }
 
 #define half_to_float(h) _cvtsh_ss(h)
+
+/* Int8 product (lut_impl.h) without VNNI: signed weight bytes (lv8) and llama.cpp's pairing,
+ * vpmaddubsw(|w|, sign(x, w)) then vpmaddwd by ones: a pair sums at most 2 * 128 * 127 < 2^15,
+ * so nothing saturates. */
+#define Q8_MR 4
+#define Q8_NV 1
+#define Q8_ZP 0
+#define VI __m256i
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_cvt(v) _mm256_cvtepi32_ps(v)
+static inline __m256i vi_dot4(__m256i acc, const uint8_t *w, __m256i x) {
+    int32_t w4;
+    memcpy(&w4, w, 4);
+    const __m256i wv = _mm256_set1_epi32(w4);
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+#define q8_planes rbe_q8_planes
+/* rbe_q8_block on four vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
+static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * k), abs));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    int32_t q[32];
+    for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(q + 8 * k), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), inv)));
+    *sum = *lead = 0;
+    for (int j = 0; j < 32; j++) {
+        x8[j] = (int8_t)q[j];
+        *sum += q[j];
+        *lead += j & (rot - 1) ? 0 : q[j];
+    }
+    return amax / 127.0f;
+}
+/* 32 signed bytes times H_rot per group (rbe_q8_rotate's butterflies, no zero point): each
+ * byte's partner (index ^ h, within 16-byte lanes) by vpshufb, plus self or, where bit h of the
+ * index is set, minus self. */
+static inline __m256i q8_rotate32(__m256i v, int rot) {
+    static const int8_t sign[4][16] = {{1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1},
+                                       {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1},
+                                       {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1},
+                                       {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1}};
+    const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4,
+                                          5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int h = 1, s = 0; h < rot; h *= 2, s++) {
+        const __m256i partner = _mm256_shuffle_epi8(v, _mm256_xor_si256(lane, _mm256_set1_epi8((char)h)));
+        v = _mm256_add_epi8(partner, _mm256_sign_epi8(v, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)sign[s]))));
+    }
+    return v;
+}
+static inline void q8_rotate(uint8_t *p, int64_t bytes, int rot, int zp) {
+    for (int64_t c = 0; c < bytes; c += 32) {
+        const __m256i v = q8_rotate32(_mm256_loadu_si256((const __m256i *)(p + c)), rot);
+        _mm256_storeu_si256((__m256i *)(p + c), _mm256_add_epi8(v, _mm256_set1_epi8((char)zp)));
+    }
+}
+/* rbe_q8_nibble_row, two blocks per 32-byte vector. */
+static inline void q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64_t blocks, int rot, int zp,
+                                 uint8_t *out) {
+    const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)), k = _mm256_set1_epi8(15);
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2, p += 32, out += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)p); /* block b in the low lane */
+        const __m256i lo = _mm256_shuffle_epi8(t, _mm256_and_si256(v, k));
+        const __m256i hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), k));
+        __m256i o[2] = {_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31)};
+        for (int i = 0; i < 2; i++) {
+            if (rot > 1) o[i] = _mm256_add_epi8(q8_rotate32(o[i], rot), _mm256_set1_epi8((char)zp));
+            _mm256_storeu_si256((__m256i *)(out + 32 * i), o[i]);
+        }
+    }
+    rbe_q8_nibble_row(tab, p, blocks - b, rot, zp, out);
+}
 
 #include "kern_impl.h"

@@ -1,5 +1,7 @@
 /* AVX-512 (F + BW, and F16C) path. Compiled on its own with -mavx512f -mavx512bw -mf16c; only
- * reached through rbe_kernels_for (dispatch.c), which checks the CPU with __builtin_cpu_supports. */
+ * reached through rbe_kernels_for (dispatch.c), which checks the CPU with __builtin_cpu_supports.
+ * The int8 product alone also needs VNNI (its own target attribute, not a file flag: nothing
+ * else here may use it); without VNNI, dispatch.c hands out rbe_kernels_avx512_noq8. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -117,5 +119,91 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
 }
 
 #define half_to_float(h) _cvtsh_ss(h)
+
+/* Int8 product (lut_impl.h): vpdpbusd, unsigned weight bytes (lv8 + 128) times signed inputs;
+ * each block's accumulator starts at -128 * sum(x8) (in the pack), which cancels the zero point
+ * exactly. */
+#define Q8_OPTIONAL 1
+#define Q8_ATTR __attribute__((target("avx512vnni")))
+#define Q8_MR 6
+#define Q8_NV 2
+#define Q8_ZP 128
+#define VI __m512i
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_cvt(v) _mm512_cvtepi32_ps(v)
+static inline Q8_ATTR __m512i vi_dot4(__m512i acc, const uint8_t *w, __m512i x) {
+    int32_t w4;
+    memcpy(&w4, w, 4);
+    return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(w4), x);
+}
+/* 64 signed bytes times H_rot per group (rbe_q8_rotate's butterflies, no zero point): each
+ * byte's partner (index ^ h, within 16-byte lanes) by vpshufb; partner + self where bit h of the
+ * index is clear, else partner - self. */
+static inline __m512i q8_rotate64(__m512i v, int rot) {
+    static const uint64_t upper[4] = {0xaaaaaaaaaaaaaaaaull, 0xccccccccccccccccull, 0xf0f0f0f0f0f0f0f0ull,
+                                      0xff00ff00ff00ff00ull}; /* bytes whose index has bit h set */
+    const __m512i lane = _mm512_set4_epi32(0x0f0e0d0c, 0x0b0a0908, 0x07060504, 0x03020100);
+    for (int h = 1, s = 0; h < rot; h *= 2, s++) {
+        const __m512i partner = _mm512_shuffle_epi8(v, _mm512_xor_si512(lane, _mm512_set1_epi8((char)h)));
+        v = _mm512_mask_sub_epi8(_mm512_add_epi8(partner, v), (__mmask64)upper[s], partner, v);
+    }
+    return v;
+}
+static inline void q8_rotate(uint8_t *p, int64_t bytes, int rot, int zp) {
+    int64_t c = 0;
+    for (; c + 64 <= bytes; c += 64)
+        _mm512_storeu_si512((void *)(p + c), _mm512_add_epi8(q8_rotate64(_mm512_loadu_si512((const void *)(p + c)), rot),
+                                                             _mm512_set1_epi8((char)zp)));
+    rbe_q8_rotate(p + c, bytes - c, rot, zp);
+}
+/* rbe_q8_nibble_row, four blocks per 64-byte vector: the low and high nibbles of each through
+ * the table, then their 16-byte lanes interleaved back into column order. */
+static inline void q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64_t blocks, int rot, int zp,
+                                 uint8_t *out) {
+    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab)), k = _mm512_set1_epi8(15);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4, p += 64, out += 128) {
+        const __m512i v = _mm512_loadu_si512((const void *)p);
+        const __m512i lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
+        const __m512i hi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), k));
+        __m512i o[2] = {_mm512_permutex2var_epi64(lo, first, hi), _mm512_permutex2var_epi64(lo, second, hi)};
+        for (int i = 0; i < 2; i++) {
+            if (rot > 1) o[i] = _mm512_add_epi8(q8_rotate64(o[i], rot), _mm512_set1_epi8((char)zp));
+            _mm512_storeu_si512((void *)(out + 64 * i), o[i]);
+        }
+    }
+    rbe_q8_nibble_row(tab, p, blocks - b, rot, zp, out);
+}
+/* rbe_q8_block on two vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
+static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128((__m128i *)x8, _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(x8 + 16), _mm512_cvtepi32_epi8(qb));
+    const __m512i s = _mm512_add_epi32(qa, qb);
+    const __mmask16 first = (__mmask16)(rot == 1 ? 0xffff : rot == 2 ? 0x5555 : rot == 4 ? 0x1111 : rot == 8 ? 0x0101 : 0x0001);
+    *sum = _mm512_reduce_add_epi32(s);
+    *lead = _mm512_mask_reduce_add_epi32(first, s);
+    return amax / 127.0f;
+}
+/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one. */
+static inline void q8_planes(int bits, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
+    const __m512i idx = _mm512_castsi256_si512(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k), _mm_and_si128(b, k)));
+    __m512i v[4];
+    for (int h = 0; h < (bits == 5 ? 2 : 4); h++)
+        v[h] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + 16 * h))), idx);
+    uint32_t m4, m5 = 0;
+    memcpy(&m4, p + 16, 4);
+    __m512i r = _mm512_mask_blend_epi8((__mmask64)m4, v[0], v[1]);
+    if (bits == 6) {
+        memcpy(&m5, p + 20, 4);
+        r = _mm512_mask_blend_epi8((__mmask64)m5, r, _mm512_mask_blend_epi8((__mmask64)m4, v[2], v[3]));
+    }
+    _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(r));
+}
 
 #include "kern_impl.h"

@@ -2,6 +2,7 @@
  * the target's baseline instructions, but it needs no particular ISA). */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "rbe_internal.h"
 
@@ -93,16 +94,39 @@ static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const u
             out[(j + 16) / VLEN].v[(j + 16) % VLEN] = t->levels[p[j] >> 4];
         }
     } else if (m->kind == RBE_LUT_PLANES) {
-        for (int j = 0; j < 32; j++) {
-            unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
-            for (int k = 0; k < m->bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
-            out[j / VLEN].v[j % VLEN] = t->levels[code];
-        }
+        uint8_t codes[32];
+        rbe_block_codes(m->kind, m->bits, p, codes);
+        for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[codes[j]];
     } else {
         for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[p[j]];
     }
 }
 
 #define half_to_float(h) rbe_half_to_float(h)
+
+/* Int8 product (lut_impl.h): the reference arithmetic, signed weight bytes (lv8). */
+#define Q8_ZP 0
+typedef struct {
+    int32_t v[VLEN];
+} VI;
+static inline VI vi_load(const void *p) {
+    VI r;
+    memcpy(r.v, p, sizeof(r.v));
+    return r;
+}
+static inline VF vi_cvt(VI a) {
+    VF r;
+    for (int l = 0; l < VLEN; l++) r.v[l] = (float)a.v[l];
+    return r;
+}
+static inline VI vi_dot4(VI acc, const uint8_t *w, VI x) {
+    for (int l = 0; l < VLEN; l++)
+        for (int j = 0; j < 4; j++) acc.v[l] += (int8_t)w[j] * (int8_t)(uint8_t)((uint32_t)x.v[l] >> (8 * j));
+    return acc;
+}
+#define q8_nibble_row rbe_q8_nibble_row
+#define q8_planes rbe_q8_planes
+#define q8_rotate rbe_q8_rotate
+#define q8_block rbe_q8_block
 
 #include "kern_impl.h"

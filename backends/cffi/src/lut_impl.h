@@ -409,3 +409,273 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
         FN(vaxpy)(x[r], scratch, y + c0, width);
     }
 }
+
+/* ---- int8 batched product (lut_gemm_q8; the pack layout is RBE_Q8_REC's) ----
+ * The ISA file adds: VI (VLEN int32 lanes), vi_load(p), vi_cvt(v) (to VF), vi_dot4(acc, w, x)
+ * (acc plus, per lane, the four byte products of w and x; w is a weight dword broadcast from
+ * memory, its bytes as the panel holds them, x's bytes signed), Q8_ZP (the panel's zero point: a
+ * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(bits, tab, p, out) (a 5- or 6-bit block's
+ * 32 weight bytes through the 64-entry table tab), q8_nibble_row, q8_rotate and q8_block (the
+ * contracts of rbe_q8_nibble_row, rbe_q8_rotate and rbe_q8_block in rbe_internal.h);
+ * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1) and
+ * Q8_ATTR (attributes of the product, e.g. a target it needs). */
+#ifndef Q8_MR
+#define Q8_MR 4
+#endif
+#ifndef Q8_NV
+#define Q8_NV 1
+#endif
+#ifndef Q8_ATTR
+#define Q8_ATTR
+#endif
+#define Q8_REC RBE_Q8_REC(VLEN)
+
+/* v = x (32 values) times blockdiag(H_rot, ..) (hm, of order 16, per half): each output a
+ * sequence of exact +-x[j] additions, j ascending (a zero entry adds nothing). */
+static inline void FN(q8_rotate_input)(const float *x, const float *hm, float *v) {
+    for (int half = 0; half < 32; half += 16) {
+        VF acc[16 / VLEN];
+        for (int k = 0; k < 16 / VLEN; k++) acc[k] = vzero();
+        for (int j = 0; j < 16; j++) {
+            const VF s = vset1(x[half + j]);
+            for (int k = 0; k < 16 / VLEN; k++) acc[k] = vfma(s, vload(hm + 16 * j + k * VLEN), acc[k]);
+        }
+        for (int k = 0; k < 16 / VLEN; k++) vstore(v + half + k * VLEN, acc[k]);
+    }
+}
+
+/* x[b * ldx + c] for b < n, c < cp rotated by rot into pack, tiles of VLEN tokens (see
+ * RBE_Q8_REC). */
+static void FN(q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, int rot,
+                            uint8_t *pack) {
+    const int64_t nblk = cp / 32, tiles = (n + VLEN - 1) / VLEN;
+    float hm[256]; /* blockdiag(H_rot, ..) of order 16: Sylvester matrices nest */
+    for (int j = 0; j < 16; j++)
+        for (int c = 0; c < 16; c++) hm[16 * j + c] = j / rot == c / rot ? FN(hadamard16)[16 * (j % rot) + c % rot] : 0.0f;
+    if (n % VLEN) /* the last tile's missing tokens */
+        memset(pack + (tiles - 1) * nblk * Q8_REC, 0, (size_t)(nblk * Q8_REC));
+    for (int64_t b = 0; b < n; b++) {
+        const int t = (int)(b % VLEN);
+        uint8_t *rec = pack + (b / VLEN) * nblk * Q8_REC;
+        for (int64_t k = 0; k < nblk; k++, rec += Q8_REC) {
+            float v[32];
+            if (rot > 1) FN(q8_rotate_input)(x + b * ldx + k * 32, hm, v);
+            else memcpy(v, x + b * ldx + k * 32, sizeof(v));
+            int8_t x8[32];
+            int32_t sum, lead;
+            const float d = q8_block(v, rot, x8, &sum, &lead);
+            const float ds = d * (float)lead;
+            const int32_t init = -Q8_ZP * sum;
+            for (int q = 0; q < 8; q++) memcpy(rec + (q * VLEN + t) * 4, x8 + 4 * q, 4);
+            memcpy(rec + 32 * VLEN + 4 * t, &d, 4);
+            memcpy(rec + 36 * VLEN + 4 * t, &ds, 4);
+            memcpy(rec + 40 * VLEN + 4 * t, &init, 4);
+        }
+    }
+}
+
+/* lut_gemm_q8 works in bands of Q8_RB rows, their weight bytes unpacked at once (sequential
+ * reads of the codes); then column slices small enough that the pack's slice of every token
+ * (Q8_L1 bytes at most) stays in L1 while the band's rows pass over it; each row's partial sums
+ * wait in scratch between slices. */
+#define Q8_L1 (24 << 10)
+#define Q8_RB (Q8_MR * (32 / Q8_MR)) /* a whole number of passes */
+
+/* Bytes of lut_gemm_q8's scratch for up to `tokens` tokens: a band's weight bytes, factors (2
+ * per row and group, and 2 more of room to make them) and partial sums, and the input sums per
+ * token and group. */
+static int64_t FN(q8_scratch)(const rbe_lut *m, int64_t tokens) {
+    const int64_t vecs = (tokens + Q8_NV * VLEN - 1) / (Q8_NV * VLEN) * Q8_NV;
+    return Q8_RB * (m->cols_p + (4 * m->groups + vecs * VLEN) * (int64_t)sizeof(float)) +
+           vecs * m->groups * VLEN * (int64_t)sizeof(float);
+}
+
+/* Weight bytes (lv8[code] through tab, then rotated by rot (plus Q8_ZP) unless rot is 1) of rows
+ * [r, r + nr), 32 per block, into panel (cols_p bytes a row); w[i] points at row i's. Byte codes
+ * whose weight byte is the code itself are read in place; shift is that constant, or -1. */
+static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int rot, int64_t r,
+                         int64_t nr, uint8_t *panel, const uint8_t **w) {
+    const int64_t cp = m->cols_p;
+    for (int64_t i = 0; i < nr; i++) {
+        const uint8_t *p = FN(lut_codes)(m, r + i, 0);
+        uint8_t *out = panel + i * cp;
+        w[i] = out;
+        if (m->kind == RBE_LUT_NIBBLE) {
+            q8_nibble_row(tab, p, cp / 32, rot, Q8_ZP, out); /* rotates too */
+            continue;
+        }
+        if (m->kind == RBE_LUT_PLANES) {
+            for (int64_t c = 0; c < cp; c += 32, p += m->block_bytes) q8_planes(m->bits, tab, p, out + c);
+        } else if (shift == 0 && rot == 1) {
+            w[i] = p;
+            continue;
+        } else if (shift >= 0) {
+            for (int64_t c = 0; c < cp; c++) out[c] = (uint8_t)(p[c] + shift);
+        } else {
+            for (int64_t c = 0; c < cp; c++) out[c] = tab[p[c]];
+        }
+        if (rot > 1) q8_rotate(out, cp, rot, Q8_ZP);
+    }
+}
+
+/* The band's factors, per group g and band row i at fac[(g * Q8_RB + i) * 2]: that of the
+ * integer sums (q8_alpha / rot * step, rot a power of two), then that of the input sums
+ * (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off: scratch for nr * groups
+ * floats each. */
+static void FN(q8_factors)(const rbe_lut *m, int rot, int64_t r, int nr, float *st, float *off,
+                           float *fac) {
+    FN(row_steps)(m, r, nr, st, off);
+    const float alpha = m->q8_alpha / (float)rot;
+    for (int64_t g = 0; g < m->groups; g++)
+        for (int i = 0; i < Q8_RB; i++) {
+            const float sg = i < nr ? st[i * m->groups + g] : 0.0f;
+            fac[(g * Q8_RB + i) * 2] = alpha * sg;
+            fac[(g * Q8_RB + i) * 2 + 1] = m->q8_beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
+        }
+}
+
+/* One pass of lut_gemm_q8 over the blocks [k0, k1) of a slice: rows w[0..Q8_MR) (weight bytes
+ * of block k at w[i] + k * 32; factors of group g at fac[(g * Q8_RB + i) * 2], q8_factors')
+ * against the token vectors whose pack records start at tile[v] (block k at tile[v] + k *
+ * Q8_REC; input sums of group g at xs[v] + g * VLEN); at the end of every group and of the
+ * slice, added to the partial sums at part[(i * Q8_NV + v) * VLEN] (a token per lane), with the
+ * input sums' term when sums (in a group's first slice). Instantiated with and without sums. */
+static inline __attribute__((always_inline)) void FN(q8_pass)(
+    const uint8_t *const *w, const float *fac, const uint8_t *const *tile, const float *const *xs,
+    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums) {
+    for (int64_t k = k0; k < k1;) {
+        const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
+        const int first = sums && k0 <= g * bpg;
+        VF ga[Q8_MR][Q8_NV];
+        for (int i = 0; i < Q8_MR; i++)
+            for (int v = 0; v < Q8_NV; v++) ga[i][v] = vzero();
+        for (; k < end; k++) {
+            VI ia[Q8_MR][Q8_NV];
+            for (int v = 0; v < Q8_NV; v++) {
+                const VI init = vi_load(tile[v] + k * Q8_REC + 40 * VLEN);
+                for (int i = 0; i < Q8_MR; i++) ia[i][v] = init;
+            }
+            for (int q = 0; q < 8; q++)
+                for (int i = 0; i < Q8_MR; i++)
+                    for (int v = 0; v < Q8_NV; v++)
+                        ia[i][v] = vi_dot4(ia[i][v], w[i] + k * 32 + q * 4,
+                                           vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN));
+            for (int v = 0; v < Q8_NV; v++) {
+                const VF d = vload((const float *)(tile[v] + k * Q8_REC + 32 * VLEN));
+                for (int i = 0; i < Q8_MR; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
+            }
+        }
+        const float *f = fac + g * Q8_RB * 2;
+        for (int i = 0; i < Q8_MR; i++) {
+            const VF s = vset1(f[2 * i]), o = vset1(f[2 * i + 1]);
+            for (int v = 0; v < Q8_NV; v++) {
+                float *p = part + (i * Q8_NV + v) * VLEN;
+                VF a = vfma(ga[i][v], s, vload(p));
+                if (first) a = vfma(vload(xs[v] + g * VLEN), o, a);
+                vstore(p, a);
+            }
+        }
+    }
+}
+
+/* A band's partial sums, a pass's rows and vectors together: row r, token vector v. */
+static inline float *FN(q8_part)(float *part, int64_t vecs, int64_t r, int64_t v) {
+    const int64_t pass = r / Q8_MR * (vecs / Q8_NV) + v / Q8_NV;
+    return part + (pass * Q8_MR * Q8_NV + r % Q8_MR * Q8_NV + v % Q8_NV) * VLEN;
+}
+
+/* xs[v * groups + g] = sum over group g's blocks of d * sum(x8), for the tiles of the pack (the
+ * input sums that offsets and q8_beta meet). */
+static void FN(q8_input_sums)(const rbe_lut *m, const uint8_t *pack, int64_t tiles, float *xs) {
+    const int64_t bpg = m->gs / 32;
+    for (int64_t v = 0; v < tiles; v++)
+        for (int64_t g = 0; g < m->groups; g++) {
+            VF a = vzero();
+            for (int64_t k = g * bpg; k < (g + 1) * bpg; k++)
+                a = vadd(a, vload((const float *)(pack + (v * (m->cols_p / 32) + k) * Q8_REC + 36 * VLEN)));
+            vstore(xs + (v * m->groups + g) * VLEN, a);
+        }
+}
+
+/* What lut_gemm_q8's bands share: the matrix, the pack and its rotation, the weight byte table
+ * (and the byte codes' shift, q8_panel's), the token tiles (vecs: rounded up to Q8_NV), blocks
+ * per slice, whether input sums meet offsets, and the scratch areas. */
+typedef struct {
+    const rbe_lut *m;
+    const uint8_t *pack;
+    int rot, shift, sums;
+    int64_t n, tiles, vecs, kc;
+    uint8_t tab[256], *panel;
+    float *fac, *st, *off, *part, *xs;
+} q8_job;
+
+/* Rows [rb, rb + nr) (nr <= Q8_RB) into y: weight bytes and factors of the band, then its passes
+ * slice by slice (requesting the next band's codes meanwhile), then its partial sums token-major
+ * into y. */
+static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t r1, float *y, int64_t ldy) {
+    const rbe_lut *m = j->m;
+    const int64_t nblk = m->cols_p / 32, vecs = j->vecs;
+    const uint8_t *wb[Q8_RB];
+    FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
+    FN(q8_factors)(m, j->rot, rb, (int)nr, j->st, j->off, j->fac);
+    memset(j->part, 0, (size_t)(Q8_RB * vecs * VLEN) * sizeof(float));
+    const uint8_t *ahead = FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0); /* the next band's (contiguous) */
+    const uint8_t *const ahead_end = FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes;
+    const int64_t passes = (nblk + j->kc - 1) / j->kc * ((nr + Q8_MR - 1) / Q8_MR);
+    const int64_t lines = ((ahead_end - ahead) / 64 + passes) / passes; /* per pass, evenly */
+    for (int64_t k0 = 0; k0 < nblk; k0 += j->kc) {
+        const int64_t k1 = rbe_min(k0 + j->kc, nblk);
+        for (int64_t r = 0; r < nr; r += Q8_MR) {
+            for (int64_t l = 0; l < lines && ahead < ahead_end; l++, ahead += 64) __builtin_prefetch(ahead);
+            const uint8_t *w[Q8_MR]; /* rows past the band's repeat its last */
+            for (int i = 0; i < Q8_MR; i++) w[i] = wb[rbe_min(r + i, nr - 1)];
+            for (int64_t v0 = 0; v0 < vecs; v0 += Q8_NV) {
+                const uint8_t *tile[Q8_NV]; /* vectors past the last repeat it */
+                const float *xv[Q8_NV];
+                for (int v = 0; v < Q8_NV; v++) {
+                    const int64_t t = rbe_min(v0 + v, j->tiles - 1);
+                    tile[v] = j->pack + t * nblk * Q8_REC, xv[v] = j->xs + t * m->groups * VLEN;
+                }
+                float *p = FN(q8_part)(j->part, vecs, r, v0);
+                if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1);
+                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0);
+            }
+        }
+    }
+    for (int64_t r = 0; r < nr; r += Q8_MR) {
+        const int64_t rows = rbe_min(Q8_MR, nr - r);
+        for (int64_t b = 0; b < j->n; b++) {
+            const float *p = FN(q8_part)(j->part, vecs, r, b / VLEN) + b % VLEN;
+            float *o = y + b * ldy + rb + r;
+            if (rows == Q8_MR) /* a fixed count: unrolled */
+                for (int i = 0; i < Q8_MR; i++) o[i] = p[i * Q8_NV * VLEN];
+            else
+                for (int64_t i = 0; i < rows; i++) o[i] = p[i * Q8_NV * VLEN];
+        }
+    }
+}
+
+/* The int8 product (rbe_kernels.lut_gemm_q8). Bands of Q8_RB rows; in a band, column slices of
+ * kc blocks; in a slice, passes of Q8_MR rows against Q8_NV vectors of VLEN tokens, a token per
+ * lane: per block, each row's weight dword broadcast against a vector's four columns of its
+ * tokens feeds Q8_MR * Q8_NV integer accumulators (started at the pack's zero-point correction);
+ * at the block's end they are converted and scaled by the tokens' d, at the group's end by the
+ * rows' factors. No horizontal sums: a row's result is a vector of tokens. */
+static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int64_t n, int64_t r0,
+                            int64_t r1, float *y, int64_t ldy, void *scratch) {
+    q8_job j = {.m = m, .pack = pack, .rot = rot, .n = n, .tiles = (n + VLEN - 1) / VLEN};
+    j.vecs = (j.tiles + Q8_NV - 1) / Q8_NV * Q8_NV;
+    const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
+    j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
+    j.sums = m->has_offset || m->q8_beta != 0.0f;
+    j.panel = scratch;
+    j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
+    j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
+    if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
+    for (int k = 0; k < 256; k++) /* lv8 alone when rotated (the zero point comes after) */
+        j.tab[k] = (uint8_t)(m->lv8[k] + (rot > 1 ? 0 : Q8_ZP));
+    j.shift = m->kind == RBE_LUT_BYTE ? j.tab[0] : -1; /* byte codes: weight byte = code + shift? */
+    for (int k = 1; k < 256 && j.shift >= 0; k++)
+        if (j.tab[k] != (uint8_t)(k + j.shift)) j.shift = -1;
+    for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
+}

@@ -49,6 +49,10 @@ typedef struct {
     float eps, rope_theta;
     int rope_style, activation, n_transforms;
     int kv_f16; /* 1: the KV cache holds float16 (half the memory and traffic), 0: float32 */
+    /* 1: products of several tokens (prefill) with coded matrices quantize their input to int8
+     * per token and 32-column block and multiply integer levels on integer units (see
+     * rbe_matrix_linear_int8); 0: float32 throughout. Single tokens (decode) are float32 always. */
+    int act_int8;
 } rbe_engine_config;
 
 typedef struct {
@@ -96,3 +100,20 @@ rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const l
                            int nblocks);
 void rbe_matrix_free(rbe_matrix *h);
 int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads);
+/* The same product as an engine with act_int8 runs it for n > 1 (for tests and measurements; n
+ * == 1, dense and transposed matrices run float32): the levels are read as alpha * lv8 + beta
+ * and rot is the in-block rotation (rbe_matrix_int8_levels). Each token's prepared (padded,
+ * rotated) input has each group of rot columns multiplied by the unnormalised Hadamard matrix
+ * H_rot (Sylvester order; in float32, each output the sum of +-x[j] by ascending j), then
+ * is quantized per 32-column block to d * x8 (d = max |x| / 127, x8 = round(x * 127 / max |x|),
+ * ties to even, int8); the weights' rows meet H_rot in integers. y = sum over groups of step *
+ * (alpha / rot * sum_blocks d * (H_rot lv8) . x8 + beta * S) + offset * S, S = sum_blocks d *
+ * (sum of x8 over each rotation group's first column) (the sum of the dequantized input), the
+ * integer dot products exact. RBE_E_ISA where this CPU has no int8 product on path isa. */
+int rbe_matrix_linear_int8(rbe_matrix *h, const float *x, long long n, float *y, int isa,
+                           int nthreads);
+/* The matrix's int8 level table: lv8 (2^bits values), alpha_beta[0..1], and its in-block input
+ * rotation rot (1, 2, 4, 8 or 16: matrices without an input transform whose rotated levels fit
+ * int8); returns 1 when alpha * lv8 + beta equals the levels exactly, 0 when rounded, -1 for a
+ * dense matrix. */
+int rbe_matrix_int8_levels(const rbe_matrix *h, signed char *lv8, float *alpha_beta, int *rot);

@@ -3,6 +3,7 @@
 #ifndef RBE_INTERNAL_H
 #define RBE_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 
 /* A weight matrix in the engine's canonical layout (see rbe_engine.h): row r, column c holds
@@ -30,7 +31,90 @@ typedef struct {
     const uint16_t *step16, *offset16;
     const uint8_t *step_code;
     float levels[256];
+    /* The level table in integers, for products with int8-quantized inputs (lut_gemm_q8):
+     * levels[k] ~ q8_alpha * lv8[k] + q8_beta, equal in real arithmetic when q8_exact (levels
+     * that are integer multiples of one unit, or affine in the code), else lv8[k] =
+     * round(levels[k] / q8_alpha) with q8_alpha = max |level| / 127 and q8_beta = 0. */
+    int8_t lv8[256];
+    float q8_alpha, q8_beta;
+    int q8_exact;
+    /* The widest in-block rotation (RBE_Q8_REC) that keeps this matrix's rotated levels in int8:
+     * 16, 8, 4 or 2 for matrices without an input transform whose levels allow it, else 1. */
+    int q8_rot;
 } rbe_lut;
+
+/* Inputs quantized for lut_gemm_q8, per token and per 32-column block (llama.cpp's Q8_0), after
+ * an optional rotation of R (1, 2, 4, 8 or 16) columns: each group of R consecutive columns is
+ * multiplied by the unnormalised Sylvester Hadamard matrix H_R (in float32, each output the sum
+ * of +-x[j] in order of ascending j), which spreads a block's outliers (the weights meet H_R too:
+ * (H_R w) . (H_R x) = R w . x, in integers). Then d = max |x| / 127 (float32 division), x8 = x *
+ * (127 / max |x|) (float32) rounded to the nearest integer, ties to even; an all-zero block has
+ * d = 0 and x8 = 0. Stored in tiles of T tokens (the kernels' q8_tokens), a record of
+ * RBE_Q8_REC(T) bytes per (tile, block), tile-major: 32 * T bytes x8, column 4 * q + j of tile
+ * token t at byte (q * T + t) * 4 + j (each token's four consecutive columns form one 32-bit
+ * lane); then per token d (float32), d * (sum of x8 over each group's first column) (float32:
+ * the block's sum of the dequantized, unrotated input) and -zp * sum(x8) (int32; zp the kernels'
+ * weight zero point). Tokens past the input's count are zero. */
+#define RBE_Q8_REC(T) (44 * (int64_t)(T))
+
+/* The 32 codes of the block at p, codes of kind RBE_LUT_NIBBLE or RBE_LUT_PLANES (see rbe_lut's
+ * codes). */
+static inline void rbe_block_codes(int kind, int bits, const uint8_t *p, uint8_t *codes) {
+    for (int j = 0; j < 32; j++) {
+        unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
+        if (kind == RBE_LUT_PLANES)
+            for (int k = 0; k < bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
+        codes[j] = (uint8_t)code;
+    }
+}
+
+/* One block of 32 inputs quantized (RBE_Q8_REC): x8 and d (returned), the sum of x8 and that of
+ * each rotation group's first x8 (rot a power of two). Portable. */
+static inline float rbe_q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *sum = *lead = 0;
+    for (int j = 0; j < 32; j++) {
+        x8[j] = (int8_t)lrintf(v[j] * inv); /* the default rounding: ties to even */
+        *sum += x8[j];
+        *lead += j & (rot - 1) ? 0 : x8[j];
+    }
+    return amax / 127.0f;
+}
+
+/* bytes signed bytes (a multiple of 32) in place: each group of rot multiplied by H_rot (see
+ * RBE_Q8_REC; the results must fit int8), then zp added (mod 256). Portable. */
+static inline void rbe_q8_rotate(uint8_t *p, int64_t bytes, int rot, int zp) {
+    for (int64_t c = 0; c < bytes; c += rot) {
+        int v[16];
+        for (int j = 0; j < rot; j++) v[j] = (int8_t)p[c + j];
+        for (int h = 1; h < rot; h *= 2)
+            for (int j = 0; j < rot; j++)
+                if (!(j & h)) {
+                    const int a = v[j], b = v[j + h];
+                    v[j] = a + b, v[j + h] = a - b;
+                }
+        for (int j = 0; j < rot; j++) p[c + j] = (uint8_t)(v[j] + zp);
+    }
+}
+
+/* The weight bytes of `blocks` consecutive nibble blocks (16 bytes each: byte t = code t | code
+ * t + 16 << 4) for lut_gemm_q8, 32 per block in column order: through the 16-entry table tab,
+ * then, when rot > 1, rotated with zp added (rbe_q8_rotate). Portable. */
+static inline void rbe_q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64_t blocks, int rot,
+                                     int zp, uint8_t *out) {
+    for (int64_t b = 0; b < blocks; b++)
+        for (int t = 0; t < 16; t++) out[32 * b + t] = tab[p[16 * b + t] & 15], out[32 * b + t + 16] = tab[p[16 * b + t] >> 4];
+    if (rot > 1) rbe_q8_rotate(out, 32 * blocks, rot, zp);
+}
+
+/* A 5- or 6-bit block's 32 weight bytes for lut_gemm_q8 through the table tab (portable). */
+static inline void rbe_q8_planes(int bits, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+    uint8_t codes[32];
+    rbe_block_codes(RBE_LUT_PLANES, bits, p, codes);
+    for (int j = 0; j < 32; j++) out[j] = tab[codes[j]];
+}
 
 typedef struct {
     /* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= grad_batch,
@@ -52,6 +136,19 @@ typedef struct {
     void (*lut_gemm)(const rbe_lut *m, const float *xt, int64_t ldt, int64_t n, int64_t r0,
                      int64_t r1, float *y, int64_t ldy, float *scratch);
     int gemm_tokens, gemm_rows;
+    /* Int8 batched product. q8_quantize: x[b * ldx + c] (b < n, c < cp, cp a multiple of 32)
+     * rotated by rot into pack (RBE_Q8_REC(q8_tokens) bytes per tile and block). lut_gemm_q8
+     * (coded kinds only; NULL where this CPU lacks the instructions), the pack's rot at most
+     * m->q8_rot: y[b * ldy + r] for b < n, r in [r0, r1) = sum_g (q8_alpha / rot * step[r, g] *
+     * sum_{c in g} d[b, c / 32] * (H_rot lv8[code[r]])[c] * x8[b, c] + (q8_beta * step[r, g] +
+     * offset[r, g]) * sum_{c in g, c % rot == 0} d[b, c / 32] * x8[b, c]), the integer dot
+     * products exact, then float32; scratch holds q8_scratch(m, n) bytes. q8_tokens: tokens
+     * per pack tile; q8_rows: rows per band (a multiple of it splits evenly over threads). */
+    void (*q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, int rot, uint8_t *pack);
+    void (*lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int64_t n, int64_t r0,
+                        int64_t r1, float *y, int64_t ldy, void *scratch);
+    int64_t (*q8_scratch)(const rbe_lut *m, int64_t tokens);
+    int q8_tokens, q8_rows;
     /* Vector helpers for attention and norms. */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
@@ -79,6 +176,7 @@ const rbe_kernels *rbe_kernels_for(int isa);
 #ifdef RBE_WITH_X86_SIMD
 extern const rbe_kernels rbe_kernels_avx2;
 extern const rbe_kernels rbe_kernels_avx512;
+extern const rbe_kernels rbe_kernels_avx512_noq8; /* lut_gemm_q8 NULL: AVX-512 without VNNI */
 #endif
 
 /* Exact IEEE binary16 -> binary32 (normals, subnormals, inf, nan). */
