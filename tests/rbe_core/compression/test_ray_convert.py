@@ -153,7 +153,9 @@ def test_an_interrupted_driver_leaves_nothing(cluster, gguf, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cluster), *[p for p in sys.path if p]]))
     proc = subprocess.Popen([sys.executable, "-m", "rbe_core.cli", "convert", str(gguf), "-o", str(tmp_path / "x.rbe"),
                              "--codec", "slow-int8", "--ray", "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(8)  # a Ray instance of its own starts, then the tasks run
+    end = time.monotonic() + 60  # a Ray instance of its own starts, then the tasks run: interrupt during one
+    while not _task_pids("_encode_task") and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err
