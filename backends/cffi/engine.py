@@ -1,4 +1,5 @@
-"""The native decoder ``NativeDecoder``: a whole causal-LM step (Llama, GPT-2) in C (``src/engine.c``).
+"""The native decoder ``NativeDecoder``: a whole causal-LM step (the described decoder families,
+GPT-2) in C (``src/engine.c``).
 
 Built once from a model's :class:`rbe_core.models.NativePlan` and its encoded tensors: every
 matrix is *lowered* (``rbe_core.native.lowering``) to the canonical layout and copied into the engine,
@@ -21,12 +22,16 @@ from rbe_core.native.lowering import Lowered, lower
 from . import library
 from .ops import as_f32, matrix_desc, rejection
 
-ARCHS = {"llama": 1, "gpt2": 2}
+ARCHS = {"decoder": 1, "gpt2": 2}
 ROPE = {"none": 0, "half": 1, "interleaved": 2}
-ACTIVATIONS = {"silu_gated": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
-MATRIX_SLOTS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, "qkv": 7,
+ACTIVATIONS = {"silu_gated": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "gelu_tanh_gated": 4}
+MATRIX_SLOTS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, "qkv": 7, "gate_up": 8, "router": 9,
                 "embed": 0, "pos": 1, "head": 2}
-VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, "final_b": 1}
+_EXPERT_SLOT, _EXPERT_ROLES = 10, ("expert_gate", "expert_up", "expert_down")
+VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, "final_b": 1,
+                "attn_norm": 0, "ffn_norm": 2, "attn_post_norm": 4, "ffn_post_norm": 5, "q_norm": 6, "k_norm": 7}
+_DECODER_FLOATS = ("norm_offset", "embed_scale", "attn_softcap", "final_softcap")
+_DECODER_INTS = ("rotary_dim", "n_experts", "experts_used", "expert_intermediate", "norm_topk")
 #: ``RBE_ENGINE_KV``: the KV cache's element type (float16 by default, as llama.cpp's: half the
 #: memory and the attention's memory traffic; float32 for bit-level agreement with the torch path).
 KV_ENV = "RBE_ENGINE_KV"
@@ -61,6 +66,8 @@ class NativeDecoder:
         c.arch, c.eps, c.rope_theta = ARCHS[plan.arch], float(cfg["eps"]), float(cfg.get("rope_theta", 10000.0))
         c.rope_style, c.activation = ROPE[cfg["rope_style"]], ACTIVATIONS[cfg["activation"]]
         c.n_transforms = len(plan.matrices)  # an upper bound: ids are given as transforms appear
+        if plan.arch == "decoder":
+            _decoder_settings(c, cfg)
         self.kv = _setting(kv, KV_ENV, KV_TYPES, "f16")
         c.kv_f16 = KV_TYPES[self.kv]
         self.act = _setting(act, ACT_ENV, ACT_TYPES, "int8")
@@ -69,6 +76,8 @@ class NativeDecoder:
         if handle == ffi.NULL:
             raise NativeUnavailableError("the native engine rejected the model config (or memory is short)")
         self._e = ffi.gc(handle, lib.rbe_engine_free)
+        if plan.arch == "decoder":
+            self._set_layers(cfg, tensors)
         transforms: dict[tuple, int] = {}
         for layer, slot, weight, bias, transposed in plan.matrices:  # one lowered matrix alive at a time
             low = lowered[weight] if lowered is not None else _lower(tensors[weight])
@@ -78,7 +87,7 @@ class NativeDecoder:
                 if tf < 0:
                     tf = transforms[low.transform.key] = len(transforms)
                     self._set_transform(tf, low.transform)
-            self._set_matrix(layer, MATRIX_SLOTS[slot], weight, low,
+            self._set_matrix(layer, _matrix_slot(slot), weight, low,
                              None if bias is None else tensors[bias].decode(), transposed, tf)
             del low
             release(*tensors[weight].payload.values())  # the engine holds its own copy
@@ -87,6 +96,19 @@ class NativeDecoder:
             self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],
                                                   ffi.from_buffer("float[]", v), v.size), f"vector {name}")
         self._epoch = 0
+
+    def _set_layers(self, cfg, tensors) -> None:
+        """RoPE tables (divided by the model's frequency divisors, when it has them) and each
+        layer's RoPE kind and sliding window."""
+        divisors = None
+        if cfg.get("rope_divisors"):
+            divisors = as_f32(tensors[cfg["rope_divisors"]].decode().reshape(-1))
+        for kind, (inv, factor) in enumerate(cfg["ropes"]):
+            inv = as_f32(np.asarray(inv, dtype=np.float32) / (1 if divisors is None else divisors))
+            self._check(self._lib.rbe_engine_set_rope(self._e, kind, self._ffi.from_buffer("float[]", inv), inv.size,
+                                                      float(factor)), f"RoPE table {kind}")
+        for layer, (kind, window) in enumerate(zip(cfg["layer_rope"], cfg["layer_window"], strict=True)):
+            self._check(self._lib.rbe_engine_set_layer(self._e, layer, int(kind), int(window)), f"layer {layer}")
 
     def _set_transform(self, tf: int, t) -> None:
         blocks = np.asarray(t.blocks, dtype=np.int64)
@@ -159,6 +181,24 @@ class NativeDecoder:
         s = self._ffi.new("double[3]")
         self._lib.rbe_engine_profile(self._e, s)
         return {"kernels": s[0], "attention": s[1], "rest": s[2]}
+
+
+def _decoder_settings(c, cfg) -> None:
+    """The decoder's fields of the engine config ``c`` from ``NativePlan.config``."""
+    for key in _DECODER_FLOATS:
+        setattr(c, key, float(cfg[key]))
+    for key in _DECODER_INTS:
+        setattr(c, key, int(cfg[key]))
+    c.attn_scale = 0.0 if cfg["attn_scale"] is None else float(cfg["attn_scale"])
+    c.n_ropes = len(cfg["ropes"])
+
+
+def _matrix_slot(slot: str) -> int:
+    """The engine's slot number of plan slot ``slot`` (``expert_up.3``: expert 3's up)."""
+    role, _, expert = slot.partition(".")
+    if expert:
+        return _EXPERT_SLOT + 3 * int(expert) + _EXPERT_ROLES.index(role)
+    return MATRIX_SLOTS[slot]
 
 
 def _setting(value: str | None, env: str, choices: dict, default: str) -> str:

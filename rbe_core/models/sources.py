@@ -119,16 +119,26 @@ def _gguf_reader(path: Path):
 
 
 def _gguf_tensors(reader) -> tuple[dict[str, tuple[int, ...]], Any]:
-    """(name -> shape in numpy order, load(name) dequantized to float32)."""
+    """(name -> shape in numpy order, load(name) dequantized to float32). A 3-D tensor of experts
+    (``blk.0.ffn_up_exps.weight``, experts x rows x cols) reads as one 2-D tensor per expert,
+    ``blk.0.ffn_up_exps.{e}.weight``, each with its own codes."""
     import gguf
 
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    tensors, shapes = {}, {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if len(shape) == 3 and t.name.endswith("_exps.weight"):
+            stem = t.name[: -len(".weight")]
+            for e in range(shape[0]):
+                tensors[f"{stem}.{e}.weight"], shapes[f"{stem}.{e}.weight"] = (t, e), shape[1:]
+        else:
+            tensors[t.name], shapes[t.name] = (t, None), shape
 
     def load(name: str) -> np.ndarray:
-        t = tensors[name]
-        out = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
-        release(t.data)  # the mapped source pages: read once, not kept resident (a 16 GB file is not)
+        t, expert = tensors[name]
+        data = t.data if expert is None else t.data[expert]
+        out = np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
+        release(data)  # the mapped source pages: read once, not kept resident (a 16 GB file is not)
         return out
 
     return shapes, load
@@ -205,13 +215,14 @@ def gguf_tokenizer_json(kv: Mapping[str, Any]) -> str | None:
 
 
 def _gguf_source(path: Path) -> Source:
-    from . import get_spec
+    from . import spec_for_gguf
 
     reader = _gguf_reader(path)
     kv = gguf_metadata(reader)
-    spec = get_spec(kv.get("general.architecture", "?"))
-    if not hasattr(spec, "from_gguf"):
-        raise ModelError(f"{path}: GGUF architecture {spec.name!r} is not supported (llama only)")
+    try:
+        spec = spec_for_gguf(str(kv.get("general.architecture", "?")))
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     shapes, load = _gguf_tensors(reader)
     cfg = spec.from_gguf(kv, list(shapes))
     template = kv.get("tokenizer.chat_template")

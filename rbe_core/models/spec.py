@@ -32,12 +32,15 @@ class ModelError(RBEError, ValueError):
 class NativePlan:
     """What a native engine needs to run a causal LM without the torch modules.
 
-    ``arch``: 'llama' or 'gpt2'. ``config``: n_layers, hidden, intermediate, n_heads, n_kv_heads,
-    head_dim, vocab, max_ctx, eps, rope_theta, rope_style ('none' | 'half' | 'interleaved'),
-    activation ('silu_gated' | 'gelu_tanh' | 'gelu' | 'relu'). ``matrices``: (layer or -1, slot,
-    weight name, bias name or None, transposed) with slots q k v o gate up down qkv per layer
-    and embed pos head globally (no head: tied to the embedding). ``vectors``: (layer or -1, slot,
-    name) with norm1 norm1_b norm2 norm2_b per layer and final final_b globally.
+    ``arch``: 'decoder' (``families.decoder``) or 'gpt2'. ``config``: n_layers, hidden,
+    intermediate, n_heads, n_kv_heads, head_dim, vocab, max_ctx, eps, rope_theta, rope_style
+    ('none' | 'half' | 'interleaved'), activation ('silu_gated' | 'gelu_tanh_gated' | 'gelu_tanh'
+    | 'gelu' | 'relu'), and for a decoder the settings of ``families.decoder.engine_config``.
+    ``matrices``: (layer or -1, slot, weight name, bias name or None, transposed) with slots q k v
+    o qkv gate up down gate_up router ``expert_gate.E`` ``expert_up.E`` ``expert_down.E`` per
+    layer and embed pos head globally (no head: tied to the embedding). ``vectors``: (layer or
+    -1, slot, name) with attn_norm attn_post_norm ffn_norm ffn_post_norm q_norm k_norm (decoder)
+    or norm1 norm1_b norm2 norm2_b (gpt2) per layer and final final_b globally.
     """
 
     arch: str

@@ -107,7 +107,7 @@ def test_attention_gqa_kv_cache_equals_full_pass(style):
 
 
 def test_rope_styles_agree_under_llama_cpp_permutation():
-    from rbe_core.models.families.llama import _permute_rows
+    from rbe_core.models.families.decoder import _permute_rows
 
     hd = 8
     q = torch.randn(1, 1, 3, hd)

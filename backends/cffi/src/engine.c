@@ -1,5 +1,6 @@
 /* Native decoder engine: embeddings, norms, projections from codes, RoPE, causal attention
- * with a KV cache, activations, residuals and the head, for Llama-family and GPT-2 models, in
+ * with a KV cache, activations, mixtures of experts, residuals and the head, for the described
+ * decoder families (rbe_engine.h) and GPT-2, in
  * one call per prefill or decode step (rbe_engine.h). Weight products run through the per-ISA
  * canonical-layout kernels (lut_impl.h); work is split over a pool of threads that spin between
  * the parallel regions of a step (a token has ~200 of them) and sleep when idle. */
@@ -18,9 +19,8 @@
 #include "rbe_internal.h"
 #include "rbe_kernels.h"
 
-#define M_SLOTS 8 /* per-layer matrices */
-#define G_SLOTS 3 /* global matrices */
-#define V_SLOTS 4 /* per-layer vectors */
+#define G_SLOTS 3 /* global matrices; per layer: e->m_slots (RBE_M_EXPERT + 3 per expert) */
+#define V_SLOTS 8 /* per-layer vectors */
 #define CHUNK 128 /* tokens per prefill pass (bounds the scratch) */
 #define POOL_MAX 64
 /* How long idle workers spin before sleeping: a decode step of the engine runs its regions back to
@@ -244,7 +244,9 @@ typedef struct {
 
 struct rbe_engine {
     rbe_engine_config c;
-    emat *mats;  /* n_layers * M_SLOTS, then G_SLOTS globals */
+    emat *mats;  /* n_layers * m_slots, then G_SLOTS globals */
+    int64_t m_slots;
+    int64_t qk_norm_len[2];  /* q and k norm widths: head_dim (per head) or the projection's */
     float **vecs; /* n_layers * V_SLOTS, then 2 globals */
     etf *tfs;
     void *kc, *vc;           /* [layer][kv head]: K blocked by 16 positions, V rows (see kv_at) */
@@ -255,7 +257,13 @@ struct rbe_engine {
     int64_t slot_len[RBE_MAX_SLOTS], cache_bytes;
     int slot;
     int64_t ctx16;           /* positions per (layer, kv head), max_ctx rounded up to 16 */
-    float *rope_cos, *rope_sin; /* [position][head_dim / 2] */
+    float *rope_inv, *rope_factor; /* [kind][rotary_dim / 2] inverse frequencies; [kind] */
+    float *rope_cos, *rope_sin;     /* a chunk's: [kind][token][rotary_dim / 2] */
+    int *layer_rope;                /* [layer] kind or -1 */
+    int64_t *layer_window;          /* [layer] 0: all positions */
+    float *route;                   /* a chunk's router outputs, CHUNK x n_experts */
+    int64_t *moe_rows;              /* per expert, the chunk's rows routed to it ... */
+    float *moe_w;                   /* ... and their weights (n_experts x CHUNK) */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
     /* per-chunk activations */
     float *x, *xn, *q, *k, *v, *att, *f1, *f2, *xr, *xt, *yr, *row;
@@ -275,8 +283,8 @@ struct rbe_engine {
 };
 
 static emat *mat(rbe_engine *e, int layer, int slot) {
-    return layer < 0 ? &e->mats[(int64_t)e->c.n_layers * M_SLOTS + slot]
-                     : &e->mats[(int64_t)layer * M_SLOTS + slot];
+    return layer < 0 ? &e->mats[(int64_t)e->c.n_layers * e->m_slots + slot]
+                     : &e->mats[(int64_t)layer * e->m_slots + slot];
 }
 static float *vec(rbe_engine *e, int layer, int slot) {
     return layer < 0 ? e->vecs[(int64_t)e->c.n_layers * V_SLOTS + slot]
@@ -296,7 +304,7 @@ static void free_mat(emat *m) { /* codes and dense rows live in the engine's are
 
 void rbe_engine_free(rbe_engine *e) {
     if (!e) return;
-    const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
+    const int64_t nm = (int64_t)e->c.n_layers * e->m_slots + G_SLOTS;
     const int64_t nv = (int64_t)e->c.n_layers * V_SLOTS + 2;
     for (int64_t i = 0; e->mats && i < nm; i++) free_mat(&e->mats[i]);
     for (int64_t i = 0; e->vecs && i < nv; i++) free(e->vecs[i]);
@@ -305,9 +313,10 @@ void rbe_engine_free(rbe_engine *e) {
         free(e->tfs[i].blocks);
     }
     for (int i = 0; i < RBE_MAX_SLOTS; i++) free(e->slot_kc[i]), free(e->slot_vc[i]);
-    float *bufs[] = {e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
-                     e->att, e->f1, e->f2, e->xr, e->xt, e->yr, e->row, e->attp};
+    float *bufs[] = {e->rope_inv, e->rope_factor, e->rope_cos, e->rope_sin, e->x, e->xn, e->q, e->k, e->v,
+                     e->att, e->f1, e->f2, e->xr, e->xt, e->yr, e->row, e->attp, e->route, e->moe_w};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    free(e->layer_rope), free(e->layer_window), free(e->moe_rows);
     for (int i = 0; i < POOL_MAX; i++) free(e->scratch[i]);
     free(e->pack);
     free(e->mats);
@@ -320,19 +329,28 @@ void rbe_engine_free(rbe_engine *e) {
 static int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
 
 rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
-    const rbe_engine_config c = *cfg;
-    if ((c.arch != RBE_ARCH_LLAMA && c.arch != RBE_ARCH_GPT2) || c.n_layers < 1 || c.hidden < 1 ||
-        c.intermediate < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
-        c.head_dim < 2 || c.head_dim % 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
-        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 3 || c.kv_f16 < 0 ||
-        c.kv_f16 > 1 || c.act_int8 < 0 || c.act_int8 > 1)
+    rbe_engine_config c = *cfg;
+    if (c.rotary_dim == 0) c.rotary_dim = c.head_dim;
+    if (c.n_ropes == 0) c.n_ropes = 1;
+    if (c.embed_scale == 0.0f) c.embed_scale = 1.0f;
+    if (c.attn_scale == 0.0f) c.attn_scale = 1.0f / sqrtf((float)c.head_dim);
+    if ((c.arch != RBE_ARCH_DECODER && c.arch != RBE_ARCH_GPT2) || c.n_layers < 1 || c.hidden < 1 ||
+        c.intermediate < 0 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
+        c.head_dim < 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
+        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 4 || c.kv_f16 < 0 ||
+        c.kv_f16 > 1 || c.act_int8 < 0 || c.act_int8 > 1 || c.rotary_dim < 2 || c.rotary_dim % 2 ||
+        c.rotary_dim > c.head_dim || c.n_ropes < 1 || c.n_ropes > 16 || c.n_experts < 0 || c.experts_used < 0 ||
+        c.experts_used > c.n_experts || (c.n_experts && (c.experts_used < 1 || c.expert_intermediate < 1)) ||
+        !(c.attn_softcap >= 0.0f) || !(c.final_softcap >= 0.0f) || !isfinite(c.embed_scale) ||
+        !isfinite(c.attn_scale) || !isfinite(c.norm_offset))
         return NULL;
     rbe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
     e->c = c;
     e->spin = ENGINE_SPIN;
     e->arena_chunk = ARENA_CHUNK;
-    e->mats = calloc((size_t)c.n_layers * M_SLOTS + G_SLOTS, sizeof(emat));
+    e->m_slots = RBE_M_EXPERT + 3 * (int64_t)c.n_experts;
+    e->mats = calloc((size_t)(c.n_layers * e->m_slots + G_SLOTS), sizeof(emat));
     e->vecs = calloc((size_t)c.n_layers * V_SLOTS + 2, sizeof(float *));
     e->tfs = calloc((size_t)(c.n_transforms > 0 ? c.n_transforms : 1), sizeof(etf));
     const int64_t hd = c.head_dim, qd = (int64_t)c.n_heads * hd, kvd = (int64_t)c.n_kv_heads * hd;
@@ -343,10 +361,21 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     e->cache_bytes = cache * (e->kv_half ? 2 : 4);
     e->kc = e->slot_kc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
     e->vc = e->slot_vc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
-    e->rope_cos = alloc_floats((int64_t)c.max_ctx * hd / 2);
-    e->rope_sin = alloc_floats((int64_t)c.max_ctx * hd / 2);
-    int64_t w = c.hidden > c.intermediate ? c.hidden : c.intermediate;
+    const int64_t half_rot = c.rotary_dim / 2;
+    e->rope_inv = alloc_floats(c.n_ropes * half_rot);
+    e->rope_factor = alloc_floats(c.n_ropes);
+    e->rope_cos = alloc_floats(c.n_ropes * CHUNK * half_rot);
+    e->rope_sin = alloc_floats(c.n_ropes * CHUNK * half_rot);
+    e->layer_rope = calloc((size_t)c.n_layers, sizeof(int));
+    e->layer_window = calloc((size_t)c.n_layers, sizeof(int64_t));
+    const int64_t experts = c.n_experts > 0 ? c.n_experts : 1;
+    e->route = alloc_floats(CHUNK * experts);
+    e->moe_w = alloc_floats(CHUNK * experts);
+    e->moe_rows = calloc((size_t)(CHUNK * experts), sizeof(int64_t));
+    int64_t w = c.hidden > 2 * (int64_t)c.intermediate ? c.hidden : 2 * (int64_t)c.intermediate;
     if (qd + 2 * kvd > w) w = qd + 2 * kvd;
+    if (2 * (int64_t)c.expert_intermediate > w) w = 2 * (int64_t)c.expert_intermediate;
+    if (c.n_experts > w) w = c.n_experts;
     e->width = round32(w);
     e->x = alloc_floats(CHUNK * e->width);
     e->xn = alloc_floats(CHUNK * e->width);
@@ -357,21 +386,19 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     e->f1 = alloc_floats(CHUNK * e->width);
     e->f2 = alloc_floats(CHUNK * e->width);
     e->attp = alloc_floats((int64_t)c.n_heads * ATT_PARTS * (hd + 2));
-    if (!e->mats || !e->vecs || !e->tfs || !e->kc || !e->vc || !e->rope_cos || !e->rope_sin ||
-        !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->f1 || !e->f2 || !e->attp) {
+    if (!e->mats || !e->vecs || !e->tfs || !e->kc || !e->vc || !e->rope_inv || !e->rope_factor ||
+        !e->rope_cos || !e->rope_sin || !e->layer_rope || !e->layer_window || !e->route || !e->moe_w ||
+        !e->moe_rows || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->f1 || !e->f2 || !e->attp) {
         rbe_engine_free(e);
         return NULL;
     }
-    /* RoPE tables as torch builds them: inv = 1 / theta^(2i/d) and angle = pos * inv in float32 */
-    for (int64_t i = 0; i < hd / 2; i++) {
-        const float inv = 1.0f / powf(c.rope_theta, (float)(2 * i) / (float)hd);
-        for (int64_t p = 0; p < c.max_ctx; p++) {
-            const float a = (float)p * inv;
-            e->rope_cos[p * (hd / 2) + i] = cosf(a);
-            e->rope_sin[p * (hd / 2) + i] = sinf(a);
-        }
+    /* every kind starts as torch's default: inv = 1 / theta^(2i/d) in float32 */
+    for (int k = 0; k < c.n_ropes; k++) {
+        for (int64_t i = 0; i < half_rot; i++)
+            e->rope_inv[k * half_rot + i] = 1.0f / powf(c.rope_theta, (float)(2 * i) / (float)c.rotary_dim);
+        e->rope_factor[k] = 1.0f;
     }
-    e->bytes = (int64_t)sizeof(*e) + 4 * (8 * CHUNK * e->width + c.max_ctx * hd);
+    e->bytes = (int64_t)sizeof(*e) + 4 * (8 * CHUNK * e->width + 2 * c.n_ropes * CHUNK * half_rot);
     return e;
 }
 
@@ -416,7 +443,12 @@ static int slot_shape(const rbe_engine *e, int layer, int slot, int64_t *out, in
         case RBE_M_GATE: case RBE_M_UP: *out = c->intermediate, *in = h; break;
         case RBE_M_DOWN: *out = h, *in = c->intermediate; break;
         case RBE_M_QKV: *out = qd + 2 * kvd, *in = h; break;
-        default: return RBE_E_ARGS;
+        case RBE_M_GATE_UP: *out = 2 * (int64_t)c->intermediate, *in = h; break;
+        case RBE_M_ROUTER: *out = c->n_experts, *in = h; return c->n_experts ? 0 : RBE_E_ARGS;
+        default:
+            if (slot < RBE_M_EXPERT || slot >= e->m_slots) return RBE_E_ARGS;
+            if ((slot - RBE_M_EXPERT) % 3 == 2) *out = h, *in = c->expert_intermediate;
+            else *out = c->expert_intermediate, *in = h;
     }
     return 0;
 }
@@ -592,17 +624,45 @@ int rbe_engine_set_matrix(rbe_engine *e, int layer, int slot, const rbe_matrix_d
     return err;
 }
 
+/* The lengths vector slot `slot` may have (a q/k norm: per head or whole); 0: no such slot. */
+static int vector_fits(const rbe_engine *e, int layer, int slot, int64_t n) {
+    const rbe_engine_config *c = &e->c;
+    if (slot < 0 || slot >= (layer < 0 ? 2 : V_SLOTS)) return 0;
+    if (layer >= 0 && slot == RBE_V_Q_NORM) return n == c->head_dim || n == (int64_t)c->n_heads * c->head_dim;
+    if (layer >= 0 && slot == RBE_V_K_NORM) return n == c->head_dim || n == (int64_t)c->n_kv_heads * c->head_dim;
+    return n == c->hidden;
+}
+
 int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, long long n) {
-    if (!e || !v || layer < -1 || layer >= e->c.n_layers || n != e->c.hidden) return RBE_E_ARGS;
-    if (slot < 0 || slot >= (layer < 0 ? 2 : V_SLOTS)) return RBE_E_ARGS;
+    if (!e || !v || layer < -1 || layer >= e->c.n_layers || !vector_fits(e, layer, slot, n)) return RBE_E_ARGS;
+    if (e->c.arch == RBE_ARCH_GPT2 && slot >= 4) return RBE_E_ARGS;
     float *copy = alloc_floats(n);
     if (!copy) return RBE_E_NOMEM;
     memcpy(copy, v, (size_t)n * sizeof(float));
+    if (e->c.arch == RBE_ARCH_DECODER) /* every vector is an RMSNorm weight: float32 (offset + w), as Gemma */
+        for (int64_t i = 0; i < n; i++) copy[i] += e->c.norm_offset;
+    if (layer >= 0 && slot == RBE_V_Q_NORM) e->qk_norm_len[0] = n;
+    if (layer >= 0 && slot == RBE_V_K_NORM) e->qk_norm_len[1] = n;
     float **dst = layer < 0 ? &e->vecs[(int64_t)e->c.n_layers * V_SLOTS + slot]
                             : &e->vecs[(int64_t)layer * V_SLOTS + slot];
     free(*dst);
     *dst = copy;
     e->bytes += n * 4;
+    return 0;
+}
+
+int rbe_engine_set_rope(rbe_engine *e, int kind, const float *inv_freq, long long n, float factor) {
+    if (!e || !inv_freq || kind < 0 || kind >= e->c.n_ropes || n != e->c.rotary_dim / 2 || !isfinite(factor))
+        return RBE_E_ARGS;
+    memcpy(e->rope_inv + kind * n, inv_freq, (size_t)n * sizeof(float));
+    e->rope_factor[kind] = factor;
+    return 0;
+}
+
+int rbe_engine_set_layer(rbe_engine *e, int layer, int rope_kind, long long window) {
+    if (!e || layer < 0 || layer >= e->c.n_layers || rope_kind < -1 || rope_kind >= e->c.n_ropes || window < 0)
+        return RBE_E_ARGS;
+    e->layer_rope[layer] = rope_kind, e->layer_window[layer] = window;
     return 0;
 }
 
@@ -835,10 +895,24 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
 }
 
-/* Rotate each head of v (heads x hd) for position p. */
-static void rope(const rbe_engine *e, float *v, int heads, int64_t p) {
-    const int64_t hd = e->c.head_dim, half = hd / 2;
-    const float *cs = e->rope_cos + p * half, *sn = e->rope_sin + p * half;
+/* The chunk's cos and sin of every RoPE kind, for positions p0 .. p0 + n - 1 (float32 angle
+ * position * inv, times the kind's factor, as transformers). */
+static void rope_angles(rbe_engine *e, int64_t p0, int64_t n) {
+    const int64_t half = e->c.rotary_dim / 2;
+    for (int k = 0; k < e->c.n_ropes; k++)
+        for (int64_t i = 0; i < n; i++) {
+            float *cs = e->rope_cos + (k * CHUNK + i) * half, *sn = e->rope_sin + (k * CHUNK + i) * half;
+            for (int64_t d = 0; d < half; d++) {
+                const float a = (float)(p0 + i) * e->rope_inv[k * half + d];
+                cs[d] = cosf(a) * e->rope_factor[k], sn[d] = sinf(a) * e->rope_factor[k];
+            }
+        }
+}
+
+/* Rotate the leading rotary_dim dims of each head of v (heads x hd): chunk token i, RoPE kind. */
+static void rope(const rbe_engine *e, float *v, int heads, int kind, int64_t i) {
+    const int64_t hd = e->c.head_dim, half = e->c.rotary_dim / 2;
+    const float *cs = e->rope_cos + (kind * CHUNK + i) * half, *sn = e->rope_sin + (kind * CHUNK + i) * half;
     for (int h = 0; h < heads; h++) {
         float *u = v + h * hd;
         for (int64_t i = 0; i < half; i++) {
@@ -857,7 +931,8 @@ typedef struct {
     int64_t pos, ldq;
     const float *q; /* n x ldq, heads of head_dim */
     float *out;     /* n x ldq, heads of head_dim */
-    int64_t span;   /* split decode: positions per part */
+    int64_t span;   /* split decode: positions per part, ... */
+    int64_t first, skip; /* ... from position first (a multiple of 16), the first skip masked */
     int parts;
 } att_job;
 
@@ -872,13 +947,14 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     const rbe_engine *e = j->e;
     const int64_t hd = e->c.head_dim, kvh_n = e->c.n_kv_heads;
     const int rep = e->c.n_heads / e->c.n_kv_heads;
+    const int64_t window = e->layer_window[j->layer];
     for (int64_t idx = s; idx < t; idx++) {
         const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
-        const int64_t base = ((int64_t)j->layer * kvh_n + g) * e->ctx16 * hd;
+        const int64_t lo = window && len > window ? len - window : 0, b0 = lo / 16 * 16; /* whole K blocks */
+        const int64_t base = (((int64_t)j->layer * kvh_n + g) * e->ctx16 + b0) * hd;
         e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->kc, base),
-                              kv_row(e, e->vc, base), e->kv_half, len, hd,
-                              1.0f / sqrtf((float)hd), j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid],
-                              NULL);
+                              kv_row(e, e->vc, base), e->kv_half, len - b0, lo - b0, hd, e->c.attn_scale,
+                              e->c.attn_softcap, j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid], NULL);
     }
 }
 
@@ -890,7 +966,7 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
     const int64_t hd = e->c.head_dim, len = j->pos + 1;
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     for (int64_t idx = s; idx < t; idx++) {
-        const int64_t g = idx / j->parts, part = idx % j->parts, p0 = part * j->span;
+        const int64_t g = idx / j->parts, part = idx % j->parts, p0 = j->first + part * j->span;
         const int64_t cnt = rbe_min(j->span, len - p0);
         float *slot = e->attp + idx * rep * (hd + 2);
         if (cnt <= 0) {
@@ -899,8 +975,8 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
         }
         const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->ctx16 + p0) * hd; /* p0 % 16 == 0 */
         e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->kc, base), kv_row(e, e->vc, base),
-                              e->kv_half, cnt, hd,
-                              1.0f / sqrtf((float)hd), slot, hd, e->scratch[tid], slot + rep * hd);
+                              e->kv_half, cnt, part ? 0 : j->skip, hd, e->c.attn_scale, e->c.attn_softcap, slot,
+                              hd, e->scratch[tid], slot + rep * hd);
     }
 }
 
@@ -928,8 +1004,10 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
         return;
     }
     const int rep = e->c.n_heads / e->c.n_kv_heads;
+    const int64_t window = e->layer_window[layer], lo = window && len > window ? len - window : 0;
+    j.first = lo / 16 * 16, j.skip = lo - j.first;
     j.parts = e->nthreads * 2 > ATT_PARTS ? ATT_PARTS : e->nthreads * 2;
-    j.span = ((len + j.parts - 1) / j.parts + 15) / 16 * 16; /* whole K blocks per part */
+    j.span = ((len - j.first + j.parts - 1) / j.parts + 15) / 16 * 16; /* whole K blocks per part */
     parallel(e->nthreads, e->spin, (int64_t)e->c.n_kv_heads * j.parts, 1, attend_part, &j);
     for (int g = 0; g < e->c.n_kv_heads; g++)
         for (int r = 0; r < rep; r++) {
@@ -954,39 +1032,138 @@ static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const fl
 
 /* ---- layers ---- */
 
-static void llama_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
-    const rbe_engine_config *c = &e->c;
-    const int64_t W = e->width, h = c->hidden;
-    double t0 = now();
-    for (int64_t i = 0; i < n; i++) rms_norm(e->kern, e->x + i * W, vec(e, l, RBE_V_NORM1), c->eps, h, e->xn + i * W);
-    e->prof[2] += now() - t0;
-    const emat *qkv[3] = {mat(e, l, RBE_M_Q), mat(e, l, RBE_M_K), mat(e, l, RBE_M_V)};
-    float *outs[3] = {e->q, e->k, e->v};
-    linear_multi(e, qkv, 3, e->xn, n, W, outs, W);
-    t0 = now();
-    if (c->rope_style != RBE_ROPE_NONE)
-        for (int64_t i = 0; i < n; i++) {
-            rope(e, e->q + i * W, c->n_heads, pos + i);
-            rope(e, e->k + i * W, c->n_kv_heads, pos + i);
-        }
-    e->prof[2] += now() - t0;
-    attention(e, l, pos, n, e->q, W, e->k, e->v, W, e->att);
-    linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
-    t0 = now();
+/* RMSNorm of n rows of x into out (rows width apart), or a copy when the layer has no such norm. */
+static void norm_rows(rbe_engine *e, const float *x, const float *w, int64_t n, float *out) {
+    const int64_t W = e->width, h = e->c.hidden;
     for (int64_t i = 0; i < n; i++) {
-        add_into(e->x + i * W, e->f1 + i * W, h);
-        rms_norm(e->kern, e->x + i * W, vec(e, l, RBE_V_NORM2), c->eps, h, e->xn + i * W);
+        if (w) rms_norm(e->kern, x + i * W, w, e->c.eps, h, out + i * W);
+        else memcpy(out + i * W, x + i * W, (size_t)h * sizeof(float));
     }
-    e->prof[2] += now() - t0;
-    const emat *gu[2] = {mat(e, l, RBE_M_GATE), mat(e, l, RBE_M_UP)};
-    float *gu_out[2] = {e->f1, e->f2};
-    linear_multi(e, gu, 2, e->xn, n, W, gu_out, W);
-    t0 = now();
-    for (int64_t i = 0; i < n; i++) e->kern->activate(RBE_ACT_SILU_GATED, e->f1 + i * W, e->f2 + i * W, c->intermediate);
+}
+
+/* q or k of one token (heads x head_dim) through its norm: per head or over the whole row. */
+static void qk_norm(rbe_engine *e, float *v, const float *w, int heads, int64_t len) {
+    if (!w) return;
+    const int64_t hd = e->c.head_dim;
+    if (len != hd) rms_norm(e->kern, v, w, e->c.eps, len, v);
+    else
+        for (int h = 0; h < heads; h++) rms_norm(e->kern, v + h * hd, w, e->c.eps, hd, v + h * hd);
+}
+
+/* The gated MLP of n rows of xn (gate and up, or one gate_up matrix; then down) into f2. */
+static void mlp(rbe_engine *e, int l, int64_t n) {
+    const int64_t W = e->width, inter = e->c.intermediate;
+    const emat *fused = mat(e, l, RBE_M_GATE_UP);
+    float *up = e->f2;
+    if (fused->set) {
+        linear(e, fused, e->xn, n, W, e->f1, W);
+        up = e->f1 + inter;
+    } else {
+        const emat *gu[2] = {mat(e, l, RBE_M_GATE), mat(e, l, RBE_M_UP)};
+        float *gu_out[2] = {e->f1, e->f2};
+        linear_multi(e, gu, 2, e->xn, n, W, gu_out, W);
+    }
+    const double t0 = now();
+    for (int64_t i = 0; i < n; i++) e->kern->activate(e->c.activation, e->f1 + i * W, up + i * W, inter);
     e->prof[2] += now() - t0;
     linear(e, mat(e, l, RBE_M_DOWN), e->f1, n, W, e->f2, W);
+}
+
+/* Row i's experts: softmax over the router's outputs, the experts_used largest (renormalised
+ * when norm_topk), appended to each chosen expert's rows and weights. */
+static void route_row(rbe_engine *e, int64_t i, int64_t *count) {
+    const int64_t ne = e->c.n_experts;
+    float *p = e->route + i * ne, mx = -INFINITY, sum = 0.0f, kept = 0.0f;
+    for (int64_t x = 0; x < ne; x++) mx = p[x] > mx ? p[x] : mx;
+    for (int64_t x = 0; x < ne; x++) sum += p[x] = expf(p[x] - mx);
+    int64_t chosen[64];
+    float w[64];
+    const int used = e->c.experts_used < 64 ? e->c.experts_used : 64;
+    for (int k = 0; k < used; k++) {
+        int64_t best = -1;
+        for (int64_t x = 0; x < ne; x++)
+            if (p[x] >= 0.0f && (best < 0 || p[x] > p[best])) best = x;
+        chosen[k] = best, w[k] = p[best] / sum, kept += w[k];
+        p[best] = -1.0f; /* taken */
+    }
+    for (int k = 0; k < used; k++) {
+        const int64_t x = chosen[k], at = x * CHUNK + count[x]++;
+        e->moe_rows[at] = i, e->moe_w[at] = e->c.norm_topk ? w[k] / kept : w[k];
+    }
+}
+
+/* A mixture-of-experts MLP over n rows of xn into f2: each expert runs on the rows routed to it
+ * (gathered), its outputs weighted and added back. Uses q, v and k (free after attention). */
+static void moe(rbe_engine *e, int l, int64_t n) {
+    const int64_t W = e->width, h = e->c.hidden, ne = e->c.n_experts, inter = e->c.expert_intermediate;
+    linear(e, mat(e, l, RBE_M_ROUTER), e->xn, n, W, e->route, ne);
+    double t0 = now();
+    int64_t count[ne];
+    memset(count, 0, sizeof(count));
+    for (int64_t i = 0; i < n; i++) route_row(e, i, count);
+    for (int64_t i = 0; i < n; i++) memset(e->k + i * W, 0, (size_t)h * sizeof(float));
+    e->prof[2] += now() - t0;
+    for (int64_t x = 0; x < ne; x++) {
+        const int64_t cnt = count[x], *rows = e->moe_rows + x * CHUNK;
+        if (!cnt) continue;
+        for (int64_t r = 0; r < cnt; r++) memcpy(e->q + r * W, e->xn + rows[r] * W, (size_t)h * sizeof(float));
+        const emat *gu[2] = {mat(e, l, RBE_M_EXPERT + 3 * x), mat(e, l, RBE_M_EXPERT + 3 * x + 1)};
+        float *gu_out[2] = {e->f1, e->f2};
+        linear_multi(e, gu, 2, e->q, cnt, W, gu_out, W);
+        t0 = now();
+        for (int64_t r = 0; r < cnt; r++) e->kern->activate(e->c.activation, e->f1 + r * W, e->f2 + r * W, inter);
+        e->prof[2] += now() - t0;
+        linear(e, mat(e, l, RBE_M_EXPERT + 3 * x + 2), e->f1, cnt, W, e->v, W);
+        t0 = now();
+        for (int64_t r = 0; r < cnt; r++) e->kern->axpy(e->moe_w[x * CHUNK + r], e->v + r * W, e->k + rows[r] * W, h);
+        e->prof[2] += now() - t0;
+    }
+    for (int64_t i = 0; i < n; i++) memcpy(e->f2 + i * W, e->k + i * W, (size_t)h * sizeof(float));
+}
+
+/* y rows += (post-normed when post is set) f rows. */
+static void residual(rbe_engine *e, const float *post, float *f, int64_t n) {
+    const int64_t W = e->width, h = e->c.hidden;
+    for (int64_t i = 0; i < n; i++) {
+        if (post) rms_norm(e->kern, f + i * W, post, e->c.eps, h, f + i * W);
+        add_into(e->x + i * W, f + i * W, h);
+    }
+}
+
+/* One layer of the described decoder over n tokens at positions pos.. (rbe_engine.h). */
+static void decoder_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
+    const rbe_engine_config *c = &e->c;
+    const int64_t W = e->width, qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    double t0 = now();
+    norm_rows(e, e->x, vec(e, l, RBE_V_NORM1), n, e->xn);
+    e->prof[2] += now() - t0;
+    float *q = e->q, *k = e->k, *v = e->v;
+    if (mat(e, l, RBE_M_QKV)->set) {
+        linear(e, mat(e, l, RBE_M_QKV), e->xn, n, W, e->q, W); /* [q | k | v] per token */
+        k = e->q + qd, v = e->q + qd + kvd;
+    } else {
+        const emat *qkv[3] = {mat(e, l, RBE_M_Q), mat(e, l, RBE_M_K), mat(e, l, RBE_M_V)};
+        float *outs[3] = {e->q, e->k, e->v};
+        linear_multi(e, qkv, 3, e->xn, n, W, outs, W);
+    }
     t0 = now();
-    for (int64_t i = 0; i < n; i++) add_into(e->x + i * W, e->f2 + i * W, h);
+    const int kind = c->rope_style == RBE_ROPE_NONE ? -1 : e->layer_rope[l];
+    for (int64_t i = 0; i < n; i++) {
+        qk_norm(e, q + i * W, vec(e, l, RBE_V_Q_NORM), c->n_heads, e->qk_norm_len[0]);
+        qk_norm(e, k + i * W, vec(e, l, RBE_V_K_NORM), c->n_kv_heads, e->qk_norm_len[1]);
+        if (kind >= 0) rope(e, q + i * W, c->n_heads, kind, i), rope(e, k + i * W, c->n_kv_heads, kind, i);
+    }
+    e->prof[2] += now() - t0;
+    attention(e, l, pos, n, q, W, k, v, W, e->att);
+    linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
+    t0 = now();
+    residual(e, vec(e, l, RBE_V_ATTN_POST), e->f1, n);
+    norm_rows(e, e->x, vec(e, l, RBE_V_NORM2), n, e->xn);
+    e->prof[2] += now() - t0;
+    if (mat(e, l, RBE_M_ROUTER)->set) moe(e, l, n);
+    else mlp(e, l, n);
+    t0 = now();
+    residual(e, vec(e, l, RBE_V_FFN_POST), e->f2, n);
     e->prof[2] += now() - t0;
 }
 
@@ -1017,20 +1194,35 @@ static void gpt2_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
     e->prof[2] += now() - t0;
 }
 
+/* Layer l of a decoder has its attention and MLP matrices (norms are optional: the description
+ * says which exist). */
+static int decoder_complete(rbe_engine *e, int l) {
+    const int qkv = mat(e, l, RBE_M_QKV)->set ||
+                    (mat(e, l, RBE_M_Q)->set && mat(e, l, RBE_M_K)->set && mat(e, l, RBE_M_V)->set);
+    if (!qkv || !mat(e, l, RBE_M_O)->set) return 0;
+    if (mat(e, l, RBE_M_ROUTER)->set) {
+        for (int64_t s = RBE_M_EXPERT; s < e->m_slots; s++)
+            if (!mat(e, l, (int)s)->set) return 0;
+        return 1;
+    }
+    return (mat(e, l, RBE_M_GATE_UP)->set || (mat(e, l, RBE_M_GATE)->set && mat(e, l, RBE_M_UP)->set)) &&
+           mat(e, l, RBE_M_DOWN)->set;
+}
+
 /* Every required matrix and vector is set; 0 or RBE_E_INCOMPLETE. */
 static int complete(rbe_engine *e) {
-    const int llama = e->c.arch == RBE_ARCH_LLAMA;
-    static const int llama_m[] = {RBE_M_Q, RBE_M_K, RBE_M_V, RBE_M_O, RBE_M_GATE, RBE_M_UP, RBE_M_DOWN};
     static const int gpt2_m[] = {RBE_M_QKV, RBE_M_O, RBE_M_UP, RBE_M_DOWN};
     for (int l = 0; l < e->c.n_layers; l++) {
-        const int *ms = llama ? llama_m : gpt2_m;
-        const int count = llama ? 7 : 4;
-        for (int i = 0; i < count; i++)
-            if (!mat(e, l, ms[i])->set) return RBE_E_INCOMPLETE;
+        if (e->c.arch == RBE_ARCH_DECODER) {
+            if (!decoder_complete(e, l)) return RBE_E_INCOMPLETE;
+            continue;
+        }
+        for (int i = 0; i < 4; i++)
+            if (!mat(e, l, gpt2_m[i])->set) return RBE_E_INCOMPLETE;
         if (!vec(e, l, RBE_V_NORM1) || !vec(e, l, RBE_V_NORM2)) return RBE_E_INCOMPLETE;
     }
     if (!mat(e, -1, RBE_G_EMBED)->set || !vec(e, -1, 0)) return RBE_E_INCOMPLETE;
-    if (!llama && !mat(e, -1, RBE_G_POS)->set) return RBE_E_INCOMPLETE;
+    if (e->c.arch == RBE_ARCH_GPT2 && !mat(e, -1, RBE_G_POS)->set) return RBE_E_INCOMPLETE;
     return 0;
 }
 
@@ -1039,7 +1231,7 @@ static int complete(rbe_engine *e) {
 static int ensure_scratch(rbe_engine *e, int nthreads) {
     int64_t need = (int64_t)e->c.n_heads * e->c.max_ctx + e->width, io = e->width;
     const int q8 = e->c.act_int8 && e->kern->lut_gemm_q8; /* int8 products: the pack, their scratch */
-    const int64_t nm = (int64_t)e->c.n_layers * M_SLOTS + G_SLOTS;
+    const int64_t nm = (int64_t)e->c.n_layers * e->m_slots + G_SLOTS;
     for (int64_t i = 0; i < nm; i++) {
         const emat *m = &e->mats[i];
         if (!m->set) continue;
@@ -1094,14 +1286,17 @@ int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long
         double t0 = now();
         for (int64_t i = 0; i < m; i++) {
             matrix_row(e, mat(e, -1, RBE_G_EMBED), tokens[done + i], e->x + i * W);
+            if (c->embed_scale != 1.0f)
+                for (int64_t d = 0; d < h; d++) e->x[i * W + d] *= c->embed_scale;
             if (c->arch == RBE_ARCH_GPT2) {
                 matrix_row(e, mat(e, -1, RBE_G_POS), p0 + i, e->xn);
                 add_into(e->x + i * W, e->xn, h);
             }
         }
+        if (c->arch == RBE_ARCH_DECODER && c->rope_style != RBE_ROPE_NONE) rope_angles(e, p0, m);
         e->prof[2] += now() - t0;
         for (int l = 0; l < c->n_layers; l++) {
-            if (c->arch == RBE_ARCH_LLAMA) llama_layer(e, l, p0, m);
+            if (c->arch == RBE_ARCH_DECODER) decoder_layer(e, l, p0, m);
             else gpt2_layer(e, l, p0, m);
         }
         e->length = p0 + m;
@@ -1109,12 +1304,15 @@ int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long
         if (!all_logits && done + m < n) continue;
         t0 = now();
         for (int64_t i = first; i < m; i++) {
-            if (c->arch == RBE_ARCH_LLAMA) rms_norm(e->kern, e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
+            if (c->arch == RBE_ARCH_DECODER) rms_norm(e->kern, e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
             else layer_norm(e->x + i * W, vec(e, -1, 0), vec(e, -1, 1), c->eps, h, e->xn + i * W);
         }
         e->prof[2] += now() - t0;
         float *out = logits + (all_logits ? done * (int64_t)c->vocab : 0);
         linear(e, head, e->xn + first * W, m - first, W, out, c->vocab);
+        if (c->final_softcap > 0.0f)
+            for (int64_t i = 0; i < (m - first) * (int64_t)c->vocab; i++)
+                out[i] = c->final_softcap * tanhf(out[i] / c->final_softcap);
     }
     return 0;
 }

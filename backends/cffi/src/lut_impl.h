@@ -68,8 +68,8 @@ static inline float FN(kv_at)(const void *base, int64_t o, int half) {
  * ml[2r], ml[2r + 1] get each head's max and sum of exponentials, so a split over positions can
  * be merged. */
 static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
-                             int half, int64_t len, int64_t hd, float scale, float *out,
-                             int64_t ldo, float *scores, float *ml) {
+                             int half, int64_t len, int64_t skip, int64_t hd, float scale,
+                             float softcap, float *out, int64_t ldo, float *scores, float *ml) {
     const int64_t hv = hd - hd % VLEN;
     for (int r0 = 0; r0 < rep; r0 += 4) { /* scores, 16 positions at a time: no horizontal sums */
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
@@ -92,7 +92,11 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
             for (int r = 0; r < nr; r++) {
                 float tmp[16];
                 for (int j = 0; j < 16 / VLEN; j++) vstore(tmp + j * VLEN, acc[r][j]);
-                for (int64_t p = 0; p < cnt; p++) scores[(r0 + r) * len + b * 16 + p] = tmp[p] * scale;
+                float *sr = scores + (r0 + r) * len + b * 16;
+                for (int64_t p = 0; p < cnt; p++) sr[p] = tmp[p] * scale;
+                if (softcap > 0.0f)
+                    for (int64_t p = 0; p < cnt; p++) sr[p] = softcap * tanhf(sr[p] / softcap);
+                for (int64_t p = 0; p < cnt && b * 16 + p < skip; p++) sr[p] = -INFINITY;
             }
         }
     }
@@ -198,8 +202,13 @@ static void FN(fwht)(float *v, const long long *blocks, int nblocks) {
 }
 
 /* Activations in place over n values: kind 0 g = silu(g) * u (SwiGLU), 1 gelu (tanh form),
- * 2 gelu (erf), 3 relu; u is only read for kind 0. */
+ * 2 gelu (erf), 3 relu, 4 gelu (tanh form) * u (GeGLU); u is only read for kinds 0 and 4. */
 static void FN(activate)(int kind, float *g, const float *u, int64_t n) {
+    if (kind == 4) {
+        FN(activate)(1, g, NULL, n);
+        for (int64_t i = 0; i < n; i++) g[i] *= u[i];
+        return;
+    }
     int64_t i = 0;
     const VF one = vset1(1.0f), zero = vzero();
     if (kind == 0) {

@@ -1,4 +1,5 @@
-/* rbe native decoder engine (engine.c): a whole Llama or GPT-2 forward step in C, over weights
+/* rbe native decoder engine (engine.c): a whole decoder (rbe_core.models.families.decoder's
+ * description: Llama, Mistral, Qwen, Gemma, Phi-3, SmolLM3, OLMo 2, MoE) or GPT-2 forward step in C, over weights
  * in one canonical layout, with its own KV cache and a spinning thread pool. Also part of the
  * cffi cdef, so plain C declarations only.
  *
@@ -12,7 +13,7 @@
  *   group_size must be a multiple of 32 dividing cols_p, or at least cols_p (one group).
  * The engine copies (and repacks) everything it is given; the caller's buffers may be freed.
  */
-#define RBE_ARCH_LLAMA 1
+#define RBE_ARCH_DECODER 1 /* the described decoder (pre/post RMSNorms, GQA, RoPE, gated MLP or MoE) */
 #define RBE_ARCH_GPT2 2
 #define RBE_ROPE_NONE 0
 #define RBE_ROPE_HALF 1
@@ -21,7 +22,10 @@
 #define RBE_ACT_GELU_TANH 1
 #define RBE_ACT_GELU 2
 #define RBE_ACT_RELU 3
-/* per-layer matrix slots (llama: q k v o gate up down; gpt2: qkv o up down) */
+#define RBE_ACT_GELU_TANH_GATED 4
+/* per-layer matrix slots (decoder: q k v o or qkv o, then gate up down, or gate_up down, or
+ * router and experts; gpt2: qkv o up down). Expert e's matrices: RBE_M_EXPERT + 3e + 0 (gate),
+ * 1 (up), 2 (down); a layer whose router is set is a mixture of experts. */
 #define RBE_M_Q 0
 #define RBE_M_K 1
 #define RBE_M_V 2
@@ -30,15 +34,25 @@
 #define RBE_M_UP 5
 #define RBE_M_DOWN 6
 #define RBE_M_QKV 7
+#define RBE_M_GATE_UP 8 /* output [gate | up] */
+#define RBE_M_ROUTER 9
+#define RBE_M_EXPERT 10
 /* global matrix slots (layer -1); an unset head reuses the embedding (tied) */
 #define RBE_G_EMBED 0
 #define RBE_G_POS 1
 #define RBE_G_HEAD 2
-/* per-layer vectors (norm weights and biases); global (layer -1): 0 final norm, 1 its bias */
+/* per-layer vectors (norm weights and biases); global (layer -1): 0 final norm, 1 its bias.
+ * Decoder norms are RMSNorms (weight + norm_offset), each applied when set: NORM1 before
+ * attention, ATTN_POST on its output, NORM2 before the MLP, FFN_POST on its output; Q_NORM and
+ * K_NORM (before RoPE) have head_dim weights (one norm per head) or the projection's width. */
 #define RBE_V_NORM1 0
 #define RBE_V_NORM1_B 1
 #define RBE_V_NORM2 2
 #define RBE_V_NORM2_B 3
+#define RBE_V_ATTN_POST 4
+#define RBE_V_FFN_POST 5
+#define RBE_V_Q_NORM 6
+#define RBE_V_K_NORM 7
 /* forward errors beyond rbe_kernels.h's */
 #define RBE_E_TOKEN 5   /* a token id outside [0, vocab) */
 #define RBE_E_CONTEXT 6 /* positions past the context length, or a gap after the cache */
@@ -53,6 +67,14 @@ typedef struct {
      * per token and 32-column block and multiply integer levels on integer units (see
      * rbe_matrix_linear_int8); 0: float32 throughout. Single tokens (decode) are float32 always. */
     int act_int8;
+    /* decoder only (zero: off / the default) */
+    float norm_offset;  /* added to every RMSNorm weight as it is set (Gemma's HF weights: 1) */
+    float embed_scale;  /* embedding rows multiplied by it (0: 1) */
+    float attn_scale;   /* query scale (0: 1 / sqrt(head_dim)) */
+    float attn_softcap, final_softcap; /* c * tanh(s / c) on attention scores / logits (0: none) */
+    int rotary_dim;     /* leading dims of each head that RoPE rotates (0: head_dim) */
+    int n_ropes;        /* RoPE kinds (rbe_engine_set_rope); kind 0 defaults to rope_theta */
+    int n_experts, experts_used, expert_intermediate, norm_topk; /* mixture-of-experts layers */
 } rbe_engine_config;
 
 typedef struct {
@@ -80,6 +102,12 @@ int rbe_engine_set_transform(rbe_engine *e, int id, long long cols_p, const floa
                              const long long *blocks, int nblocks);
 int rbe_engine_set_matrix(rbe_engine *e, int layer, int slot, const rbe_matrix_desc *d);
 int rbe_engine_set_vector(rbe_engine *e, int layer, int slot, const float *v, long long n);
+/* RoPE kind `kind` (< n_ropes): rotary_dim / 2 inverse frequencies (angle = position * inv[i] in
+ * float32) and the factor on cos and sin. */
+int rbe_engine_set_rope(rbe_engine *e, int kind, const float *inv_freq, long long n, float factor);
+/* Layer `layer`'s RoPE kind (-1: none; kind 0 unless set) and sliding window (a query sees the
+ * last `window` positions, itself included; 0: all). */
+int rbe_engine_set_layer(rbe_engine *e, int layer, int rope_kind, long long window);
 /* Run tokens[0..n) at positions pos.. (pos <= the cached length; later cache entries are
  * dropped). logits: vocab floats for the last token, or n x vocab when all_logits. */
 int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,

@@ -153,19 +153,20 @@ typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
-    /* out + r * ldo = softmax(scale * (q + r * ldq) K[:len]^T) V[:len] for r < rep (float16
+    /* out + r * ldo = softmax(s) V[:len] for r < rep, s = scale * (q + r * ldq) K[:len]^T, then
+     * softcap * tanh(s / softcap) when softcap > 0, the first `skip` positions masked (float16
      * when half, else float32; K blocked by 16 positions: (p, d) at (p / 16 * hd + d) * 16 +
      * p % 16; V rows of hd); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
      * each head's (max, sum of exponentials), for merging a split over positions. */
     void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
-                         int half, int64_t len, int64_t hd, float scale, float *out, int64_t ldo,
-                         float *scores, float *ml);
+                         int half, int64_t len, int64_t skip, int64_t hd, float scale, float softcap,
+                         float *out, int64_t ldo, float *scores, float *ml);
     /* K/V cache rows: n floats stored as float16 (round to nearest even) when half. */
     void (*kv_store)(void *dst, const float *src, int64_t n, int half);
     /* Orthonormal block Walsh-Hadamard transform in place (blocks: powers of two summing to the
      * length), Sylvester order, scaled by float32 1/sqrt(b) per block. */
     void (*fwht)(float *v, const long long *blocks, int nblocks);
-    /* In place: kind 0 g = silu(g) * u, 1 gelu (tanh), 2 gelu (erf), 3 relu (u unused). */
+    /* In place: kind 0 g = silu(g) * u, 1 gelu (tanh), 2 gelu (erf), 3 relu (u unused), 4 gelu (tanh) * u. */
     void (*activate)(int kind, float *g, const float *u, int64_t n);
     int grad_batch; /* most batch rows (nb) per grad_tile call */
 } rbe_kernels;

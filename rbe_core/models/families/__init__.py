@@ -9,9 +9,10 @@ from typing import Any
 from ..spec import ModelError, Spec, load_tokenizer
 from .bert import BertSpec
 from .gpt2 import GPT2Spec, mini_gpt2_config
-from .llama import LlamaSpec
+from .decoder import DECODER_SPECS, GGUF_ARCHS
 
-SPECS: dict[str, type[Spec]] = {s.name: s for s in (BertSpec, GPT2Spec, LlamaSpec)}
+SPECS: dict[str, type[Spec]] = {s.name: s for s in (BertSpec, GPT2Spec, *DECODER_SPECS.values())}
+LlamaSpec = DECODER_SPECS["llama"]
 
 
 def get_spec(architecture: str) -> type[Spec]:
@@ -20,6 +21,13 @@ def get_spec(architecture: str) -> type[Spec]:
         return SPECS[architecture]
     except KeyError:
         raise ModelError(f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(SPECS))}") from None
+
+
+def spec_for_gguf(architecture: str) -> type[Spec]:
+    """The spec of a GGUF ``general.architecture``; ``ModelError`` naming the supported ones otherwise."""
+    if architecture not in GGUF_ARCHS:
+        raise ModelError(f"GGUF architecture {architecture!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHS))}")
+    return SPECS[GGUF_ARCHS[architecture]]
 
 
 def spec_for_hf(model_type: str | None) -> type[Spec]:
@@ -45,4 +53,5 @@ def read_description(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
     return spec, cfg, keep, load_tokenizer(json.dumps(tok) if tok else None)
 
 
-__all__ = ["read_description", "SPECS", "BertSpec", "GPT2Spec", "LlamaSpec", "get_spec", "mini_gpt2_config", "spec_for_hf"]
+__all__ = ["read_description", "SPECS", "BertSpec", "GPT2Spec", "LlamaSpec", "get_spec", "mini_gpt2_config", "spec_for_gguf",
+           "spec_for_hf"]
