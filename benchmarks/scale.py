@@ -1,7 +1,9 @@
-"""Real size: rbe against llama.cpp at the 1B and 8B Llama shapes, on random weights.
+"""Real size: rbe against llama.cpp at the 1B and 8B Llama shapes and a mixture-of-experts shape,
+on random weights.
 
     python benchmarks/scale.py --shape 1b                      # make, convert, measure, print
     python benchmarks/scale.py --shape 1b 8b --out docs/performance.md
+    python benchmarks/scale.py --shape moe --out docs/families.md   # Qwen3-MoE architecture
     python benchmarks/scale.py --shape 1b --only-gguf PATH     # just write the synthetic F16 GGUF
 
 Speed and memory do not depend on the weights' values, so a seeded random model of a real shape
@@ -40,8 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import decode as d  # noqa: E402  (llama-cpp-python build + worker, ISA flags, CPU name, publishing)
 
-#: name -> (hidden, layers, heads, kv heads, ffn, vocab)
-SHAPES = {"1b": (2048, 16, 32, 8, 8192, 49152), "8b": (4096, 32, 32, 8, 14336, 49152)}
+#: name -> (hidden, layers, heads, kv heads, ffn, vocab[, experts, experts per token]): Llama, or
+#: with experts Qwen3-MoE (q/k norms, a router and per-expert MLPs of width ffn in every layer;
+#: "moe" has Qwen3-30B-A3B's widths at a quarter of its depth and experts: 1.9B weights, 0.4B active)
+SHAPES = {"1b": (2048, 16, 32, 8, 8192, 49152), "8b": (4096, 32, 32, 8, 14336, 49152),
+          "moe": (2048, 12, 32, 4, 768, 49152, 32, 4)}
 RBE_CODECS = {"rbe hadamard 4-bit": '{"id": "hadamard", "bits": 4}', "rbe int4": "int4"}
 LLAMA_TYPES = {"llama.cpp IQ4_XS": "IQ4_XS", "llama.cpp Q4_0": "Q4_0"}
 #: each rbe variant's llama.cpp peer for the ratios
@@ -54,17 +59,24 @@ MARK_BEGIN, MARK_END = "<!-- benchmarks/scale.py: begin -->", "<!-- benchmarks/s
 
 
 def tensor_plan(shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """(GGUF tensor name, numpy shape) of a Llama model of ``shape``, in file order."""
-    hidden, layers, heads, kv_heads, ffn, vocab = shape
-    kv = hidden // heads * kv_heads
+    """(GGUF tensor name, numpy shape) of a model of ``shape``, in file order."""
+    hidden, layers, heads, kv_heads, ffn, vocab, *moe = shape
+    head_dim = hidden // heads
+    kv = head_dim * kv_heads
     out = [("token_embd.weight", (vocab, hidden))]
     for i in range(layers):
         b = f"blk.{i}."
         out += [(b + "attn_norm.weight", (hidden,)), (b + "attn_q.weight", (hidden, hidden)),
                 (b + "attn_k.weight", (kv, hidden)), (b + "attn_v.weight", (kv, hidden)),
-                (b + "attn_output.weight", (hidden, hidden)), (b + "ffn_norm.weight", (hidden,)),
-                (b + "ffn_gate.weight", (ffn, hidden)), (b + "ffn_up.weight", (ffn, hidden)),
-                (b + "ffn_down.weight", (hidden, ffn))]
+                (b + "attn_output.weight", (hidden, hidden)), (b + "ffn_norm.weight", (hidden,))]
+        if moe:
+            experts = moe[0]
+            out += [(b + "attn_q_norm.weight", (head_dim,)), (b + "attn_k_norm.weight", (head_dim,)),
+                    (b + "ffn_gate_inp.weight", (experts, hidden)), (b + "ffn_gate_exps.weight", (experts, ffn, hidden)),
+                    (b + "ffn_up_exps.weight", (experts, ffn, hidden)), (b + "ffn_down_exps.weight", (experts, hidden, ffn))]
+        else:
+            out += [(b + "ffn_gate.weight", (ffn, hidden)), (b + "ffn_up.weight", (ffn, hidden)),
+                    (b + "ffn_down.weight", (hidden, ffn))]
     return out + [("output_norm.weight", (hidden,)), ("output.weight", (vocab, hidden))]
 
 
@@ -76,8 +88,9 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int):
         return np.ones(shape, np.float32)
     rng = np.random.default_rng(seed)
     out = np.empty(shape, np.float16)
-    for r in range(0, shape[0], 1024):  # in slabs: no float64 copy of an 8B-shape matrix
-        out[r:r + 1024] = rng.standard_normal((min(1024, shape[0] - r), shape[1]), np.float32) / np.sqrt(shape[1])
+    flat = out.reshape(-1, shape[-1])  # experts' matrices stacked
+    for r in range(0, flat.shape[0], 1024):  # in slabs: no float64 copy of an 8B-shape matrix
+        flat[r:r + 1024] = rng.standard_normal((min(1024, flat.shape[0] - r), shape[-1]), np.float32) / np.sqrt(shape[-1])
     return out
 
 
@@ -86,10 +99,11 @@ def write_gguf(shape_name: str, path: Path) -> None:
     import gguf
     import numpy as np
 
-    hidden, layers, heads, kv_heads, ffn, vocab = SHAPES[shape_name]
+    hidden, layers, heads, kv_heads, ffn, vocab, *moe = SHAPES[shape_name]
     tok = gguf.GGUFReader(str(d.smollm2_gguf()))
-    w = gguf.GGUFWriter(str(path.with_suffix(".tmp")), "llama")
-    w.add_name(f"rbe synthetic llama {shape_name}")
+    arch = "qwen3moe" if moe else "llama"
+    w = gguf.GGUFWriter(str(path.with_suffix(".tmp")), arch)
+    w.add_name(f"rbe synthetic {arch} {shape_name}")
     w.add_block_count(layers)
     w.add_context_length(8192)
     w.add_embedding_length(hidden)
@@ -100,6 +114,10 @@ def write_gguf(shape_name: str, path: Path) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(hidden // heads)
+    if moe:
+        w.add_expert_count(moe[0])
+        w.add_expert_used_count(moe[1])
+        w.add_expert_feed_forward_length(ffn)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     for key, field in tok.fields.items():
         if key.startswith("tokenizer."):
@@ -119,17 +137,25 @@ def write_gguf(shape_name: str, path: Path) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of matrices one decode step reads: every matrix but the embedding table (one row)."""
+def weight_bytes_per_token(path: Path, shape: tuple[int, ...]) -> int:
+    """Bytes of matrices one decode step reads: every matrix but the embedding table (one row);
+    of the experts' matrices, the share of the experts a token uses."""
+    used = shape[7] / shape[6] if len(shape) > 6 else 1.0
+
+    def share(name: str) -> float:
+        return used if "_exps" in name else 1.0
+
     if path.suffix == ".gguf":
         import gguf
 
-        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+        return int(sum(int(t.n_bytes) * share(t.name) for t in gguf.GGUFReader(str(path)).tensors
+                       if t.name != "token_embd.weight"))
     from rbe_core.files import open as open_rbe
 
     with open_rbe(path) as f:
-        tied = not any("lm_head" in n for n in f)
-        return sum(sum(a.nbytes for a in f[n].payload.values()) for n in f if tied or "embed_tokens" not in n)
+        tied = not any(n in ("lm_head.weight", "output.weight") for n in f)
+        return int(sum(sum(a.nbytes for a in f[n].payload.values()) * share(n) for n in f
+                       if tied or n not in ("model.embed_tokens.weight", "token_embd.weight")))
 
 
 # ---- llama.cpp's tools --------------------------------------------------------------------------
@@ -311,13 +337,15 @@ def measure(shape: str, files: dict[str, Path], lib_dir: Path, args) -> dict[str
     out = {}
     for name, rs in runs.items():
         out[name] = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode", "peak_rss_mb", "load_s")}
-        out[name]["bytes_per_token"] = weight_bytes_per_token(files[name])
+        out[name]["bytes_per_token"] = weight_bytes_per_token(files[name], SHAPES[shape])
         out[name]["file_mb"] = files[name].stat().st_size / 1e6
     return out
 
 
 def markdown(results: dict, meta: dict, command: str) -> str:
-    lines = [MARK_BEGIN, "## Real size: 1B and 8B Llama shapes against llama.cpp (`benchmarks/scale.py`)", "",
+    shapes = ", ".join(f"{name} {SHAPES[name]}" for name in results)
+    lines = [MARK_BEGIN, "## Real size against llama.cpp (`benchmarks/scale.py`)", "",
+             f"Shapes (hidden, layers, heads, kv heads, ffn, vocab[, experts, experts per token]): {shapes}.", "",
              f"Generated by `{command}` on {meta['cpu']}, {meta['threads']} threads, measured read bandwidth "
              f"{meta['bandwidth']:.1f} GB/s (median of one probe per round: "
              f"{', '.join(f'{b:.1f}' for b in meta['bandwidths'])}; {meta['threads']} threads reading 1 GiB, "

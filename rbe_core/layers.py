@@ -120,15 +120,30 @@ class RBEEmbedding(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE. ``style="half"`` pairs dims (i, i + d/2) (HF Llama); ``"interleaved"`` pairs (2i, 2i+1)
-    (llama.cpp, whose GGUF q/k weights are permuted to match)."""
+    """RoPE. ``style="half"`` pairs dims (i, i + r/2) (HF Llama); ``"interleaved"`` pairs (2i, 2i+1)
+    (llama.cpp, whose GGUF q/k weights are permuted to match).
 
-    def __init__(self, dim: int, theta: float = 10000.0, style: str = "half"):
+    ``dim``: the head dim. ``rotary_dim``: the leading dims of each head that rotate (partial
+    rotary, Phi-3 style: the rest pass through; default all). ``inv_freq``: the ``rotary_dim / 2``
+    inverse frequencies (default: ``theta ** (-2i / rotary_dim)``); ``attention_factor`` multiplies
+    cos and sin (YaRN)."""
+
+    def __init__(self, dim: int, theta: float = 10000.0, style: str = "half", *, inv_freq=None,
+                 attention_factor: float = 1.0, rotary_dim: int | None = None):
         super().__init__()
         if style not in ("half", "interleaved"):
             raise ValueError(f"unknown rope style {style!r}")
-        self.dim, self.style = dim, style
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        rotary_dim = dim if rotary_dim is None else int(rotary_dim)
+        if rotary_dim % 2 or not 0 < rotary_dim <= dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and within the head dim {dim}")
+        self.dim, self.rotary_dim, self.style = dim, rotary_dim, style
+        self.attention_factor = float(attention_factor)
+        if inv_freq is None:
+            inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+        else:
+            inv = torch.tensor(np.asarray(inv_freq, dtype=np.float32)).reshape(-1)
+            if inv.numel() != rotary_dim // 2:
+                raise ValueError(f"{inv.numel()} inverse frequencies for {rotary_dim} rotated dims")
         self.register_buffer("inv_freq", inv, persistent=False)
         self._last: tuple | None = None
 
@@ -140,19 +155,28 @@ class RotaryEmbedding(nn.Module):
             pos = torch.arange(offset, offset + n, dtype=torch.float32, device=device)
             freqs = torch.outer(pos, self.inv_freq.to(device))
             cos, sin = freqs.cos(), freqs.sin()
+            if self.attention_factor != 1.0:
+                cos, sin = cos * self.attention_factor, sin * self.attention_factor
             if self.style == "half":
                 cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
             self._last = (key, cos, sin)
         return self._last[1], self._last[2]
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Rotate ``x`` (batch, heads, time, dim) for positions offset .. offset + time - 1."""
-        cos, sin = self._angles(offset, x.shape[-2], x.device)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.style == "half":
-            x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2:]
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
             return x * cos + torch.cat((-x2, x1), -1) * sin
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+
+    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Rotate ``x`` (batch, heads, time, dim) for positions offset .. offset + time - 1."""
+        cos, sin = self._angles(offset, x.shape[-2], x.device)
+        if self.rotary_dim == x.shape[-1]:
+            return self._rotate(x, cos, sin)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        return torch.cat((self._rotate(rot, cos, sin), rest), -1)
 
 
 class RBEAttention(nn.Module):
@@ -161,19 +185,33 @@ class RBEAttention(nn.Module):
     Projections are any modules (``RBELinear`` normally): either ``q, k, v`` or one fused ``qkv``
     whose output is [q | k | v]. ``forward`` returns ``(output, (k, v))``; pass the returned cache
     back as ``past`` to continue. ``key_padding_mask`` (batch, total keys) is True for real tokens.
+
+    Options: ``scale`` multiplies the scores (None: divided by sqrt(head_dim)); ``softcap`` c > 0
+    caps them as ``c * tanh(s / c)`` before the mask; ``window`` w > 0: a query at position p sees
+    only keys at positions > p - w (sliding window, also across a longer cache); ``q_norm`` /
+    ``k_norm``: norms of the queries and keys before RoPE, over each head (``qk_norm="head"``) or
+    over the whole projection (``"full"``).
     """
 
     def __init__(self, *, o: nn.Module, n_heads: int, n_kv_heads: int | None = None, head_dim: int,
                  q: nn.Module | None = None, k: nn.Module | None = None, v: nn.Module | None = None,
-                 qkv: nn.Module | None = None, causal: bool = True, rope: RotaryEmbedding | None = None):
+                 qkv: nn.Module | None = None, causal: bool = True, rope: RotaryEmbedding | None = None,
+                 scale: float | None = None, softcap: float = 0.0, window: int = 0,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, qk_norm: str = "head"):
         super().__init__()
         if (qkv is None) == (q is None or k is None or v is None):
             raise ValueError("give either q, k and v, or a fused qkv projection")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{n_heads} heads are not a multiple of {self.n_kv_heads} kv heads")
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("give both q_norm and k_norm, or neither")
+        if qk_norm not in ("head", "full"):
+            raise ValueError(f"qk_norm must be 'head' or 'full', got {qk_norm!r}")
         self.head_dim, self.causal, self.rope = head_dim, causal, rope
         self.q, self.k, self.v, self.qkv, self.o = q, k, v, qkv, o
+        self.scale, self.softcap, self.window = scale, float(softcap or 0.0), int(window or 0)
+        self.q_norm, self.k_norm, self.qk_norm = q_norm, k_norm, qk_norm
 
     def _split(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         b, s, _ = t.shape
@@ -187,7 +225,11 @@ class RBEAttention(nn.Module):
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_norm is not None and self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self._split(q, self.n_heads), self._split(k, self.n_kv_heads), self._split(v, self.n_kv_heads)
+        if self.q_norm is not None and self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         offset = 0 if past is None else past[0].shape[2]
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)
@@ -198,12 +240,19 @@ class RBEAttention(nn.Module):
         # (a view over the heads, instead of repeating the cache `rep` times)
         rep, total = self.n_heads // self.n_kv_heads, k.shape[2]
         qg = q.reshape(b, self.n_kv_heads, rep * s, self.head_dim)
-        scores = (qg @ k.transpose(-1, -2)).view(b, self.n_heads, s, total) / math.sqrt(self.head_dim)
-        if key_padding_mask is not None or (self.causal and s > 1):  # else every key is visible
+        scores = (qg @ k.transpose(-1, -2)).view(b, self.n_heads, s, total)
+        scores = scores / math.sqrt(self.head_dim) if self.scale is None else scores * self.scale
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        windowed = self.window and total > self.window
+        if key_padding_mask is not None or (self.causal and s > 1) or windowed:  # else every key is visible
             keep = torch.ones(s, total, dtype=torch.bool, device=x.device)
+            qpos = torch.arange(offset, offset + s, device=x.device)[:, None]
+            kpos = torch.arange(total, device=x.device)[None, :]
             if self.causal:
-                qpos = torch.arange(offset, offset + s, device=x.device)[:, None]
-                keep = keep & (torch.arange(total, device=x.device)[None, :] <= qpos)
+                keep = keep & (kpos <= qpos)
+            if windowed:
+                keep = keep & (kpos > qpos - self.window)
             keep = keep[None, None]
             if key_padding_mask is not None:
                 keep = keep & key_padding_mask.bool()[:, None, None, :]
@@ -222,31 +271,44 @@ _ACTIVATIONS = {
 
 
 class RBEFFN(nn.Module):
-    """Feed-forward block: ``down(act(up(x)))``, or SwiGLU-style ``down(act(gate(x)) * up(x))`` with a gate."""
+    """Feed-forward block: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))`` with a gate,
+    or the same with one fused ``gate_up`` projection whose output is [gate | up] (Phi-3)."""
 
-    def __init__(self, up: nn.Module, down: nn.Module, gate: nn.Module | None = None, activation: str = "gelu"):
+    def __init__(self, up: nn.Module | None, down: nn.Module, gate: nn.Module | None = None,
+                 activation: str = "gelu", *, gate_up: nn.Module | None = None):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; known: {', '.join(_ACTIVATIONS)}")
-        self.up, self.down, self.gate, self.activation = up, down, gate, activation
+        if (gate_up is None) == (up is None):
+            raise ValueError("give either up (and optionally gate), or a fused gate_up projection")
+        if gate_up is not None and gate is not None:
+            raise ValueError("a fused gate_up projection replaces gate and up")
+        self.up, self.down, self.gate, self.gate_up, self.activation = up, down, gate, gate_up, activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = _ACTIVATIONS[self.activation]
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, -1)
+            return self.down(act(gate) * up)
         h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
         return self.down(h)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Llama), uncompressed; computed in float32."""
+    """Root-mean-square norm (Llama), uncompressed; computed in float32. The scale is ``weight +
+    offset`` (Gemma's weights are offsets from 1: ``offset=1``, computed as ``x * (1 + w)`` in float32)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.eps = eps
+        self.offset = float(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 

@@ -9,13 +9,14 @@ from ..abc import Backend, Encoded
 from ..errors import NativeUnavailableError
 from .bert import BertEncoder
 from .common import CausalLM, LayerFactory, RBEModel
+from .decoder import DECODER_MODELS
 from .families import read_description
 from .gpt2 import GPT2LMHead
-from .llama import LlamaForCausalLM
 from .spec import check_engine
 
 #: architecture name -> the torch module class that runs it.
-MODEL_CLASSES: dict[str, type[RBEModel]] = {c.spec.name: c for c in (BertEncoder, GPT2LMHead, LlamaForCausalLM)}
+MODEL_CLASSES: dict[str, type[RBEModel]] = {
+    c.spec.name: c for c in (BertEncoder, GPT2LMHead, *DECODER_MODELS.values())}
 
 
 def build_model(metadata: Mapping[str, Any], tensors: Mapping[str, Encoded], backend: Backend | None = None,

@@ -6,7 +6,7 @@ normalised config built from a source config (``from_hf_config``), the tensors t
 with their shapes (``expected``), how a native engine runs it (``native_plan``) and how to write a
 standard HF checkpoint (``hf_config``, ``to_hf``). Normalised configs are plain JSON and travel
 inside the .rbe metadata under ``"rbe.model"``, next to the tokenizer JSON. The torch modules that
-run each architecture live beside this (``rbe_core.models.bert``, ``gpt2``, ``llama``).
+run each architecture live beside this (``rbe_core.models.bert``, ``gpt2``, ``decoder``).
 """
 
 from __future__ import annotations

@@ -363,7 +363,7 @@ def from_gguf(family: Family, kv: Mapping[str, Any], names: list[str]) -> dict[s
         ropes=ropes, layer_rope=layer_rope, rotary_dim=rotary,
         rope_freqs=ROLES["rope_freqs"][1] if ROLES["rope_freqs"][1] in names else None,
         moe=_gguf_moe(family, kv, n), bos_token_id=kv.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
+        eos_token_id=kv.get("tokenizer.ggml.eos_token_id"), pad_token_id=kv.get("tokenizer.ggml.padding_token_id"))
 
 
 def _gguf_ropes(family: Family, kv: Mapping[str, Any], n: int) -> tuple[list[dict], list[int]]:
@@ -372,8 +372,15 @@ def _gguf_ropes(family: Family, kv: Mapping[str, Any], n: int) -> tuple[list[dic
     rope: dict[str, Any] = {"type": "default", "theta": float(kv.get(f"{arch}.rope.freq_base", 10000.0))}
     if kind == "linear":
         rope.update(type="linear", factor=float(kv.get(f"{arch}.rope.scaling.factor", 1.0)))
+    elif kind == "yarn":  # back to the HF parameters convert_hf_to_gguf wrote these keys from
+        rope.update(type="yarn", factor=float(kv.get(f"{arch}.rope.scaling.factor", 1.0)))
+        for key, hf_key in (("original_context_length", "original_max_position_embeddings"),
+                            ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                            ("yarn_attn_factor", "attention_factor")):
+            if kv.get(f"{arch}.rope.scaling.{key}") is not None:
+                rope[hf_key] = kv[f"{arch}.rope.scaling.{key}"]
     elif kind != "none":
-        raise ModelError(f"{family.name} GGUF: rope scaling {kind!r} is not supported (none, linear)")
+        raise ModelError(f"{family.name} GGUF: rope scaling {kind!r} is not supported (none, linear, yarn)")
     layer_rope = [0] * n
     ropes = [rope]
     if family.name == "gemma3":  # sliding layers: their own base, unscaled (as llama.cpp)
@@ -577,13 +584,15 @@ def hf_config_of(family: Family, d: Mapping[str, Any]) -> dict[str, Any]:
         "num_key_value_heads": d["n_kv_heads"], "head_dim": d["head_dim"], "rms_norm_eps": d["rms_eps"],
         "max_position_embeddings": d["max_position"], "tie_word_embeddings": d["tie_embeddings"],
         "attention_bias": bool(d["biases"]), "bos_token_id": d["bos_token_id"], "eos_token_id": d["eos_token_id"],
+        "pad_token_id": d.get("pad_token_id"),  # explicit: some configs default to ids past a small vocabulary
         "torch_dtype": "float32", "rope_parameters": ropes[0], "layer_types": layer_types,
         "sliding_window": max(d["layer_window"]) or None,
     }
     out["hidden_act" if not family.gemma else "hidden_activation"] = (
         "gelu_pytorch_tanh" if d["activation"] == "gelu_tanh" else "silu")
     if family.gemma:
-        out.update(query_pre_attn_scalar=(d["attn_scale"] or d["head_dim"] ** -0.5) ** -2,
+        scalar = (d["attn_scale"] or d["head_dim"] ** -0.5) ** -2
+        out.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,  # an int field
                    attn_logit_softcapping=d["attn_softcap"] or None, final_logit_softcapping=d["final_softcap"] or None)
     if family.name == "gemma3":
         kinds = ["full_attention", "sliding_attention"]
