@@ -506,7 +506,7 @@ class _SequentialEncoder:
         """Run every batch once, finding the next stage (the Linears that read the same input) and
         summing its Gram (and cross term)."""
         state: dict[str, Any] = {"stage": [], "key": None, "fixed": False, "xtx": None, "count": 0, "mask": None,
-                                 "rows": None, "cross": None}
+                                 "rows": None, "cross": None, "no_cross": False}
         hook = self._stage_hook(state, remaining)
         hooks = [m.register_forward_pre_hook(hook) for m in modules if id(m) in remaining]
         try:
@@ -517,9 +517,13 @@ class _SequentialEncoder:
                 except _Stop:
                     pass
                 state["fixed"] = True
-                if shadow is not None and state["rows"] is not None:
-                    c = (state["rows"].T @ shadow(b, state["stage"][0])).double()
-                    state["cross"] = c if state["cross"] is None else state["cross"] + c
+                if shadow is not None and state["rows"] is not None and not state["no_cross"]:
+                    float_rows = shadow(b, state["stage"][0])
+                    if float_rows is None or float_rows.shape[0] != state["rows"].shape[0]:
+                        state["no_cross"], state["cross"] = True, None  # rows of no common order (experts)
+                    else:
+                        c = (state["rows"].T @ float_rows).double()
+                        state["cross"] = c if state["cross"] is None else state["cross"] + c
         finally:
             for h in hooks:
                 h.remove()
@@ -603,7 +607,8 @@ def _advance(block, cached: list) -> None:
 
 def _shadow(block, float_block, float_cached: list, masks: list, factory) -> Callable:
     """``shadow(b, name)`` for :func:`sequential_encode`: the input rows the float copy of ``block``
-    feeds Linear ``name`` on the float model's cached inputs of batch ``b``."""
+    feeds Linear ``name`` on the float model's cached inputs of batch ``b``; None when they are not
+    one row per token (an expert sees the tokens routed to it, which differ between the models)."""
     where = {id(m): path for path, m in block.named_modules()}
     float_modules = dict(float_block.named_modules())
 
@@ -615,15 +620,20 @@ def _shadow(block, float_block, float_cached: list, masks: list, factory) -> Cal
             raise _Stop
 
         h = float_modules[where[id(factory.linears[name][0])]].register_forward_pre_hook(grab)
+        args, kwargs = float_cached[b]
         try:
-            args, kwargs = float_cached[b]
             float_block(*args, **kwargs)
         except _Stop:
             pass
         finally:
             h.remove()
+        if "x" not in got:
+            return None
         x = got["x"].detach()
-        return _real_tokens(x.reshape(-1, x.shape[-1]), masks[b]).float()
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] != args[0].shape[:-1].numel():
+            return None
+        return _real_tokens(rows, masks[b]).float()
 
     return shadow
 

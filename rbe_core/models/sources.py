@@ -181,37 +181,176 @@ def gguf_metadata(reader) -> dict[str, Any]:
     return out
 
 
-def gguf_tokenizer_json(kv: Mapping[str, Any]) -> str | None:
-    """A ``tokenizers`` JSON for a GGUF file's embedded byte-level BPE vocabulary and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+# GGUF ``tokenizer.ggml.pre`` -> how llama.cpp's llama-vocab.cpp splits text before byte-level BPE. The
+# regexes are the tokenizer.json originals that llama.cpp's (adapted) ones reproduce.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SEED_CODER_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                     r"|\s+(?!\S)|\s+")
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TEKKEN_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+                rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+
+def _pre_table() -> dict[str, tuple[Any, bool, bool]]:
+    """name -> (split, ignore_merges, add_bos default): split ``"gpt2"`` is GPT-2's regex (ByteLevel's
+    own), ``"digits"`` that regex after isolating every digit, else the regexes to split by in turn."""
+    families = [
+        # llama.cpp's DEFAULT type splits differently; a GGUF saying "default" gets GPT-2's regex, as before
+        (("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion", "granite-docling",
+          "a.x-4.0", "gigachat", "mellum"), "gpt2", False, False),
+        (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+         "digits", False, False),
+        (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+         (_LLAMA3_SPLIT,), True, True),
+        (("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), (_LLAMA3_SPLIT,), False, False),
+        (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open", "grok-2"),
+         (_QWEN2_SPLIT,), False, False),
+        (("qwen35",), (_QWEN35_SPLIT,), False, False),
+        (("seed-coder",), (_SEED_CODER_SPLIT,), False, False),
+        (("tekken",), (_TEKKEN_SPLIT,), True, True),
+        (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), (_GPT4O_SPLIT,), False, False),
+    ]
+    return {name: (split, ignore, bos) for names, split, ignore, bos in families for name in names}
+
+
+_GGUF_PRE = _pre_table()
+_GGUF_UNKNOWN = 2
+
+
+def gguf_tokenizer_json(kv: Mapping[str, Any]) -> str | None:
+    """A ``tokenizers`` JSON for a GGUF file's embedded vocabulary: byte-level BPE (``tokenizer.ggml.model``
+    "gpt2", split as llama.cpp splits for ``tokenizer.ggml.pre``) or SentencePiece ("llama": the BPE
+    model transformers' LlamaConverter/GemmaConverter build, merges recovered from the scores)."""
     tokens = kv.get("tokenizer.ggml.tokens")
     if not tokens:
         return None
+    tokens = list(tokens)
     kind = kv.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
-    pre = kv.get("tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(kv.get("tokenizer.ggml.add_space_prefix", False)),
-                                          use_regex=True)
-    if pre == "smollm":  # llama.cpp: split every digit, then the GPT-2 regex
-        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("default", "gpt2", "gpt-2"):
-        pre_tok = byte_level
+    if kind == "gpt2":
+        tok, add_bos = _gguf_byte_level(kv, tokens)
+    elif kind == "llama":
+        tok, add_bos = _gguf_sentencepiece(kv, tokens), True
     else:
-        raise ModelError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: default, gpt2, smollm)")
+        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported "
+                         "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+    _gguf_post_processor(tok, kv, tokens, add_bos)
+    return tok.to_str()
+
+
+def _gguf_byte_level(kv: Mapping[str, Any], tokens: list[str]):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    pre = kv.get("tokenizer.ggml.pre") or "default"  # llama.cpp: none given is "default"
+    if pre not in _GGUF_PRE:
+        raise ModelError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(_GGUF_PRE))})")
+    split, ignore_merges, add_bos = _GGUF_PRE[pre]
+    if split in ("gpt2", "digits"):
+        pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=bool(kv.get("tokenizer.ggml.add_space_prefix", False)),
+                                           use_regex=True)
+        if split == "digits":  # llama.cpp: isolate every digit, then the GPT-2 regex
+            pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tok])
+    else:  # llama.cpp's BPE tokenizer ignores add_space_prefix
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in split]
+                                          + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     merges = [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
     types = kv.get("tokenizer.ggml.token_type") or []
     special = [t for t, ty in zip(tokens, types, strict=False) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    bos = kv.get("tokenizer.ggml.bos_token_id")
-    if kv.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
-                                                           special_tokens=[(tokens[bos], bos)])
-    return tok.to_str()
+    return tok, add_bos
+
+
+def _gguf_sentencepiece(kv: Mapping[str, Any], tokens: list[str]):
+    """SentencePiece as llama.cpp runs it: "▁" for spaces (one prepended unless ``add_space_prefix`` is
+    false, as Gemma writes), the best-scored pair merged first, unknown characters as ``<0xXX>`` bytes;
+    control and unknown tokens special, user-defined ones (matched in the raw text) plain added tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    n = len(tokens)
+    types = list(kv.get("tokenizer.ggml.token_type") or [1] * n)
+    if str(kv.get("general.architecture", "")).startswith("gemma") or not kv.get("tokenizer.ggml.scores"):
+        # transformers' GGUF reader: Gemma's scores do not follow its merge order, the token order does
+        scores = [-float(i) for i in range(n)]
+    else:
+        scores = [float(s) for s in kv["tokenizer.ggml.scores"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kv.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ", 1)) for m in kv["tokenizer.ggml.merges"]]
+    else:
+        merges = _spm_merges(tokens, scores, vocab)
+    unk = kv.get("tokenizer.ggml.unknown_token_id")
+    if unk is None or not 0 <= int(unk) < n:
+        unk = next((i for i, ty in enumerate(types) if ty == _GGUF_UNKNOWN), None)
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=None if unk is None else tokens[int(unk)],
+                               fuse_unk=True, byte_fallback=True))
+    prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types, strict=False) if ty in (_GGUF_CONTROL, _GGUF_UNKNOWN)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types, strict=False) if ty == _GGUF_USER_DEFINED])
+    return tok
+
+
+def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """transformers' ``generate_merges``: every split of every token into two tokens, the merged token's
+    score highest first (then the longer left part, the longer right part, token order, part ids)."""
+    lefts, rights, keys = [], [], []
+    get = vocab.get
+    for i, piece in enumerate(tokens):
+        local = []
+        for k in range(1, len(piece)):
+            a = get(piece[:k])
+            if a is not None:
+                b = get(piece[k:])
+                if b is not None:
+                    local.append((a, b, k))
+        if local:
+            local.sort()
+            for a, b, k in local:
+                lefts.append(a)
+                rights.append(b)
+                keys.append((scores[i], k, len(piece) - k))
+    if not keys:
+        return []
+    key = np.asarray(keys, dtype=np.float64)
+    order = np.lexsort((-key[:, 2], -key[:, 1], -key[:, 0]))  # stable: ties keep generation order
+    return [(tokens[lefts[j]], tokens[rights[j]]) for j in order.tolist()]
+
+
+def _gguf_post_processor(tok, kv: Mapping[str, Any], tokens: list[str], add_bos_default: bool) -> None:
+    """BOS/EOS around every sequence as llama.cpp adds them: ``add_bos_token``/``add_eos_token`` when the
+    file says, else llama.cpp's default for the tokenizer (BOS for SentencePiece and Llama 3)."""
+    from tokenizers import processors
+
+    ends = []
+    for key, default, idkey in (("add_bos_token", add_bos_default, "bos_token_id"),
+                                ("add_eos_token", False, "eos_token_id")):
+        flag = kv.get(f"tokenizer.ggml.{key}")
+        tid = kv.get(f"tokenizer.ggml.{idkey}")
+        ok = (default if flag is None else bool(flag)) and tid is not None and 0 <= int(tid) < len(tokens)
+        ends.append((tokens[int(tid)], int(tid)) if ok else None)
+    bos, eos = ends
+    if bos is None and eos is None:
+        return
+    first = ([bos[0]] if bos else []) + ["$A"] + ([eos[0]] if eos else [])
+    second = ([f"{bos[0]}:1"] if bos else []) + ["$B:1"] + ([f"{eos[0]}:1"] if eos else [])
+    tok.post_processor = processors.TemplateProcessing(
+        single=first, pair=first + second, special_tokens=sorted({e for e in (bos, eos) if e is not None}))
 
 
 def _gguf_source(path: Path) -> Source:

@@ -8,8 +8,8 @@ from typing import Any
 
 from ..spec import ModelError, Spec, load_tokenizer
 from .bert import BertSpec
-from .gpt2 import GPT2Spec, mini_gpt2_config
 from .decoder import DECODER_SPECS, GGUF_ARCHS
+from .gpt2 import GPT2Spec, mini_gpt2_config
 
 SPECS: dict[str, type[Spec]] = {s.name: s for s in (BertSpec, GPT2Spec, *DECODER_SPECS.values())}
 LlamaSpec = DECODER_SPECS["llama"]
