@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make 
 from _model_helpers import FAMILY_MODELS, tiny_family, torch, transformers, write_gguf  # noqa: E402
 
 import rbe_core  # noqa: E402
-from rbe_core.errors import NativeUnavailableError  # noqa: E402
 from rbe_core.models import ModelError  # noqa: E402
 from rbe_core.models.decoder import MoE  # noqa: E402
 from rbe_core.models.families.decoder import DECODER_SPECS, FAMILIES, GGUF_ARCHS, described  # noqa: E402
@@ -232,15 +231,21 @@ def test_unknown_architecture_is_one_line_naming_the_described(made, tmp_path):
     assert not (tmp_path / "bad.rbe").exists()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_native_engine_runs_the_description(variant, made, monkeypatch):
+def _native_cases():
+    return [(v, "hf") for v in VARIANTS] + [(v, "gguf") for v in GGUF_VARIANTS]
+
+
+@pytest.mark.parametrize(("variant", "source"), _native_cases())
+def test_native_engine_runs_the_description(variant, source, made, made_gguf, monkeypatch):
+    """The C engine: every position's logits through prefill and one-token steps past the
+    windows, greedy tokens, from the HF checkpoint and from the GGUF (llama.cpp's names and
+    layouts, experts as 3-D tensors, Llama 3 frequency divisors)."""
     monkeypatch.setenv("RBE_ENGINE_KV", "f32")  # the exact arithmetic (float16 cache, int8 prefill: close)
     monkeypatch.setenv("RBE_ENGINE_ACT", "f32")
     ref, path, _ = made(variant)
-    try:
-        model = rbe_core.load_model(path, backend="cffi", engine="native")
-    except NativeUnavailableError:
-        pytest.skip("native engine: description support pending")
+    if source == "gguf":
+        path = made_gguf(variant)[0]
+    model = rbe_core.load_model(path, backend="cffi", engine="native")
     assert model.engine_name == "native"
     ids = _ids(4, batch=1)
     with torch.no_grad():
@@ -251,7 +256,24 @@ def test_native_engine_runs_the_description(variant, made, monkeypatch):
         logits, state = model.step(int(ids[0, t]), state)
         got.append(logits)
     assert _rel(torch.stack(got), want[PROMPT - 1:]) <= TOL
+    all_logits = model.native.forward(ids[0].numpy(), 0, all_logits=True)
+    assert _rel(torch.from_numpy(all_logits), want) <= TOL
     greedy = list(model.generate_ids(ids[0, :PROMPT].tolist(), NEW))
     with torch.no_grad():
         hf = ref.generate(ids[:1, :PROMPT], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert greedy == hf[0, PROMPT:PROMPT + len(greedy)].tolist()
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "qwen3_moe", "phi3-partial"])
+def test_native_engine_defaults_stay_close(variant, made, monkeypatch):
+    """The engine's defaults (float16 KV cache, int8 prefill products) stay near the exact path."""
+    monkeypatch.delenv("RBE_ENGINE_KV", raising=False)
+    monkeypatch.delenv("RBE_ENGINE_ACT", raising=False)
+    ref, path, _ = made(variant)
+    model = rbe_core.load_model(path, backend="cffi", engine="native")
+    ids = _ids(5, batch=1)
+    with torch.no_grad():
+        want = torch.log_softmax(ref(ids).logits[0], -1)
+    got = torch.log_softmax(torch.from_numpy(model.native.forward(ids[0].numpy(), 0, all_logits=True)), -1)
+    kl = float((want.exp() * (want - got)).sum(-1).mean())
+    assert kl < 0.01, kl
