@@ -176,6 +176,42 @@ class NativeDecoder:
             raise RuntimeError(f"native engine forward failed: {library.engine_error(rc)}")
         return out if all_logits else out[0]
 
+    def forward_batch(self, rows: list[tuple[int, list[int], int]], want: list[bool] | None = None) -> np.ndarray:
+        """Several sequences in one pass over the weights: each row of ``rows`` is (slot, tokens,
+        pos), the tokens run at positions ``pos, pos + 1, ...`` of that slot's KV cache (``pos`` at
+        most its cached length; later entries are dropped). Returns float32 logits of each row's
+        last token whose ``want`` entry is true (default: every row), in order."""
+        want = [True] * len(rows) if want is None else list(want)
+        tokens, slots, positions, flags = [], [], [], []
+        for (slot, ids, pos), wanted in zip(rows, want, strict=True):
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ModelError("no tokens to run")
+            if not 0 <= slot < self.slots:
+                raise ModelError(f"KV cache slot {slot} is outside 0..{self.slots - 1}")
+            if pos < 0 or pos + len(ids) > self.max_ctx:
+                raise ModelError(f"positions {pos}..{pos + len(ids) - 1} exceed the model's context of {self.max_ctx}")
+            tokens += ids
+            slots += [slot] * len(ids)
+            positions += range(pos, pos + len(ids))
+            flags += [0] * (len(ids) - 1) + [int(wanted)]
+        tok = np.asarray(tokens, dtype=np.int64)
+        if tok.min() < 0 or tok.max() >= self.vocab:
+            raise ModelError(f"token id out of range [0, {self.vocab})")
+        out = np.empty((sum(flags), self.vocab), dtype=np.float32)
+        ffi = self._ffi
+        arrays = (tok, np.asarray(slots, dtype=np.intc), np.asarray(positions, dtype=np.int64),
+                  np.asarray(flags, dtype=np.uint8))
+        with self._lock:
+            rc = self._lib.rbe_engine_forward_batch(
+                self._e, ffi.from_buffer("long long[]", arrays[0]), ffi.from_buffer("int[]", arrays[1]),
+                ffi.from_buffer("long long[]", arrays[2]), ffi.from_buffer("unsigned char[]", arrays[3]), tok.size,
+                ffi.from_buffer("float[]", out, require_writable=True) if out.size else ffi.new("float[1]"),
+                library.ISAS[library.active_isa()], library.thread_count())
+        if rc:
+            raise RuntimeError(f"native engine batch failed: {library.engine_error(rc)}")
+        return out
+
     def profile(self) -> dict[str, float]:
         """Seconds spent since the last call in weight kernels, attention and everything else."""
         s = self._ffi.new("double[3]")

@@ -136,7 +136,8 @@ def _chunk(meta, chat: bool, index: int, *, text: str | None = None, role: bool 
 async def _stream(events: asyncio.Queue, jobs: list[Job], meta, chat: bool, include_usage: bool):
     """SSE: each choice's role first (chat), its text pieces, its finish; a usage chunk; [DONE]."""
     left = len(jobs)
-    totals = {"prompt_tokens": len(jobs[0].ids), "completion_tokens": 0, "total_tokens": 0}
+    totals = {"prompt_tokens": len(jobs[0].ids), "completion_tokens": 0, "total_tokens": 0,
+              "prompt_tokens_details": {"cached_tokens": 0}}
     try:
         if chat:
             for i in range(len(jobs)):
@@ -148,6 +149,8 @@ async def _stream(events: asyncio.Queue, jobs: list[Job], meta, chat: bool, incl
             elif kind == "done":
                 reason, usage = payload
                 totals["completion_tokens"] += usage["completion_tokens"]
+                cached = max(totals["prompt_tokens_details"]["cached_tokens"], usage["cached_tokens"])
+                totals["prompt_tokens_details"]["cached_tokens"] = cached
                 yield _chunk(meta, chat, i, finish=reason, include_usage=include_usage)
                 left -= 1
             else:
@@ -168,7 +171,7 @@ async def _collect(events: asyncio.Queue, jobs: list[Job], meta, chat: bool) -> 
     """The whole answer once every choice is done; a job's error is raised (and every job cancelled)."""
     texts = [""] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
-    completion = 0
+    completion = cached = 0
     left = len(jobs)
     try:
         while left:
@@ -178,6 +181,7 @@ async def _collect(events: asyncio.Queue, jobs: list[Job], meta, chat: bool) -> 
             elif kind == "done":
                 reasons[i] = payload[0]
                 completion += payload[1]["completion_tokens"]
+                cached = max(cached, payload[1]["cached_tokens"])
                 left -= 1
             else:
                 raise payload[0]
@@ -185,7 +189,8 @@ async def _collect(events: asyncio.Queue, jobs: list[Job], meta, chat: bool) -> 
         for job in jobs:
             job.cancel()
     prompt = len(jobs[0].ids)
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": cached}}
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]

@@ -17,6 +17,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _HELP = {
     "requests": ("counter", "HTTP requests answered, by endpoint and status"),
     "prompt_tokens": ("counter", "prompt tokens processed"),
+    "prompt_tokens_cached": ("counter", "prompt tokens whose KV entries came from the prefix cache"),
     "generation_tokens": ("counter", "tokens generated"),
     "cancelled": ("counter", "generations stopped because the client went away"),
     "ttft": ("histogram", "time to first token in seconds"),

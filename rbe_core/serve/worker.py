@@ -1,11 +1,16 @@
-"""The generation worker: one thread per causal LM runs every request's sequence, token by token
-in turn, so concurrent requests share the model fairly instead of queueing behind each other.
+"""The generation worker: one thread per causal LM runs every request's sequence, so concurrent
+requests share the model instead of queueing behind each other.
 
 A request (``Job``) waits in a bounded queue (``QueueFull`` when it is full: the server answers
-503 at once), then holds one of ``slots`` active places; on the native engine each active job
-owns a KV cache slot (``NativeDecoder.slots``), in the torch modules its state carries its cache.
-Every round advances each active job by one token (its prompt first), so a job's time to first
-token is its prefill plus at most one token of each other job. Text leaves in pieces that never
+503 at once), then holds one of ``slots`` active places. On a native engine each active job owns
+a KV cache slot and every round is **one batched pass** over the weights (continuous batching):
+one token of every decoding job, plus up to ``PREFILL_CHUNK`` prompt tokens of the jobs still
+reading their prompts (chunked prefill: a long prompt delays the others by one chunk per round,
+never by its whole length). Jobs join and leave between rounds. A finished job's slot keeps its
+tokens' KV entries: a new job takes the free slot sharing the longest prefix with its prompt and
+runs only the rest (the **prefix cache**, as many entries as slots, least recently used reused
+first; usage reports ``cached_tokens``). In the torch modules every round advances each job by one
+token, its state carrying its cache. Text leaves in pieces that never
 split a UTF-8 character (the tokenizer's decode of all new tokens, held back while it ends in
 U+FFFD) and never show the start of a stop string that may still complete. A cancelled job
 (client gone) or one past its deadline is dropped before its next token.
@@ -25,6 +30,9 @@ from .metrics import Metrics
 from .protocol import APIError
 
 log = logging.getLogger("rbe.serve")
+
+#: prompt tokens a batched round runs at most (beside one token of each decoding job).
+PREFILL_CHUNK = 128
 
 
 class QueueFull(Exception):
@@ -47,6 +55,8 @@ class Job:
         self.shown = ""  # text emitted so far
         self.state: Any = None
         self.slot: int | None = None
+        self.fed = 0  # native engine: positions of this sequence in its slot's KV cache
+        self.cached = 0  # prompt tokens found in the prefix cache
         self.last: float | None = None
         self.done = False
 
@@ -62,7 +72,9 @@ class Generator:
         self.max_queue = max_queue
         native = getattr(model, "native", None)
         self.slots = max(1, min(slots, native.slots if native is not None else slots))
+        self._engine = native if native is not None and hasattr(native, "forward_batch") else None
         self._free_slots = list(range(self.slots)) if native is not None else None
+        self._slot_tokens: dict[int, list[int]] = {}  # a free slot's cached sequence (prefix cache)
         self._tok = model._require_tokenizer()
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -107,23 +119,83 @@ class Generator:
                 while self._pending and len(self._active) < self.slots:
                     job = self._pending.popleft()
                     if self._free_slots is not None:
-                        job.slot = self._free_slots.pop()
+                        self._take_slot(job)
                     self._active.append(job)
-            for job in list(self._active):
-                self._tick(job)
-                if job.done:
-                    self._active.remove(job)
-                    if self._free_slots is not None:
-                        self._free_slots.append(job.slot)
+            if self._engine is not None:
+                self._batched_round()
+            else:
+                for job in list(self._active):
+                    self._tick(job)
+            for job in [j for j in self._active if j.done]:
+                self._active.remove(job)
+                if self._free_slots is not None:
+                    self._slot_tokens[job.slot] = (job.ids + job.tokens)[:job.fed]
+                    self._free_slots.append(job.slot)
 
-    def _tick(self, job: Job) -> None:
+    def _take_slot(self, job: Job) -> None:
+        """The free slot whose cached sequence shares the longest prefix with the job's prompt
+        (least recently freed first among equals); the job starts after that prefix (at least
+        its last prompt token runs, for its logits)."""
+        def shared(slot: int) -> int:
+            cached, n = self._slot_tokens.get(slot, []), 0
+            for a, b in zip(cached, job.ids[:-1], strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best = max(self._free_slots, key=lambda s: (shared(s), -self._free_slots.index(s)))
+        self._free_slots.remove(best)
+        job.slot = best
+        job.fed = job.cached = shared(best) if self._engine is not None else 0
+        if job.cached:
+            self.metrics.add("prompt_tokens_cached", job.cached)
+
+    def _expired(self, job: Job) -> bool:
+        """Drop a cancelled job or one past its deadline (done, its error sent)."""
         if job.cancelled.is_set():
             job.done = True
             self.metrics.count("cancelled")
-            return
-        if time.perf_counter() > job.deadline:
+        elif time.perf_counter() > job.deadline:
             self._finish_error(job, APIError(504, "the request ran past the server's time limit", type="timeout",
                                              code="timeout"))
+        return job.done
+
+    def _batched_round(self) -> None:
+        """One pass of the engine: a token of each decoding job, then prompt chunks in arrival
+        order up to ``PREFILL_CHUNK`` tokens; the jobs whose rows end a prompt or a step sample."""
+        rows, wanted, owners, budget = [], [], [], PREFILL_CHUNK
+        for job in self._active:
+            if self._expired(job):
+                continue
+            if job.fed >= len(job.ids):  # decoding: the last sampled token
+                rows.append((job.slot, [job.tokens[-1]], job.fed))
+            elif budget > 0:
+                chunk = job.ids[job.fed:job.fed + budget]
+                budget -= len(chunk)
+                rows.append((job.slot, chunk, job.fed))
+            else:
+                continue
+            wanted.append(rows[-1][2] + len(rows[-1][1]) >= len(job.ids))
+            owners.append(job)
+        if not rows:
+            return
+        try:
+            logits = self._engine.forward_batch(rows, wanted)
+        except Exception as exc:  # noqa: BLE001 - a failing batch must not stop the worker
+            log.exception("generation failed")
+            for job in owners:
+                self._finish_error(job, APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
+                                                 type="server_error"))
+            return
+        out = iter(logits)
+        for job, (_slot, chunk, _pos), want in zip(owners, rows, wanted, strict=True):
+            job.fed += len(chunk)
+            if want:
+                self._accept(job, next(out))
+
+    def _tick(self, job: Job) -> None:
+        if self._expired(job):
             return
         try:
             self._advance(job)
@@ -142,6 +214,11 @@ class Generator:
             logits, job.state = model.start(job.ids, slot=job.slot) if job.slot is not None else model.start(job.ids)
         else:
             logits, job.state = model.step(job.tokens[-1], job.state)
+        self._accept(job, logits)
+
+    def _accept(self, job: Job, logits) -> None:
+        """Sample the job's next token from ``logits`` and emit what it adds (or finish)."""
+        model = self.model
         token = model.sample(logits, job.temperature, 0, job.top_p, job.generator)
         now = time.perf_counter()
         if job.last is None:
@@ -180,5 +257,5 @@ class Generator:
             job.shown = text
         job.done = True
         usage = {"prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.ids) + len(job.tokens)}
+                 "total_tokens": len(job.ids) + len(job.tokens), "cached_tokens": job.cached}
         job.emit("done", reason, usage)

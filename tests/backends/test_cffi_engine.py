@@ -291,6 +291,38 @@ def _check_slots(model, ids):
         model.step(ids[3], states[0])
 
 
+@pytest.mark.parametrize("codec", ["int4", {"id": "hadamard", "bits": 4}], ids=str)
+def test_batched_sequences_equal_each_alone(codec, tmp_path):
+    """One pass for several sequences (forward_batch: prompts, prompt chunks and decode steps
+    mixed, each in its own KV slot, a prefix kept and the rest rewritten) gives each sequence's
+    own logits; the selected slot is left as it was."""
+    ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    engine = rbe_core.load_model(_save(ref, tmp_path, codec), "cffi", engine="native").native
+    ids = torch.randint(0, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    seqs = [ids[:9], ids[3:20], ids[10:13], ids[1:40]]
+    alone = [engine.forward(s, 0, all_logits=True) for s in seqs]
+    engine.forward(ids[:4], 0)  # slot 0 selected, 4 positions
+    # round 1: sequence 0 whole, 1 its first 10 tokens, 2 its first token, 3 a chunk of 30
+    rows = [(1, seqs[0], 0), (2, seqs[1][:10], 0), (3, seqs[2][:1], 0), (4, seqs[3][:30], 0)]
+    got = engine.forward_batch(rows)
+    for k, (_slot, chunk, _pos) in enumerate(rows):
+        assert np.abs(got[k] - alone[k][len(chunk) - 1]).max() <= MODEL_TOL * np.abs(alone[k]).max()
+    # round 2: the rest of each, logits of the last rows only where wanted
+    rest = [(2, seqs[1][10:], 10), (3, seqs[2][1:], 1), (4, seqs[3][30:], 30)]
+    got = engine.forward_batch(rest, [True, False, True])
+    assert got.shape[0] == 2
+    assert np.abs(got[0] - alone[1][-1]).max() <= MODEL_TOL * np.abs(alone[1]).max()
+    assert np.abs(got[1] - alone[3][-1]).max() <= MODEL_TOL * np.abs(alone[3]).max()
+    # a slot's first 5 positions kept, a different continuation written over the rest
+    other = seqs[0][:5] + ids[30:34]
+    got = engine.forward_batch([(1, other[5:], 5)])
+    want = engine.forward(other, 0)
+    assert np.abs(got[0] - want).max() <= MODEL_TOL * np.abs(want).max()
+    assert engine.slot_length(1) == len(other) and engine.slot_length(4) == 39
+    with pytest.raises(RuntimeError, match="context|position"):
+        engine.forward_batch([(3, [1, 2], 7)])  # slot 3 holds 3 positions: 7 leaves a gap
+
+
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4", {"id": "hadamard", "bits": 3},
                                    {"id": "hadamard", "bits": 6, "grid": "normal"}], ids=str)
 def test_llama_engine_matches_torch_modules(codec, tmp_path):

@@ -262,6 +262,8 @@ struct rbe_engine {
     int *layer_rope;                /* [layer] kind or -1 */
     int64_t *layer_window;          /* [layer] 0: all positions */
     float *route;                   /* a chunk's router outputs, CHUNK x n_experts */
+    int64_t row_pos[CHUNK];         /* a chunk's rows: each one's position ... */
+    void *row_kc[CHUNK], *row_vc[CHUNK]; /* ... and its sequence's caches */
     int64_t *moe_rows;              /* per expert, the chunk's rows routed to it ... */
     float *moe_w;                   /* ... and their weights (n_experts x CHUNK) */
     int64_t length, width;   /* cached positions; widest activation row (multiple of 32) */
@@ -668,19 +670,25 @@ int rbe_engine_set_layer(rbe_engine *e, int layer, int rope_kind, long long wind
 
 long long rbe_engine_length(const rbe_engine *e) { return e ? e->length : 0; }
 
+/* A slot's caches, made on first use (resident only as positions are written). */
+static int ensure_slot(rbe_engine *e, int slot) {
+    if (e->slot_kc[slot]) return 0;
+    e->slot_kc[slot] = calloc((size_t)e->cache_bytes, 1);
+    e->slot_vc[slot] = calloc((size_t)e->cache_bytes, 1);
+    if (!e->slot_kc[slot] || !e->slot_vc[slot]) {
+        free(e->slot_kc[slot]), free(e->slot_vc[slot]);
+        e->slot_kc[slot] = e->slot_vc[slot] = NULL;
+        return RBE_E_NOMEM;
+    }
+    e->slot_len[slot] = 0;
+    return 0;
+}
+
 int rbe_engine_use_slot(rbe_engine *e, int slot) {
     if (!e || slot < 0 || slot >= RBE_MAX_SLOTS) return RBE_E_ARGS;
     if (slot == e->slot) return 0;
-    if (!e->slot_kc[slot]) { /* a new sequence: its caches, resident only as positions are written */
-        e->slot_kc[slot] = calloc((size_t)e->cache_bytes, 1);
-        e->slot_vc[slot] = calloc((size_t)e->cache_bytes, 1);
-        if (!e->slot_kc[slot] || !e->slot_vc[slot]) {
-            free(e->slot_kc[slot]), free(e->slot_vc[slot]);
-            e->slot_kc[slot] = e->slot_vc[slot] = NULL;
-            return RBE_E_NOMEM;
-        }
-        e->slot_len[slot] = 0;
-    }
+    const int err = ensure_slot(e, slot);
+    if (err) return err;
     e->slot_len[e->slot] = e->length;
     e->slot = slot, e->kc = e->slot_kc[slot], e->vc = e->slot_vc[slot], e->length = e->slot_len[slot];
     return 0;
@@ -895,15 +903,15 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
 }
 
-/* The chunk's cos and sin of every RoPE kind, for positions p0 .. p0 + n - 1 (float32 angle
+/* The chunk's cos and sin of every RoPE kind, for its n rows' positions (float32 angle
  * position * inv, times the kind's factor, as transformers). */
-static void rope_angles(rbe_engine *e, int64_t p0, int64_t n) {
+static void rope_angles(rbe_engine *e, int64_t n) {
     const int64_t half = e->c.rotary_dim / 2;
     for (int k = 0; k < e->c.n_ropes; k++)
         for (int64_t i = 0; i < n; i++) {
             float *cs = e->rope_cos + (k * CHUNK + i) * half, *sn = e->rope_sin + (k * CHUNK + i) * half;
             for (int64_t d = 0; d < half; d++) {
-                const float a = (float)(p0 + i) * e->rope_inv[k * half + d];
+                const float a = (float)e->row_pos[i] * e->rope_inv[k * half + d];
                 cs[d] = cosf(a) * e->rope_factor[k], sn[d] = sinf(a) * e->rope_factor[k];
             }
         }
@@ -928,7 +936,7 @@ static void rope(const rbe_engine *e, float *v, int heads, int kind, int64_t i) 
 typedef struct {
     rbe_engine *e;
     int layer;
-    int64_t pos, ldq;
+    int64_t ldq;
     const float *q; /* n x ldq, heads of head_dim */
     float *out;     /* n x ldq, heads of head_dim */
     int64_t span;   /* split decode: positions per part, ... */
@@ -949,11 +957,11 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     const int64_t window = e->layer_window[j->layer];
     for (int64_t idx = s; idx < t; idx++) {
-        const int64_t i = idx / kvh_n, g = idx % kvh_n, len = j->pos + i + 1;
+        const int64_t i = idx / kvh_n, g = idx % kvh_n, len = e->row_pos[i] + 1;
         const int64_t lo = window && len > window ? len - window : 0, b0 = lo / 16 * 16; /* whole K blocks */
         const int64_t base = (((int64_t)j->layer * kvh_n + g) * e->ctx16 + b0) * hd;
-        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->kc, base),
-                              kv_row(e, e->vc, base), e->kv_half, len - b0, lo - b0, hd, e->c.attn_scale,
+        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->row_kc[i], base),
+                              kv_row(e, e->row_vc[i], base), e->kv_half, len - b0, lo - b0, hd, e->c.attn_scale,
                               e->c.attn_softcap, j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid], NULL);
     }
 }
@@ -963,7 +971,7 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
 static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
     att_job *j = ctx;
     const rbe_engine *e = j->e;
-    const int64_t hd = e->c.head_dim, len = j->pos + 1;
+    const int64_t hd = e->c.head_dim, len = e->row_pos[0] + 1;
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     for (int64_t idx = s; idx < t; idx++) {
         const int64_t g = idx / j->parts, part = idx % j->parts, p0 = j->first + part * j->span;
@@ -974,30 +982,32 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
             continue;
         }
         const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->ctx16 + p0) * hd; /* p0 % 16 == 0 */
-        e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->kc, base), kv_row(e, e->vc, base),
+        e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->row_kc[0], base),
+                              kv_row(e, e->row_vc[0], base),
                               e->kv_half, cnt, part ? 0 : j->skip, hd, e->c.attn_scale, e->c.attn_softcap, slot,
                               hd, e->scratch[tid], slot + rep * hd);
     }
 }
 
-/* Store k and v (n tokens) at positions pos.. of layer's cache, then attend. */
-static void attention(rbe_engine *e, int layer, int64_t pos, int64_t n, const float *q,
-                      int64_t ldq, const float *kk, const float *vv, int64_t ldkv, float *out) {
+/* Store k and v of the chunk's n rows at their positions of their sequences' caches (layer
+ * `layer`), then attend. */
+static void attention(rbe_engine *e, int layer, int64_t n, const float *q, int64_t ldq, const float *kk,
+                      const float *vv, int64_t ldkv, float *out) {
     const double t0 = now();
     const int64_t hd = e->c.head_dim;
     for (int64_t i = 0; i < n; i++)
         for (int h = 0; h < e->c.n_kv_heads; h++) {
-            const int64_t p = pos + i, base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
+            const int64_t p = e->row_pos[i], base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
             const float *kr = kk + i * ldkv + h * hd;
             const int64_t kat = base + (p / 16) * hd * 16 + p % 16; /* then stride 16 per d */
             for (int64_t d = 0; d < hd; d++) {
-                if (e->kv_half) ((uint16_t *)e->kc)[kat + 16 * d] = rbe_float_to_half(kr[d]);
-                else ((float *)e->kc)[kat + 16 * d] = kr[d];
+                if (e->kv_half) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
+                else ((float *)e->row_kc[i])[kat + 16 * d] = kr[d];
             }
-            e->kern->kv_store(kv_row(e, e->vc, base + p * hd), vv + i * ldkv + h * hd, hd, e->kv_half);
+            e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, e->kv_half);
         }
-    att_job j = {.e = e, .layer = layer, .pos = pos, .ldq = ldq, .q = q, .out = out};
-    const int64_t len = pos + 1;
+    att_job j = {.e = e, .layer = layer, .ldq = ldq, .q = q, .out = out};
+    const int64_t len = e->row_pos[0] + 1;
     if (n > 1 || e->nthreads < 2 || len < 256) {
         parallel(e->nthreads, e->spin, n * e->c.n_kv_heads, 1, attend, &j);
         e->prof[1] += now() - t0;
@@ -1130,8 +1140,8 @@ static void residual(rbe_engine *e, const float *post, float *f, int64_t n) {
     }
 }
 
-/* One layer of the described decoder over n tokens at positions pos.. (rbe_engine.h). */
-static void decoder_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
+/* One layer of the described decoder over the chunk's n rows (rbe_engine.h). */
+static void decoder_layer(rbe_engine *e, int l, int64_t n) {
     const rbe_engine_config *c = &e->c;
     const int64_t W = e->width, qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     double t0 = now();
@@ -1154,7 +1164,7 @@ static void decoder_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
         if (kind >= 0) rope(e, q + i * W, c->n_heads, kind, i), rope(e, k + i * W, c->n_kv_heads, kind, i);
     }
     e->prof[2] += now() - t0;
-    attention(e, l, pos, n, q, W, k, v, W, e->att);
+    attention(e, l, n, q, W, k, v, W, e->att);
     linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
     t0 = now();
     residual(e, vec(e, l, RBE_V_ATTN_POST), e->f1, n);
@@ -1167,7 +1177,7 @@ static void decoder_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
     e->prof[2] += now() - t0;
 }
 
-static void gpt2_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
+static void gpt2_layer(rbe_engine *e, int l, int64_t n) {
     const rbe_engine_config *c = &e->c;
     const int64_t W = e->width, h = c->hidden, qd = (int64_t)c->n_heads * c->head_dim;
     const int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim;
@@ -1176,7 +1186,7 @@ static void gpt2_layer(rbe_engine *e, int l, int64_t pos, int64_t n) {
         layer_norm(e->x + i * W, vec(e, l, RBE_V_NORM1), vec(e, l, RBE_V_NORM1_B), c->eps, h, e->xn + i * W);
     e->prof[2] += now() - t0;
     linear(e, mat(e, l, RBE_M_QKV), e->xn, n, W, e->q, W); /* [q | k | v] per token */
-    attention(e, l, pos, n, e->q, W, e->q + qd, e->q + qd + kvd, W, e->att);
+    attention(e, l, n, e->q, W, e->q + qd, e->q + qd + kvd, W, e->att);
     linear(e, mat(e, l, RBE_M_O), e->att, n, W, e->f1, W);
     t0 = now();
     for (int64_t i = 0; i < n; i++) {
@@ -1265,55 +1275,117 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
     return 0;
 }
 
+/* Kernels for `isa`, every required weight set, scratch for `nthreads`; 0 or an error. */
+static int ready(rbe_engine *e, int isa, int nthreads) {
+    e->kern = rbe_kernels_for(isa);
+    if (!e->kern) return RBE_E_ISA;
+    const int err = complete(e);
+    return err ? err : ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads));
+}
+
+/* The chunk's m rows (tokens; row_pos and row caches set) through the model; logits of the rows
+ * flagged in `want` (all when NULL), in order, into out. */
+static void run_chunk(rbe_engine *e, const long long *tokens, int64_t m, const unsigned char *want, float *out) {
+    const rbe_engine_config *c = &e->c;
+    const int64_t W = e->width, h = c->hidden;
+    double t0 = now();
+    for (int64_t i = 0; i < m; i++) {
+        matrix_row(e, mat(e, -1, RBE_G_EMBED), tokens[i], e->x + i * W);
+        if (c->embed_scale != 1.0f)
+            for (int64_t d = 0; d < h; d++) e->x[i * W + d] *= c->embed_scale;
+        if (c->arch == RBE_ARCH_GPT2) {
+            matrix_row(e, mat(e, -1, RBE_G_POS), e->row_pos[i], e->xn);
+            add_into(e->x + i * W, e->xn, h);
+        }
+    }
+    if (c->arch == RBE_ARCH_DECODER && c->rope_style != RBE_ROPE_NONE) rope_angles(e, m);
+    e->prof[2] += now() - t0;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->arch == RBE_ARCH_DECODER) decoder_layer(e, l, m);
+        else gpt2_layer(e, l, m);
+    }
+    t0 = now();
+    int64_t rows = 0; /* the wanted rows, normed, packed at the top of xn */
+    for (int64_t i = 0; i < m; i++) {
+        if (want && !want[i]) continue;
+        if (c->arch == RBE_ARCH_DECODER) rms_norm(e->kern, e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + rows * W);
+        else layer_norm(e->x + i * W, vec(e, -1, 0), vec(e, -1, 1), c->eps, h, e->xn + rows * W);
+        rows++;
+    }
+    e->prof[2] += now() - t0;
+    if (!rows) return;
+    const emat *head = mat(e, -1, RBE_G_HEAD)->set ? mat(e, -1, RBE_G_HEAD) : mat(e, -1, RBE_G_EMBED);
+    linear(e, head, e->xn, rows, W, out, c->vocab);
+    if (c->final_softcap > 0.0f)
+        for (int64_t i = 0; i < rows * (int64_t)c->vocab; i++) out[i] = c->final_softcap * tanhf(out[i] / c->final_softcap);
+}
+
 int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,
                        float *logits, int all_logits, int isa, int nthreads) {
     if (!e || !tokens || !logits || n < 1 || pos < 0) return RBE_E_ARGS;
     if (pos > e->length || pos + n > e->c.max_ctx) return RBE_E_CONTEXT;
     for (long long i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= e->c.vocab) return RBE_E_TOKEN;
-    e->kern = rbe_kernels_for(isa);
-    if (!e->kern) return RBE_E_ISA;
-    int err = complete(e);
+    const int err = ready(e, isa, nthreads);
     if (err) return err;
-    if ((err = ensure_scratch(e, nthreads < 1 ? 1 : (nthreads > POOL_MAX ? POOL_MAX : nthreads))))
-        return err;
-    const rbe_engine_config *c = &e->c;
-    const int64_t W = e->width, h = c->hidden;
-    const emat *head = mat(e, -1, RBE_G_HEAD)->set ? mat(e, -1, RBE_G_HEAD) : mat(e, -1, RBE_G_EMBED);
+    unsigned char last[CHUNK] = {0};
     e->length = pos; /* positions past pos are dropped */
     for (long long done = 0; done < n; done += CHUNK) {
-        const int64_t m = n - done < CHUNK ? n - done : CHUNK, p0 = pos + done;
-        double t0 = now();
-        for (int64_t i = 0; i < m; i++) {
-            matrix_row(e, mat(e, -1, RBE_G_EMBED), tokens[done + i], e->x + i * W);
-            if (c->embed_scale != 1.0f)
-                for (int64_t d = 0; d < h; d++) e->x[i * W + d] *= c->embed_scale;
-            if (c->arch == RBE_ARCH_GPT2) {
-                matrix_row(e, mat(e, -1, RBE_G_POS), p0 + i, e->xn);
-                add_into(e->x + i * W, e->xn, h);
-            }
+        const int64_t m = n - done < CHUNK ? n - done : CHUNK;
+        for (int64_t i = 0; i < m; i++) e->row_pos[i] = pos + done + i, e->row_kc[i] = e->kc, e->row_vc[i] = e->vc;
+        const int final = done + m == n;
+        if (!all_logits && !final) {
+            run_chunk(e, tokens + done, m, last, NULL); /* no row wanted */
+        } else {
+            last[m - 1] = 1;
+            run_chunk(e, tokens + done, m, all_logits ? NULL : last, logits + (all_logits ? done * (int64_t)e->c.vocab : 0));
         }
-        if (c->arch == RBE_ARCH_DECODER && c->rope_style != RBE_ROPE_NONE) rope_angles(e, p0, m);
-        e->prof[2] += now() - t0;
-        for (int l = 0; l < c->n_layers; l++) {
-            if (c->arch == RBE_ARCH_DECODER) decoder_layer(e, l, p0, m);
-            else gpt2_layer(e, l, p0, m);
-        }
-        e->length = p0 + m;
-        const int64_t first = all_logits ? 0 : m - 1; /* rows of this chunk that need logits */
-        if (!all_logits && done + m < n) continue;
-        t0 = now();
-        for (int64_t i = first; i < m; i++) {
-            if (c->arch == RBE_ARCH_DECODER) rms_norm(e->kern, e->x + i * W, vec(e, -1, 0), c->eps, h, e->xn + i * W);
-            else layer_norm(e->x + i * W, vec(e, -1, 0), vec(e, -1, 1), c->eps, h, e->xn + i * W);
-        }
-        e->prof[2] += now() - t0;
-        float *out = logits + (all_logits ? done * (int64_t)c->vocab : 0);
-        linear(e, head, e->xn + first * W, m - first, W, out, c->vocab);
-        if (c->final_softcap > 0.0f)
-            for (int64_t i = 0; i < (m - first) * (int64_t)c->vocab; i++)
-                out[i] = c->final_softcap * tanhf(out[i] / c->final_softcap);
+        e->length = pos + done + m;
     }
+    return 0;
+}
+
+/* The rows of a batch are valid: known tokens and slots, each slot's rows at consecutive
+ * positions from at most its cached length, inside the context. */
+static int check_batch(rbe_engine *e, const long long *tokens, const int *slots, const long long *positions,
+                       long long n) {
+    int64_t next[RBE_MAX_SLOTS];
+    for (int s = 0; s < RBE_MAX_SLOTS; s++) next[s] = -1;
+    for (long long i = 0; i < n; i++) {
+        const int s = slots[i];
+        if (tokens[i] < 0 || tokens[i] >= e->c.vocab) return RBE_E_TOKEN;
+        if (s < 0 || s >= RBE_MAX_SLOTS) return RBE_E_ARGS;
+        const int64_t limit = next[s] >= 0 ? next[s] : (e->slot_kc[s] ? e->slot_len[s] : 0);
+        if (positions[i] < 0 || (next[s] >= 0 ? positions[i] != limit : positions[i] > limit) ||
+            positions[i] >= e->c.max_ctx)
+            return RBE_E_CONTEXT;
+        next[s] = positions[i] + 1;
+    }
+    return 0;
+}
+
+int rbe_engine_forward_batch(rbe_engine *e, const long long *tokens, const int *slots,
+                             const long long *positions, const unsigned char *want, long long n,
+                             float *logits, int isa, int nthreads) {
+    if (!e || !tokens || !slots || !positions || !want || !logits || n < 1) return RBE_E_ARGS;
+    e->slot_len[e->slot] = e->length;
+    int err = check_batch(e, tokens, slots, positions, n);
+    for (long long i = 0; !err && i < n; i++) err = ensure_slot(e, slots[i]);
+    if (!err) err = ready(e, isa, nthreads);
+    if (err) return err;
+    for (long long done = 0; done < n; done += CHUNK) {
+        const int64_t m = n - done < CHUNK ? n - done : CHUNK;
+        int64_t wanted = 0;
+        for (int64_t i = 0; i < m; i++) {
+            const int s = slots[done + i];
+            e->row_pos[i] = positions[done + i], e->row_kc[i] = e->slot_kc[s], e->row_vc[i] = e->slot_vc[s];
+            e->slot_len[s] = positions[done + i] + 1; /* later positions are dropped */
+        }
+        run_chunk(e, tokens + done, m, want + done, logits);
+        for (int64_t i = 0; i < m; i++) wanted += want[done + i] != 0;
+        logits += wanted * (int64_t)e->c.vocab;
+    }
+    e->kc = e->slot_kc[e->slot], e->vc = e->slot_vc[e->slot], e->length = e->slot_len[e->slot];
     return 0;
 }
 

@@ -113,6 +113,14 @@ int rbe_engine_set_layer(rbe_engine *e, int layer, int rope_kind, long long wind
 int rbe_engine_forward(rbe_engine *e, const long long *tokens, long long n, long long pos,
                        float *logits, int all_logits, int isa, int nthreads);
 long long rbe_engine_length(const rbe_engine *e); /* cached positions of the selected slot */
+/* Several sequences in one pass over the weights (continuous batching): row i is token
+ * tokens[i] of the sequence in KV cache slot slots[i] at position positions[i]. A slot's rows
+ * are at consecutive positions in row order, the first at most its cached length (later cache
+ * entries are dropped); a new slot starts empty. logits: vocab floats for each row whose want[i]
+ * is set, in row order. The selected slot (rbe_engine_use_slot) stays selected. */
+int rbe_engine_forward_batch(rbe_engine *e, const long long *tokens, const int *slots,
+                             const long long *positions, const unsigned char *want, long long n,
+                             float *logits, int isa, int nthreads);
 /* KV cache slots: up to RBE_MAX_SLOTS independent sequences share the weights. Selects the slot
  * that forward and length use from now on (slot 0 at first; a new slot starts empty). */
 #define RBE_MAX_SLOTS 64

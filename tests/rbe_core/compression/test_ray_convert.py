@@ -156,6 +156,7 @@ def test_an_interrupted_driver_leaves_nothing(cluster, gguf, tmp_path):
     end = time.monotonic() + 60  # a Ray instance of its own starts, then the tasks run: interrupt during one
     while not _task_pids("_encode_task") and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.05)
+    assert proc.poll() is None, "the conversion ended before an encoding task was seen running"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err
