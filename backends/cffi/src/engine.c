@@ -740,9 +740,14 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
                              e->pack + s / e->kern->q8_tokens * (cp / 32) * RBE_Q8_REC(e->kern->q8_tokens));
 }
 
+/* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
+ * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's; more run the batched
+ * kernels (whose tiles of 32 tokens a few would leave mostly empty). */
+#define FEW_ROWS_MAX 16
+
 /* Whether the product of n tokens with m runs on int8 inputs (lut_gemm_q8). */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
-    return n > 1 && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
+    return n > FEW_ROWS_MAX && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
 }
 
 typedef struct {
@@ -773,6 +778,7 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
         if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
+        else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
         else if (use_q8(j->e, j->m[mi], j->n)) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
     }
@@ -830,7 +836,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
         j.rot = rot;
         prep_job pj = {.e = e, .m = first, .x = x, .ldx = ldx, .n = n, .q8 = q8, .rot = rot};
         parallel(e->nthreads, e->spin, n, q8 ? e->kern->q8_tokens : n, prepare_rows, &pj);
-        if (n > 1 && f32) { /* transposed for the batched kernel: tokens contiguous per column */
+        if (n > FEW_ROWS_MAX && f32) { /* transposed for the batched kernel: tokens contiguous per column */
             const int64_t nt = e->kern->gemm_tokens, ldt = (n + nt - 1) / nt * nt;
             for (int64_t c = 0; c < cp; c++) {
                 float *col = e->xt + c * ldt;
@@ -840,7 +846,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             j.xt = e->xt, j.ldt = ldt;
         }
         j.pack = e->pack;
-        const int64_t align = n == 1 ? 16 : q8 ? e->kern->q8_rows : 2 * e->kern->gemm_rows;
+        const int64_t align = n <= FEW_ROWS_MAX ? 16 : q8 ? e->kern->q8_rows : 2 * e->kern->gemm_rows;
         parallel(e->nthreads, e->spin, j.start[j.count], align, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)

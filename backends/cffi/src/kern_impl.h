@@ -72,7 +72,8 @@ static void FN(grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *
 /* Positional: the order of rbe_kernels' fields (rbe_internal.h); q8 is the int8 product. */
 #define RBE_KERNEL_TABLE(q8)                                                                     \
     {                                                                                            \
-        FN(grad_tile), FN(lut_decode), FN(lut_gemv), FN(lut_gemv_t), FN(lut_gemm), GEMM_NT,     \
+        FN(grad_tile), FN(lut_decode), FN(lut_gemv), FN(lut_gemv_t), FN(lut_gemv_few), FN(lut_gemm), \
+        GEMM_NT,                                                                                 \
         GEMM_MR, FN(q8_quantize), q8, FN(q8_scratch), VLEN, Q8_RB, FN(vdot), FN(vaxpy),          \
         FN(exp_sum), FN(attend_group), FN(kv_store), FN(fwht), FN(activate), GRAD_BATCH,         \
     }

@@ -365,6 +365,92 @@ static void FN(lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r
     }
 }
 
+#define FEW_TOKENS 4 /* tokens per lut_gemv_few pass */
+#define FEW_ROWS 2   /* rows per lut_gemv_few pass */
+
+/* lut_gemv_body for up to FEW_TOKENS inputs at once: each 32-column block of FEW_ROWS rows is
+ * decoded once and meets every input (several sequences' decode steps in one pass). */
+static inline __attribute__((always_inline)) void FN(lut_gemv_few_body)(const rbe_lut *m, const float *const *xb,
+                                                                        int nb, int64_t r0, int64_t r1, float *y,
+                                                                        int64_t ldy, float *scratch,
+                                                                        const int kind) {
+    const int raw = kind == RBE_LUT_BYTE && m->affine;
+    const int64_t groups = m->groups, gs = m->gs, cp = m->cols_p;
+    float *xsum = scratch, *stf = xsum + FEW_TOKENS * groups, *offf = stf + FEW_ROWS * groups;
+    if (m->has_offset || raw)
+        for (int j = 0; j < FEW_TOKENS; j++)
+            for (int64_t g = 0; g < groups; g++) {
+                float s = 0.0f;
+                for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c++) s += xb[j][c];
+                xsum[j * groups + g] = s;
+            }
+    const lutreg t = raw ? FN(lutreg_codes)(FN(lutreg_load)(m)) : FN(lutreg_load)(m);
+    for (int64_t r = r0; r < r1; r += FEW_ROWS) {
+        const int nr = (int)rbe_min(FEW_ROWS, r1 - r);
+        const uint8_t *qr[FEW_ROWS];
+        VF acc[FEW_TOKENS][FEW_ROWS];
+        float extra[FEW_TOKENS][FEW_ROWS] = {{0}};
+        FN(row_steps)(m, r, nr, stf, offf);
+        for (int i = 0; i < FEW_ROWS; i++) {
+            qr[i] = m->codes + (r + (i < nr ? i : nr - 1)) * m->row_bytes;
+            for (int j = 0; j < FEW_TOKENS; j++) acc[j][i] = vzero();
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            VF ga[FEW_TOKENS][FEW_ROWS][NV];
+            for (int j = 0; j < FEW_TOKENS; j++)
+                for (int i = 0; i < FEW_ROWS; i++)
+                    for (int k = 0; k < NV; k++) ga[j][i][k] = vzero();
+            for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c += 32) {
+                VF w[FEW_ROWS][NV];
+                for (int i = 0; i < FEW_ROWS; i++) FN(lut_block32)(m, &t, qr[i] + (c >> 5) * m->block_bytes, w[i]);
+                for (int j = 0; j < FEW_TOKENS; j++)
+                    for (int k = 0; k < NV; k++) {
+                        const VF xv = vload(xb[j] + c + k * VLEN);
+                        for (int i = 0; i < FEW_ROWS; i++) ga[j][i][k] = vfma(w[i][k], xv, ga[j][i][k]);
+                    }
+            }
+            for (int i = 0; i < FEW_ROWS; i++) {
+                const float sg = stf[(i < nr ? i : nr - 1) * groups + g];
+                for (int j = 0; j < FEW_TOKENS; j++) {
+                    VF sum = ga[j][i][0];
+                    for (int k = 1; k < NV; k++) sum = vadd(sum, ga[j][i][k]);
+                    acc[j][i] = vfma(sum, vset1(raw ? sg * m->da : sg), acc[j][i]);
+                    if (raw) extra[j][i] += sg * m->a0 * xsum[j * groups + g];
+                }
+            }
+        }
+        for (int j = 0; j < nb; j++)
+            for (int i = 0; i < nr; i++) {
+                float v = vhsum(acc[j][i]) + extra[j][i];
+                if (m->has_offset)
+                    for (int64_t g = 0; g < groups; g++) v += offf[i * groups + g] * xsum[j * groups + g];
+                y[j * ldy + r + i] = v;
+            }
+    }
+}
+
+/* y[b * ldy + r] = dot(W[r], x + b * ldx) for b < n, r in [r0, r1): FEW_TOKENS inputs per pass
+ * over the rows (the few sequences of a batched decode step). scratch holds 17 * groups floats. */
+static void FN(lut_gemv_few)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0, int64_t r1,
+                             float *y, int64_t ldy, float *scratch) {
+    for (int64_t b0 = 0; b0 < n; b0 += FEW_TOKENS) {
+        const int nb = (int)rbe_min(FEW_TOKENS, n - b0);
+        const float *xb[FEW_TOKENS];
+        for (int j = 0; j < FEW_TOKENS; j++) xb[j] = x + (b0 + (j < nb ? j : nb - 1)) * ldx; /* tails repeat */
+        float *yb = y + b0 * ldy;
+        if (m->kind == RBE_LUT_F32) {
+            for (int j = 0; j < nb; j++)
+                for (int64_t r = r0; r < r1; r++) yb[j * ldy + r] = FN(vdot)(m->dense + r * m->cols_p, xb[j], m->cols_p);
+        } else if (m->kind == RBE_LUT_NIBBLE) {
+            FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_NIBBLE);
+        } else if (m->kind == RBE_LUT_PLANES) {
+            FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_PLANES);
+        } else {
+            FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_BYTE);
+        }
+    }
+}
+
 #ifndef GEMM_MR
 #define GEMM_MR 6 /* rows per microkernel pass */
 #endif

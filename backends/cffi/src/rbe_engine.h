@@ -63,9 +63,10 @@ typedef struct {
     float eps, rope_theta;
     int rope_style, activation, n_transforms;
     int kv_f16; /* 1: the KV cache holds float16 (half the memory and traffic), 0: float32 */
-    /* 1: products of several tokens (prefill) with coded matrices quantize their input to int8
-     * per token and 32-column block and multiply integer levels on integer units (see
-     * rbe_matrix_linear_int8); 0: float32 throughout. Single tokens (decode) are float32 always. */
+    /* 1: products of more than 16 tokens (prefill) with coded matrices quantize their input to
+     * int8 per token and 32-column block and multiply integer levels on integer units (see
+     * rbe_matrix_linear_int8); 0: float32 throughout. Up to 16 tokens (decode steps of one or a
+     * few sequences) are float32 always. */
     int act_int8;
     /* decoder only (zero: off / the default) */
     float norm_offset;  /* added to every RMSNorm weight as it is set (Gemma's HF weights: 1) */
@@ -136,8 +137,8 @@ rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const l
                            int nblocks);
 void rbe_matrix_free(rbe_matrix *h);
 int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads);
-/* The same product as an engine with act_int8 runs it for n > 1 (for tests and measurements; n
- * == 1, dense and transposed matrices run float32): the levels are read as alpha * lv8 + beta
+/* The same product as an engine with act_int8 runs it for n > 16 (for tests and measurements; n
+ * <= 16, dense and transposed matrices run float32): the levels are read as alpha * lv8 + beta
  * and rot is the in-block rotation (rbe_matrix_int8_levels). Each token's prepared (padded,
  * rotated) input has each group of rot columns multiplied by the unnormalised Hadamard matrix
  * H_rot (Sylvester order; in float32, each output the sum of +-x[j] by ascending j), then

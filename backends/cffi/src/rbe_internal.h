@@ -130,6 +130,10 @@ typedef struct {
                      float *scratch);
     void (*lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t c1, float *y,
                        float *scratch);
+    /* lut_gemv of n inputs (rows of x, ldx apart) into y[b * ldy + r], each block of weights
+     * decoded once per few inputs: a handful of sequences' decode steps. Same scratch. */
+    void (*lut_gemv_few)(const rbe_lut *m, const float *x, int64_t ldx, int64_t n, int64_t r0, int64_t r1,
+                         float *y, int64_t ldy, float *scratch);
     /* Batched product y[b * ldy + r] = dot(W[r], x_b), b < n, r in [r0, r1), from the transposed
      * input xt[c * ldt + b] (ldt a multiple of gemm_tokens; columns past n zero); scratch holds
      * gemm_rows * (cols_p + gemm_tokens) floats. */
