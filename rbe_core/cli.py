@@ -544,14 +544,16 @@ def _draining_server_class():
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds a request may take (and how long shutdown waits for running ones).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host is NAME (default: the bound address; loopback names for loopback).")
 @click.option("--max-body", type=click.IntRange(1024), default=8 << 20, show_default=True,
               help="Largest request body in bytes (413 beyond).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Serve as a Ray Serve application (a cluster ADDRESS, 'auto', or nothing: a local one). Needs rbe[ray].")
 @click.option("--replicas", type=click.IntRange(1, 256), default=1, show_default=True,
               help="With --ray: copies of the server behind Ray Serve's proxy.")
-def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, max_body,
-          ray_address, replicas):
+def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, allowed_hosts,
+          max_body, ray_address, replicas):
     """Serve .rbe MODELS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Models load in the background (GET /health answers 503 until they are ready); more can be
@@ -572,7 +574,7 @@ def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, 
         _check_backend(backend)
     settings = Settings(models=tuple(str(Path(m).resolve()) for m in models), backend=backend, api_key=api_key,
                         max_queue=max_queue, slots=slots, timeout=timeout, cors_origins=tuple(cors_origins),
-                        max_body=max_body)
+                        max_body=max_body, host=host, allowed_hosts=tuple(allowed_hosts))
     if ray_address is not None:
         from .serve.ray_serve import serve_replicas
 

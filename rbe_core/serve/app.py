@@ -9,7 +9,12 @@ Routes (``/v1/*`` need ``Authorization: Bearer KEY`` when the server has a key; 
   ``POST /v1/models/load`` ``{"path", "name"?}``, ``POST /v1/models/unload`` ``{"model"}``;
 - ``GET /health`` (503 while a model loads), ``GET /metrics`` (Prometheus), ``GET /`` (the page).
 
-Every check (JSON, field types, the model, prompt + max_tokens against the context, the queue)
+Browsers are kept out unless invited (a page anywhere on the web can make a browser send
+requests to 127.0.0.1): a ``Host`` other than the bound address (or an ``--allowed-host``) is
+refused when the server listens on a loopback or named address (DNS rebinding), an ``Origin``
+other than the server's own or a ``--cors-origin`` is refused (403), and a POST body that is not
+``Content-Type: application/json`` is refused (415: a form or ``text/plain`` post needs no
+preflight). Every check (JSON, field types, the model, prompt + max_tokens against the context, the queue)
 happens before the first byte of a stream; errors are ``protocol.APIError`` in the OpenAI shape.
 The event loop never runs a model: generation runs in each model's worker thread, embeddings
 and loads in threads of their own.
@@ -23,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import sys
+from urllib.parse import urlsplit
 
 import attrs
 from fastapi import FastAPI, Request
@@ -50,6 +57,10 @@ class Settings:
     #: load the models before answering at all (Ray Serve replicas: a replica counts as ready when
     #: its app has started); otherwise they load in the background while /health says 503
     load_first: bool = False
+    #: the address the server listens on (None: unknown, no Host check) and further host names
+    #: clients may use in ``Host`` (a wildcard address accepts any unless some are named)
+    host: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -111,9 +122,12 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
 
+    hosts = _allowed_hosts(settings)
+
     @app.middleware("http")
     async def count_and_guard(request: Request, call_next):
         try:
+            _check_browser(request, hosts, settings.cors_origins)
             if request.url.path.startswith("/v1/") and settings.api_key is not None and request.method != "OPTIONS":
                 _check_key(request.headers.get("authorization", ""), settings.api_key)
             response = await call_next(request)
@@ -122,6 +136,57 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
         route = request.scope.get("route")
         metrics.count("requests", endpoint=getattr(route, "path", "other"), status=response.status_code)
         return response
+
+
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _allowed_hosts(settings: Settings) -> set[str] | None:
+    """Host names ``Host`` may carry (lower case, no port); None: any (no bound address known, or
+    a wildcard one with no ``allowed_hosts``)."""
+    bound = (settings.host or "").strip("[]").lower()
+    wildcard = bound in ("", "0.0.0.0", "::")
+    if wildcard and not settings.allowed_hosts:
+        return None
+    names = {h.strip("[]").lower() for h in settings.allowed_hosts}
+    if not wildcard:
+        names.add(bound)
+        if bound in _LOOPBACK_NAMES or _is_loopback(bound):
+            names.update(_LOOPBACK_NAMES)
+    return names
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(netloc: str) -> str:
+    """``netloc`` (``host[:port]``, ``[v6][:port]``) without its port, lower case."""
+    try:
+        return (urlsplit(f"//{netloc}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _check_browser(request: Request, hosts: set[str] | None, cors_origins: tuple[str, ...]) -> None:
+    """403 for a foreign ``Host`` (DNS rebinding) or ``Origin`` (another site's page), 415 for a
+    POST whose body is not declared JSON (a form or text/plain post needs no CORS preflight)."""
+    host = request.headers.get("host", "")
+    if hosts is not None and _host_name(host) not in hosts:
+        raise APIError(403, "this Host is not served here (start with --allowed-host NAME to allow it)",
+                       type="invalid_request_error", code="host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is not None and origin not in cors_origins and urlsplit(origin).netloc.lower() != host.lower():
+        raise APIError(403, "requests from other origins are refused (start with --cors-origin ORIGIN to allow one)",
+                       type="invalid_request_error", code="origin_not_allowed")
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, "request bodies must be JSON (Content-Type: application/json)",
+                           type="invalid_request_error", code="unsupported_media_type")
 
 
 def _check_key(authorization: str, api_key: str) -> None:

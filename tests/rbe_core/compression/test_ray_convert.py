@@ -110,17 +110,28 @@ def test_calibrated_encoding_on_a_worker_is_bit_identical(cluster, config):
     assert here.checksum == there.checksum and here.checksum != codec.encode(w).checksum
 
 
-def _task_pids(name: str) -> list[int]:
-    """Ray worker processes running a task of ``name`` now (Ray sets their process title)."""
+def _task_pids(name: str, ancestor: int | None = None) -> list[int]:
+    """Ray worker processes running a task of ``name`` now (Ray sets their process title), only
+    those under process ``ancestor`` when given (another Ray instance's workers are not ours)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if f"ray::{name}".encode() in (proc / "cmdline").read_bytes():
+                if f"ray::{name}".encode() in (proc / "cmdline").read_bytes() and (
+                        ancestor is None or _descends_from(int(proc.name), ancestor)):
                     pids.append(int(proc.name))
             except OSError:
                 continue
     return pids
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent, after the (command name)
+    return False
 
 
 def test_a_killed_worker_is_retried_and_the_file_is_identical(cluster, gguf, tmp_path):
@@ -154,7 +165,7 @@ def test_an_interrupted_driver_leaves_nothing(cluster, gguf, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "rbe_core.cli", "convert", str(gguf), "-o", str(tmp_path / "x.rbe"),
                              "--codec", "slow-int8", "--ray", "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
     end = time.monotonic() + 60  # a Ray instance of its own starts, then the tasks run: interrupt during one
-    while not _task_pids("_encode_task") and proc.poll() is None and time.monotonic() < end:
+    while not _task_pids("_encode_task", proc.pid) and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.05)
     assert proc.poll() is None, "the conversion ended before an encoding task was seen running"
     proc.send_signal(signal.SIGINT)

@@ -261,3 +261,31 @@ def test_health_is_503_while_loading_and_bad_cli_input(models, tmp_path):
     done = subprocess.run([sys.executable, "-m", "rbe_core.cli", "serve", str(llama), "--api-key-file",
                            str(tmp_path / "key")], capture_output=True, text=True)
     assert done.returncode == 2 and "no key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_other_sites_and_rebound_names_are_kept_out(server):
+    """A page elsewhere on the web can make a browser call 127.0.0.1: a foreign Host (DNS
+    rebinding) and a foreign Origin are refused with 403, a body not declared JSON (a form or
+    text/plain post, which needs no CORS preflight) with 415, before anything runs."""
+    for path in ("/health", "/v1/models", "/"):
+        status, _, body = server.request("GET", path, headers={"Host": f"attacker.example:{server.port}"})
+        assert status == 403 and json.loads(body)["error"]["code"] == "host_not_allowed", path
+    assert server.request("GET", "/health", headers={"Host": f"localhost:{server.port}"})[0] == 200
+    status, body = server.json("POST", "/v1/models/unload", {"model": "tiny"}, headers={"Origin": "https://evil.example"})
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed"
+    assert server.json("GET", "/v1/models", headers={"Origin": f"http://127.0.0.1:{server.port}"})[0] == 200
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, body = server.json("POST", "/v1/models/unload", raw=b'{"model": "tiny"}', headers={"Content-Type": kind})
+        assert status == 415 and body["error"]["code"] == "unsupported_media_type", kind
+    assert "tiny" in [m["id"] for m in server.json("GET", "/v1/models")[1]["data"]]  # nothing was unloaded
+
+
+def test_allowed_host_names_another_host(models):
+    _, llama, _ = models
+    srv = Server(str(llama), "--allowed-host", "rbe.test")
+    try:
+        assert srv.request("GET", "/health", headers={"Host": f"rbe.test:{srv.port}"})[0] == 200
+        assert srv.request("GET", "/health", headers={"Host": f"127.0.0.1:{srv.port}"})[0] == 200
+        assert srv.request("GET", "/health", headers={"Host": f"other.test:{srv.port}"})[0] == 403
+    finally:
+        assert srv.stop() == 0
