@@ -170,8 +170,12 @@ def test_an_interrupted_driver_leaves_nothing(cluster, gguf, tmp_path):
     assert proc.poll() is None, "the conversion ended before an encoding task was seen running"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert "Traceback" not in err
+    if proc.returncode == 0:  # seen in CI's Ray session now and then: the driver finished the file
+        assert [p.name for p in tmp_path.iterdir()] == ["x.rbe"]  # whole (it opens), nothing beside it
+        assert len(list(rbe_core.open(tmp_path / "x.rbe"))) > 0
+    else:
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_without_ray_the_message_names_the_extra(gguf, tmp_path):
