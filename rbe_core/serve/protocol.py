@@ -102,6 +102,7 @@ class EmbeddingRequest(_Request):
     model: str
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=1 << 16)
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
@@ -123,8 +124,11 @@ def parse(model: type[BaseModel], raw: bytes):
     """``raw`` (a request body) as ``model``; ``APIError`` 400 naming the first bad field."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    _check_text(data)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
@@ -133,3 +137,21 @@ def parse(model: type[BaseModel], raw: bytes):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or None
         raise APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where) from None
+
+
+def _check_text(data, where: str = "body") -> None:
+    """400 for a string holding a lone surrogate (valid JSON escapes, but no text: no tokenizer
+    or encoder takes it), naming where it is."""
+    stack = [(data, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{at}: a lone UTF-16 surrogate is not text", param=at) from None
+        elif isinstance(value, dict):
+            stack.extend((v, f"{at}.{k}" if at != "body" else str(k)) for k, v in value.items())
+            stack.extend((k, at) for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}.{i}") for i, v in enumerate(value))
