@@ -10,7 +10,8 @@ never by its whole length). Jobs join and leave between rounds. A finished job's
 tokens' KV entries: a new job takes the free slot sharing the longest prefix with its prompt and
 runs only the rest (the **prefix cache**, as many entries as slots, least recently used reused
 first; usage reports ``cached_tokens``). In the torch modules every round advances each job by one
-token, its state carrying its cache. Text leaves in pieces that never
+token, its state carrying its cache. Each token is picked from logits adjusted per job
+(``Decoding``: bias, penalties; a grammar's mask) and may report its logprobs. Text leaves in pieces that never
 split a UTF-8 character (the tokenizer's decode of all new tokens, held back while it ends in
 U+FFFD) and never show the start of a stop string that may still complete. A cancelled job
 (client gone) or one past its deadline is dropped before its next token.
@@ -25,6 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+import numpy as np
+
+from ..arrays import to_numpy_f32
 from ..models.generation import sampler_rng
 from .metrics import Metrics
 from .protocol import APIError
@@ -39,15 +44,36 @@ class QueueFull(Exception):
     """The model's queue holds ``max_queue`` waiting requests."""
 
 
+@attrs.frozen
+class Decoding:
+    """How a job picks each token: ``bias`` (token id -> added logit), presence and frequency
+    penalties on the tokens generated so far, then sampling at ``temperature`` with top-k/top-p.
+    ``top_logprobs``: None for no logprobs, else how many alternatives each token reports (log
+    probabilities after bias, penalties and grammar, before temperature)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    bias: dict[int, float] = attrs.Factory(dict)
+    presence: float = 0.0
+    frequency: float = 0.0
+    top_logprobs: int | None = None
+
+
 class Job:
     """One sequence to generate. ``emit(kind, *payload)`` is called from the worker thread with
-    ``("text", piece)``, then ``("done", finish_reason, usage)`` or ``("error", APIError)``."""
+    ``("text", piece, logprobs)`` (``logprobs``: a list of ``(token, logprob, [(id, logprob)...])``
+    for the tokens the piece completes, empty unless asked for), then ``("done", finish_reason,
+    usage)`` or ``("error", APIError)``. A ``constraint`` (``constraints.Constraint``) masks each
+    step's logits; the job ends when its grammar is complete."""
 
-    def __init__(self, ids: list[int], max_tokens: int, *, temperature: float, top_p: float, seed: int | None,
-                 stops: list[str], emit: Callable[..., None], deadline: float):
+    def __init__(self, ids: list[int], max_tokens: int, *, decoding: Decoding, seed: int | None,
+                 stops: list[str], emit: Callable[..., None], deadline: float, constraint=None):
         self.ids, self.max_tokens = ids, max_tokens
-        self.temperature, self.top_p, self.stops = temperature, top_p, stops
+        self.decoding, self.stops, self.constraint = decoding, stops, constraint
         self.generator = sampler_rng(seed)
+        self.counts: collections.Counter[int] = collections.Counter()  # generated tokens, for the penalties
+        self.logprobs: list[tuple] = []  # entries not yet emitted
         self.emit, self.deadline = emit, deadline
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
@@ -219,7 +245,9 @@ class Generator:
     def _accept(self, job: Job, logits) -> None:
         """Sample the job's next token from ``logits`` and emit what it adds (or finish)."""
         model = self.model
-        token = model.sample(logits, job.temperature, 0, job.top_p, job.generator)
+        z = _adjusted(job, to_numpy_f32(logits).reshape(-1).copy())
+        d = job.decoding
+        token = model.sample(z, d.temperature, d.top_k, d.top_p, job.generator)
         now = time.perf_counter()
         if job.last is None:
             self.metrics.observe("ttft", now - job.submitted)
@@ -230,12 +258,20 @@ class Generator:
         if token in model.eos_ids:
             self._done(job, "stop", self._text(job))
             return
+        if d.top_logprobs is not None:
+            job.logprobs.append(_logprob_entry(z, token, d.top_logprobs))
         job.tokens.append(token)
+        job.counts[token] += 1
         text = self._text(job)
         cut = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
         if cut >= 0:
             self._done(job, "stop", text[:cut])
             return
+        if job.constraint is not None:
+            job.constraint.accept(token)
+            if job.constraint.finished:
+                self._done(job, "stop", text)
+                return
         if len(job.tokens) >= job.max_tokens or len(job.ids) + len(job.tokens) >= model.context_length:
             self._done(job, "length", text)
             return
@@ -244,18 +280,45 @@ class Generator:
         hold = max((len(s) - 1 for s in job.stops), default=0)
         safe = text[: len(text) - hold] if hold else text
         if len(safe) > len(job.shown):
-            job.emit("text", safe[len(job.shown):])
-            job.shown = safe
+            self._show(job, safe)
+
+    def _show(self, job: Job, text: str) -> None:
+        """Emit what ``text`` adds to what the job showed, with the logprobs gathered since."""
+        job.emit("text", text[len(job.shown):], job.logprobs)
+        job.shown, job.logprobs = text, []
 
     def _text(self, job: Job) -> str:
         return self._tok.decode(job.tokens, skip_special_tokens=False)
 
     def _done(self, job: Job, reason: str, text: str) -> None:
         text = text.rstrip("\ufffd") if reason == "length" and text.endswith("\ufffd") else text
-        if len(text) > len(job.shown):
-            job.emit("text", text[len(job.shown):])
-            job.shown = text
+        if len(text) > len(job.shown) or job.logprobs:
+            self._show(job, max(text, job.shown, key=len))
         job.done = True
         usage = {"prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens),
                  "total_tokens": len(job.ids) + len(job.tokens), "cached_tokens": job.cached}
         job.emit("done", reason, usage)
+
+
+def _adjusted(job: Job, z: np.ndarray) -> np.ndarray:
+    """The logits ``z`` (float32, modified in place) after the job's bias, penalties and grammar."""
+    d = job.decoding
+    for token, bias in d.bias.items():
+        z[token] += bias
+    if (d.presence or d.frequency) and job.counts:
+        ids = np.fromiter(job.counts.keys(), dtype=np.int64, count=len(job.counts))
+        seen = np.fromiter(job.counts.values(), dtype=np.float32, count=len(job.counts))
+        z[ids] -= d.frequency * seen + d.presence
+    if job.constraint is not None:
+        job.constraint.mask(z)
+    return z
+
+
+def _logprob_entry(z: np.ndarray, token: int, top: int) -> tuple:
+    """``(token, its log probability, [(id, logprob)] of the ``top`` likeliest)`` under softmax(z)."""
+    lp = z.astype(np.float64)
+    lp -= lp.max()
+    lp -= np.log(np.exp(lp).sum())
+    best = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return token, float(lp[token]), [(int(i), float(lp[i])) for i in best]

@@ -18,7 +18,7 @@ from test_worker import tokenizer  # noqa: E402
 import rbe_core  # noqa: E402
 from rbe_core.serve import worker  # noqa: E402
 from rbe_core.serve.metrics import Metrics  # noqa: E402
-from rbe_core.serve.worker import Generator, Job  # noqa: E402
+from rbe_core.serve.worker import Decoding, Generator, Job  # noqa: E402
 
 pytest.importorskip("rbe_backends.cffi")
 
@@ -60,7 +60,7 @@ def _submit(gen: Generator, ids: list[int], max_tokens: int, results: dict, key,
             if len(results) == count:
                 done.set()
 
-    job = Job(ids, max_tokens, temperature=0.0, top_p=1.0, seed=0, stops=[], emit=emit,
+    job = Job(ids, max_tokens, decoding=Decoding(temperature=0.0), seed=0, stops=[], emit=emit,
               deadline=time.perf_counter() + 60)
     gen.submit(job)
     return job

@@ -8,13 +8,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _model_helpers import byte_level_vocab, torch  # noqa: E402
 
 from rbe_core.serve.metrics import Metrics  # noqa: E402
-from rbe_core.serve.worker import Generator, Job, QueueFull  # noqa: E402
+from rbe_core.serve.worker import Decoding, Generator, Job, QueueFull  # noqa: E402
 
 EOS = 299
 
@@ -59,7 +60,7 @@ class Scripted:
         time.sleep(self.delay)
         return self._logits(i), (key, i + 1)
 
-    sample = staticmethod(lambda logits, *a: int(torch.argmax(logits)))
+    sample = staticmethod(lambda logits, *a: int(np.argmax(logits)))
 
 
 def run(model, text_or_ids, *, stops=(), max_tokens=60, generator=None):
@@ -76,7 +77,7 @@ def run(model, text_or_ids, *, stops=(), max_tokens=60, generator=None):
             done.set()
 
     ids = [1, 2, 3] if isinstance(text_or_ids, str) else text_or_ids
-    gen.submit(Job(ids, max_tokens, temperature=0.0, top_p=1.0, seed=0, stops=list(stops), emit=emit,
+    gen.submit(Job(ids, max_tokens, decoding=Decoding(temperature=0.0), seed=0, stops=list(stops), emit=emit,
                    deadline=time.perf_counter() + 30))
     assert done.wait(10)
     return pieces, result["end"]
@@ -121,7 +122,7 @@ def test_jobs_are_interleaved_token_by_token_and_cancel_stops_one():
                     both.set()
         return emit
 
-    jobs = [Job(ids, 15, temperature=0.0, top_p=1.0, seed=0, stops=[], emit=emitter(n),
+    jobs = [Job(ids, 15, decoding=Decoding(temperature=0.0), seed=0, stops=[], emit=emitter(n),
                 deadline=time.perf_counter() + 30) for n, ids in (("a", a_ids), ("b", b_ids))]
     for job in jobs:
         gen.submit(job)
@@ -132,7 +133,7 @@ def test_jobs_are_interleaved_token_by_token_and_cancel_stops_one():
     # a cancelled job stops before its next token and never reports done
     model.calls.clear()
     seen = []
-    job = Job([5], 1000, temperature=0.0, top_p=1.0, seed=0, stops=[], emit=lambda *a: seen.append(a),
+    job = Job([5], 1000, decoding=Decoding(temperature=0.0), seed=0, stops=[], emit=lambda *a: seen.append(a),
               deadline=time.perf_counter() + 30)
     gen.submit(job)
     time.sleep(0.02)
@@ -146,7 +147,7 @@ def test_jobs_are_interleaved_token_by_token_and_cancel_stops_one():
 def test_full_queue_is_refused_at_once():
     model = Scripted([40] * 60, delay=0.01)
     gen = Generator("m", model, max_queue=1, slots=1, metrics=Metrics())
-    jobs = [Job([1], 50, temperature=0.0, top_p=1.0, seed=0, stops=[], emit=lambda *a: None,
+    jobs = [Job([1], 50, decoding=Decoding(temperature=0.0), seed=0, stops=[], emit=lambda *a: None,
                 deadline=time.perf_counter() + 30) for _ in range(3)]
     gen.submit(jobs[0])
     until = time.perf_counter() + 10
