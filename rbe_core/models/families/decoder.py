@@ -111,6 +111,15 @@ class Family:
     no_rope_step: int = 0
     #: the HF names that differ from ``ROLES``.
     hf_names: Mapping[str, str] = attrs.field(factory=dict)
+    #: sliding-window layers have a RoPE of their own, unscaled (Gemma 3: HF ``rope_local_base_freq``
+    #: or ``rope_parameters.sliding_attention``, GGUF ``rope.freq_base_swa``)
+    local_rope: bool = False
+    #: the transformers class ``to_hf`` writes in ``architectures`` (default: ``<Name>ForCausalLM``)
+    hf_class: str = ""
+
+    @property
+    def hf_architecture(self) -> str:
+        return self.hf_class or self.name.title().replace("_", "") + "ForCausalLM"
 
 
 _GEMMA_NAMES = {"attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
@@ -124,9 +133,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_moe", ("qwen3_moe",), "qwen3moe", qk_norm="head"),
     Family("gemma2", ("gemma2",), "gemma2", norms=_SANDWICH, gemma=True, swa_pattern=2, hf_names=_GEMMA_NAMES),
     Family("gemma3", ("gemma3_text",), "gemma3", norms=_SANDWICH, qk_norm="head", gemma=True, swa_pattern=6,
-           hf_names=_GEMMA_NAMES),
+           hf_names=_GEMMA_NAMES, local_rope=True),
     Family("phi3", ("phi3",), "phi3", fused=True),
-    Family("smollm3", ("smollm3",), "smollm3", permuted_gguf=True, no_rope_step=4),
+    Family("smollm3", ("smollm3",), "smollm3", permuted_gguf=True, no_rope_step=4, hf_class="SmolLM3ForCausalLM"),
     Family("olmo2", ("olmo2",), "olmo2", norms=("attn_post_norm", "ffn_post_norm"), qk_norm="full"),
 )}
 
@@ -235,7 +244,7 @@ def _hf_rope(params: Mapping[str, Any]) -> dict[str, Any]:
     return {**out, "type": kind, "theta": float(params.get("rope_theta", 10000.0))}
 
 
-def _hf_ropes(hf: Mapping[str, Any], layer_types: list[str]) -> tuple[list[dict], list[int], float]:
+def _hf_ropes(family: Family, hf: Mapping[str, Any], layer_types: list[str]) -> tuple[list[dict], list[int], float]:
     """(ropes, layer_rope, partial rotary factor) of a HF config (v5 ``rope_parameters``, per layer
     type or not, or the older ``rope_theta`` + ``rope_scaling``)."""
     params = hf.get("rope_parameters")
@@ -247,7 +256,7 @@ def _hf_ropes(hf: Mapping[str, Any], layer_types: list[str]) -> tuple[list[dict]
         layer_rope = [kinds.index(t) for t in layer_types]
         partial = params[kinds[0]].get("partial_rotary_factor")
     else:
-        if hf.get("model_type") == "gemma3_text" and hf.get("rope_local_base_freq"):
+        if family.local_rope and hf.get("rope_local_base_freq"):
             local = {"type": "default", "theta": float(hf["rope_local_base_freq"])}
             ropes = [_hf_rope(params), local]
             layer_rope = [1 if t == "sliding_attention" else 0 for t in layer_types]
@@ -304,7 +313,7 @@ def from_hf(family: Family, hf: Mapping[str, Any], names: list[str]) -> dict[str
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     head_dim = int(hf.get("head_dim") or hidden // heads)
     layer_types = _hf_layer_types(hf, n)
-    ropes, layer_rope, partial = _hf_ropes(hf, layer_types)
+    ropes, layer_rope, partial = _hf_ropes(family, hf, layer_types)
     rotary = int(head_dim * partial)
     _check_shape(heads, kv_heads, head_dim, rotary)
     window = int(hf.get("sliding_window") or 0)
@@ -383,7 +392,7 @@ def _gguf_ropes(family: Family, kv: Mapping[str, Any], n: int) -> tuple[list[dic
         raise ModelError(f"{family.name} GGUF: rope scaling {kind!r} is not supported (none, linear, yarn)")
     layer_rope = [0] * n
     ropes = [rope]
-    if family.name == "gemma3":  # sliding layers: their own base, unscaled (as llama.cpp)
+    if family.local_rope:  # as llama.cpp
         ropes.append({"type": "default", "theta": float(kv.get(f"{arch}.rope.freq_base_swa", 10000.0))})
         layer_rope = [1 if swa else 0 for swa in _gguf_swa_layers(family, kv, n, 1)]
     if family.no_rope_step:
@@ -563,12 +572,6 @@ def _role_of(d: Mapping[str, Any], tensor_name: str) -> tuple[str, int | None, i
     raise ModelError(f"{d['family']}: no HF name for GGUF tensor {tensor_name!r}")
 
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM",
-               "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-               "olmo2": "Olmo2ForCausalLM"}
-
-
 def hf_config_of(family: Family, d: Mapping[str, Any]) -> dict[str, Any]:
     """A transformers ``config.json`` for description ``d`` (a GGUF's: no HF config of its own)."""
     layer_types = ["sliding_attention" if w else "full_attention" for w in d["layer_window"]]
@@ -578,7 +581,7 @@ def hf_config_of(family: Family, d: Mapping[str, Any]) -> dict[str, Any]:
     if partial != 1.0:
         ropes = [{**r, "partial_rotary_factor": partial} for r in ropes]
     out = {
-        "architectures": [_HF_CLASSES[family.name]], "model_type": family.hf_types[0],
+        "architectures": [family.hf_architecture], "model_type": family.hf_types[0],
         "vocab_size": d["vocab_size"], "hidden_size": d["hidden_size"], "intermediate_size": d["intermediate_size"],
         "num_hidden_layers": d["n_layers"], "num_attention_heads": d["n_heads"],
         "num_key_value_heads": d["n_kv_heads"], "head_dim": d["head_dim"], "rms_norm_eps": d["rms_eps"],
@@ -594,7 +597,7 @@ def hf_config_of(family: Family, d: Mapping[str, Any]) -> dict[str, Any]:
         scalar = (d["attn_scale"] or d["head_dim"] ** -0.5) ** -2
         out.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,  # an int field
                    attn_logit_softcapping=d["attn_softcap"] or None, final_logit_softcapping=d["final_softcap"] or None)
-    if family.name == "gemma3":
+    if family.local_rope:
         kinds = ["full_attention", "sliding_attention"]
         out["rope_parameters"] = {k: ropes[j] for j, k in enumerate(kinds[:len(ropes)])}
     if family.no_rope_step:
