@@ -548,21 +548,30 @@ def _draining_server_class():
               help="Also answer requests whose Host is NAME (default: the bound address; loopback names for loopback).")
 @click.option("--max-body", type=click.IntRange(1024), default=8 << 20, show_default=True,
               help="Largest request body in bytes (413 beyond).")
+@click.option("--models-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Let POST /v1/models/load load files inside this directory (without it, loading over HTTP is refused).")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a client has to send a request's headers (after connecting or after the last answer); "
+                   "then the connection is closed.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (408 beyond).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Serve as a Ray Serve application (a cluster ADDRESS, 'auto', or nothing: a local one). Needs rbe[ray].")
 @click.option("--replicas", type=click.IntRange(1, 256), default=1, show_default=True,
               help="With --ray: copies of the server behind Ray Serve's proxy.")
 def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, timeout, cors_origins, allowed_hosts,
-          max_body, ray_address, replicas):
+          max_body, models_dir, header_timeout, body_timeout, ray_address, replicas):
     """Serve .rbe MODELS over an OpenAI-compatible HTTP API, with a chat page at /.
 
-    Models load in the background (GET /health answers 503 until they are ready); more can be
-    added with POST /v1/models/load. SIGTERM or Ctrl-C finishes running requests, then exits.
+    Models load in the background (GET /health answers 503 until they are ready); with
+    --models-dir, more can be added from that directory with POST /v1/models/load. SIGTERM or
+    Ctrl-C finishes running requests, then exits. (With --ray, Ray Serve's proxy reads the
+    requests: --header-timeout does not apply.)
     """
     try:
         import uvicorn
 
-        from .serve.app import Settings, create_app
+        from .serve.app import Settings, create_app, head_deadline_protocol
     except ImportError as exc:
         _fail(RBEError(f"rbe serve needs the 'serve' extra: pip install 'rbe[serve]' ({exc})"))
     if api_key_file is not None:
@@ -574,7 +583,8 @@ def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, 
         _check_backend(backend)
     settings = Settings(models=tuple(str(Path(m).resolve()) for m in models), backend=backend, api_key=api_key,
                         max_queue=max_queue, slots=slots, timeout=timeout, cors_origins=tuple(cors_origins),
-                        max_body=max_body, host=host, allowed_hosts=tuple(allowed_hosts))
+                        max_body=max_body, host=host, allowed_hosts=tuple(allowed_hosts),
+                        models_dir=str(Path(models_dir).resolve()) if models_dir else None, body_timeout=body_timeout)
     if ray_address is not None:
         from .serve.ray_serve import serve_replicas
 
@@ -587,7 +597,8 @@ def serve(models, host, port, api_key, api_key_file, backend, max_queue, slots, 
     if replicas != 1:
         _fail(click.UsageError("--replicas needs --ray"))
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=int(timeout), access_log=False)
+                            timeout_graceful_shutdown=int(timeout), access_log=False,
+                            http=head_deadline_protocol(header_timeout))
     server = _draining_server_class()(config)
     click.echo(f"rbe serve: http://{host}:{port}/ ({len(models)} model(s) loading)", err=True)
     try:

@@ -1,12 +1,14 @@
 """The FastAPI application of ``rbe serve``: OpenAI-compatible routes, health, metrics, the page.
 
-Routes (``/v1/*`` need ``Authorization: Bearer KEY`` when the server has a key; ``/``,
-``/health`` and ``/metrics`` are public):
+Routes (``/v1/*``, ``/tokenize`` and ``/detokenize`` need ``Authorization: Bearer KEY`` when the
+server has a key; ``/``, ``/health`` and ``/metrics`` are public):
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` as Server-Sent Events in
-  the OpenAI framing, ``stream_options.include_usage``), ``POST /v1/embeddings`` (encoders);
+  the OpenAI framing, ``stream_options.include_usage``), ``POST /v1/embeddings`` (encoders),
+  ``POST /tokenize``, ``POST /detokenize``;
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /v1/models/{id}/card``,
-  ``POST /v1/models/load`` ``{"path", "name"?}``, ``POST /v1/models/unload`` ``{"model"}``;
+  ``POST /v1/models/load`` ``{"path", "name"?}`` (only files inside ``Settings.models_dir``;
+  refused when it is None), ``POST /v1/models/unload`` ``{"model"}``;
 - ``GET /health`` (503 while a model loads), ``GET /metrics`` (Prometheus), ``GET /`` (the page).
 
 Browsers are kept out unless invited (a page anywhere on the web can make a browser send
@@ -15,12 +17,18 @@ refused when the server listens on a loopback or named address (DNS rebinding), 
 other than the server's own or a ``--cors-origin`` is refused (403), and a POST body that is not
 ``Content-Type: application/json`` is refused (415: a form or ``text/plain`` post needs no
 preflight). Every check (JSON, field types, the model, prompt + max_tokens against the context, the queue)
-happens before the first byte of a stream; errors are ``protocol.APIError`` in the OpenAI shape.
+happens before the first byte of a stream; errors are ``protocol.APIError`` in the OpenAI shape,
+and every answer, a 500 from a bug included, is counted in ``/metrics``.
+
+Slow clients cannot hold the server: a request body must arrive within ``Settings.body_timeout``
+(408), and ``head_deadline_protocol`` (the uvicorn protocol ``rbe serve`` runs) closes a
+connection whose request head has not arrived in time.
+
 The event loop never runs a model: generation runs in each model's worker thread, embeddings
 and loads in threads of their own.
 
 This module builds the app (lifespan, auth, counting, errors); the routes are in ``routes``
-(public, models, embeddings) and ``generation`` (completions, chat completions).
+(public, models, embeddings) and ``generation`` (completions, chat completions, tokens).
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import logging
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
@@ -42,6 +52,8 @@ from .metrics import Metrics
 from .protocol import APIError
 from .routes import Startup, add_embedding_routes, add_model_routes, add_public_routes
 from .store import ModelStore
+
+log = logging.getLogger("rbe.serve")
 
 
 @attrs.frozen
@@ -61,6 +73,10 @@ class Settings:
     #: clients may use in ``Host`` (a wildcard address accepts any unless some are named)
     host: str | None = None
     allowed_hosts: tuple[str, ...] = ()
+    #: the directory ``POST /v1/models/load`` may load from (None: loading over HTTP is refused)
+    models_dir: str | None = None
+    #: seconds a request body may take to arrive once the route starts reading it (408 beyond)
+    body_timeout: float = 30.0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -75,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     _add_middleware(app, settings, metrics)
     _add_error_handlers(app)
     add_public_routes(app, store, metrics, startup)
-    add_model_routes(app, store, settings.max_body)
+    add_model_routes(app, store, settings.max_body, Path(settings.models_dir).resolve() if settings.models_dir else None)
     add_generation_routes(app, store, metrics, max_body=settings.max_body, timeout=settings.timeout)
     add_embedding_routes(app, store, metrics, settings.max_body)
     return app
@@ -113,9 +129,11 @@ def _lifespan(settings: Settings, store: ModelStore, startup: Startup):
 
 
 def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """CORS for ``settings.cors_origins`` (if any), inside the guard: the API key on ``/v1/*``
-    (preflight ``OPTIONS`` exempt; 401 before any route runs), and every answer counted as
-    ``requests`` by route template (``other`` when none matched) and status."""
+    """Outermost first: the guard (the API key on ``/v1/*``, preflight ``OPTIONS`` exempt, 401
+    before any route runs; every answer counted as ``requests`` by route template, ``other`` when
+    none matched, and status: an exception no handler took becomes a counted 500), CORS for
+    ``settings.cors_origins`` (if any), the body deadline."""
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -128,17 +146,24 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     async def count_and_guard(request: Request, call_next):
         try:
             _check_browser(request, hosts, settings.cors_origins)
-            if request.url.path.startswith("/v1/") and settings.api_key is not None and request.method != "OPTIONS":
+            if _needs_key(request.url.path) and settings.api_key is not None and request.method != "OPTIONS":
                 _check_key(request.headers.get("authorization", ""), settings.api_key)
             response = await call_next(request)
         except APIError as exc:
             response = _error(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in a route: answered and counted like any other
+            response = _error(_internal_error(request, exc))
         route = request.scope.get("route")
         metrics.count("requests", endpoint=getattr(route, "path", "other"), status=response.status_code)
         return response
 
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _needs_key(path: str) -> bool:
+    """``/v1/*``, ``/tokenize`` and ``/detokenize`` answer only with the key (when there is one)."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
 def _allowed_hosts(settings: Settings) -> set[str] | None:
@@ -200,7 +225,8 @@ def _check_key(authorization: str, api_key: str) -> None:
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error in the OpenAI shape: ``APIError`` as itself, Starlette's HTTP errors (404, 405)
-    as ``invalid_request_error``, anything else as a 500 ``server_error`` naming the exception."""
+    as ``invalid_request_error``, anything else as a 500 ``server_error`` naming the exception's
+    type (``count_and_guard`` answers those from routes itself; this catches the rest)."""
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -211,9 +237,92 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(APIError(exc.status_code, str(exc.detail), type="invalid_request_error"))
 
     @app.exception_handler(Exception)
-    async def internal_error(_request, exc: Exception):
-        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+    async def internal_error(request, exc: Exception):
+        return _error(_internal_error(request, exc))
+
+
+def _internal_error(request: Request, exc: Exception) -> APIError:
+    """A 500 ``server_error`` naming ``exc``'s type (its traceback goes to the server's log only)."""
+    log.error("rbe serve: internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
 def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    """``exc`` as its JSON answer; a 408 also closes the connection (the rest of the body may
+    never come)."""
+    headers = {"connection": "close"} if exc.status == 408 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class BodyDeadline:
+    """ASGI middleware: once a route starts reading a request body, all of it must arrive within
+    ``seconds``, else ``receive`` raises a 408 ``request_timeout`` ``APIError`` into that route.
+    After the last body chunk ``receive`` is passed through untimed (it then waits for a disconnect)."""
+
+    def __init__(self, app, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            receive = _TimedReceive(receive, self.seconds)
+        await self.app(scope, receive, send)
+
+
+class _TimedReceive:
+    """``receive`` with a deadline ``seconds`` after its first call, until the body is complete."""
+
+    def __init__(self, receive, seconds: float):
+        self.receive, self.seconds = receive, seconds
+        self.deadline: float | None = None
+        self.body_complete = False
+
+    async def __call__(self):
+        if self.body_complete:
+            return await self.receive()
+        now = asyncio.get_running_loop().time()
+        self.deadline = self.deadline or now + self.seconds
+        try:
+            message = await asyncio.wait_for(self.receive(), max(self.deadline - now, 0.0))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.seconds:g} s",
+                           code="request_timeout") from None
+        self.body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+
+def head_deadline_protocol(seconds: float, base: type | None = None) -> type:
+    """uvicorn's HTTP protocol (``base``; default: httptools when installed, else h11) closing a
+    connection that has no request in flight ``seconds`` after it opened or after its last
+    response: a request head must arrive whole within that time (uvicorn itself waits for one
+    forever once its first byte came). A request in flight is never cut; its body has
+    ``BodyDeadline``."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        base = AutoHTTPProtocol
+
+    class HeadDeadlineProtocol(base):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._restart_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._restart_head_timer()
+
+        def connection_lost(self, exc):
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _restart_head_timer(self):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_overdue)
+
+        def _head_overdue(self):
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return HeadDeadlineProtocol

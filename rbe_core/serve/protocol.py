@@ -1,4 +1,5 @@
-"""The OpenAI wire protocol: request bodies (validated, unknown fields accepted) and errors.
+"""The OpenAI wire protocol: request bodies (validated; ``null`` is a field's default; a field
+not implemented or unknown is refused) and errors.
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with its
 HTTP status (``APIError``); a body that is not JSON or whose fields have the wrong types is a

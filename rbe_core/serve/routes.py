@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from ..arrays import to_numpy_f32
 from .metrics import Metrics
@@ -43,16 +44,21 @@ class Startup:
 
 async def parse_body(model: type[R], request: Request, max_body: int) -> R:
     """The request's body parsed as ``model`` (``protocol.parse``: 400 naming the bad field);
-    413 ``request_too_large`` first if its Content-Length or its bytes exceed ``max_body``."""
+    413 ``request_too_large`` first if its Content-Length or its bytes exceed ``max_body``; 499
+    ``client_closed_request`` if the client hung up before sending all of it."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_body:
         raise _too_large(max_body)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body:
-            raise _too_large(max_body)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise _too_large(max_body)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the connection before sending the whole body",
+                       code="client_closed_request") from None
     return parse(model, b"".join(chunks))
 
 
@@ -79,10 +85,11 @@ def add_public_routes(app: FastAPI, store: ModelStore, metrics: Metrics, startup
         return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
 
 
-def add_model_routes(app: FastAPI, store: ModelStore, max_body: int) -> None:
+def add_model_routes(app: FastAPI, store: ModelStore, max_body: int, models_dir: Path | None) -> None:
     """``GET /v1/models``, ``/v1/models/{id}/card``, ``/v1/models/{id}`` (404 for an unknown id,
-    from the store); ``POST /v1/models/load`` (400 unless ``path`` is a file; loads in a thread)
-    and ``POST /v1/models/unload`` (404 unless loaded)."""
+    from the store); ``POST /v1/models/load`` (403 ``model_loading_disabled`` when ``models_dir``
+    is None, else a file inside the resolved ``models_dir`` only: ``model_file``; loads in a
+    thread) and ``POST /v1/models/unload`` (404 unless loaded)."""
 
     @app.get("/v1/models")
     async def list_models():
@@ -98,14 +105,12 @@ def add_model_routes(app: FastAPI, store: ModelStore, max_body: int) -> None:
 
     @app.post("/v1/models/load")
     async def load(request: Request):
+        if models_dir is None:
+            raise APIError(403, "loading models over HTTP is off (start rbe serve with --models-dir DIR to load from DIR)",
+                           code="model_loading_disabled")
         req = await parse_body(LoadRequest, request, max_body)
-        try:
-            found = Path(req.path).is_file()
-        except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
-            raise APIError(400, f"bad path: {exc}", param="path") from None
-        if not found:
-            raise APIError(400, f"no such file: {req.path}", param="path")
-        served = await asyncio.to_thread(store.load, req.path, req.name)
+        path = await asyncio.to_thread(model_file, models_dir, req.path)
+        served = await asyncio.to_thread(store.load, path, req.name)
         return _model_object(served)
 
     @app.post("/v1/models/unload")
@@ -114,6 +119,23 @@ def add_model_routes(app: FastAPI, store: ModelStore, max_body: int) -> None:
         store.get(req.model)
         await asyncio.to_thread(store.unload, req.model)
         return {"id": req.model, "object": "model", "deleted": True}
+
+
+def model_file(models_dir: Path, requested: str) -> Path:
+    """The regular, readable file ``requested`` names inside ``models_dir`` (a resolved path;
+    ``requested`` relative to it or absolute), with symlinks and ``..`` resolved. Anything else (a
+    path resolving outside, a missing file, a directory, an unreadable file, a malformed name) is
+    the same 404 ``model_not_found``, so an answer tells nothing about paths outside."""
+    not_found = APIError(404, f"no model file {requested!r} in the models directory", param="path",
+                         code="model_not_found")
+    try:
+        path = (models_dir / requested).resolve(strict=True)
+        inside = path.is_relative_to(models_dir) and path.is_file() and os.access(path, os.R_OK)
+    except (OSError, ValueError, RuntimeError):  # missing, a NUL byte, a name too long, a symlink loop
+        raise not_found from None
+    if not inside:
+        raise not_found
+    return path
 
 
 def _model_object(served: Served) -> dict[str, Any]:
@@ -128,8 +150,9 @@ def _model_object(served: Served) -> dict[str, Any]:
 
 def add_embedding_routes(app: FastAPI, store: ModelStore, metrics: Metrics, max_body: int) -> None:
     """``POST /v1/embeddings``: an encoder model only (400 for a causal LM), each input within
-    ``max_position`` tokens (400), unit vectors as floats or base64 little-endian float32;
-    counts the inputs' tokens as ``prompt_tokens``."""
+    ``max_position`` tokens (400), ``dimensions`` absent or the model's width (400 otherwise:
+    the served encoders were not trained for shortened embeddings), unit vectors as floats or
+    base64 little-endian float32; counts the inputs' tokens as ``prompt_tokens``."""
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -138,6 +161,10 @@ def add_embedding_routes(app: FastAPI, store: ModelStore, metrics: Metrics, max_
         if served.kind != "encoder":
             raise APIError(400, f"model {served.name!r} is a causal LM; embeddings need an encoder model",
                            param="model")
+        width = int(served.model.config["hidden_size"])
+        if req.dimensions is not None and req.dimensions != width:
+            raise APIError(400, f"'dimensions' must be {width}: {served.name!r} gives {width}-wide embeddings "
+                           "and was not trained for shorter ones", param="dimensions")
         texts = req.texts()
         counts = [len(e.ids) for e in served.model._require_tokenizer().encode_batch(texts)]
         limit = int(served.model.config.get("max_position", 512))

@@ -46,20 +46,6 @@ class Served:
     template: Any = None  # a compiled jinja2 template (causal LMs)
     lock: threading.Lock = attrs.field(factory=threading.Lock)  # encoders: one batch at a time
 
-    def apply_chat(self, messages: list[dict[str, str]]) -> str:
-        tok = self.model._require_tokenizer()
-        cfg = self.model.config
-
-        def token(key):
-            ids = cfg.get(key)
-            ids = ids[0] if isinstance(ids, list) and ids else ids
-            return tok.id_to_token(ids) if isinstance(ids, int) else ""
-
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
-                                        bos_token=token("bos_token_id"), eos_token=token("eos_token_id"))
-        except Exception as exc:  # noqa: BLE001 - the template's own errors (e.g. raise_exception)
-            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
 
 def _template(source: str):
@@ -132,7 +118,9 @@ class ModelStore:
         return found
 
     def load(self, path: str | Path, name: str | None = None) -> Served:
-        """Load ``path`` under ``name`` (default: the file's stem). Blocking; call off the event loop."""
+        """Load ``path`` under ``name`` (default: the file's stem). Blocking; call off the event loop.
+        A file that does not load is a 400 ``invalid_model`` naming only the file (why goes to the
+        log: the reason may quote the file's bytes), a taken name a 409 ``model_exists``."""
         path = Path(path)
         name = name or path.stem
         with self._lock:
@@ -146,7 +134,9 @@ class ModelStore:
             except APIError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any load failure is the caller's bad input
-                raise APIError(400, f"cannot load {path}: {exc}", param="path") from None
+                log.warning("rbe serve: cannot load %s: %s", path, exc)
+                raise APIError(400, f"{path.name!r} is not a valid .rbe model (the server's log says why)",
+                               param="path", code="invalid_model") from None
             served = Served(name, path, model, "causal" if isinstance(model, TextGeneration) else "encoder", card,
                             get_backend(self.backend).name)
             if served.kind == "causal":

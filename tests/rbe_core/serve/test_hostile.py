@@ -1,10 +1,14 @@
 """Hostile input: hundreds of malformed requests (bad JSON, invalid UTF-8, wrong types, huge or
-negative numbers, enormous prompts, missing fields, bad roles, unknown models) each get a 4xx
-JSON error in the OpenAI shape, and the server keeps serving."""
+negative numbers, enormous prompts, missing fields, bad roles, unknown models) and the known
+edge cases (deep nesting, a 5000-digit seed, lone surrogates, model paths escaping the models
+directory) each get a 4xx JSON error in the OpenAI shape, the server keeps serving, and
+``/metrics`` counts no 5xx."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from _serve_helpers import KEY, Server  # noqa: E402
 
 pytest.importorskip("fastapi", reason="rbe serve needs the serve extra (pip install 'rbe[serve]')")
 
-MAX_BODY = 65536
+MAX_BODY = 1 << 18  # over the 100000-byte nesting case: it must reach the JSON parser
 VALID = {
     "/v1/completions": {"model": "tiny", "prompt": "the of", "max_tokens": 2},
     "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
@@ -37,7 +41,7 @@ BAD_VALUES = {
     "stop": st.one_of(st.lists(st.text(min_size=1), min_size=5, max_size=8), st.just([""]), st.just(5)),
     "seed": st.one_of(st.integers(min_value=2**63), st.just("x")),
     "model": st.one_of(st.text(max_size=20).filter(lambda s: s != "tiny"), st.integers()),
-    "prompt": st.one_of(st.just(""), st.just([]), st.just([-1]), st.just([10**9]), st.just(["a", "b"]),
+    "prompt": st.one_of(st.just(""), st.just([]), st.just([-1]), st.just([10**9]), st.just(["a"] * 65),
                         st.just("the " * 8000)),
     "messages": st.one_of(st.just([]), st.just([{"role": "wizard", "content": "x"}]),
                           st.just([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
@@ -84,10 +88,25 @@ def hostile(draw):
 
 @pytest.fixture(scope="module")
 def server(models):
-    _, llama, _ = models
-    srv = Server(str(llama), "--api-key", KEY, "--max-body", str(MAX_BODY))
+    d, llama, _ = models
+    srv = Server(str(llama), "--api-key", KEY, "--max-body", str(MAX_BODY), "--models-dir", str(d))
     yield srv
     assert srv.stop() == 0
+
+
+def _assert_error(status: int, data: bytes, request) -> dict:
+    assert 400 <= status < 500, (request, status, data[:300])
+    err = json.loads(data)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def _server_errors(server) -> list[str]:
+    """The ``rbe_requests_total`` lines of ``/metrics`` with a 5xx status (but ``/health``'s 503s
+    while the model loaded: the readiness answer ``Server`` waited through)."""
+    text = server.request("GET", "/metrics", key=None)[2].decode()
+    return [ln for ln in text.splitlines() if re.match(r'rbe_requests_total\{.*status="5\d\d"', ln)
+            and not ln.startswith('rbe_requests_total{endpoint="/health",status="503"}')]
 
 
 def test_every_malformed_request_gets_a_4xx_json_error(server):
@@ -99,9 +118,7 @@ def test_every_malformed_request_gets_a_4xx_json_error(server):
     def check(req):
         path, raw = req
         status, headers, data = server.request("POST", path, raw=raw)
-        assert 400 <= status < 500, (path, raw[:200], status, data[:300])
-        err = json.loads(data)["error"]
-        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        _assert_error(status, data, (path, raw[:200]))
         seen.append(status)
 
     check()
@@ -109,3 +126,42 @@ def test_every_malformed_request_gets_a_4xx_json_error(server):
     assert server.request("GET", "/health")[0] == 200
     out = server.json("POST", "/v1/completions", VALID["/v1/completions"])
     assert out[0] == 200 and out[1]["usage"]["completion_tokens"] == 2
+    assert _server_errors(server) == []
+
+
+EDGE_CASES = {
+    "deep nesting": ("/v1/completions", b"[" * 100_000),
+    "5000-digit seed": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "seed": ' + b"7" * 5000 + b"}"),
+    "surrogate in a prompt": ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'),
+    "surrogate in chat content": ("/v1/chat/completions",
+                                  b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    "surrogate in a model name": ("/v1/completions", b'{"model": "ti\\ud800ny", "prompt": "x"}'),
+}
+
+
+def test_edge_cases_are_400_and_leave_no_5xx(server):
+    for what, (path, raw) in EDGE_CASES.items():
+        status, _, data = server.request("POST", path, raw=raw)
+        assert status == 400, (what, status, data[:300])
+        _assert_error(status, data, what)
+    assert server.json("POST", "/v1/completions", VALID["/v1/completions"])[0] == 200
+    assert _server_errors(server) == []
+
+
+def test_model_paths_out_of_the_models_dir_are_one_404(server, models, tmp_path_factory):
+    """A real model outside ``--models-dir``, reached by its absolute path, through ``..`` and
+    through a symlink inside the directory, is refused with the message a missing file gets."""
+    d, llama, _ = models
+    outside = tmp_path_factory.mktemp("outside") / "outside.rbe"
+    shutil.copy(llama, outside)
+    (d / "link.rbe").symlink_to(outside)
+    dotdot = f"../{outside.parent.name}/{outside.name}"
+    assert (d / dotdot).is_file()
+    for path in (str(outside), dotdot, "link.rbe", "missing.rbe"):
+        status, _, data = server.request("POST", "/v1/models/load", {"path": path, "name": "escaped"})
+        err = _assert_error(status, data, path)
+        assert status == 404 and err["code"] == "model_not_found", (path, err)
+        assert err["message"] == f"no model file {path!r} in the models directory"
+    assert "escaped" not in [m["id"] for m in server.json("GET", "/v1/models")[1]["data"]]
+    assert server.request("GET", "/health")[0] == 200
+    assert _server_errors(server) == []

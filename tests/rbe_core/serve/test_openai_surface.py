@@ -224,6 +224,7 @@ def test_tokenize_detokenize_and_user_text_stays_text(server):
     back = server.json("POST", "/detokenize", {"model": "tiny", "tokens": ids["tokens"]})[1]
     assert back["prompt"] == "the of"
     assert server.json("POST", "/detokenize", {"model": "tiny", "tokens": [10**6]})[0] == 400
+    assert server.request("POST", "/tokenize", {"model": "tiny", "prompt": "x"}, key=None)[0] == 401
     # a completion prompt is the client's own text: special tokens stay special
     assert server.json("POST", "/tokenize", {"model": "tiny", "prompt": "<|endoftext|>",
                                              "add_special_tokens": False})[1]["tokens"] == [EOS]

