@@ -51,7 +51,8 @@ RBE_CODECS = {"rbe hadamard 4-bit": '{"id": "hadamard", "bits": 4}', "rbe int4":
 LLAMA_TYPES = {"llama.cpp IQ4_XS": "IQ4_XS", "llama.cpp Q4_0": "Q4_0"}
 #: each rbe variant's llama.cpp peer for the ratios
 PEERS = {"rbe hadamard 4-bit": "llama.cpp IQ4_XS", "rbe int4": "llama.cpp Q4_0"}
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-simple")
+#: built by ``ensure_llama_tools`` (llama-server: for ``benchmarks/serve_load.py``)
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-simple", "llama-server")
 MARK_BEGIN, MARK_END = "<!-- benchmarks/scale.py: begin -->", "<!-- benchmarks/scale.py: end -->"
 
 
@@ -180,8 +181,10 @@ def ensure_llama_tools(cache: Path) -> Path:
             tar.extractall(root / "unpack", filter="data")
         os.replace(root / "unpack" / f"llama_cpp_python-{d.LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp", src)
     print(f"building llama.cpp tools into {bin_dir} (a long C++ build) ...", file=sys.stderr)
+    # llama-server without its web UI: the UI's assets would come from npm or a download
     subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON", *args.split()], check=True)
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", *args.split()], check=True)
     subprocess.run(["cmake", "--build", str(root / "build"), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
                    check=True)
     return bin_dir
