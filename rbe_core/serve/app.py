@@ -313,7 +313,8 @@ def head_deadline_protocol(seconds: float, base: type | None = None) -> type:
             self._restart_head_timer()
 
         def connection_lost(self, exc):
-            self._head_timer.cancel()
+            if self._head_timer is not None:  # None if connection_made failed before setting it
+                self._head_timer.cancel()
             super().connection_lost(exc)
 
         def _restart_head_timer(self):
