@@ -186,7 +186,7 @@ def _int8_reference(low: Lowered, lv8, alpha, beta, rot, x) -> np.ndarray:
 @pytest.mark.parametrize("grid", ["uniform", "normal"])
 @pytest.mark.parametrize("bits", range(2, 9))  # nibbles (2-4), bit planes (5, 6), bytes (7, 8)
 def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
-    """The int8 prefill product equals the numpy reference of its arithmetic (quantized inputs,
+    """The int8 product (prefill, and 12 or more sequences' decode steps) equals the numpy reference of its arithmetic (quantized inputs,
     integer levels, exact integer dot products, float scales) on every layout, step form and
     offset, any token count and thread split; uniform grids have exact integer levels, others
     are rounded to the nearest of 255; inputs are rotated in blocks as far as the levels allow
@@ -207,7 +207,7 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
         else:
             assert exact == 0 and np.abs(approx - low.levels).max() <= alpha / 2 * (1 + 1e-6)
             assert np.abs(lv8).max() == 127
-        for n in (17, 40, 70):  # int8 inputs above 16 tokens (fewer run lut_gemv_few in float32)
+        for n in (12, 16, 17, 40, 70):  # one token vector, several (11 or fewer run lut_gemv_few in float32)
             x = rng.standard_normal((n, low.cols)).astype(np.float32)
             x[0, :40] = 0  # an all-zero block
             got = _linear_int8(m, x)

@@ -741,13 +741,19 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 }
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
- * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's; more run the batched
- * kernels (whose tiles of 32 tokens a few would leave mostly empty). */
+ * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they have at least
+ * Q8_MIN_TOKENS and run on int8 inputs; more run the batched kernels (whose tiles of 32 tokens a
+ * few would leave mostly empty). lut_gemm_q8 against lut_gemv_few (AVX-512 VNNI), measured: one
+ * 4096 x 4096 hadamard 4-bit product on one thread, 4 tokens 1.6-2.0 ms vs 1.1-1.7, 8 tokens
+ * 1.4-2.0 vs 2.2-3.0, 16 tokens 1.5 vs 4.5; SmolLM2 int4 decode steps of k sequences in
+ * forward_batch (576-wide matrices: the int8 product's fixed costs weigh more), tok/s 6: 188 vs
+ * 350, 12: 337 vs 363, 16: 656 vs 477. */
 #define FEW_ROWS_MAX 16
+#define Q8_MIN_TOKENS 12
 
 /* Whether the product of n tokens with m runs on int8 inputs (lut_gemm_q8). */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
-    return n > FEW_ROWS_MAX && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
+    return n >= Q8_MIN_TOKENS && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
 }
 
 typedef struct {
@@ -778,8 +784,8 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
         if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
-        else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
         else if (use_q8(j->e, j->m[mi], j->n)) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
+        else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
         else k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
     }
 }
@@ -846,7 +852,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             j.xt = e->xt, j.ldt = ldt;
         }
         j.pack = e->pack;
-        const int64_t align = n <= FEW_ROWS_MAX ? 16 : q8 ? e->kern->q8_rows : 2 * e->kern->gemm_rows;
+        const int64_t align = q8 ? e->kern->q8_rows : n <= FEW_ROWS_MAX ? 16 : 2 * e->kern->gemm_rows;
         parallel(e->nthreads, e->spin, j.start[j.count], align, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)

@@ -132,6 +132,7 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
 #define Q8_NV 2
+#define Q8_MR1 10
 #define Q8_ZP 128
 #define VI __m512i
 #define vi_load(p) _mm512_loadu_si512((const void *)(p))

@@ -521,18 +521,23 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(bits, tab, p, out) (a 5- or 6-bit block's
  * 32 weight bytes through the 64-entry table tab), q8_nibble_row, q8_rotate and q8_block (the
  * contracts of rbe_q8_nibble_row, rbe_q8_rotate and rbe_q8_block in rbe_internal.h);
- * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1) and
- * Q8_ATTR (attributes of the product, e.g. a target it needs). */
+ * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
+ * (rows per pass when the product has one token vector, default Q8_MR: a second vector would
+ * only repeat the first) and Q8_ATTR (attributes of the product, e.g. a target it needs). */
 #ifndef Q8_MR
 #define Q8_MR 4
 #endif
 #ifndef Q8_NV
 #define Q8_NV 1
 #endif
+#ifndef Q8_MR1
+#define Q8_MR1 Q8_MR
+#endif
 #ifndef Q8_ATTR
 #define Q8_ATTR
 #endif
 #define Q8_REC RBE_Q8_REC(VLEN)
+#define Q8_MRMAX (Q8_MR1 > Q8_MR ? Q8_MR1 : Q8_MR)
 
 /* v = x (32 values) times blockdiag(H_rot, ..) (hm, of order 16, per half): each output a
  * sequence of exact +-x[j] additions, j ascending (a zero entry adds nothing). */
@@ -584,6 +589,7 @@ static void FN(q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, 
  * wait in scratch between slices. */
 #define Q8_L1 (24 << 10)
 #define Q8_RB (Q8_MR * (32 / Q8_MR)) /* a whole number of passes */
+_Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector passes too");
 
 /* Bytes of lut_gemm_q8's scratch for up to `tokens` tokens: a band's weight bytes, factors (2
  * per row and group, and 2 more of room to make them) and partial sums, and the input sums per
@@ -638,42 +644,43 @@ static void FN(q8_factors)(const rbe_lut *m, int rot, int64_t r, int nr, float *
         }
 }
 
-/* One pass of lut_gemm_q8 over the blocks [k0, k1) of a slice: rows w[0..Q8_MR) (weight bytes
+/* One pass of lut_gemm_q8 over the blocks [k0, k1) of a slice: rows w[0..mr) (weight bytes
  * of block k at w[i] + k * 32; factors of group g at fac[(g * Q8_RB + i) * 2], q8_factors')
- * against the token vectors whose pack records start at tile[v] (block k at tile[v] + k *
+ * against the nv token vectors whose pack records start at tile[v] (block k at tile[v] + k *
  * Q8_REC; input sums of group g at xs[v] + g * VLEN); at the end of every group and of the
- * slice, added to the partial sums at part[(i * Q8_NV + v) * VLEN] (a token per lane), with the
- * input sums' term when sums (in a group's first slice). Instantiated with and without sums. */
+ * slice, added to the partial sums at part[(i * nv + v) * VLEN] (a token per lane), with the
+ * input sums' term when sums (in a group's first slice). Instantiated per (mr, nv) with and
+ * without sums. */
 static inline __attribute__((always_inline)) void FN(q8_pass)(
     const uint8_t *const *w, const float *fac, const uint8_t *const *tile, const float *const *xs,
-    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums) {
+    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int mr, const int nv) {
     for (int64_t k = k0; k < k1;) {
         const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
         const int first = sums && k0 <= g * bpg;
-        VF ga[Q8_MR][Q8_NV];
-        for (int i = 0; i < Q8_MR; i++)
-            for (int v = 0; v < Q8_NV; v++) ga[i][v] = vzero();
+        VF ga[Q8_MRMAX][Q8_NV];
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++) ga[i][v] = vzero();
         for (; k < end; k++) {
-            VI ia[Q8_MR][Q8_NV];
-            for (int v = 0; v < Q8_NV; v++) {
+            VI ia[Q8_MRMAX][Q8_NV];
+            for (int v = 0; v < nv; v++) {
                 const VI init = vi_load(tile[v] + k * Q8_REC + 40 * VLEN);
-                for (int i = 0; i < Q8_MR; i++) ia[i][v] = init;
+                for (int i = 0; i < mr; i++) ia[i][v] = init;
             }
             for (int q = 0; q < 8; q++)
-                for (int i = 0; i < Q8_MR; i++)
-                    for (int v = 0; v < Q8_NV; v++)
+                for (int i = 0; i < mr; i++)
+                    for (int v = 0; v < nv; v++)
                         ia[i][v] = vi_dot4(ia[i][v], w[i] + k * 32 + q * 4,
                                            vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN));
-            for (int v = 0; v < Q8_NV; v++) {
+            for (int v = 0; v < nv; v++) {
                 const VF d = vload((const float *)(tile[v] + k * Q8_REC + 32 * VLEN));
-                for (int i = 0; i < Q8_MR; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
+                for (int i = 0; i < mr; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
             }
         }
         const float *f = fac + g * Q8_RB * 2;
-        for (int i = 0; i < Q8_MR; i++) {
+        for (int i = 0; i < mr; i++) {
             const VF s = vset1(f[2 * i]), o = vset1(f[2 * i + 1]);
-            for (int v = 0; v < Q8_NV; v++) {
-                float *p = part + (i * Q8_NV + v) * VLEN;
+            for (int v = 0; v < nv; v++) {
+                float *p = part + (i * nv + v) * VLEN;
                 VF a = vfma(ga[i][v], s, vload(p));
                 if (first) a = vfma(vload(xs[v] + g * VLEN), o, a);
                 vstore(p, a);
@@ -682,10 +689,10 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
     }
 }
 
-/* A band's partial sums, a pass's rows and vectors together: row r, token vector v. */
-static inline float *FN(q8_part)(float *part, int64_t vecs, int64_t r, int64_t v) {
-    const int64_t pass = r / Q8_MR * (vecs / Q8_NV) + v / Q8_NV;
-    return part + (pass * Q8_MR * Q8_NV + r % Q8_MR * Q8_NV + v % Q8_NV) * VLEN;
+/* A band's partial sums, a pass's (mr rows, nv vectors) together: row r, token vector v. */
+static inline float *FN(q8_part)(float *part, int64_t vecs, int64_t r, int64_t v, int mr, int nv) {
+    const int64_t pass = r / mr * (vecs / nv) + v / nv;
+    return part + (pass * mr * nv + r % mr * nv + v % nv) * VLEN;
 }
 
 /* xs[v * groups + g] = sum over group g's blocks of d * sum(x8), for the tiles of the pack (the
@@ -702,7 +709,7 @@ static void FN(q8_input_sums)(const rbe_lut *m, const uint8_t *pack, int64_t til
 }
 
 /* What lut_gemm_q8's bands share: the matrix, the pack and its rotation, the weight byte table
- * (and the byte codes' shift, q8_panel's), the token tiles (vecs: rounded up to Q8_NV), blocks
+ * (and the byte codes' shift, q8_panel's), the token tiles (vecs: one, or rounded up to Q8_NV), blocks
  * per slice, whether input sums meet offsets, and the scratch areas. */
 typedef struct {
     const rbe_lut *m;
@@ -714,9 +721,11 @@ typedef struct {
 } q8_job;
 
 /* Rows [rb, rb + nr) (nr <= Q8_RB) into y: weight bytes and factors of the band, then its passes
- * slice by slice (requesting the next band's codes meanwhile), then its partial sums token-major
- * into y. */
-static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t r1, float *y, int64_t ldy) {
+ * of mr rows and nv token vectors slice by slice (requesting the next band's codes meanwhile),
+ * then its partial sums token-major into y. */
+static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job *j, int64_t rb, int64_t nr,
+                                                                   int64_t r1, float *y, int64_t ldy,
+                                                                   const int mr, const int nv) {
     const rbe_lut *m = j->m;
     const int64_t nblk = m->cols_p / 32, vecs = j->vecs;
     const uint8_t *wb[Q8_RB];
@@ -725,38 +734,44 @@ static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t
     memset(j->part, 0, (size_t)(Q8_RB * vecs * VLEN) * sizeof(float));
     const uint8_t *ahead = FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0); /* the next band's (contiguous) */
     const uint8_t *const ahead_end = FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes;
-    const int64_t passes = (nblk + j->kc - 1) / j->kc * ((nr + Q8_MR - 1) / Q8_MR);
+    const int64_t passes = (nblk + j->kc - 1) / j->kc * ((nr + mr - 1) / mr);
     const int64_t lines = ((ahead_end - ahead) / 64 + passes) / passes; /* per pass, evenly */
     for (int64_t k0 = 0; k0 < nblk; k0 += j->kc) {
         const int64_t k1 = rbe_min(k0 + j->kc, nblk);
-        for (int64_t r = 0; r < nr; r += Q8_MR) {
+        for (int64_t r = 0; r < nr; r += mr) {
             for (int64_t l = 0; l < lines && ahead < ahead_end; l++, ahead += 64) __builtin_prefetch(ahead);
-            const uint8_t *w[Q8_MR]; /* rows past the band's repeat its last */
-            for (int i = 0; i < Q8_MR; i++) w[i] = wb[rbe_min(r + i, nr - 1)];
-            for (int64_t v0 = 0; v0 < vecs; v0 += Q8_NV) {
+            const uint8_t *w[Q8_MRMAX]; /* rows past the band's repeat its last */
+            for (int i = 0; i < mr; i++) w[i] = wb[rbe_min(r + i, nr - 1)];
+            for (int64_t v0 = 0; v0 < vecs; v0 += nv) {
                 const uint8_t *tile[Q8_NV]; /* vectors past the last repeat it */
                 const float *xv[Q8_NV];
-                for (int v = 0; v < Q8_NV; v++) {
+                for (int v = 0; v < nv; v++) {
                     const int64_t t = rbe_min(v0 + v, j->tiles - 1);
                     tile[v] = j->pack + t * nblk * Q8_REC, xv[v] = j->xs + t * m->groups * VLEN;
                 }
-                float *p = FN(q8_part)(j->part, vecs, r, v0);
-                if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1);
-                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0);
+                float *p = FN(q8_part)(j->part, vecs, r, v0, mr, nv);
+                if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, mr, nv);
+                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, mr, nv);
             }
         }
     }
-    for (int64_t r = 0; r < nr; r += Q8_MR) {
-        const int64_t rows = rbe_min(Q8_MR, nr - r);
+    for (int64_t r = 0; r < nr; r += mr) {
+        const int64_t rows = rbe_min(mr, nr - r);
         for (int64_t b = 0; b < j->n; b++) {
-            const float *p = FN(q8_part)(j->part, vecs, r, b / VLEN) + b % VLEN;
+            const float *p = FN(q8_part)(j->part, vecs, r, b / VLEN, mr, nv) + b % VLEN;
             float *o = y + b * ldy + rb + r;
-            if (rows == Q8_MR) /* a fixed count: unrolled */
-                for (int i = 0; i < Q8_MR; i++) o[i] = p[i * Q8_NV * VLEN];
+            if (rows == mr) /* a fixed count: unrolled */
+                for (int i = 0; i < mr; i++) o[i] = p[i * nv * VLEN];
             else
-                for (int64_t i = 0; i < rows; i++) o[i] = p[i * Q8_NV * VLEN];
+                for (int64_t i = 0; i < rows; i++) o[i] = p[i * nv * VLEN];
         }
     }
+}
+
+/* q8_band with passes of Q8_MR rows and Q8_NV vectors, or of Q8_MR1 rows when there is one. */
+static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t r1, float *y, int64_t ldy) {
+    if (j->vecs == 1) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR1, 1);
+    else FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR, Q8_NV);
 }
 
 /* The int8 product (rbe_kernels.lut_gemm_q8). Bands of Q8_RB rows; in a band, column slices of
@@ -768,7 +783,7 @@ static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t
 static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int64_t n, int64_t r0,
                             int64_t r1, float *y, int64_t ldy, void *scratch) {
     q8_job j = {.m = m, .pack = pack, .rot = rot, .n = n, .tiles = (n + VLEN - 1) / VLEN};
-    j.vecs = (j.tiles + Q8_NV - 1) / Q8_NV * Q8_NV;
+    j.vecs = j.tiles == 1 ? 1 : (j.tiles + Q8_NV - 1) / Q8_NV * Q8_NV;
     const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
     j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
     j.sums = m->has_offset || m->q8_beta != 0.0f;
