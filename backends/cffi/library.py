@@ -55,6 +55,11 @@ def supported_isas() -> tuple[str, ...]:
     return tuple(name for name, bit in ISAS.items() if mask & bit)
 
 
+def has_int8_product(isa: str) -> bool:
+    """Whether the ``isa`` path multiplies int8-quantized inputs on this CPU (else float32 only)."""
+    return bool(require_lib().rbe_isa_int8(ISAS[isa]))
+
+
 def active_isa() -> str:
     """The path calls use now: ``$RBE_CFFI_ISA`` if set (validated), else the best supported one."""
     supported = supported_isas()

@@ -215,6 +215,20 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
 
+def test_few_tokens_of_a_large_matrix_run_on_int8(isa):
+    """Decode steps of 4 or more sequences meet a matrix of 2^22 weights or more (one that streams
+    from memory) through the int8 product; 3 run in float32, as one token's."""
+    if not library.has_int8_product(isa):
+        pytest.skip(f"{isa} has no int8 product on this CPU")
+    rng = np.random.default_rng(8)
+    low = _layout(rng, 4, "normal", True, "f16", rows=2048, cols=2048)
+    m = LoweredMatrix(low)
+    lv8, alpha, beta, rot, _ = _int8_levels(m)
+    x = rng.standard_normal((4, low.cols)).astype(np.float32)
+    assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5
+    assert np.array_equal(_linear_int8(m, x[:3]), m.linear(x[:3]))
+
+
 def test_int8_product_of_codecs_stays_near_float32(isa):
     """Lowered codecs (rotated inputs included) through the int8 product: within the error of
     8-bit inputs of the float32 product."""

@@ -38,3 +38,8 @@ const rbe_kernels *rbe_kernels_for(int isa) {
         default: return NULL;
     }
 }
+
+int rbe_isa_int8(int isa) {
+    const rbe_kernels *k = rbe_kernels_for(isa);
+    return k && k->lut_gemm_q8;
+}

@@ -741,19 +741,24 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 }
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
- * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they have at least
- * Q8_MIN_TOKENS and run on int8 inputs; more run the batched kernels (whose tiles of 32 tokens a
- * few would leave mostly empty). lut_gemm_q8 against lut_gemv_few (AVX-512 VNNI), measured: one
+ * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they run on int8
+ * inputs and have at least Q8_MIN_TOKENS (Q8_MIN_TOKENS_LARGE for matrices of Q8_LARGE weights or
+ * more, which stream from memory); more run the batched kernels (whose tiles of 32 tokens a few
+ * would leave mostly empty). lut_gemm_q8 against lut_gemv_few (AVX-512 VNNI), measured: one
  * 4096 x 4096 hadamard 4-bit product on one thread, 4 tokens 1.6-2.0 ms vs 1.1-1.7, 8 tokens
- * 1.4-2.0 vs 2.2-3.0, 16 tokens 1.5 vs 4.5; SmolLM2 int4 decode steps of k sequences in
- * forward_batch (576-wide matrices: the int8 product's fixed costs weigh more), tok/s 6: 188 vs
- * 350, 12: 337 vs 363, 16: 656 vs 477. */
+ * 1.4-2.0 vs 2.2-3.0, 16 tokens 1.5 vs 4.5; decode steps of k sequences in forward_batch, tok/s:
+ * SmolLM2 int4 (576-wide matrices, cached: the int8 product's fixed costs weigh more) k = 6: 188
+ * vs 350, 12: 337 vs 363, 16: 656 vs 477; the 1B shape, hadamard 4-bit, k = 4: 69 vs 53-58, 8:
+ * 128-150 vs 65-75. */
 #define FEW_ROWS_MAX 16
 #define Q8_MIN_TOKENS 12
+#define Q8_MIN_TOKENS_LARGE 4
+#define Q8_LARGE ((int64_t)1 << 22)
 
 /* Whether the product of n tokens with m runs on int8 inputs (lut_gemm_q8). */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
-    return n >= Q8_MIN_TOKENS && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
+    const int64_t least = m->rows * m->lut.cols_p >= Q8_LARGE ? Q8_MIN_TOKENS_LARGE : Q8_MIN_TOKENS;
+    return n >= least && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
 }
 
 typedef struct {

@@ -13,3 +13,4 @@
 
 int rbe_isa_compiled(void);  /* bitmask of the paths built into this module */
 int rbe_isa_supported(void); /* compiled paths this CPU (and OS) can run */
+int rbe_isa_int8(int isa);   /* whether the path has the int8 product on this CPU */
