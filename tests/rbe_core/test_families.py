@@ -122,6 +122,39 @@ def test_family_matches_transformers(variant, backend, made):
     assert len(greedy) == NEW or greedy[-1] in model.eos_ids
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_default_rope_frequencies_are_transformers_bit_for_bit(variant, made):
+    """The torch modules' inverse RoPE frequencies of the default kind equal transformers' exactly:
+    a 1-ulp difference in a few of them changed a calibrated conversion's codes (SmolLM2 flagship
+    perplexity 19.83 -> 20.39). Other kinds (YaRN, Llama 3, Gemma 3's sliding layers) are only
+    compared through the logits."""
+    ref, path, _ = made(variant)
+    model = rbe_core.load_model(path, backend="torch", engine="torch")
+    kinds = [r.get("type", "default") for r in model.config.get("ropes", [{}])]
+    if "default" not in kinds:
+        pytest.skip(f"{variant}: no default RoPE")
+    theirs = [b for n, b in ref.model.rotary_emb.named_buffers() if n.endswith("inv_freq") and "original" not in n]
+    for rope, kind in zip(model.ropes, kinds, strict=True):
+        if kind == "default":  # Gemma 3: one table per layer type, ours the sliding layers'
+            assert any(torch.equal(rope.inv_freq, t.to(rope.inv_freq.dtype)) for t in theirs), variant
+
+
+@pytest.mark.parametrize("theta, head_dim", [(1e6, 128), (1e4, 256), (1.5e5, 64)])  # Qwen2.5, Gemma 2, a case
+def test_default_rope_of_real_shapes_is_transformers_bit_for_bit(theta, head_dim):
+    """Head dims and thetas of real models, where a float32 table from numpy differs from
+    transformers' in a frequency or two: the torch modules still equal transformers exactly."""
+    from rbe_core.models.decoder import _rope
+    from rbe_core.models.families.decoder import _rope_table
+
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=head_dim, rope_theta=theta)
+    want = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).inv_freq
+    d = {"head_dim": head_dim, "rope_style": "half", "rotary_dim": head_dim, "rope_freqs": None}
+    rope = {"type": "default", "theta": theta}
+    table, factor = _rope_table(rope, head_dim, 4096, None)
+    assert torch.equal(_rope(d, rope, table, factor).inv_freq, want)
+    assert np.abs(table - want.numpy()).max() <= 2e-7 * want.abs().max().item()  # the engine's table: within an ulp
+
+
 def test_description_features_are_used(made):
     """The tiny configs exercise what they are meant to (a test of the tests)."""
     cfg = {v: rbe_core.load_model(made(v)[1], backend="numpy", engine="torch").config

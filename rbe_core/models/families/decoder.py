@@ -178,7 +178,12 @@ def rope_tables(cfg: Mapping[str, Any], freq_divisors: np.ndarray | None = None)
 
 def _rope_table(rope: Mapping[str, Any], dim: int, max_position: int, divisors) -> tuple[np.ndarray, float]:
     base = np.float32(rope["theta"])
-    inv = (np.float32(1.0) / base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    # transformers: 1 / theta ** (float32 exponents) in torch float32. numpy's float32 power is 1
+    # ulp off torch's in 4-42 of 32-128 frequencies (thetas 1e4-1e7); the power in float64 rounded
+    # to float32 in 0-5 (torch's is not correctly rounded either: only the torch modules, which
+    # compute the default kind themselves, match it bit for bit)
+    exponents = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    inv = (np.float32(1.0) / (np.float64(rope["theta"]) ** exponents).astype(np.float32)).astype(np.float32)
     kind, factor = rope.get("type", "default"), float(rope.get("factor") or 1.0)
     attention = 1.0
     if kind == "linear":
