@@ -66,9 +66,11 @@ def test_chat_streamed_equals_non_streamed_for_the_same_seed(server):
 
 
 def test_sse_framing(server):
+    # the end-of-sequence tokens banned: a sampled one would end the reply early (finish "stop")
+    eos = rbe_core.load_model(server.client().models.retrieve("tiny").model_dump()["path"], "numpy").eos_ids
     status, headers, data = server.request("POST", "/v1/chat/completions", {
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
-        "stream_options": {"include_usage": True}})
+        "stream_options": {"include_usage": True}, "logit_bias": {str(t): -100 for t in eos}})
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = sse(data)
     assert events[-1] == "[DONE]"
