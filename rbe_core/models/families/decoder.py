@@ -170,7 +170,8 @@ def name(cfg: Mapping[str, Any], role: str, i: int | None = None, e: int | None 
 
 def rope_tables(cfg: Mapping[str, Any], freq_divisors: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
     """Per RoPE kind of ``cfg``: (float32 inverse frequencies, rotary_dim / 2 of them; the factor
-    on cos and sin), as transformers computes them. ``freq_divisors``: the ``rope_freqs`` tensor."""
+    on cos and sin), as transformers computes them to within an ulp (the torch modules compute the
+    default kind themselves, bit for bit). ``freq_divisors``: the ``rope_freqs`` tensor."""
     d = described(cfg)
     dim = d["rotary_dim"]
     return [_rope_table(r, dim, d["max_position"], freq_divisors) for r in d["ropes"]]
