@@ -188,7 +188,7 @@ class Grid:
         object.__setattr__(self, "_edges", np.append(edges, np.inf))
         object.__setattr__(self, "_origin", origin)
         object.__setattr__(self, "_inv", 1.0 / width)
-        object.__setattr__(self, "_bucket_codes", np.searchsorted(edges, starts).astype(np.intp))
+        object.__setattr__(self, "_bucket_codes", np.searchsorted(edges, starts).astype(np.uint8))
 
     @property
     def top(self) -> float:
@@ -202,10 +202,13 @@ class Grid:
         if self.uniform:
             return np.clip(np.rint(u + (n - 1) / 2.0), 0, n - 1).astype(np.uint8)
         # the bucket's start code, plus one when the single edge a bucket can hold lies below u
-        b = np.clip((u - u.dtype.type(self._origin)) * u.dtype.type(self._inv), 0, len(self._bucket_codes) - 1)
-        c = self._bucket_codes[b.astype(np.intp)]
-        c += self._edges.astype(u.dtype)[c] < u
-        return c.astype(np.uint8)
+        t = u.dtype.type
+        b = np.subtract(u, t(self._origin))
+        b *= t(self._inv)
+        np.clip(b, 0, len(self._bucket_codes) - 1, out=b)
+        c = self._bucket_codes.take(b.astype(np.int32))
+        c += self._edges.astype(u.dtype).take(c) < u
+        return c
 
 
 @functools.cache
@@ -241,14 +244,18 @@ def choose_steps(wr: np.ndarray, group_size: int, grid: Grid) -> tuple[np.ndarra
     amax = np.abs(g).max(axis=2)
     best_err = np.full(amax.shape, np.inf, dtype=np.float32)
     best = amax / np.float32(grid.top)
-    for shrink in grid.clip:
+    u = np.empty_like(g)
+    for shrink in grid.clip:  # in place where it can be: this loop is most of an RTN encode
         step = (amax * np.float32(shrink / grid.top))[:, :, None]
-        safe = np.where(step > 0, step, np.float32(1.0))
-        q = grid.nearest(g / safe)
-        err = np.square(levels[q] * step - g).sum(axis=2)
+        np.divide(g, np.where(step > 0, step, np.float32(1.0)), out=u)
+        r = levels.take(grid.nearest(u))
+        r *= step
+        r -= g
+        np.square(r, out=r)
+        err = r.sum(axis=2)
         better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, step[:, :, 0], best)
+        np.copyto(best_err, err, where=better)
+        np.copyto(best, step[:, :, 0], where=better)
     return factor_steps(best)
 
 
@@ -302,7 +309,7 @@ def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: lis
         raise InvalidWeightError(f"calibration Gram must be a finite ({cols}, {cols}) matrix, got {h.shape}")
     hp = np.zeros((cols_p, cols_p), dtype=np.float64)
     hp[:cols, :cols] = h
-    return rotate(np.ascontiguousarray(rotate(hp, signs, blocks).T), signs, blocks)
+    return HadamardTransform(signs, tuple(blocks)).sandwich(hp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -418,13 +419,17 @@ def asymmetric_target(w: np.ndarray, gram: Gram, ridge: float = ASYMMETRIC_RIDGE
     ``argmin_W' ‖x̃ W'ᵀ − x Wᵀ‖² = W + W (x − x̃)ᵀ x̃ (x̃ᵀx̃ + λI)⁻¹``, ``λ`` = ``ridge`` × the mean
     diagonal of ``x̃ᵀx̃`` (equal inputs give ``W`` back; the ridge keeps the fit from chasing the
     calibration tokens' noise). Rounding ``W'`` against ``x̃ᵀx̃`` then
-    minimises the distance to the float layer's output, not to the float weight on drifted inputs."""
+    minimises the distance to the float layer's output, not to the float weight on drifted inputs.
+    The correction is computed in float32 (the ridge keeps the system well conditioned, and the
+    correction is small next to ``W``: its error is of the order of ``W``'s own float32 rounding)."""
+    import torch
+
     h = gram.xtx
-    drift = gram.cross.T - h  # (x − x̃)ᵀ x̃
-    damped = h.copy()
-    damped[np.diag_indices_from(damped)] += ridge * float(np.mean(np.diag(h))) + 1e-12
-    w64 = np.asarray(w, dtype=np.float64)
-    return (w64 + np.linalg.solve(damped, (w64 @ drift).T).T).astype(np.float32)
+    drift = torch.from_numpy((gram.cross.T - h).astype(np.float32))  # (x − x̃)ᵀ x̃
+    damped = torch.from_numpy(h.astype(np.float32))
+    damped.diagonal().add_(ridge * float(np.mean(np.diag(h))) + 1e-12)
+    w32 = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    return (w32 + torch.cholesky_solve((w32 @ drift).T, torch.linalg.cholesky(damped)).T).numpy()
 
 
 def sequential_encode(model, factory, data, codecs: Mapping[str, Any], *, jobs: int = 1,
@@ -638,15 +643,40 @@ def _shadow(block, float_block, float_cached: list, masks: list, factory) -> Cal
     return shadow
 
 
+#: Rows of each weight on which :func:`allocate_settings` measures its settings' errors: every
+#: ``rows / ERROR_SAMPLE_SHARE``-th row, at least ``ERROR_SAMPLE_ROWS`` (all rows of smaller ones).
+ERROR_SAMPLE_ROWS = 256
+ERROR_SAMPLE_SHARE = 8
+
+
+def error_sample(rows: int) -> np.ndarray:
+    """The stored rows whose encoding errors stand for a weight's (evenly spaced, sorted)."""
+    k = min(rows, max(ERROR_SAMPLE_ROWS, rows // ERROR_SAMPLE_SHARE))
+    return np.unique(np.linspace(0, rows - 1, k).round().astype(np.int64))
+
+
+def stored_bytes(codec, shape: tuple[int, ...]) -> int:
+    """``codec.encode(w).nbytes`` of any ``w`` of 2-D ``shape`` (source name empty). Codecs whose
+    payload arrays all have one entry per row are measured on a few rows and scaled (exact);
+    others encode zeros of the whole shape."""
+    rows, cols = shape
+    few, twice = (codec.encode(np.zeros((r, cols), dtype=np.float32)) for r in (8, 16))
+    per_row = all(a.shape[0] == 8 and twice.payload[k].shape == (16, *a.shape[1:]) for k, a in few.payload.items())
+    if rows < 8 or not per_row:
+        return codec.encode(np.zeros(shape, dtype=np.float32)).nbytes
+    header = json.dumps({**few.header(), "shape": [rows, cols]})
+    return few.payload_nbytes // 8 * rows + len(header)
+
+
 def allocate_settings(model, factory, data, names: list[str], settings: list, target_bpw: float) -> dict[str, Any]:
     """The setting (a codec of ``settings``) of each Linear weight in ``names``, their average bits ≤ ``target_bpw``.
 
     Each weight's output damage (:func:`output_damage`) is measured once, at the *probe* setting
     (the cheapest one of at least 3 bits, round-to-nearest); the damage of its other settings is
-    predicted by scaling with their input-weighted weight error (:func:`weighted_error`;
-    settings above 4 bits are extrapolated from 4 bits at ×¼ per bit, uniform-quantizer noise).
-    :func:`allocate` then picks settings minimising the summed damage. ``ValueError`` when even
-    the cheapest settings exceed the budget.
+    predicted by scaling with their input-weighted weight error (:func:`weighted_error`, measured
+    on the rows of :func:`error_sample`; settings above 4 bits are extrapolated from 4 bits at ×¼
+    per bit, uniform-quantizer noise). :func:`allocate` then picks settings minimising the summed
+    damage. ``ValueError`` when even the cheapest settings exceed the budget.
     """
     bits = [getattr(c, "bits", 3) for c in settings]
     probe = min((i for i in range(len(settings)) if bits[i] >= 3), key=bits.__getitem__, default=len(settings) - 1)
@@ -656,33 +686,32 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
         w = layer.weight.detach().numpy()
         return np.ascontiguousarray(w.T if transposed else w), transposed
 
-    probe_stats: dict[str, tuple[int, np.ndarray]] = {}  # name -> (payload bytes, input_sq_error)
+    probe_errors: dict[str, np.ndarray] = {}  # name -> input_sq_error of the probe on the error sample
 
     def probed(n):
         w, transposed = stored(n)
-        enc = settings[probe].encode(w, source=n)
-        dec = enc.decode().reshape(w.shape)
-        probe_stats[n] = (enc.nbytes - len(n), input_sq_error(dec - w, transposed))  # the header holds the name
+        dec = settings[probe].encode(w, source=n).decode().reshape(w.shape)
+        rows = slice(None) if transposed else error_sample(len(w))
+        probe_errors[n] = input_sq_error(dec[rows] - w[rows], transposed)
         return dec.T if transposed else dec
 
     damage, power = output_damage(model, factory, data, names, probed)
-    costs, errors, nbytes = {}, {}, {}
+    sizes: dict[tuple[int, tuple[int, ...]], int] = {}
+    costs, errors = {}, {}
     for n in names:
         w, transposed = stored(n)
+        part = w if transposed else w[error_sample(len(w))]
         costs[n], errors[n] = [], []
         for i, c in enumerate(settings):
             if i == probe:
-                nbytes[i, w.shape], sq = probe_stats[n]
-                errors[n].append(float(sq @ power[n]))
+                errors[n].append(float(probe_errors[n] @ power[n]))
             elif _extrapolated(c, settings) is None:
-                enc = c.encode(w, source=n)
-                nbytes[i, w.shape] = enc.nbytes - len(n)
-                errors[n].append(weighted_error(enc.decode().reshape(w.shape) - w, power[n], transposed))
+                errors[n].append(weighted_error(c.encode(part).decode().reshape(part.shape) - part, power[n], transposed))
             else:
                 errors[n].append(None)
-            if (i, w.shape) not in nbytes:
-                nbytes[i, w.shape] = c.encode(np.zeros_like(w)).nbytes
-            costs[n].append(8.0 * (nbytes[i, w.shape] + len(n)))
+            if (i, w.shape) not in sizes:
+                sizes[i, w.shape] = stored_bytes(c, w.shape)
+            costs[n].append(8.0 * (sizes[i, w.shape] + len(n)))
         for i, c in enumerate(settings):  # uniform-quantizer noise: ×1/4 per extra bit
             if errors[n][i] is None:
                 j = settings.index(_extrapolated(c, settings))

@@ -156,7 +156,7 @@ def lowered_hessian(gram, low) -> np.ndarray:
     hp[: low.cols, : low.cols] = h
     if low.transform is None:
         return hp
-    return low.transform.rotate(np.ascontiguousarray(low.transform.rotate(hp).T))
+    return low.transform.sandwich(hp)
 
 
 def calibrated_encode(codec, weight, gram, *, source: str = "", damp: float = DEFAULT_DAMP,

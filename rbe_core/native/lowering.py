@@ -19,6 +19,7 @@ once per tensor at load time and cached; the arrays are views or compact copies 
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import attrs
@@ -52,6 +53,27 @@ def fwht_blocks(x: np.ndarray, blocks) -> np.ndarray:
     return out
 
 
+@functools.cache
+def sylvester(n: int) -> np.ndarray:
+    """The unnormalised ``n × n`` Walsh–Hadamard matrix in Sylvester order (float64, read-only)."""
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    h.flags.writeable = False
+    return h
+
+
+def fwht_by_products(x: np.ndarray) -> np.ndarray:
+    """:func:`fwht` of float64 rows as two matrix products (``H_ac = H_a ⊗ H_c`` on each row seen as
+    an ``a × c`` matrix): equal within rounding, not bit for bit, and 4–5× faster on large
+    matrices. For statistics (Hessians), never for codes or decodes."""
+    n = x.shape[-1]
+    a = 1 << ((n.bit_length() - 1) // 2)
+    c = n // a
+    y = (np.ascontiguousarray(x).reshape(-1, c) @ sylvester(c)).reshape(-1, a, c)
+    return np.matmul(sylvester(a), y).reshape(x.shape)
+
+
 @attrs.frozen(eq=False)
 class HadamardTransform:
     """``T = blockdiag(H_b / sqrt(b)) · diag(signs)`` over ``cols_p`` columns (blocks: powers of 2)."""
@@ -75,6 +97,19 @@ class HadamardTransform:
     def unrotate(self, x: np.ndarray) -> np.ndarray:
         """Rows of ``x`` (…, cols_p) times ``T``."""
         return fwht_blocks(x, self.blocks) * self.signs.astype(x.dtype)
+
+    def sandwich(self, h: np.ndarray) -> np.ndarray:
+        """``T h Tᵀ`` of a symmetric float64 ``h`` (cols_p²), by :func:`fwht_by_products` (a Hessian
+        in the rotated basis)."""
+        def rotate_rows(x):
+            x = x * self.signs.astype(np.float64)
+            out, start = np.empty_like(x), 0
+            for b in self.blocks:
+                out[:, start : start + b] = fwht_by_products(x[:, start : start + b]) * (1.0 / np.sqrt(b))
+                start += b
+            return out
+
+        return rotate_rows(np.ascontiguousarray(rotate_rows(h).T))
 
 
 @attrs.frozen(eq=False)

@@ -21,9 +21,11 @@ from rbe_core.compression.calibration import (  # noqa: E402
     asymmetric_target,
     batches,
     encode_calibrated,
+    error_sample,
     output_damage,
     sequential_encode,
     source_model,
+    stored_bytes,
     weighted_error,
 )
 from rbe_core.models.sources import open_source  # noqa: E402
@@ -94,6 +96,23 @@ def test_weighted_error_is_the_layer_output_error_for_white_inputs():
     expect = float(np.sum(delta**2 * d[None, :]))
     assert weighted_error(delta, d, False) == pytest.approx(expect)
     assert weighted_error(delta.T, d, True) == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 300, 2048, 49152])
+def test_error_sample_spans_the_rows(rows):
+    s = error_sample(rows)
+    assert s[0] == 0 and s[-1] == rows - 1 and np.all(np.diff(s) > 0)
+    assert len(s) == min(rows, max(256, rows // 8))
+
+
+@pytest.mark.parametrize("config", [{"id": "hadamard", "bits": 3}, {"id": "int4"}, "int8", {"id": "packed64"}, "hybrid"])
+@pytest.mark.parametrize("shape", [(5, 64), (300, 96), (1000, 576)])
+def test_stored_bytes_is_what_encoding_stores(config, shape):
+    codec = get_codec(config)
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if config == "hybrid":  # what it stores depends on the values: measured on zeros, as before sampling
+        w = np.zeros(shape, dtype=np.float32)
+    assert stored_bytes(codec, shape) == codec.encode(w).nbytes
 
 
 def test_allocate_gives_the_bits_to_the_sensitive_tensor():

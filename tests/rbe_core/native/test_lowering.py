@@ -47,6 +47,16 @@ def test_transform_rotate_unrotate_are_inverse():
     assert t.key == HadamardTransform(t.signs.copy(), (64, 32)).key
 
 
+@pytest.mark.parametrize("blocks", [(64, 32), (1,), (2,), (512, 64), (4096,)])
+def test_sandwich_is_the_rotation_on_both_sides(blocks):
+    n = sum(blocks)
+    t = HadamardTransform(np.where(np.arange(n) % 3, 1.0, -1.0).astype(np.float32), blocks)
+    x = np.random.default_rng(2).standard_normal((n, n))
+    h = x @ x.T
+    expect = t.rotate(np.ascontiguousarray(t.rotate(h).T))
+    np.testing.assert_allclose(t.sandwich(h), expect, rtol=0, atol=1e-12 * np.abs(expect).max())
+
+
 def test_inconsistent_layouts_are_refused():
     codes = np.zeros((2, 32), np.uint8)
     with pytest.raises(ValueError, match="levels"):
