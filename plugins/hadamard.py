@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 import numpy as np
@@ -41,7 +42,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, row_chunks, to_numpy_f32
-from rbe_core.compression.gptq import gptq
+from rbe_core.compression.gptq import gptq_sweep, hessian_factor
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
 
@@ -364,27 +365,38 @@ class HadamardCodec(Codec):
         return Encoded(self, w.shape, payload, dtype=dtype, source=source)
 
     def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
-        """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``."""
-        rows, cols = w.shape
-        cols_p, signs, blocks = self.layout(cols)
-        wp = np.zeros((rows, cols_p), dtype=np.float64)
-        wp[:, :cols] = w
+        """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``, whose
+        Hessian side (rotation, inverse Cholesky factor) runs on a thread beside the step search."""
+        cols_p, signs, blocks = self.layout(w.shape[1])
+        if calibration is None:
+            wr, grid, steps, fields = self._steps(w, cols_p, signs, blocks)
+            return {"codes": pack_codes(round_nearest(wr, steps, grid), self.bits), **fields}
+        with ThreadPoolExecutor(1) as pool:
+            factor = pool.submit(self._hessian_factor, calibration, w.shape[1], cols_p, signs, blocks)
+            wr, grid, steps, fields = self._steps(w, cols_p, signs, blocks)
+            q = gptq_sweep(wr, steps, factor.result(), grid.levels, grid.nearest)
+        return {"codes": pack_codes(q, self.bits), **fields}
+
+    def _steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """(rotated weights, grid, per-element steps, the payload's step fields) of the rows ``w``."""
+        wp = np.zeros((w.shape[0], cols_p), dtype=np.float64)
+        wp[:, : w.shape[1]] = w
         wr = rotate(wp, signs, blocks)
         grid = grid_for(self.bits, self.grid)
         row_scale, scale_code = choose_steps(wr, self.group_size, grid)
         steps = np.repeat(group_steps(row_scale, scale_code), self.group_size, axis=1)
-        if calibration is None:
-            q = round_nearest(wr, steps, grid)
-        else:
-            # Gram lives in the calibrated-conversion module: loaded only when calibrating
-            from rbe_core.compression.calibration import Gram
+        return wr, grid, steps, {"scale_code": scale_code, "row_scale": row_scale}
 
-            if isinstance(calibration, Gram):
-                h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
-            else:
-                h = hessian(calibration, cols, cols_p, signs, blocks)
-            q = gptq(wr, steps, h, grid.levels, grid.nearest, float(self.damp), self.act_order)
-        return {"codes": pack_codes(q, self.bits), "scale_code": scale_code, "row_scale": row_scale}
+    def _hessian_factor(self, calibration, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """GPTQ's factor of the rotated Hessian of ``calibration``: activations or a ``Gram``."""
+        # Gram lives in the calibrated-conversion module: loaded only when calibrating
+        from rbe_core.compression.calibration import Gram
+
+        if isinstance(calibration, Gram):
+            h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
+        else:
+            h = hessian(calibration, cols, cols_p, signs, blocks)
+        return hessian_factor(h, float(self.damp), self.act_order)
 
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)

@@ -52,6 +52,21 @@ def main(verbose: bool) -> None:
 _HANDLER_NAME = "rbe-cli"
 
 
+def _keep_freed_memory() -> None:
+    """Have glibc keep freed blocks of up to 1 GiB in the process instead of unmapping them: a
+    calibrated conversion frees and re-allocates the same activations on every forward pass (the 1B
+    shape spent 908 of 3,600 CPU-seconds in the kernel on 63 M page faults). No-op without glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 def _log_to_stderr(verbose: bool) -> None:
     """Route the ``rbe`` logger's INFO messages to stderr when ``verbose`` (once per process)."""
     logger = logging.getLogger("rbe")
@@ -251,6 +266,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
         return
     import tempfile
 
+    if not no_calibration:
+        _keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix=".rbe-convert-", dir=Path(out).resolve().parent) as work:
         try:
             if data is not None and not no_calibration:
