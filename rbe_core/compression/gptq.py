@@ -153,7 +153,7 @@ def _gptq_rows(w, s, safe, u, levels, nearest, q) -> None:
     """The column sweep of :func:`gptq_sweep` over some rows: ``w`` (updated in place), their steps
     ``s`` and ``safe``, the shared factor ``u``; codes into ``q``. Each block is held transposed
     (a column is a contiguous row), and inside it errors reach the later columns in sub-blocks of
-    ``_GPTQ_SUB`` by one matrix product each (2–2.4× the column-by-column updates, same codes on
+    ``_GPTQ_SUB`` by one matrix product each (1.9–2.4× the column-by-column updates, same codes on
     the matrices measured)."""
     n = w.shape[1]
     for i1 in range(0, n, _GPTQ_BLOCK):
