@@ -42,13 +42,15 @@ def fwht(x: np.ndarray) -> np.ndarray:
     return y.reshape(*lead, n)
 
 
-def fwht_blocks(x: np.ndarray, blocks) -> np.ndarray:
-    """Orthonormal block-diagonal Walsh–Hadamard transform along the last axis: :func:`fwht` of
-    each block, then the ``x.dtype`` scale 1/sqrt(b) (the butterflies every kernel reproduces)."""
+def fwht_blocks(x: np.ndarray, blocks, transform=None) -> np.ndarray:
+    """Orthonormal block-diagonal Walsh–Hadamard transform along the last axis: :func:`fwht` (or
+    ``transform``) of each block, then the ``x.dtype`` scale 1/sqrt(b) (the butterflies every
+    kernel reproduces)."""
+    transform = transform or fwht
     out = np.empty_like(x)
     start = 0
     for b in blocks:
-        out[..., start : start + b] = fwht(x[..., start : start + b]) * x.dtype.type(1.0 / np.sqrt(b))
+        out[..., start : start + b] = transform(x[..., start : start + b]) * x.dtype.type(1.0 / np.sqrt(b))
         start += b
     return out
 
@@ -102,12 +104,7 @@ class HadamardTransform:
         """``T h Tᵀ`` of a symmetric float64 ``h`` (cols_p²), by :func:`fwht_by_products` (a Hessian
         in the rotated basis)."""
         def rotate_rows(x):
-            x = x * self.signs.astype(np.float64)
-            out, start = np.empty_like(x), 0
-            for b in self.blocks:
-                out[:, start : start + b] = fwht_by_products(x[:, start : start + b]) * (1.0 / np.sqrt(b))
-                start += b
-            return out
+            return fwht_blocks(x * self.signs.astype(np.float64), self.blocks, fwht_by_products)
 
         return rotate_rows(np.ascontiguousarray(rotate_rows(h).T))
 
