@@ -373,9 +373,22 @@ class HadamardCodec(Codec):
             return {"codes": pack_codes(round_nearest(wr, steps, grid), self.bits), **fields}
         with ThreadPoolExecutor(1) as pool:
             factor = pool.submit(self._hessian_factor, calibration, w.shape[1], cols_p, signs, blocks)
-            wr, grid, steps, fields = self._steps(w, cols_p, signs, blocks)
+            wr, grid, steps, fields = self._chunked_steps(w, cols_p, signs, blocks)
             q = gptq_sweep(wr, steps, factor.result(), grid.levels, grid.nearest)
         return {"codes": pack_codes(q, self.bits), **fields}
+
+    def _chunked_steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """:meth:`_steps` of all rows ``w``, computed in row chunks that stay in cache (rows are
+        independent: the same result as one call, ~2× faster on matrices larger than the cache)."""
+        rows = w.shape[0]
+        wr = np.empty((rows, cols_p), dtype=np.float64)
+        steps = np.empty((rows, cols_p), dtype=np.float32)
+        fields: dict[str, list[np.ndarray]] = {}
+        for a, b in row_chunks(rows, cols_p, RTN_CHUNK_ELEMENTS):
+            wr[a:b], grid, steps[a:b], part = self._steps(w[a:b], cols_p, signs, blocks)
+            for k, v in part.items():
+                fields.setdefault(k, []).append(v)
+        return wr, grid, steps, {k: np.concatenate(v) for k, v in fields.items()}
 
     def _steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
         """(rotated weights, grid, per-element steps, the payload's step fields) of the rows ``w``."""

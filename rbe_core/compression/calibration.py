@@ -30,6 +30,7 @@ docstrings (PSF License); see ``rbe_core/data/SOURCE.txt``. The whole fp32 model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import json
@@ -287,19 +288,12 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
 
     def run_from(b: int | None) -> float:
         """Mean damage over ``data`` of the current weights, running from block ``b`` (None: whole model)."""
-        if b is not None:
-            setattr(parent, attr, torch.nn.ModuleList(list(blocks)[b:]))
-            feed = blocks[b].register_forward_pre_hook(lambda mod, a, k: cached[b][state["batch"]], with_kwargs=True)
-        try:
+        with contextlib.nullcontext() if b is None else _fed_from(parent, attr, b, cached[b], state):
             total = 0.0
             for i, ((args, mask), ref) in enumerate(zip(data, refs, strict=True)):
                 state["batch"] = i
                 total += _damage(model, ref, scored(args, mask))
             return total / len(data)
-        finally:
-            if b is not None:
-                feed.remove()
-                setattr(parent, attr, blocks)
 
     try:
         with torch.no_grad():
@@ -324,6 +318,23 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
     inputs = {n: (power[n] / counts[n]).numpy() if n in power else np.ones(factory.linears[n][0].weight.shape[1])
               for n in names}
     return damage, inputs
+
+
+@contextlib.contextmanager
+def _fed_from(parent, attr: str, b: int, inputs: list, state: dict[str, Any]):
+    """While inside, the model runs from block ``b`` of ``getattr(parent, attr)`` on: the blocks
+    before it are left out and block ``b`` gets ``inputs[state["batch"]]`` (its cached (args,
+    kwargs)) instead of what the model feeds it."""
+    import torch
+
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList(list(blocks)[b:]))
+    feed = blocks[b].register_forward_pre_hook(lambda mod, a, k: inputs[state["batch"]], with_kwargs=True)
+    try:
+        yield
+    finally:
+        feed.remove()
+        setattr(parent, attr, blocks)
 
 
 def input_sq_error(delta: np.ndarray, transposed: bool) -> np.ndarray:
@@ -467,31 +478,34 @@ class _SequentialEncoder:
         self.pool = ThreadPoolExecutor(max(1, jobs))
 
     def run(self, model, data, asymmetric: bool) -> None:
-        """Block by block (each block's input cached once), then whatever the blocks left."""
+        """Block by block (each block's input cached once), then whatever the blocks left, the
+        model run from its last block's cached input."""
         masks = [m for _a, m in data]
-        blocks = _block_list(model)[2]
+        parent, attr, blocks = _block_list(model)
         cached = _block_inputs(model, blocks[0], data) if len(blocks) else []
         float_cached = list(cached) if asymmetric else None
+        last_inputs = cached
         for block in blocks:
             def run_block(b, state, block=block):
                 state["mask"] = masks[b]
                 args, kwargs = cached[b]
                 block(*args, **kwargs)
 
-            float_block = copy.deepcopy(block) if asymmetric else None
-            shadow = None if float_block is None else _shadow(block, float_block, float_cached, masks, self.factory)
+            shadow = None if float_cached is None else _float_inputs(block, float_cached, masks, self.factory)
             self.run_stages([m for m in block.modules() if id(m) in self.todo], run_block, len(cached), shadow)
+            last_inputs = list(cached)
             _advance(block, cached)
-            if float_block is not None:
-                _advance(float_block, float_cached)
+
+        feed = {"batch": 0}
 
         def run_model(b, state):
-            state["mask"] = masks[b]
+            state["mask"], feed["batch"] = masks[b], b
             _call(model, data[b][0])
 
         tail = [m for m in model.modules() if id(m) in self.todo and self.todo[id(m)] not in self.out]
-        for i in self.run_stages(tail, run_model, len(data)):
-            self.encode_stage([self.todo[i]], None)
+        with _fed_from(parent, attr, len(blocks) - 1, last_inputs, feed) if len(blocks) else contextlib.nullcontext():
+            for i in self.run_stages(tail, run_model, len(data)):
+                self.encode_stage([self.todo[i]], None)
 
     def run_stages(self, modules: list, run: Callable, nbatches: int, shadow: Callable | None = None) -> set[int]:
         """Stage by stage over ``modules``; returns the ids of those the forward pass never reached.
@@ -603,42 +617,47 @@ def _block_inputs(model, first_block, data) -> list[tuple[tuple, dict]]:
     return cached
 
 
-def _advance(block, cached: list) -> None:
-    """Replace each cached block input by what ``block`` returns for it (the next block's input)."""
+def _advance(block, cached: list, state: dict[str, Any] | None = None) -> None:
+    """Replace each cached block input by what ``block`` returns for it (the next block's input);
+    ``state["batch"]`` is the batch being run."""
     for b, (args, kwargs) in enumerate(cached):
+        if state is not None:
+            state["batch"] = b
         y = block(*args, **kwargs)
         cached[b] = ((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs)
 
 
-def _shadow(block, float_block, float_cached: list, masks: list, factory) -> Callable:
-    """``shadow(b, name)`` for :func:`sequential_encode`: the input rows the float copy of ``block``
-    feeds Linear ``name`` on the float model's cached inputs of batch ``b``; None when they are not
-    one row per token (an expert sees the tokens routed to it, which differ between the models)."""
-    where = {id(m): path for path, m in block.named_modules()}
+def _float_inputs(block, float_cached: list, masks: list, factory) -> Callable:
+    """Run a float copy of ``block`` once over ``float_cached`` (the float model's inputs to it,
+    replaced by its outputs), recording what each of its Linears reads. Returns ``shadow(b, name)``
+    for :func:`sequential_encode`: the input rows the float model feeds Linear ``name`` on batch
+    ``b``; None when they are not one row per token (an expert sees the tokens routed to it, which
+    differ between the models)."""
+    float_block = copy.deepcopy(block)
+    path_of = {id(m): path for path, m in block.named_modules()}
     float_modules = dict(float_block.named_modules())
+    tokens = [args[0].shape[:-1].numel() for args, _k in float_cached]
+    recorded: list[dict[str, Any]] = [{} for _ in float_cached]
+    state = {"batch": 0}
+
+    def recorder(path: str) -> Callable:
+        def grab(mod, args):
+            b = state["batch"]
+            rows = args[0].detach().reshape(-1, args[0].shape[-1])
+            recorded[b][path] = _real_tokens(rows, masks[b]).float() if rows.shape[0] == tokens[b] else None
+
+        return grab
+
+    paths = [path_of[id(layer)] for layer, _t in factory.linears.values() if id(layer) in path_of]
+    hooks = [float_modules[p].register_forward_pre_hook(recorder(p)) for p in paths]
+    try:
+        _advance(float_block, float_cached, state)
+    finally:
+        for h in hooks:
+            h.remove()
 
     def shadow(b: int, name: str):
-        got = {}
-
-        def grab(mod, args):
-            got["x"] = args[0]
-            raise _Stop
-
-        h = float_modules[where[id(factory.linears[name][0])]].register_forward_pre_hook(grab)
-        args, kwargs = float_cached[b]
-        try:
-            float_block(*args, **kwargs)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        if "x" not in got:
-            return None
-        x = got["x"].detach()
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] != args[0].shape[:-1].numel():
-            return None
-        return _real_tokens(rows, masks[b]).float()
+        return recorded[b].get(path_of[id(factory.linears[name][0])])
 
     return shadow
 
