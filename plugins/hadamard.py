@@ -443,7 +443,13 @@ class HadamardCodec(Codec):
         return np.ascontiguousarray(unrotate(wr, signs, blocks)[:, :cols])
 
     def decode(self, encoded: Encoded) -> np.ndarray:
-        return self.decode_rows(encoded, 0, encoded.matrix_shape[0]).reshape(encoded.shape)
+        """All rows, decoded in row chunks that stay in cache (the same values as one
+        :meth:`decode_rows` call, ~2× faster on matrices larger than the cache)."""
+        rows, cols = encoded.matrix_shape
+        out = np.empty((rows, cols), dtype=np.float32)
+        for a, b in row_chunks(rows, padded_cols(cols, self.group_size), RTN_CHUNK_ELEMENTS):
+            out[a:b] = self.decode_rows(encoded, a, b)
+        return out.reshape(encoded.shape)
 
     def lower(self, encoded: Encoded) -> Lowered:
         """The canonical layout (``rbe_core.native.lowering``): codes, this grid's levels, the group

@@ -253,8 +253,9 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
     """Measured damage of replacing each Linear weight alone: (name -> damage, name -> input power).
 
     For every Linear weight in ``names`` the model runs on ``data`` with only that weight replaced
-    by ``replace(name)`` (shaped as the layer holds it), and its output is compared with the unmodified
-    model's (:func:`_damage`). Blocks before the replaced weight's block are skipped by feeding
+    by ``replace(name)`` (shaped as the layer holds it; called on a worker thread, one weight ahead
+    of the one being run, while every other weight holds its own value), and its output is compared
+    with the unmodified model's (:func:`_damage`). Blocks before the replaced weight's block are skipped by feeding
     that block its cached inputs. Causal LMs score every ``head_stride``-th position (the LM head
     dominates the cost). Input power: the mean squared input per input feature of each Linear
     (ones for a layer the pass never reaches).
@@ -304,14 +305,19 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
             for h in recording:
                 h.remove()
             damage = {}
-            for n in names:
-                layer, _t = factory.linears[n]
-                saved = layer.weight.detach().clone()
-                layer.weight.copy_(torch.from_numpy(np.asarray(replace(n), dtype=np.float32)).reshape(saved.shape))
-                try:
-                    damage[n] = max(0.0, run_from(block_of.get(id(layer))))
-                finally:
-                    layer.weight.copy_(saved)
+            with ThreadPoolExecutor(1) as pool:  # the next replacement is made while the model runs
+                ahead = pool.submit(replace, names[0]) if names else None
+                for i, n in enumerate(names):
+                    layer, _t = factory.linears[n]
+                    new = ahead.result()
+                    ahead = pool.submit(replace, names[i + 1]) if i + 1 < len(names) else None
+                    saved = layer.weight.detach().clone()
+                    layer.weight.copy_(torch.from_numpy(np.asarray(new, dtype=np.float32)).reshape(saved.shape))
+                    del new
+                    try:
+                        damage[n] = max(0.0, run_from(block_of.get(id(layer))))
+                    finally:
+                        layer.weight.copy_(saved)
     finally:
         for h in recording + strided:
             h.remove()
@@ -687,7 +693,8 @@ def stored_bytes(codec, shape: tuple[int, ...]) -> int:
     return few.payload_nbytes // 8 * rows + len(header)
 
 
-def allocate_settings(model, factory, data, names: list[str], settings: list, target_bpw: float) -> dict[str, Any]:
+def allocate_settings(model, factory, data, names: list[str], settings: list, target_bpw: float, *,
+                      jobs: int = 1) -> dict[str, Any]:
     """The setting (a codec of ``settings``) of each Linear weight in ``names``, their average bits ≤ ``target_bpw``.
 
     Each weight's output damage (:func:`output_damage`) is measured once, at the *probe* setting
@@ -695,7 +702,8 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
     predicted by scaling with their input-weighted weight error (:func:`weighted_error`, measured
     on the rows of :func:`error_sample`; settings above 4 bits are extrapolated from 4 bits at ×¼
     per bit, uniform-quantizer noise). :func:`allocate` then picks settings minimising the summed
-    damage. ``ValueError`` when even the cheapest settings exceed the budget.
+    damage; the settings' errors are measured ``jobs`` weights at a time. ``ValueError`` when even
+    the cheapest settings exceed the budget.
     """
     bits = [getattr(c, "bits", 3) for c in settings]
     probe = min((i for i in range(len(settings)) if bits[i] >= 3), key=bits.__getitem__, default=len(settings) - 1)
@@ -715,28 +723,36 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
         return dec.T if transposed else dec
 
     damage, power = output_damage(model, factory, data, names, probed)
-    sizes: dict[tuple[int, tuple[int, ...]], int] = {}
-    costs, errors = {}, {}
-    for n in names:
+
+    def setting_errors(n) -> list[float]:
+        """Predicted damage of each setting of weight ``n``."""
         w, transposed = stored(n)
         part = w if transposed else w[error_sample(len(w))]
-        costs[n], errors[n] = [], []
+        errors: list[Any] = []
         for i, c in enumerate(settings):
             if i == probe:
-                errors[n].append(float(probe_errors[n] @ power[n]))
+                errors.append(float(probe_errors[n] @ power[n]))
             elif _extrapolated(c, settings) is None:
-                errors[n].append(weighted_error(c.encode(part).decode().reshape(part.shape) - part, power[n], transposed))
+                errors.append(weighted_error(c.encode(part).decode().reshape(part.shape) - part, power[n], transposed))
             else:
-                errors[n].append(None)
-            if (i, w.shape) not in sizes:
-                sizes[i, w.shape] = stored_bytes(c, w.shape)
-            costs[n].append(8.0 * (sizes[i, w.shape] + len(n)))
+                errors.append(None)
         for i, c in enumerate(settings):  # uniform-quantizer noise: ×1/4 per extra bit
-            if errors[n][i] is None:
+            if errors[i] is None:
                 j = settings.index(_extrapolated(c, settings))
-                errors[n][i] = errors[n][j] * 4.0 ** (settings[j].bits - c.bits)
-        scale = damage[n] / errors[n][probe] if errors[n][probe] > 0 else 0.0
-        errors[n] = [e * scale for e in errors[n]]
+                errors[i] = errors[j] * 4.0 ** (settings[j].bits - c.bits)
+        scale = damage[n] / errors[probe] if errors[probe] > 0 else 0.0
+        return [e * scale for e in errors]
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # numpy encodes release the GIL
+        errors = dict(zip(names, pool.map(setting_errors, names), strict=True))
+    sizes: dict[tuple[int, tuple[int, ...]], int] = {}
+    costs = {}
+    for n in names:
+        shape = stored(n)[0].shape
+        for i, c in enumerate(settings):
+            if (i, shape) not in sizes:
+                sizes[i, shape] = stored_bytes(c, shape)
+        costs[n] = [8.0 * (sizes[i, shape] + len(n)) for i in range(len(settings))]
     weights = sum(int(np.prod(factory.linears[n][0].weight.shape)) for n in names)
     pick = allocate(costs, errors, target_bpw * weights)
     return {n: settings[i] for n, i in pick.items()}
@@ -775,7 +791,7 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
         settings = [get_codec(c) for c in candidates]
         damage_data = batches(model, text, min(damage_tokens, max_tokens), window=256, batch=2)
         try:
-            pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw)
+            pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs)
         except ValueError as exc:
             raise ValueError(f"no setting of {[c.get('id') for c in candidates]} reaches {target_bpw} bits/weight "
                              f"over the Linear weights ({exc})") from None
