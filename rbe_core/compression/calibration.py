@@ -135,11 +135,28 @@ def source_model(source, tensors: Mapping[str, Any] | None = None):
             self.embeddings.add(name)
             return super().embedding(name)
 
+    class Loaded(Mapping):
+        """name -> the tensor as a ``raw`` encoding, loaded when asked for (and not kept: the model
+        holds the only copy of the weights)."""
+
+        def __getitem__(self, n):
+            if n not in known:
+                raise KeyError(n)
+            return raw.encode(tensors[n] if n in tensors else source.load(n), source=n)
+
+        def __contains__(self, n):
+            return n in known
+
+        def __iter__(self):
+            return iter(names)
+
+        def __len__(self):
+            return len(names)
+
     raw = get_codec("raw")
     names = source.spec.check(source.config, source.shapes)
-    tensors = tensors or {}
-    encoded = {n: raw.encode(tensors[n] if n in tensors else source.load(n), source=n) for n in names}
-    factory = Recorder(encoded)
+    known, tensors = set(names), tensors or {}
+    factory = Recorder(Loaded())
     model = MODEL_CLASSES[source.spec.name](source.config, factory, load_tokenizer(source.tokenizer_json)).eval()
     factory.tensors = {}  # the model holds its own copies now
     for p in model.parameters():

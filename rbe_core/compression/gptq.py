@@ -14,6 +14,7 @@ import attrs
 import numpy as np
 
 from ..abc import Encoded
+from ..arrays import row_chunks
 from ..errors import InvalidWeightError
 from ..native.lowering import lower, nearest_codes
 
@@ -97,20 +98,25 @@ def single_threaded_blas():
 
 def _gptq_sweep(w, steps, factor, levels, nearest) -> np.ndarray:
     rows, n = w.shape
-    w = w.astype(np.float64)
-    w[:, factor.dead] = 0.0
-    w = np.ascontiguousarray(w[:, factor.perm])
-    s = np.ascontiguousarray(steps[:, factor.perm].astype(np.float64))
-    safe = np.where(s > 0, s, 1.0)
+    w, s = _permuted(w, factor.perm), _permuted(steps, factor.perm)
+    w[:, factor.dead[factor.perm]] = 0.0
     q = np.empty((rows, n), dtype=np.uint8)
     parts = [slice(a, b) for a, b in _row_parts(rows, n)]
     if len(parts) == 1:
-        _gptq_rows(w, s, safe, factor.u, levels, nearest, q)
+        _gptq_rows(w, s, factor.u, levels, nearest, q)
     else:  # rows are independent given U: each part on its own thread (numpy releases the GIL)
         with ThreadPoolExecutor(len(parts)) as pool:
-            list(pool.map(lambda r: _gptq_rows(w[r], s[r], safe[r], factor.u, levels, nearest, q[r]), parts))
+            list(pool.map(lambda r: _gptq_rows(w[r], s[r], factor.u, levels, nearest, q[r]), parts))
     out = np.empty_like(q)
     out[:, factor.perm] = q
+    return out
+
+
+def _permuted(a: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """``a[:, perm]`` as a new float64 array, filled in row chunks (no full-size temporary)."""
+    out = np.empty((a.shape[0], len(perm)), dtype=np.float64)
+    for r0, r1 in row_chunks(a.shape[0], len(perm)):
+        out[r0:r1] = a[r0:r1][:, perm]
     return out
 
 
@@ -166,16 +172,17 @@ def _row_parts(rows: int, n: int) -> list[tuple[int, int]]:
     return [(a, min(rows, a + size)) for a in range(0, rows, size)]
 
 
-def _gptq_rows(w, s, safe, u, levels, nearest, q) -> None:
+def _gptq_rows(w, s, u, levels, nearest, q) -> None:
     """The column sweep of :func:`gptq_sweep` over some rows: ``w`` (updated in place), their steps
-    ``s`` and ``safe``, the shared factor ``u``; codes into ``q``. Each block is held transposed
+    ``s``, the shared factor ``u``; codes into ``q``. Each block is held transposed
     (a column is a contiguous row), and inside it errors reach the later columns in sub-blocks of
     ``_GPTQ_SUB`` by one matrix product each (1.9–2.4× the column-by-column updates, same codes on
     the matrices measured)."""
     n = w.shape[1]
     for i1 in range(0, n, _GPTQ_BLOCK):
         i2 = min(i1 + _GPTQ_BLOCK, n)
-        wt, st, safet = (np.ascontiguousarray(a[:, i1:i2].T) for a in (w, s, safe))
+        wt, st = (np.ascontiguousarray(a[:, i1:i2].T) for a in (w, s))
+        safet = np.where(st > 0, st, 1.0)
         et = np.empty_like(wt)
         qt = np.empty(wt.shape, dtype=np.uint8)
         u1 = u[i1:i2, i1:i2]

@@ -38,13 +38,14 @@ class LayerFactory:
         b = self.param(bias) if bias is not None else None
         if not self.dense:
             return RBELinear.from_encoded(enc, b, self.backend, transposed=transposed)
-        w = self.param(weight)
-        w = w.T.contiguous() if transposed else w
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if b is not None:
-                layer.bias.copy_(b)
+        w = np.ascontiguousarray(enc.decode(), dtype=np.float32)
+        w = np.ascontiguousarray(w.T) if transposed else w
+        if not w.flags.writeable or any(np.may_share_memory(w, a) for a in enc.payload.values()):
+            w = w.copy()
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")  # no initial values
+        layer.weight = nn.Parameter(torch.from_numpy(w))  # the decode's own array: one copy of the weights
+        if b is not None:
+            layer.bias = nn.Parameter(b.clone())
         return layer
 
     def embedding(self, name: str) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -179,3 +180,58 @@ def test_sequential_encode_pairs_compressed_and_float_inputs(kind, tmp_path):
     first = block_grams[0]
     assert np.allclose(first.cross, first.xtx, rtol=1e-6, atol=1e-6)
     assert any(not np.allclose(g.cross, g.xtx, rtol=1e-3, atol=1e-3) for g in block_grams[1:])
+
+
+def _inputs_by_linear(model, modules: dict, data) -> dict[str, torch.Tensor]:
+    """name -> the rows (real tokens) every module of ``modules`` (name -> module of ``model``) reads on ``data``."""
+    rows: dict[str, list] = {n: [] for n in modules}
+    state = {"mask": None}
+
+    def hook(name):
+        def grab(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            rows[name].append(x if state["mask"] is None or x.shape[0] != state["mask"].numel() else x[state["mask"]])
+        return grab
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for args, mask in data:
+                state["mask"] = mask
+                model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(r).double() for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_sequential_grams_are_what_each_linear_reads_in_the_finished_model(kind, tmp_path):
+    """Every Linear is calibrated after everything upstream of it was compressed, so its Gram is
+    Σ x̃ᵀx̃ of what it reads in the finished model (the LM head's too, which runs from the last
+    block's cached input), and a block Linear's cross term is Σ x̃ᵀx against the float model's x."""
+    (tiny_llama(num_hidden_layers=3) if kind == "llama" else tiny_bert()).save_pretrained(tmp_path)
+    model, factory = source_model(open_source(tmp_path))
+    float_model = copy.deepcopy(model)
+    data = batches(model, TEXT, max_tokens=128, window=32, batch=2)
+    grams = {}
+
+    def encode(codec, w, gram, name):
+        grams[name] = gram
+        return encode_calibrated(codec, w, gram, name)
+
+    names = _linears(factory)
+    codec = get_codec({"id": "hadamard", "bits": 3})
+    sequential_encode(model, factory, data, {n: codec for n in names}, encode=encode, asymmetric=True)
+    path = {id(m): p for p, m in model.named_modules()}
+    float_modules = dict(float_model.named_modules())
+    compressed = _inputs_by_linear(model, {n: factory.linears[n][0] for n in names}, data)
+    floats = _inputs_by_linear(float_model, {n: float_modules[path[id(factory.linears[n][0])]] for n in names}, data)
+    assert set(grams) == set(names) and sum(g.cross is not None for g in grams.values()) >= 4
+    for n in names:
+        x, xf = compressed[n], floats[n]
+        assert grams[n].count == len(x)
+        np.testing.assert_allclose(grams[n].xtx, (x.T @ x).numpy(), rtol=1e-4, atol=1e-4 * float(x.square().sum()) / len(x))
+        if grams[n].cross is not None:
+            np.testing.assert_allclose(grams[n].cross, (x.T @ xf).numpy(), rtol=1e-4,
+                                       atol=1e-4 * float(x.square().sum()) / len(x))
