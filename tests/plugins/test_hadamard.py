@@ -77,8 +77,27 @@ def test_registered_and_default_config():
 
 
 def test_fwht_is_sylvester_hadamard():
-    for n in (1, 2, 8, 64):
+    for n in (1, 2, 4, 8, 32, 64):
         np.testing.assert_allclose(fwht(np.eye(n)), _sylvester(n))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fwht_adds_in_the_order_of_one_stage_at_a_time(dtype):
+    """Two butterfly stages per pass are bit for bit the textbook radix-2 transform (the kernels
+    reproduce that order)."""
+    def radix2(x):
+        y, h = x.reshape(-1, x.shape[-1]), 1
+        while h < x.shape[-1]:
+            y = y.reshape(len(y), -1, 2, h)
+            y = np.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), axis=2)
+            h *= 2
+        return y.reshape(x.shape)
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 8, 16, 512, 2048):
+        x = rng.standard_normal((3, 5, n)).astype(dtype)
+        np.testing.assert_array_equal(fwht(x), radix2(x))
+        np.testing.assert_array_equal(fwht(x[:, :, : n // 2 or 1]), radix2(np.ascontiguousarray(x[:, :, : n // 2 or 1])))
 
 
 def test_rotation_is_orthogonal_and_inverted():
