@@ -42,7 +42,7 @@ import numpy as np
 from rbe_core import Codec, Encoded, hookimpl
 from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape, row_chunks, to_numpy_f32
-from rbe_core.compression.gptq import gptq_sweep, hessian_factor
+from rbe_core.compression.gptq import gptq_sweep, hessian_factor, transformed_hessian
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
 
@@ -305,12 +305,7 @@ def hessian(
 
 def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
     """``R H Rᵀ`` (float64, cols_p²) of a :class:`rbe_core.compression.calibration.Gram` (un-rotated ``XᵀX``)."""
-    h = np.asarray(gram.hessian, dtype=np.float64)
-    if h.shape != (cols, cols) or not np.isfinite(h).all():
-        raise InvalidWeightError(f"calibration Gram must be a finite ({cols}, {cols}) matrix, got {h.shape}")
-    hp = np.zeros((cols_p, cols_p), dtype=np.float64)
-    hp[:cols, :cols] = h
-    return HadamardTransform(signs, tuple(blocks)).sandwich(hp)
+    return transformed_hessian(gram, cols, cols_p, HadamardTransform(signs, tuple(blocks)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,17 +197,20 @@ def _gptq_rows(w, s, u, levels, nearest, q) -> None:
         w[:, i2:] -= et.T @ u[i1:i2, i2:]
 
 
-def lowered_hessian(gram, low) -> np.ndarray:
-    """The layer Hessian ``XᵀX / n`` (a ``calibration.Gram``) in ``low``'s basis: padded to
-    ``cols_p`` and rotated by the input transform (``T H Tᵀ``) when there is one."""
+def transformed_hessian(gram, cols: int, cols_p: int, transform) -> np.ndarray:
+    """The layer Hessian ``XᵀX / n`` of a ``calibration.Gram`` over ``cols`` inputs, padded to
+    ``cols_p`` and rotated by ``transform`` (``T H Tᵀ``, a ``HadamardTransform``) unless None."""
     h = np.asarray(gram.hessian, dtype=np.float64)
-    if h.shape != (low.cols, low.cols) or not np.isfinite(h).all():
-        raise InvalidWeightError(f"calibration Gram must be a finite ({low.cols}, {low.cols}) matrix, got {h.shape}")
-    hp = np.zeros((low.cols_p, low.cols_p), dtype=np.float64)
-    hp[: low.cols, : low.cols] = h
-    if low.transform is None:
-        return hp
-    return low.transform.sandwich(hp)
+    if h.shape != (cols, cols) or not np.isfinite(h).all():
+        raise InvalidWeightError(f"calibration Gram must be a finite ({cols}, {cols}) matrix, got {h.shape}")
+    hp = np.zeros((cols_p, cols_p), dtype=np.float64)
+    hp[:cols, :cols] = h
+    return hp if transform is None else transform.sandwich(hp)
+
+
+def lowered_hessian(gram, low) -> np.ndarray:
+    """:func:`transformed_hessian` in ``low``'s basis (its padding and input transform)."""
+    return transformed_hessian(gram, low.cols, low.cols_p, low.transform)
 
 
 def calibrated_encode(codec, weight, gram, *, source: str = "", damp: float = DEFAULT_DAMP,
