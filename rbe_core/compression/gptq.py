@@ -101,7 +101,7 @@ def _gptq_sweep(w, steps, factor, levels, nearest) -> np.ndarray:
     w, s = _permuted(w, factor.perm), _permuted(steps, factor.perm)
     w[:, factor.dead[factor.perm]] = 0.0
     q = np.empty((rows, n), dtype=np.uint8)
-    parts = [slice(a, b) for a, b in _row_parts(rows, n)]
+    parts = [slice(a, b) for a, b in row_parts(rows, n)]
     if len(parts) == 1:
         _gptq_rows(w, s, factor.u, levels, nearest, q)
     else:  # rows are independent given U: each part on its own thread (numpy releases the GIL)
@@ -160,7 +160,7 @@ def _product(a: np.ndarray, b: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarr
     return np.concatenate((top, bottom))
 
 
-def _row_parts(rows: int, n: int) -> list[tuple[int, int]]:
+def row_parts(rows: int, n: int) -> list[tuple[int, int]]:
     """Row ranges GPTQ runs in parallel: one per CPU for matrices of at least ``_PARALLEL_WORK``
     (rows × columns²), in multiples of 64 rows (their codes do not depend on the split: every
     step is row-wise, and each row's products see the same operands)."""

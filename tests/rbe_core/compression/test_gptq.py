@@ -36,9 +36,9 @@ def test_rows_split_over_threads_give_the_same_codes(monkeypatch):
     h = _hessian(rng, n)
     args = (w, steps, h, levels, lambda u: nearest_codes(levels, u), 0.01, True)
     monkeypatch.setattr(gptq_module, "_PARALLEL_WORK", 1 << 62)
-    assert gptq_module._row_parts(rows, n) == [(0, rows)]
+    assert gptq_module.row_parts(rows, n) == [(0, rows)]
     whole = gptq(*args)
     monkeypatch.setattr(gptq_module, "_PARALLEL_WORK", 0)
     monkeypatch.setattr(gptq_module.os, "sched_getaffinity", lambda _pid: {0, 1, 2})
-    assert gptq_module._row_parts(rows, n) == [(0, 128), (128, 200)]  # 64-row multiples, a short last part
+    assert gptq_module.row_parts(rows, n) == [(0, 128), (128, 200)]  # 64-row multiples, a short last part
     np.testing.assert_array_equal(gptq(*args), whole)
