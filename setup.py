@@ -81,6 +81,6 @@ class BuildExt(build_ext):
 setup(
     package_dir=PACKAGE_DIR,
     packages=_packages(),
-    cffi_modules=["backends/cffi/build_ffi.py:ffibuilder"],
+    cffi_modules=["backends/cffi/build_ffi.py:ffibuilder", "plugins/_trellis_build.py:ffibuilder"],
     cmdclass={"build_ext": BuildExt},
 )

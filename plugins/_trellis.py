@@ -16,6 +16,14 @@ import functools
 
 import numpy as np
 
+try:  # the C search, built with the package when a compiler was there
+    from ._trellis_c import ffi as _ffi
+    from ._trellis_c import lib as _lib
+
+    _native: tuple | None = (_ffi, _lib)
+except ImportError:
+    _native = None
+
 #: Bits of a trellis state (a code window): 256 states, so a window is one byte in the engine.
 STATE_BITS = 8
 STATES = 1 << STATE_BITS
@@ -37,36 +45,44 @@ def codebook() -> np.ndarray:
     return np.array([inv(((187 * s) % STATES + 0.5) / STATES) for s in range(STATES)], dtype=np.float32)
 
 
-def search(x: np.ndarray, weight: np.ndarray, bits: int, start: np.ndarray | None = None) -> np.ndarray:
+def search(x: np.ndarray, weight: np.ndarray, bits: int, start: np.ndarray | None = None,
+           table: np.ndarray | None = None) -> np.ndarray:
     """The least-error paths (uint8 states, shape (T, N)) for ``N`` sequences of ``T`` targets
     ``x`` (T, N) with per-target ``weight`` (T, N): each path minimises
-    ``sum_t weight[t] * (x[t] - codebook()[state_t])**2``. ``start`` (N,) uint8, when given, is
+    ``sum_t weight[t] * (x[t] - table[state_t])**2`` (``table``: float32[256], default
+    :func:`codebook`). ``start`` (N,) uint8, when given, is
     the state before each sequence (its first state must follow it); otherwise any first state.
     Ties go to the lowest predecessor, then the lowest final state: the result is a fixed
     function of the float32 inputs."""
     x, weight = np.asarray(x, dtype=np.float32), np.asarray(weight, dtype=np.float32)
     steps, n = x.shape
+    table = codebook() if table is None else np.asarray(table, dtype=np.float32)
+    if _native is not None:
+        return _native_search(x, weight, bits, start, table)
     out = np.empty((steps, n), dtype=np.uint8)
     group = max(1, SEARCH_BYTES // max(1, steps * (STATES >> bits)))
     for a in range(0, n, group):
         b = min(n, a + group)
-        out[:, a:b] = _search(x[:, a:b], weight[:, a:b], bits, None if start is None else start[a:b])
+        out[:, a:b] = _search(x[:, a:b], weight[:, a:b], bits, None if start is None else start[a:b], table)
     return out
 
 
-def _search(x, weight, bits, start):
+def _search(x, weight, bits, start, cb):
     steps, n = x.shape
     fan, preds = 1 << bits, STATES >> bits  # successors of a state; groups of predecessors
-    cb = codebook()
-    # weight * (x - c)^2 without the per-step constant weight * x^2: one product per step
-    basis = np.stack([cb, cb * cb], axis=1)
-    coef = np.empty((2, n), dtype=np.float32)
+    # weight * (x - c)^2 without the per-step constant weight * x^2, as c * (-2 w x) + c^2 * w
+    # (two products and a sum, each rounded: the C search does the same)
+    cb_col, sq_col = cb[:, None], (cb * cb)[:, None]
+    scaled = np.empty(n, dtype=np.float32)
+    term = np.empty((STATES, n), dtype=np.float32)
 
     def distance(t):
-        np.multiply(x[t], weight[t], out=coef[0])
-        coef[0] *= np.float32(-2.0)
-        coef[1] = weight[t]
-        return basis @ coef  # (STATES, n)
+        np.multiply(x[t], weight[t], out=scaled)
+        np.multiply(scaled, np.float32(-2.0), out=scaled)
+        d = cb_col * scaled
+        np.multiply(sq_col, weight[t], out=term)
+        d += term
+        return d  # (STATES, n)
 
     cost = distance(0)
     if start is not None:  # state s follows p iff s's low bits are p's high bits
@@ -99,6 +115,20 @@ def _search(x, weight, bits, start):
         q = state & (preds - 1)
         state = (q << bits) | back[t][q, cols]
         out[t - 1] = state
+    return out
+
+
+def _native_search(x, weight, bits, start, table):
+    """:func:`search` in C (``src/trellis_search.c``): the same paths."""
+    ffi, lib = _native
+    steps, n = x.shape
+    x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
+    out = np.empty((steps, n), dtype=np.uint8)
+    first = ffi.NULL if start is None else ffi.from_buffer("uint8_t[]", np.ascontiguousarray(start, dtype=np.uint8))
+    rc = lib.rbe_trellis_search(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", weight), steps, n,
+                                bits, first, ffi.from_buffer("float[]", table), ffi.from_buffer("uint8_t[]", out))
+    if rc:
+        raise MemoryError("trellis search: out of memory") if rc == 2 else ValueError("trellis search: bad arguments")
     return out
 
 

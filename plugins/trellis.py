@@ -50,9 +50,9 @@ from .hadamard import (
 
 #: Step of a group = this × its RMS (rotated weights), per bits: the scale of the code table
 #: with the least squared error on unit-normal data.
-_STEP_PER_RMS = {2: 1.10, 3: 1.15, 4: 1.20}
+_STEP_PER_RMS = {2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30}
 #: Columns searched jointly by block LDLQ, and per lazy update of the columns after them.
-_BLOCK = 8
+_BLOCK = 16
 _LAZY = 128
 _LOOKAHEAD = 8
 
@@ -203,8 +203,8 @@ class TrellisCodec(Codec):
         )
 
     def bit_settings(self) -> list[TrellisCodec]:
-        """This codec at 4, 3 and 2 bits (groups and rotation kept)."""
-        return [attrs.evolve(self, bits=b) for b in (4, 3, 2)]
+        """This codec at 5, 4, 3 and 2 bits (groups and rotation kept)."""
+        return [attrs.evolve(self, bits=b) for b in (5, 4, 3, 2)]
 
     #: training moves the group steps (stored again as row scale × 8-bit code); paths are fixed
     trainable_lowered = ("step",)

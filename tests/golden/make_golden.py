@@ -23,6 +23,7 @@ CONFIGS = {
     "raw": {"id": "raw", "storage": "float16"},
     "hadamard": {"id": "hadamard", "bits": 3, "group_size": 8},
     "hadamard-normal": {"id": "hadamard", "bits": 4, "group_size": 8, "grid": "normal"},
+    "trellis": {"id": "trellis", "bits": 3, "group_size": 8},
     "int4": {"id": "int4", "group_size": 16},
     "cyclic8": {"id": "cyclic8", "group_size": 16},
     "cyclic16": {"id": "cyclic16", "group_size": 16},

@@ -79,7 +79,7 @@ def test_the_code_table_is_fixed_and_near_unit_normal():
     assert abs(float(cb.mean())) < 0.1 and 0.85 < float(cb.std()) < 1.15
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_trellis_beats_the_scalar_grid_of_the_same_bits(bits):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((96, 256)).astype(np.float32)
@@ -133,7 +133,7 @@ def test_ldlq_lowers_the_output_error_of_round_to_nearest():
 
 
 def test_bad_configs_and_payloads_are_refused():
-    for bad in ({"bits": 5}, {"bits": True}, {"group_size": 48}, {"damp": 0}):
+    for bad in ({"bits": 6}, {"bits": 1}, {"bits": True}, {"group_size": 48}, {"damp": 0}):
         with pytest.raises(ValueError):
             TrellisCodec(**bad)
     codec = TrellisCodec(bits=3)
@@ -144,3 +144,19 @@ def test_bad_configs_and_payloads_are_refused():
     nan = dict(enc.payload, row_scale=np.full(4, np.nan, dtype=np.float32))
     with pytest.raises(RBEFormatError):
         codec.validate(Encoded(codec, enc.shape, nan, dtype=enc.dtype))
+
+
+@pytest.mark.skipif(_trellis._native is None, reason="the C search was not built (no compiler at install)")
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_the_c_search_finds_the_numpy_paths_bit_for_bit(bits, monkeypatch):
+    rng = np.random.default_rng(6)
+    for steps, n in ((1, 5), (9, 33), (200, 70)):
+        x = rng.standard_normal((steps, n)).astype(np.float32)
+        weight = rng.uniform(0.0, 2.0, (steps, n)).astype(np.float32)
+        x[:, :2] = np.round(x[:, :2])  # ties between states
+        for start in (None, rng.integers(0, 256, n).astype(np.uint8)):
+            native = _trellis.search(x, weight, bits, start)
+            with monkeypatch.context() as m:
+                m.setattr(_trellis, "_native", None)
+                reference = _trellis.search(x, weight, bits, start)
+            assert np.array_equal(native, reference)

@@ -19,6 +19,7 @@ from rbe_core.training.trainable import (
 SETUPS = [
     ({"id": "int8"}, {}),
     ({"id": "int4", "group_size": 16}, {}),
+    ({"id": "trellis", "bits": 3, "group_size": 8}, {}),
     ({"id": "packed128", "block": 8}, {"engine": "cyclic"}),
     ({"id": "cyclic16", "group_size": 16}, {"engine": "cyclic"}),
     ({"id": "int8"}, {"quantizer": "ste"}),
