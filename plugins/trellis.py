@@ -14,7 +14,8 @@ from the state where the previous block ended, its error propagated to the later
 Payload: ``codes`` uint8[rows, stream_bytes(cols_p, bits)] (one stream a row), ``scale_code``
 uint8[rows, cols_p / group_size], ``row_scale`` float32[rows]. Bits per weight ≈ bits +
 8/group_size + (32 + 8 - bits)/cols (+ header). Lowered, every window is an 8-bit code into the
-256-entry code table, so the engine runs it natively (one byte a weight in memory).
+256-entry code table (``trellis_bits`` set), which the C engine stores as the stream again
+(``bits`` bits a weight in memory) and decodes block by block.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .hadamard import (
 
 #: Step of a group = this × its RMS (rotated weights), per bits: the scale of the code table
 #: with the least squared error on unit-normal data.
-_STEP_PER_RMS = {2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30}
+_STEP_PER_RMS = {1: 0.95, 2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30}
 #: Columns searched jointly by block LDLQ, and per lazy update of the columns after them.
 _BLOCK = 16
 _LAZY = 128
@@ -199,12 +200,12 @@ class TrellisCodec(Codec):
             codes=_trellis.windows(p["codes"], cols_p, self.bits), levels=_trellis.codebook(),
             step=group_steps(p["row_scale"], p["scale_code"]),
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
-            step_row=p["row_scale"], step_code=p["scale_code"],
+            step_row=p["row_scale"], step_code=p["scale_code"], trellis_bits=self.bits,
         )
 
     def bit_settings(self) -> list[TrellisCodec]:
-        """This codec at 5, 4, 3 and 2 bits (groups and rotation kept)."""
-        return [attrs.evolve(self, bits=b) for b in (5, 4, 3, 2)]
+        """This codec at 5, 4, 3, 2 and 1 bits (groups and rotation kept)."""
+        return [attrs.evolve(self, bits=b) for b in (5, 4, 3, 2, 1)]
 
     #: training moves the group steps (stored again as row scale × 8-bit code); paths are fixed
     trainable_lowered = ("step",)

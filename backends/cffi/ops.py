@@ -54,6 +54,7 @@ def matrix_desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int 
         if low.step_row is not None:
             d.step_row = ptr("float[]", as_f32(low.step_row))
             d.step_code = ptr("unsigned char[]", np.ascontiguousarray(low.step_code, dtype=np.uint8))
+        d.trellis_bits = low.trellis_bits or 0
     if bias is not None:
         d.bias = ptr("float[]", as_f32(bias).reshape(-1))
     return d, keep
@@ -88,6 +89,11 @@ class LoweredMatrix:
             raise NativeUnavailableError(f"lowered matrix rejected: {rejection(low, 2)}")
         self._h = ffi.gc(handle, lib.rbe_matrix_free)
         self.in_features, self.out_features = (low.rows, low.cols) if transposed else (low.cols, low.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the matrix as the C side stores it (codes, steps, bias)."""
+        return int(self._lib.rbe_matrix_bytes(self._h))
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.in_features)

@@ -141,6 +141,10 @@ class Lowered:
     #: kernels may store it instead (5 bytes a row-group less memory traffic per 4)
     step_row: np.ndarray | None = None
     step_code: np.ndarray | None = None
+    #: optional, with 8-bit codes: each code's low ``8 - t`` bits are the previous code's (in its
+    #: row) high ones — the windows of a bit-shift trellis with ``t`` new bits a code; kernels may
+    #: store each row as that ``t``-bit stream instead (``t`` bits a weight in memory, not 8)
+    trellis_bits: int | None = None
 
     def __attrs_post_init__(self):
         self.check()
@@ -180,6 +184,8 @@ class Lowered:
             if self.offset is not None or not np.array_equal(
                     self.step_row[:, None] * self.step_code.astype(np.float32), self.step):
                 raise ValueError("lowered step is not step_row * step_code (or there is an offset)")
+        if self.trellis_bits is not None and (self.bits != 8 or not 1 <= self.trellis_bits <= 7):
+            raise ValueError(f"lowered trellis_bits {self.trellis_bits!r} needs 8-bit codes and 1..7 new bits")
         if self.cols_p < self.cols:
             raise ValueError(f"lowered width {self.cols_p} is narrower than the matrix ({self.cols})")
         if self.transform is not None and self.transform.cols_p != self.cols_p:
@@ -237,9 +243,11 @@ class Lowered:
 
     def with_values(self, **fields) -> Lowered:
         """A copy with some arrays replaced (codes, levels, step, offset); the step factorisation
-        is dropped when ``step`` changes."""
+        is dropped when ``step`` changes, the trellis form when ``codes`` do."""
         if "step" in fields:
             fields = {"step_row": None, "step_code": None, **fields}
+        if "codes" in fields:
+            fields = {"trellis_bits": None, **fields}
         return attrs.evolve(self, **fields)
 
 

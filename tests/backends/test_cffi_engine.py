@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 
@@ -35,6 +36,7 @@ KERNEL_CODECS = [
     "int8", "int4", "raw", {"id": "int4", "group_size": 32}, {"id": "int4", "group_size": 128},
     *({"id": "hadamard", "bits": b, "grid": g} for b in range(2, 9) for g in ("uniform", "normal")),
     {"id": "hadamard", "bits": 4, "group_size": 32, "max_block": 64},
+    *({"id": "trellis", "bits": b, "group_size": 32} for b in range(1, 6)),
 ]
 #: logits of whole models: the engine sums in another order than torch (and its exp is a
 #: polynomial within a few ulp), so it agrees to float32 rounding, relative to the logits' scale
@@ -233,7 +235,8 @@ def test_int8_product_of_codecs_stays_near_float32(isa):
     """Lowered codecs (rotated inputs included) through the int8 product: within the error of
     8-bit inputs of the float32 product."""
     rng = np.random.default_rng(3)
-    for codec in ["int8", "int4", {"id": "hadamard", "bits": 4}, {"id": "hadamard", "bits": 6, "grid": "normal"}]:
+    for codec in ["int8", "int4", {"id": "hadamard", "bits": 4}, {"id": "hadamard", "bits": 6, "grid": "normal"},
+                  {"id": "trellis", "bits": 3}]:
         m = LoweredMatrix(lower(rbe_core.get_codec(codec).encode(rng.standard_normal((96, 200)).astype(np.float32))))
         x = rng.standard_normal((33, 200)).astype(np.float32)
         assert _rel(_linear_int8(m, x), m.linear(x)) <= 0.02, codec
@@ -243,6 +246,18 @@ def test_layouts_outside_the_engine_are_refused():
     enc = rbe_core.get_codec({"id": "int4", "group_size": 48}).encode(np.ones((4, 96), np.float32))
     with pytest.raises(NativeUnavailableError, match="multiple of 32"):
         LoweredMatrix(lower(enc))
+
+
+def test_trellis_rows_are_stored_as_streams_and_must_be_paths():
+    """Trellis windows are kept at their ``trellis_bits`` a weight (plus two bytes a row), not a
+    byte; windows that do not form a path are refused, not stored wrongly."""
+    rng = np.random.default_rng(4)
+    low = lower(rbe_core.get_codec({"id": "trellis", "bits": 2}).encode(rng.standard_normal((64, 256)).astype(np.float32)))
+    assert LoweredMatrix(low).nbytes < LoweredMatrix(attrs.evolve(low, trellis_bits=None)).nbytes / 3
+    broken = low.codes.copy()
+    broken[5, 100] ^= 1  # its low bits no longer repeat the previous window's high ones
+    with pytest.raises(NativeUnavailableError):
+        LoweredMatrix(attrs.evolve(low, codes=broken))
 
 
 def _save(model, tmp_path, codec, name="m"):
@@ -338,7 +353,7 @@ def test_batched_sequences_equal_each_alone(codec, tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4", {"id": "hadamard", "bits": 3},
-                                   {"id": "hadamard", "bits": 6, "grid": "normal"}], ids=str)
+                                   {"id": "hadamard", "bits": 6, "grid": "normal"}, {"id": "trellis", "bits": 3}], ids=str)
 def test_llama_engine_matches_torch_modules(codec, tmp_path):
     ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)

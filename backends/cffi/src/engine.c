@@ -539,6 +539,29 @@ static int q8_rotation(const rbe_lut *L, int n) {
     return r;
 }
 
+/* d's trellis codes (rbe_matrix_desc's trellis_bits tb) as rbe_lut's TRELLIS rows of rb bytes
+ * into q: the first code's 8 bits, then each later code's high tb bits (padding columns continue
+ * the path with zero bits). RBE_E_ARGS when a code does not follow the previous one. */
+static int pack_trellis(const rbe_matrix_desc *d, int64_t cp, int tb, int64_t rb, uint8_t *q) {
+    const unsigned keep = (1u << (8 - tb)) - 1u;
+    for (int64_t r = 0; r < d->rows; r++) {
+        const unsigned char *src = d->codes + r * d->cols_p;
+        uint8_t *dst = q + r * rb;
+        memset(dst, 0, (size_t)rb);
+        unsigned prev = src[0];
+        dst[0] = (uint8_t)prev;
+        for (int64_t c = 1, bit = 8; c < cp; c++, bit += tb) {
+            const unsigned code = c < d->cols_p ? src[c] : prev >> tb;
+            if ((code & keep) != prev >> tb) return RBE_E_ARGS;
+            const unsigned top = code >> (8 - tb);
+            dst[bit >> 3] |= (uint8_t)(top << (bit & 7));
+            if ((bit & 7) + tb > 8) dst[(bit >> 3) + 1] |= (uint8_t)(top >> (8 - (bit & 7)));
+            prev = code;
+        }
+    }
+    return 0;
+}
+
 /* Copy d into m, repacking codes (nibbles for <= 4 bits, else bytes) to 32-column blocks. */
 static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     const int64_t rows = d->rows, cols_p = d->cols_p;
@@ -564,15 +587,18 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         L->kind = RBE_LUT_F32, L->dense = w;
         e->bytes += rows * cp * 4;
     } else {
-        const int nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
-        const int64_t bb = nib ? 16 : planes ? 16 + 4 * planes : 32, rb = cp / 32 * bb;
+        const int tb = d->trellis_bits, nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
+        if (tb < 0 || tb > 7 || (tb && d->bits != 8)) return RBE_E_ARGS;
+        const int64_t bb = tb ? 4 * tb : nib ? 16 : planes ? 16 + 4 * planes : 32;
+        const int64_t rb = cp / 32 * bb + (tb ? 2 : 0);
         uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb), e->arena_chunk);
         if (!q) return RBE_E_NOMEM;
         L->codes = q;
-        const int err = load_steps(e, L, d, rows, groups);
+        int err = load_steps(e, L, d, rows, groups);
+        if (!err && tb) err = pack_trellis(d, cp, tb, rb, q);
         if (err) return err;
         const unsigned mask = (1u << d->bits) - 1u;
-        for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = 0; r < rows && !tb; r++) { /* trellis rows are packed already */
             const unsigned char *src = d->codes + r * cols_p;
             uint8_t *dst = q + r * rb;
             memset(dst, 0, (size_t)rb); /* padding columns: code 0, meeting a zero input */
@@ -592,8 +618,8 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         L->a0 = L->levels[0], L->da = L->levels[1] - L->levels[0], L->affine = 1;
         for (int i = 0; i < n; i++)
             if (fmaf((float)i, L->da, L->a0) != L->levels[i]) L->affine = 0;
-        L->kind = nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
-        L->row_bytes = rb, L->block_bytes = bb;
+        L->kind = tb ? RBE_LUT_TRELLIS : nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
+        L->row_bytes = rb, L->block_bytes = bb, L->tbits = tb;
         q8_levels(L, n);
         /* rotated inputs have no outliers to spread: a transform already mixed them */
         L->q8_rot = d->transform < 0 ? q8_rotation(L, n) : 1;
@@ -1411,6 +1437,8 @@ struct rbe_matrix {
     rbe_engine e; /* a context without layers: kernels, pool, scratch, the transform */
     emat m[G_SLOTS];
 };
+
+long long rbe_matrix_bytes(const rbe_matrix *h) { return h->e.bytes; }
 
 void rbe_matrix_free(rbe_matrix *h) {
     if (!h) return;

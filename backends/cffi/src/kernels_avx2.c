@@ -95,9 +95,9 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
         out[1] = lookup8(_mm_srli_si128(lo, 8), t->t);
         out[2] = lookup8(hi, t->t);
         out[3] = lookup8(_mm_srli_si128(hi, 8), t->t);
-    } else if (m->kind == RBE_LUT_PLANES) { /* rebuild byte codes, then as BYTE */
+    } else if (m->kind == RBE_LUT_PLANES || m->kind == RBE_LUT_TRELLIS) { /* byte codes, then as BYTE */
         uint8_t codes[32];
-        rbe_block_codes(m->kind, m->bits, p, codes);
+        rbe_block_codes(m, p, codes);
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, codes + 8 * k);
     } else {
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, p + 8 * k);

@@ -95,8 +95,12 @@ static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
 }
 static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                       __m512 *out) {
-    (void)m;
-    if (t->mode == LUT_PERM16) {
+    if (m->kind == RBE_LUT_TRELLIS) { /* byte codes, then as BYTE */
+        uint8_t codes[32];
+        rbe_block_codes(m, p, codes);
+        out[0] = lut_bytes16(t, codes);
+        out[1] = lut_bytes16(t, codes + 16);
+    } else if (t->mode == LUT_PERM16) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
         out[0] = _mm512_permutexvar_ps(b, t->t0); /* vpermps reads the low 4 index bits */
         out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t->t0);
@@ -195,8 +199,14 @@ static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, 
     *lead = _mm512_mask_reduce_add_epi32(first, s);
     return amax / 127.0f;
 }
-/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one. */
-static inline void q8_planes(int bits, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one;
+ * trellis codes: the portable path. */
+static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+    if (m->kind == RBE_LUT_TRELLIS) {
+        rbe_q8_planes(m, tab, p, out);
+        return;
+    }
+    const int bits = m->bits;
     const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
     const __m512i idx = _mm512_castsi256_si512(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k), _mm_and_si128(b, k)));
     __m512i v[4];

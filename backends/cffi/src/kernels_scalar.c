@@ -93,9 +93,9 @@ static inline void lut_block32_scalar(const rbe_lut *m, const lutreg *t, const u
             out[j / VLEN].v[j % VLEN] = t->levels[p[j] & 15];
             out[(j + 16) / VLEN].v[(j + 16) % VLEN] = t->levels[p[j] >> 4];
         }
-    } else if (m->kind == RBE_LUT_PLANES) {
+    } else if (m->kind == RBE_LUT_PLANES || m->kind == RBE_LUT_TRELLIS) {
         uint8_t codes[32];
-        rbe_block_codes(m->kind, m->bits, p, codes);
+        rbe_block_codes(m, p, codes);
         for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[codes[j]];
     } else {
         for (int j = 0; j < 32; j++) out[j / VLEN].v[j % VLEN] = t->levels[p[j]];

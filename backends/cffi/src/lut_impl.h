@@ -364,6 +364,8 @@ static void FN(lut_gemv)(const rbe_lut *m, const float *x, int64_t r0, int64_t r
         FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_NIBBLE);
     } else if (m->kind == RBE_LUT_PLANES) {
         FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_PLANES);
+    } else if (m->kind == RBE_LUT_TRELLIS) {
+        FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_TRELLIS);
     } else {
         FN(lut_gemv_body)(m, x, r0, r1, y, scratch, RBE_LUT_BYTE);
     }
@@ -454,6 +456,8 @@ static void FN(lut_gemv_few)(const rbe_lut *m, const float *x, int64_t ldx, int6
             FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_NIBBLE);
         } else if (m->kind == RBE_LUT_PLANES) {
             FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_PLANES);
+        } else if (m->kind == RBE_LUT_TRELLIS) {
+            FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_TRELLIS);
         } else {
             FN(lut_gemv_few_body)(m, xb, nb, r0, r1, yb, ldy, scratch, RBE_LUT_BYTE);
         }
@@ -518,7 +522,7 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * The ISA file adds: VI (VLEN int32 lanes), vi_load(p), vi_cvt(v) (to VF), vi_dot4(acc, w, x)
  * (acc plus, per lane, the four byte products of w and x; w is a weight dword broadcast from
  * memory, its bytes as the panel holds them, x's bytes signed), Q8_ZP (the panel's zero point: a
- * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(bits, tab, p, out) (a 5- or 6-bit block's
+ * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(m, tab, p, out) (a PLANES or TRELLIS block's
  * 32 weight bytes through the 64-entry table tab), q8_nibble_row, q8_rotate and q8_block (the
  * contracts of rbe_q8_nibble_row, rbe_q8_rotate and rbe_q8_block in rbe_internal.h);
  * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
@@ -614,8 +618,8 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
             q8_nibble_row(tab, p, cp / 32, rot, Q8_ZP, out); /* rotates too */
             continue;
         }
-        if (m->kind == RBE_LUT_PLANES) {
-            for (int64_t c = 0; c < cp; c += 32, p += m->block_bytes) q8_planes(m->bits, tab, p, out + c);
+        if (m->kind == RBE_LUT_PLANES || m->kind == RBE_LUT_TRELLIS) {
+            for (int64_t c = 0; c < cp; c += 32, p += m->block_bytes) q8_planes(m, tab, p, out + c);
         } else if (shift == 0 && rot == 1) {
             w[i] = p;
             continue;

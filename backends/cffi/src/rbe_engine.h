@@ -91,6 +91,10 @@ typedef struct {
     const float *dense;         /* bits 32: rows x cols_p */
     int transform;              /* id, or -1 */
     const float *bias;          /* output-sized, or NULL */
+    int trellis_bits;           /* bits 8 only, 1..7 (0: none): each code's low 8 - t bits are the
+                                   previous code's (in the row) high ones, so the engine stores
+                                   the row as a stream of t new bits a code (codes that are not
+                                   such a path are refused) */
 } rbe_matrix_desc;
 
 typedef struct rbe_engine rbe_engine;
@@ -136,6 +140,7 @@ typedef struct rbe_matrix rbe_matrix;
 rbe_matrix *rbe_matrix_new(const rbe_matrix_desc *d, const float *signs, const long long *blocks,
                            int nblocks);
 void rbe_matrix_free(rbe_matrix *h);
+long long rbe_matrix_bytes(const rbe_matrix *h); /* the stored matrix: codes, steps, bias */
 int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int isa, int nthreads);
 /* The same product as an engine with act_int8 runs it for n > 16 (for tests and measurements; n
  * <= 16, dense and transposed matrices run float32): the levels are read as alpha * lv8 + beta

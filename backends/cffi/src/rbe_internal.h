@@ -10,7 +10,7 @@
  * levels[code[r, c]] * step[r, g] (+ offset[r, g]), g = c / gs, evaluated as a float32 multiply
  * then a float32 add (decode's exact arithmetic), or plain float32 values (kind RBE_LUT_F32).
  * cols_p and gs are multiples of 32; columns past the logical width meet a zero input. */
-enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3, RBE_LUT_PLANES = 4 };
+enum { RBE_LUT_NIBBLE = 1, RBE_LUT_BYTE = 2, RBE_LUT_F32 = 3, RBE_LUT_PLANES = 4, RBE_LUT_TRELLIS = 5 };
 enum { RBE_STEP_F32 = 0, RBE_STEP_F16 = 1, RBE_STEP_CODE = 2 };
 typedef struct {
     int64_t rows, cols_p, gs, groups;
@@ -20,8 +20,13 @@ typedef struct {
     const uint8_t *codes; /* per 32-column block of block_bytes, rows row_bytes apart. NIBBLE: 16
                              bytes, byte t = code[t] | code[t + 16] << 4; BYTE: one code per
                              byte; PLANES (5, 6 bits): the low nibbles as NIBBLE, then per higher
-                             bit k a 32-bit little-endian word whose bit t is bit 4 + k of code t */
+                             bit k a 32-bit little-endian word whose bit t is bit 4 + k of code t;
+                             TRELLIS (8-bit codes, each sharing its low 8 - tbits bits with the
+                             previous code's high ones): per row a little-endian bit stream whose
+                             code c is the 8 bits from bit c * tbits, block b from byte
+                             4 * tbits * b (two bytes of padding after a row's stream) */
     int64_t row_bytes, block_bytes;
+    int tbits;
     const float *dense; /* F32: rows x cols_p */
     /* Steps and offsets (rows x groups) in one of three forms, read through rbe_lut_step /
      * rbe_lut_offset: float32 (step, offset), float16 when every value is exact in it (step16,
@@ -57,13 +62,18 @@ typedef struct {
  * weight zero point). Tokens past the input's count are zero. */
 #define RBE_Q8_REC(T) (44 * (int64_t)(T))
 
-/* The 32 codes of the block at p, codes of kind RBE_LUT_NIBBLE or RBE_LUT_PLANES (see rbe_lut's
- * codes). */
-static inline void rbe_block_codes(int kind, int bits, const uint8_t *p, uint8_t *codes) {
+/* The 32 codes of m's block at p, codes of kind RBE_LUT_NIBBLE, RBE_LUT_PLANES or
+ * RBE_LUT_TRELLIS (see rbe_lut's codes). */
+static inline void rbe_block_codes(const rbe_lut *m, const uint8_t *p, uint8_t *codes) {
+    if (m->kind == RBE_LUT_TRELLIS) {
+        for (int j = 0, bit = 0; j < 32; j++, bit += m->tbits)
+            codes[j] = (uint8_t)((p[bit >> 3] | (unsigned)p[(bit >> 3) + 1] << 8) >> (bit & 7));
+        return;
+    }
     for (int j = 0; j < 32; j++) {
         unsigned code = (p[j % 16] >> (j >= 16 ? 4 : 0)) & 15u;
-        if (kind == RBE_LUT_PLANES)
-            for (int k = 0; k < bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
+        if (m->kind == RBE_LUT_PLANES)
+            for (int k = 0; k < m->bits - 4; k++) code |= ((p[16 + 4 * k + j / 8] >> (j % 8)) & 1u) << (4 + k);
         codes[j] = (uint8_t)code;
     }
 }
@@ -109,10 +119,10 @@ static inline void rbe_q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64
     if (rot > 1) rbe_q8_rotate(out, 32 * blocks, rot, zp);
 }
 
-/* A 5- or 6-bit block's 32 weight bytes for lut_gemm_q8 through the table tab (portable). */
-static inline void rbe_q8_planes(int bits, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+/* A PLANES or TRELLIS block's 32 weight bytes for lut_gemm_q8 through the table tab (portable). */
+static inline void rbe_q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
     uint8_t codes[32];
-    rbe_block_codes(RBE_LUT_PLANES, bits, p, codes);
+    rbe_block_codes(m, p, codes);
     for (int j = 0; j < 32; j++) out[j] = tab[codes[j]];
 }
 
