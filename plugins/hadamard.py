@@ -313,14 +313,16 @@ def rotated_hessian(gram, cols: int, cols_p: int, signs: np.ndarray, blocks: lis
 
 
 @attrs.define(frozen=True)
-class HadamardCodec(Codec):
-    """Randomized-Hadamard rotation, 8-bit group scales, GPTQ (or RTN) ``bits``-bit codes."""
+class RotatedCodec(Codec):
+    """What the codecs on this rotation share (``hadamard`` here, ``trellis``): the rotation and
+    its padding, 8-bit group steps (``row_scale × scale_code``), the dampening of calibrated
+    Hessians, and encode/decode in row chunks around a subclass's ``_encode_rows(w,
+    calibration)`` (the payload of some rows), ``_values(encoded, start, stop)`` (rows in the
+    rotated basis) and ``_code_bytes(cols_p)`` (bytes of a row's codes)."""
 
-    codec_id = "hadamard"
     #: ``encode`` uses calibration (activations or a ``Gram``): conversion passes it layer by layer.
     accepts_calibration = True
 
-    bits: int = attrs.field(default=4, validator=_bits_ok)
     group_size: int = attrs.field(default=64, validator=_pow2("group_size"))
     max_block: int = attrs.field(default=4096, validator=_pow2("max_block"))
     seed: int = attrs.field(default=0, validator=_seed_ok)
@@ -329,8 +331,6 @@ class HadamardCodec(Codec):
     #: KL 0.110 at 0.01, 0.100 at 0.1, 0.097 at 0.3. Stronger damping generalizes better beyond the
     #: calibration text.
     damp: float = attrs.field(default=0.1, validator=_damp_ok)
-    act_order: bool = attrs.field(default=True, validator=_bool_ok)
-    grid: str = attrs.field(default="uniform", validator=_grid_ok)
 
     def __attrs_post_init__(self):
         if self.max_block < self.group_size:
@@ -343,12 +343,9 @@ class HadamardCodec(Codec):
         cols_p = padded_cols(cols, self.group_size)
         return cols_p, sign_vector(cols_p, self.seed), hadamard_blocks(cols_p, self.max_block)
 
-    def levels(self) -> np.ndarray:
-        """float32[2**bits]: the value of each code in units of its group's step."""
-        return grid_for(self.bits, self.grid).levels
-
     def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
-        """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches RTN to GPTQ."""
+        """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches round-to-nearest
+        to the codec's calibrated rounding."""
         w, dtype = as_weight(weight)
         rows, cols = matrix_shape(w.shape)
         flat = w.reshape(rows, cols)
@@ -359,52 +356,21 @@ class HadamardCodec(Codec):
             payload = self._encode_rows(flat, calibration)
         return Encoded(self, w.shape, payload, dtype=dtype, source=source)
 
-    def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
-        """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``, whose
-        Hessian side (rotation, inverse Cholesky factor) runs on a thread beside the step search."""
-        cols_p, signs, blocks = self.layout(w.shape[1])
-        if calibration is None:
-            wr, grid, steps, fields = self._steps(w, cols_p, signs, blocks)
-            return {"codes": pack_codes(round_nearest(wr, steps, grid), self.bits), **fields}
-        with ThreadPoolExecutor(1) as pool:
-            factor = pool.submit(self._hessian_factor, calibration, w.shape[1], cols_p, signs, blocks)
-            wr, grid, steps, fields = self._chunked_steps(w, cols_p, signs, blocks)
-            q = gptq_sweep(wr, steps, factor.result(), grid.levels, grid.nearest)
-        return {"codes": pack_codes(q, self.bits), **fields}
-
-    def _chunked_steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
-        """:meth:`_steps` of all rows ``w``, computed in row chunks that stay in cache (rows are
-        independent: the same result as one call, ~2× faster on matrices larger than the cache)."""
-        rows = w.shape[0]
-        wr = np.empty((rows, cols_p), dtype=np.float64)
-        steps = np.empty((rows, cols_p), dtype=np.float32)
-        fields: dict[str, list[np.ndarray]] = {}
-        for a, b in row_chunks(rows, cols_p, RTN_CHUNK_ELEMENTS):
-            wr[a:b], grid, steps[a:b], part = self._steps(w[a:b], cols_p, signs, blocks)
-            for k, v in part.items():
-                fields.setdefault(k, []).append(v)
-        return wr, grid, steps, {k: np.concatenate(v) for k, v in fields.items()}
-
-    def _steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
-        """(rotated weights, grid, per-element steps, the payload's step fields) of the rows ``w``."""
+    @staticmethod
+    def _rotated(w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
+        """Rows ``w`` (rows, cols) zero-padded to ``cols_p`` and rotated, float64."""
         wp = np.zeros((w.shape[0], cols_p), dtype=np.float64)
         wp[:, : w.shape[1]] = w
-        wr = rotate(wp, signs, blocks)
-        grid = grid_for(self.bits, self.grid)
-        row_scale, scale_code = choose_steps(wr, self.group_size, grid)
-        steps = np.repeat(group_steps(row_scale, scale_code), self.group_size, axis=1)
-        return wr, grid, steps, {"scale_code": scale_code, "row_scale": row_scale}
+        return rotate(wp, signs, blocks)
 
-    def _hessian_factor(self, calibration, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]):
-        """GPTQ's factor of the rotated Hessian of ``calibration``: activations or a ``Gram``."""
+    def _hessian(self, calibration, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]) -> np.ndarray:
+        """The rotated Hessian of ``calibration``: activations or a ``Gram``."""
         # Gram lives in the calibrated-conversion module: loaded only when calibrating
         from rbe_core.compression.calibration import Gram
 
         if isinstance(calibration, Gram):
-            h = rotated_hessian(calibration, cols, cols_p, signs, blocks)
-        else:
-            h = hessian(calibration, cols, cols_p, signs, blocks)
-        return hessian_factor(h, float(self.damp), self.act_order)
+            return rotated_hessian(calibration, cols, cols_p, signs, blocks)
+        return hessian(calibration, cols, cols_p, signs, blocks)
 
     def validate(self, encoded: Encoded) -> None:
         rows, cols = matrix_shape(encoded.shape)
@@ -412,30 +378,27 @@ class HadamardCodec(Codec):
         check_payload(
             encoded,
             {
-                "codes": ((rows, -(-cols_p * self.bits // 8)), "uint8"),
+                "codes": ((rows, self._code_bytes(cols_p)), "uint8"),
                 "scale_code": ((rows, cols_p // self.group_size), "uint8"),
                 "row_scale": ((rows,), "float32"),
             },
         )
         rs = encoded.payload["row_scale"]
         if not np.isfinite(rs).all() or (rs < 0).any():
-            raise RBEFormatError("hadamard: row_scale must be finite and non-negative")
+            raise RBEFormatError(f"{self.codec_id}: row_scale must be finite and non-negative")
+
+    def _steps(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
+        """The float32 step of every column of rows ``start:stop`` (cols_p wide), as decode computes it."""
+        p = encoded.payload
+        return np.repeat(group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop]), self.group_size, axis=1)
 
     def decode_rows(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop``: dequantize those rows in the rotated basis, then one inverse FWHT."""
+        """Rows ``start:stop``: their values in the rotated basis, then one inverse rotation."""
         rows, cols = encoded.matrix_shape
         start, stop, _ = slice(start, stop).indices(rows)
-        stop = max(start, stop)
         cols_p, signs, blocks = self.layout(cols)
-        p = encoded.payload
-        q = unpack_codes(p["codes"][start:stop], cols_p, self.bits)
-        steps = np.repeat(
-            group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop]),
-            self.group_size,
-            axis=1,
-        )
-        wr = self.levels()[q] * steps
-        return np.ascontiguousarray(unrotate(wr, signs, blocks)[:, :cols])
+        values = self._values(encoded, start, max(start, stop))
+        return np.ascontiguousarray(unrotate(values, signs, blocks)[:, :cols])
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         """All rows, decoded in row chunks that stay in cache (the same values as one
@@ -445,6 +408,74 @@ class HadamardCodec(Codec):
         for a, b in row_chunks(rows, padded_cols(cols, self.group_size), RTN_CHUNK_ELEMENTS):
             out[a:b] = self.decode_rows(encoded, a, b)
         return out.reshape(encoded.shape)
+
+    def rotate_input(self, x: np.ndarray, cols: int) -> np.ndarray:
+        """Activations (n, cols) in the rotated, padded basis: ``x @ W.T == rotate_input(x) @ W_rot.T``."""
+        cols_p, signs, blocks = self.layout(cols)
+        xp = np.zeros((x.shape[0], cols_p), dtype=np.float32)
+        xp[:, :cols] = x
+        return rotate(xp, signs, blocks)
+
+
+@attrs.define(frozen=True)
+class HadamardCodec(RotatedCodec):
+    """Randomized-Hadamard rotation, 8-bit group scales, GPTQ (or RTN) ``bits``-bit codes."""
+
+    codec_id = "hadamard"
+
+    bits: int = attrs.field(default=4, validator=_bits_ok)
+    act_order: bool = attrs.field(default=True, validator=_bool_ok)
+    grid: str = attrs.field(default="uniform", validator=_grid_ok)
+
+    def levels(self) -> np.ndarray:
+        """float32[2**bits]: the value of each code in units of its group's step."""
+        return grid_for(self.bits, self.grid).levels
+
+    def _code_bytes(self, cols_p: int) -> int:
+        return -(-cols_p * self.bits // 8)
+
+    def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
+        """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``, whose
+        Hessian side (rotation, inverse Cholesky factor) runs on a thread beside the step search."""
+        cols_p, signs, blocks = self.layout(w.shape[1])
+        if calibration is None:
+            wr, grid, steps, fields = self._choose_steps(w, cols_p, signs, blocks)
+            return {"codes": pack_codes(round_nearest(wr, steps, grid), self.bits), **fields}
+        with ThreadPoolExecutor(1) as pool:
+            factor = pool.submit(self._hessian_factor, calibration, w.shape[1], cols_p, signs, blocks)
+            wr, grid, steps, fields = self._chunked_steps(w, cols_p, signs, blocks)
+            q = gptq_sweep(wr, steps, factor.result(), grid.levels, grid.nearest)
+        return {"codes": pack_codes(q, self.bits), **fields}
+
+    def _chunked_steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """:meth:`_choose_steps` of all rows ``w``, computed in row chunks that stay in cache (rows are
+        independent: the same result as one call, ~2× faster on matrices larger than the cache)."""
+        rows = w.shape[0]
+        wr = np.empty((rows, cols_p), dtype=np.float64)
+        steps = np.empty((rows, cols_p), dtype=np.float32)
+        fields: dict[str, list[np.ndarray]] = {}
+        for a, b in row_chunks(rows, cols_p, RTN_CHUNK_ELEMENTS):
+            wr[a:b], grid, steps[a:b], part = self._choose_steps(w[a:b], cols_p, signs, blocks)
+            for k, v in part.items():
+                fields.setdefault(k, []).append(v)
+        return wr, grid, steps, {k: np.concatenate(v) for k, v in fields.items()}
+
+    def _choose_steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """(rotated weights, grid, per-element steps, the payload's step fields) of the rows ``w``."""
+        wr = self._rotated(w, cols_p, signs, blocks)
+        grid = grid_for(self.bits, self.grid)
+        row_scale, scale_code = choose_steps(wr, self.group_size, grid)
+        steps = np.repeat(group_steps(row_scale, scale_code), self.group_size, axis=1)
+        return wr, grid, steps, {"scale_code": scale_code, "row_scale": row_scale}
+
+    def _hessian_factor(self, calibration, cols: int, cols_p: int, signs: np.ndarray, blocks: list[int]):
+        """GPTQ's factor of the rotated Hessian of ``calibration``: activations or a ``Gram``."""
+        return hessian_factor(self._hessian(calibration, cols, cols_p, signs, blocks), float(self.damp), self.act_order)
+
+    def _values(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
+        cols_p = padded_cols(encoded.matrix_shape[1], self.group_size)
+        q = unpack_codes(encoded.payload["codes"][start:stop], cols_p, self.bits)
+        return self.levels()[q] * self._steps(encoded, start, stop)
 
     def lower(self, encoded: Encoded) -> Lowered:
         """The canonical layout (``rbe_core.native.lowering``): codes, this grid's levels, the group
@@ -482,13 +513,6 @@ class HadamardCodec(Codec):
             row_scale, scale_code = factor_steps(lowered.step)
         payload = {"codes": pack_codes(lowered.codes, self.bits), "scale_code": scale_code, "row_scale": row_scale}
         return Encoded(self, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
-
-    def rotate_input(self, x: np.ndarray, cols: int) -> np.ndarray:
-        """Activations (n, cols) in the rotated, padded basis: ``x @ W.T == rotate_input(x) @ W_rot.T``."""
-        cols_p, signs, blocks = self.layout(cols)
-        xp = np.zeros((x.shape[0], cols_p), dtype=np.float32)
-        xp[:, :cols] = x
-        return rotate(xp, signs, blocks)
 
     def torch_form(self):
         """Training form (``rbe_plugins.torch_forms_hadamard``; imports torch on first use)."""

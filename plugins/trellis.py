@@ -3,13 +3,14 @@
 The ``hadamard`` codec's rotation and 8-bit group steps (see ``hadamard.py``), with the scalar
 grid replaced by a trellis code (``_trellis.py``): each row of the rotated weight is one sequence
 coded at ``bits`` bits a value by the Viterbi search, value ``t`` being
-``codebook()[window_t] * step``. On unit-normal data the squared error is 0.71–0.74× that of the
-Lloyd–Max grid at the same bits, about a third of a bit (docs/codecs/trellis.md).
+``codebook()[window_t] * step``. On unit-normal data the squared error is 0.57–0.64× that of the
+Lloyd–Max grid at the same bits (2.0–2.5 dB, a third of a bit or more; docs/codecs/trellis.md).
 
 With ``calibration`` (activations or a ``Gram``) the paths are chosen by block LDLQ, GPTQ's
 sequential rounding for vector codes (Chee et al. 2023; Tseng et al. 2024): columns in blocks
 of ``_BLOCK``, each block searched jointly (weighted by the inverse Cholesky factor's diagonal)
-from the state where the previous block ended, its error propagated to the later columns.
+together with ``_LOOKAHEAD`` columns after it, from the state where the previous block ended, its
+error propagated to the later columns.
 
 Payload: ``codes`` uint8[rows, stream_bytes(cols_p, bits)] (one stream a row), ``scale_code``
 uint8[rows, cols_p / group_size], ``row_scale`` float32[rows]. Bits per weight ≈ bits +
@@ -25,33 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 import numpy as np
 
-from rbe_core import Codec, Encoded, hookimpl
-from rbe_core.abc import check_payload
-from rbe_core.arrays import as_weight, matrix_shape, row_chunks
+from rbe_core import Encoded, hookimpl
 from rbe_core.compression.gptq import hessian_factor, row_parts, single_threaded_blas
-from rbe_core.errors import RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
 
 from . import _trellis
-from .hadamard import (
-    RTN_CHUNK_ELEMENTS,
-    _damp_ok,
-    _pow2,
-    _seed_ok,
-    factor_steps,
-    group_steps,
-    hadamard_blocks,
-    hessian,
-    padded_cols,
-    rotate,
-    rotated_hessian,
-    sign_vector,
-    unrotate,
-)
+from .hadamard import RotatedCodec, factor_steps, group_steps, padded_cols
 
 #: Step of a group = this × its RMS (rotated weights), per bits: the scale of the code table
 #: with the least squared error on unit-normal data.
-_STEP_PER_RMS = {1: 0.95, 2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30}
+_STEP_PER_RMS = {2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30, 6: 1.35}
 #: Columns searched jointly by block LDLQ, and per lazy update of the columns after them.
 _BLOCK = 16
 _LAZY = 128
@@ -64,44 +48,20 @@ def _bits_ok(_inst, _attr, value):
 
 
 @attrs.define(frozen=True)
-class TrellisCodec(Codec):
+class TrellisCodec(RotatedCodec):
     """Randomized-Hadamard rotation, 8-bit group scales, trellis-coded ``bits``-bit values."""
 
     codec_id = "trellis"
-    accepts_calibration = True
 
     bits: int = attrs.field(default=3, validator=_bits_ok)
-    group_size: int = attrs.field(default=64, validator=_pow2("group_size"))
-    max_block: int = attrs.field(default=4096, validator=_pow2("max_block"))
-    seed: int = attrs.field(default=0, validator=_seed_ok)
-    damp: float = attrs.field(default=0.1, validator=_damp_ok)
 
-    def __attrs_post_init__(self):
-        if self.max_block < self.group_size:
-            raise ValueError(f"max_block ({self.max_block}) must be >= group_size ({self.group_size})")
-
-    def layout(self, cols: int) -> tuple[int, np.ndarray, list[int]]:
-        """(cols_p, signs, hadamard block sizes) for a weight with ``cols`` input features."""
-        cols_p = padded_cols(cols, self.group_size)
-        return cols_p, sign_vector(cols_p, self.seed), hadamard_blocks(cols_p, self.max_block)
-
-    def encode(self, weight, *, calibration=None, source: str = "") -> Encoded:
-        """Encode; ``calibration`` — activations (…, cols) or a ``Gram`` — switches to block LDLQ."""
-        w, dtype = as_weight(weight)
-        rows, cols = matrix_shape(w.shape)
-        flat = w.reshape(rows, cols)
-        if calibration is None:
-            parts = [self._encode_rows(flat[a:b], None) for a, b in row_chunks(rows, cols, RTN_CHUNK_ELEMENTS)]
-            payload = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:
-            payload = self._encode_rows(flat, calibration)
-        return Encoded(self, w.shape, payload, dtype=dtype, source=source)
+    def _code_bytes(self, cols_p: int) -> int:
+        return _trellis.stream_bytes(cols_p, self.bits)
 
     def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
+        """The payload of the rows ``w`` (rows, cols): a whole-row search, or block LDLQ with ``calibration``."""
         cols_p, signs, blocks = self.layout(w.shape[1])
-        wp = np.zeros((w.shape[0], cols_p), dtype=np.float64)
-        wp[:, : w.shape[1]] = w
-        wr = rotate(wp, signs, blocks)
+        wr = self._rotated(w, cols_p, signs, blocks)
         g = wr.reshape(len(wr), -1, self.group_size)
         rms = np.sqrt(np.mean(np.square(g), axis=2))
         row_scale, scale_code = factor_steps(rms * _STEP_PER_RMS[self.bits])
@@ -114,14 +74,6 @@ class TrellisCodec(Codec):
             paths = self._ldlq(wr, steps, hessian_factor(h, float(self.damp), False))
         return {"codes": _trellis.pack_paths(np.ascontiguousarray(paths), self.bits),
                 "scale_code": scale_code, "row_scale": row_scale}
-
-    def _hessian(self, calibration, cols, cols_p, signs, blocks):
-        # Gram lives in the calibrated-conversion module: loaded only when calibrating
-        from rbe_core.compression.calibration import Gram
-
-        if isinstance(calibration, Gram):
-            return rotated_hessian(calibration, cols, cols_p, signs, blocks)
-        return hessian(calibration, cols, cols_p, signs, blocks)
 
     def _ldlq(self, wr: np.ndarray, steps: np.ndarray, factor) -> np.ndarray:
         """Block LDLQ paths (uint8 (rows, cols_p)) of rotated weights ``wr`` (float64, changed)."""
@@ -153,41 +105,10 @@ class TrellisCodec(Codec):
                 w[:, i2:o2] -= e @ u[i1:i2, i2:o2]
             w[:, o2:] -= err @ u[o1:o2, o2:]
 
-    def validate(self, encoded: Encoded) -> None:
-        rows, cols = matrix_shape(encoded.shape)
-        cols_p = padded_cols(cols, self.group_size)
-        check_payload(encoded, {
-            "codes": ((rows, _trellis.stream_bytes(cols_p, self.bits)), "uint8"),
-            "scale_code": ((rows, cols_p // self.group_size), "uint8"),
-            "row_scale": ((rows,), "float32"),
-        })
-        rs = encoded.payload["row_scale"]
-        if not np.isfinite(rs).all() or (rs < 0).any():
-            raise RBEFormatError("trellis: row_scale must be finite and non-negative")
-
     def _values(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` in the rotated basis (float32, cols_p wide)."""
         cols_p = padded_cols(encoded.matrix_shape[1], self.group_size)
-        p = encoded.payload
-        states = _trellis.windows(p["codes"][start:stop], cols_p, self.bits)
-        steps = group_steps(p["row_scale"][start:stop], p["scale_code"][start:stop])
-        return _trellis.codebook()[states] * np.repeat(steps, self.group_size, axis=1)
-
-    def decode_rows(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop``: their values in the rotated basis, then one inverse rotation."""
-        rows, cols = encoded.matrix_shape
-        start, stop, _ = slice(start, stop).indices(rows)
-        cols_p, signs, blocks = self.layout(cols)
-        values = self._values(encoded, start, max(start, stop))
-        return np.ascontiguousarray(unrotate(values, signs, blocks)[:, :cols])
-
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        """All rows, decoded in row chunks that stay in cache."""
-        rows, cols = encoded.matrix_shape
-        out = np.empty((rows, cols), dtype=np.float32)
-        for a, b in row_chunks(rows, padded_cols(cols, self.group_size), RTN_CHUNK_ELEMENTS):
-            out[a:b] = self.decode_rows(encoded, a, b)
-        return out.reshape(encoded.shape)
+        states = _trellis.windows(encoded.payload["codes"][start:stop], cols_p, self.bits)
+        return _trellis.codebook()[states] * self._steps(encoded, start, stop)
 
     def lower(self, encoded: Encoded) -> Lowered:
         """The canonical layout: each window an 8-bit code into the code table, the group steps,
@@ -204,8 +125,8 @@ class TrellisCodec(Codec):
         )
 
     def bit_settings(self) -> list[TrellisCodec]:
-        """This codec at 5, 4, 3, 2 and 1 bits (groups and rotation kept)."""
-        return [attrs.evolve(self, bits=b) for b in (5, 4, 3, 2, 1)]
+        """This codec at 6 down to 2 bits (groups and rotation kept)."""
+        return [attrs.evolve(self, bits=b) for b in (6, 5, 4, 3, 2)]
 
     #: training moves the group steps (stored again as row scale × 8-bit code); paths are fixed
     trainable_lowered = ("step",)

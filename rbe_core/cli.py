@@ -226,7 +226,8 @@ def refine_options(f):
 @click.option("--codec", default=None, help="Codec id or JSON config for every weight matrix (default int8).")
 @click.option("--target-bpw", type=float, default=None,
               help="Pick codec settings per tensor so the average bits/weight <= X (with --codec: among its bit "
-                   "settings; default: the flagship hadamard's).")
+                   "settings, e.g. --codec trellis for the trellis-coded flagship; default: the flagship "
+                   "hadamard's).")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="JSON {tensor-name glob: codec}.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=None,
               help="Tensors encoded in parallel (default: the CPUs this process may use; each holds one tensor).")

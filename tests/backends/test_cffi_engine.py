@@ -36,7 +36,7 @@ KERNEL_CODECS = [
     "int8", "int4", "raw", {"id": "int4", "group_size": 32}, {"id": "int4", "group_size": 128},
     *({"id": "hadamard", "bits": b, "grid": g} for b in range(2, 9) for g in ("uniform", "normal")),
     {"id": "hadamard", "bits": 4, "group_size": 32, "max_block": 64},
-    *({"id": "trellis", "bits": b, "group_size": 32} for b in range(1, 6)),
+    *({"id": "trellis", "bits": b, "group_size": 32} for b in range(2, 7)),
 ]
 #: logits of whole models: the engine sums in another order than torch (and its exp is a
 #: polynomial within a few ulp), so it agrees to float32 rounding, relative to the logits' scale

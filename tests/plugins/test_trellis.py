@@ -133,7 +133,7 @@ def test_ldlq_lowers_the_output_error_of_round_to_nearest():
 
 
 def test_bad_configs_and_payloads_are_refused():
-    for bad in ({"bits": 6}, {"bits": 0}, {"bits": True}, {"group_size": 48}, {"damp": 0}):
+    for bad in ({"bits": 7}, {"bits": 1}, {"bits": True}, {"group_size": 48}, {"damp": 0}):
         with pytest.raises(ValueError):
             TrellisCodec(**bad)
     codec = TrellisCodec(bits=3)

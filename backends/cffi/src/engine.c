@@ -590,7 +590,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         const int tb = d->trellis_bits, nib = d->bits <= 4, planes = d->bits == 5 || d->bits == 6 ? d->bits - 4 : 0;
         if (tb < 0 || tb > 7 || (tb && d->bits != 8)) return RBE_E_ARGS;
         const int64_t bb = tb ? 4 * tb : nib ? 16 : planes ? 16 + 4 * planes : 32;
-        const int64_t rb = cp / 32 * bb + (tb ? 2 : 0);
+        const int64_t rb = cp / 32 * bb + (tb ? 8 : 0); /* block reads run up to 7 bytes past */
         uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb), e->arena_chunk);
         if (!q) return RBE_E_NOMEM;
         L->codes = q;

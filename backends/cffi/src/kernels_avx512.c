@@ -52,9 +52,9 @@ static inline __m512 vexp(__m512 x) {
 }
 
 /* Canonical layout: tables of up to 64 levels live in registers (vpermps for 16, vpermt2ps for
- * 32, two of them and a blend for 64); affine levels (uniform grids, int8) are a convert; other
- * 7- and 8-bit tables are gathered. */
-enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
+ * 32, two of them and a blend for 64; 256 levels: eight and seven blends, from L1); affine levels
+ * (uniform grids, int8) are a convert; 7-bit tables are gathered. */
+enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_PERM256, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
 typedef struct {
     __m512 t0, t1, t2, t3, a0, da;
     const float *levels;
@@ -72,6 +72,7 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     else if (m->affine) t.mode = LUT_AFFINE;
     else if (m->bits <= 5) t.mode = LUT_PERM32;
     else if (m->bits == 6) t.mode = LUT_PERM64;
+    else if (m->bits == 8) t.mode = LUT_PERM256;
     else t.mode = LUT_GATHER;
     return t;
 }
@@ -79,9 +80,24 @@ static inline lutreg lutreg_codes_avx512(lutreg t) {
     t.mode = LUT_CODES;
     return t;
 }
+/* levels[idx] of a 256-entry table: a 64-entry lookup per quarter, the quarter by bits 6 and 7. */
+static inline __m512 lut256(const float *lv, __m512i idx) {
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    __m512 q[4];
+    for (int h = 0; h < 4; h++) {
+        const float *l = lv + 64 * h;
+        const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(l), idx, _mm512_loadu_ps(l + 16));
+        const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(l + 32), idx, _mm512_loadu_ps(l + 48));
+        q[h] = _mm512_mask_blend_ps(b5, lo, hi);
+    }
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, q[0], q[1]), _mm512_mask_blend_ps(b6, q[2], q[3]));
+}
 static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     switch (t->mode) {
+        case LUT_PERM256: return lut256(t->levels, idx);
         case LUT_PERM32: return _mm512_permutex2var_ps(t->t0, idx, t->t1);
         case LUT_PERM64: {
             const __m512 lo = _mm512_permutex2var_ps(t->t0, idx, t->t1);

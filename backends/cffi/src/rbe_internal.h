@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* A weight matrix in the engine's canonical layout (see rbe_engine.h): row r, column c holds
  * levels[code[r, c]] * step[r, g] (+ offset[r, g]), g = c / gs, evaluated as a float32 multiply
@@ -24,7 +25,7 @@ typedef struct {
                              TRELLIS (8-bit codes, each sharing its low 8 - tbits bits with the
                              previous code's high ones): per row a little-endian bit stream whose
                              code c is the 8 bits from bit c * tbits, block b from byte
-                             4 * tbits * b (two bytes of padding after a row's stream) */
+                             4 * tbits * b (eight bytes of padding after a row's stream) */
     int64_t row_bytes, block_bytes;
     int tbits;
     const float *dense; /* F32: rows x cols_p */
@@ -65,9 +66,12 @@ typedef struct {
 /* The 32 codes of m's block at p, codes of kind RBE_LUT_NIBBLE, RBE_LUT_PLANES or
  * RBE_LUT_TRELLIS (see rbe_lut's codes). */
 static inline void rbe_block_codes(const rbe_lut *m, const uint8_t *p, uint8_t *codes) {
-    if (m->kind == RBE_LUT_TRELLIS) {
-        for (int j = 0, bit = 0; j < 32; j++, bit += m->tbits)
-            codes[j] = (uint8_t)((p[bit >> 3] | (unsigned)p[(bit >> 3) + 1] << 8) >> (bit & 7));
+    if (m->kind == RBE_LUT_TRELLIS) { /* eight windows from each 64-bit word (7 * tbits + 8 <= 64) */
+        for (int j = 0; j < 32; j += 8) {
+            uint64_t v;
+            memcpy(&v, p + j * m->tbits / 8, 8);
+            for (int i = 0; i < 8; i++) codes[j + i] = (uint8_t)(v >> (i * m->tbits));
+        }
         return;
     }
     for (int j = 0; j < 32; j++) {
