@@ -241,7 +241,9 @@ def group(setting: str) -> str:
     """The plot's series a row's setting belongs to."""
     if setting.startswith("llama.cpp"):
         return "llama.cpp + imatrix" if setting.endswith("imatrix") and "no imatrix" not in setting else "llama.cpp (no imatrix)"
-    return "AutoRound" if setting.startswith("AutoRound") else "rbe"
+    if setting.startswith("AutoRound"):
+        return "AutoRound"
+    return "rbe trellis" if setting.startswith("trellis") else "rbe"
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -254,8 +256,8 @@ def plot(rows: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, title in ((axes[0], "linear_bpw", "bits per weight, Linear layers"),
                            (axes[1], "file_bpw", "bits per weight, whole file")):
-        for who, marker in (("rbe", "o"), ("llama.cpp (no imatrix)", "s"), ("llama.cpp + imatrix", "D"),
-                            ("AutoRound", "^")):
+        for who, marker in (("rbe", "o"), ("rbe trellis", "P"), ("llama.cpp (no imatrix)", "s"),
+                            ("llama.cpp + imatrix", "D"), ("AutoRound", "^")):
             pts = sorted((r[key], r["kl"], r["setting"]) for r in rows if group(r["setting"]) == who)
             if not pts:
                 continue

@@ -52,11 +52,13 @@ static inline __m512 vexp(__m512 x) {
 }
 
 /* Canonical layout: tables of up to 64 levels live in registers (vpermps for 16, vpermt2ps for
- * 32, two of them and a blend for 64; 256 levels: eight and seven blends, from L1); affine levels
- * (uniform grids, int8) are a convert; 7-bit tables are gathered. */
-enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_PERM256, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
+ * 32, two of them and a blend for 64); affine levels (uniform grids, int8) are a convert; other
+ * 7- and 8-bit tables are gathered (eight permutes and seven blends for 256 levels measured
+ * slower), trellis windows too, straight from their 32-bit words. */
+enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
 typedef struct {
     __m512 t0, t1, t2, t3, a0, da;
+    __m512i tbyte[2], tshift[2]; /* TRELLIS: each window's byte in the block, and bit in that byte */
     const float *levels;
     int mode;
 } lutreg;
@@ -67,12 +69,17 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     t.t2 = _mm512_loadu_ps(lv + 32), t.t3 = _mm512_loadu_ps(lv + 48);
     t.a0 = _mm512_set1_ps(m->a0), t.da = _mm512_set1_ps(m->da);
     t.levels = lv;
+    for (int h = 0; h < 2 && m->kind == RBE_LUT_TRELLIS; h++) {
+        const __m512i bit = _mm512_mullo_epi32(
+            _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16 * h)),
+            _mm512_set1_epi32(m->tbits));
+        t.tbyte[h] = _mm512_srli_epi32(bit, 3), t.tshift[h] = _mm512_and_si512(bit, _mm512_set1_epi32(7));
+    }
     if (m->kind == RBE_LUT_NIBBLE) t.mode = LUT_PERM16;
     else if (m->kind == RBE_LUT_PLANES) t.mode = m->bits == 5 ? LUT_PLANES5 : LUT_PLANES6;
     else if (m->affine) t.mode = LUT_AFFINE;
     else if (m->bits <= 5) t.mode = LUT_PERM32;
     else if (m->bits == 6) t.mode = LUT_PERM64;
-    else if (m->bits == 8) t.mode = LUT_PERM256;
     else t.mode = LUT_GATHER;
     return t;
 }
@@ -80,24 +87,9 @@ static inline lutreg lutreg_codes_avx512(lutreg t) {
     t.mode = LUT_CODES;
     return t;
 }
-/* levels[idx] of a 256-entry table: a 64-entry lookup per quarter, the quarter by bits 6 and 7. */
-static inline __m512 lut256(const float *lv, __m512i idx) {
-    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-    __m512 q[4];
-    for (int h = 0; h < 4; h++) {
-        const float *l = lv + 64 * h;
-        const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(l), idx, _mm512_loadu_ps(l + 16));
-        const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(l + 32), idx, _mm512_loadu_ps(l + 48));
-        q[h] = _mm512_mask_blend_ps(b5, lo, hi);
-    }
-    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
-    return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, q[0], q[1]), _mm512_mask_blend_ps(b6, q[2], q[3]));
-}
 static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     switch (t->mode) {
-        case LUT_PERM256: return lut256(t->levels, idx);
         case LUT_PERM32: return _mm512_permutex2var_ps(t->t0, idx, t->t1);
         case LUT_PERM64: {
             const __m512 lo = _mm512_permutex2var_ps(t->t0, idx, t->t1);
@@ -111,11 +103,12 @@ static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
 }
 static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                       __m512 *out) {
-    if (m->kind == RBE_LUT_TRELLIS) { /* byte codes, then as BYTE */
-        uint8_t codes[32];
-        rbe_block_codes(m, p, codes);
-        out[0] = lut_bytes16(t, codes);
-        out[1] = lut_bytes16(t, codes + 16);
+    if (m->kind == RBE_LUT_TRELLIS) { /* each window from the 32-bit word at its byte */
+        for (int h = 0; h < 2; h++) {
+            const __m512i word = _mm512_i32gather_epi32(t->tbyte[h], (const void *)p, 1);
+            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(word, t->tshift[h]), _mm512_set1_epi32(255));
+            out[h] = _mm512_i32gather_ps(idx, t->levels, 4);
+        }
     } else if (t->mode == LUT_PERM16) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
         out[0] = _mm512_permutexvar_ps(b, t->t0); /* vpermps reads the low 4 index bits */
