@@ -62,10 +62,12 @@ static inline __m256 lookup8(__m128i bytes, lut16 t) {
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
 }
 /* Canonical layout: nibble codes through the two-register table above; byte codes through a
- * convert when the levels are affine in the code, else a gather. */
+ * convert when the levels are affine in the code, else a gather; trellis windows gathered from
+ * their 32-bit words, then their levels. */
 typedef struct {
     lut16 t;
     __m256 a0, da;
+    __m256i tbyte[4], tshift[4]; /* TRELLIS: each window's byte in the block, and bit in that byte */
     const float *levels;
     int affine, codes;
 } lutreg;
@@ -74,6 +76,11 @@ static inline lutreg lutreg_load_avx2(const rbe_lut *m) {
     t.t = lut16_load(m->levels);
     t.a0 = _mm256_set1_ps(m->a0), t.da = _mm256_set1_ps(m->da);
     t.levels = m->levels, t.affine = m->affine, t.codes = 0;
+    for (int k = 0; k < 4 && m->kind == RBE_LUT_TRELLIS; k++) {
+        const __m256i bit = _mm256_mullo_epi32(
+            _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * k)), _mm256_set1_epi32(m->tbits));
+        t.tbyte[k] = _mm256_srli_epi32(bit, 3), t.tshift[k] = _mm256_and_si256(bit, _mm256_set1_epi32(7));
+    }
     return t;
 }
 static inline lutreg lutreg_codes_avx2(lutreg t) {
@@ -95,7 +102,13 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
         out[1] = lookup8(_mm_srli_si128(lo, 8), t->t);
         out[2] = lookup8(hi, t->t);
         out[3] = lookup8(_mm_srli_si128(hi, 8), t->t);
-    } else if (m->kind == RBE_LUT_PLANES || m->kind == RBE_LUT_TRELLIS) { /* byte codes, then as BYTE */
+    } else if (m->kind == RBE_LUT_TRELLIS) {
+        for (int k = 0; k < 4; k++) {
+            const __m256i word = _mm256_i32gather_epi32((const int *)p, t->tbyte[k], 1);
+            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(word, t->tshift[k]), _mm256_set1_epi32(255));
+            out[k] = _mm256_i32gather_ps(t->levels, idx, 4);
+        }
+    } else if (m->kind == RBE_LUT_PLANES) { /* byte codes, then as BYTE */
         uint8_t codes[32];
         rbe_block_codes(m, p, codes);
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, codes + 8 * k);
