@@ -12,7 +12,10 @@ viewed as the (rows, cols) matrix ``Encoded.matrix_shape``, that is **exactly** 
   ``W = W_c[:, :cols]``.
 
 So ``x @ W.T == T(pad(x)) @ W_c.T``: a kernel rotates each input once and multiplies by the
-codes through a level table. :meth:`Lowered.decode` is the numpy reference (bit-identical to
+codes through a level table. Optional hints let kernels store a coded matrix more compactly
+without changing its values: ``step_row``/``step_code`` (the steps as a row scale times an 8-bit
+code) and ``trellis_bits`` (8-bit codes that overlap like the windows of a bit-shift trellis,
+storable as a stream of that many bits a weight). :meth:`Lowered.decode` is the numpy reference (bit-identical to
 the codec's ``decode``, which the test suite checks for every built-in codec). Lowering is done
 once per tensor at load time and cached; the arrays are views or compact copies of the payload.
 """
