@@ -85,10 +85,9 @@ class TrellisCodec(RotatedCodec):
         return paths
 
     def _ldlq_rows(self, w, steps, u, paths) -> None:
-        """:meth:`_ldlq` of some rows (rows are independent given ``u``)."""
-        n, cb = w.shape[1], _trellis.codebook()
-        safe = np.where(steps > 0, steps, 1.0)
-        weight = np.square(steps / np.diag(u)).astype(np.float32)
+        """:meth:`_ldlq` of some rows (rows are independent given ``u``). Each block's targets (in
+        steps) and weights are made for its columns only: no matrix-sized temporaries."""
+        n, cb, diag = w.shape[1], _trellis.codebook(), np.diag(u)
         state = None
         for o1 in range(0, n, _LAZY):
             o2 = min(o1 + _LAZY, n)
@@ -96,7 +95,9 @@ class TrellisCodec(RotatedCodec):
             for i1 in range(o1, o2, _BLOCK):
                 i2 = min(i1 + _BLOCK, o2)
                 j2 = min(i2 + _LOOKAHEAD, n)
-                block = _trellis.search((w[:, i1:j2] / safe[:, i1:j2]).T, weight[:, i1:j2].T, self.bits, state)[: i2 - i1]
+                s = steps[:, i1:j2]
+                weight = np.square(s / diag[i1:j2]).astype(np.float32)
+                block = _trellis.search((w[:, i1:j2] / np.where(s > 0, s, 1.0)).T, weight.T, self.bits, state)[: i2 - i1]
                 state = block[-1]
                 paths[:, i1:i2] = block.T
                 ub = u[i1:i2, i1:i2]
