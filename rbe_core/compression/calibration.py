@@ -810,7 +810,8 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
         try:
             pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs)
         except ValueError as exc:
-            raise ValueError(f"no setting of {[c.get('id') for c in candidates]} reaches {target_bpw} bits/weight "
+            names = ", ".join(f"{c.get('id')} {c['bits']}-bit" if "bits" in c else str(c.get("id")) for c in candidates)
+            raise ValueError(f"no setting of [{names}] reaches {target_bpw} bits/weight "
                              f"over the Linear weights ({exc})") from None
         codecs.update(pick)
     bar = tqdm(total=len(codecs), unit="tensor", disable=not progress, desc="rbe calibrate", dynamic_ncols=True)
