@@ -3,7 +3,7 @@
 The ``hadamard`` codec's rotation and 8-bit group steps (see ``hadamard.py``), with the scalar
 grid replaced by a trellis code (``_trellis.py``): each row of the rotated weight is one sequence
 coded at ``bits`` bits a value by the Viterbi search, value ``t`` being
-``codebook()[window_t] * step``. On unit-normal data the squared error is 0.57–0.64× that of the
+``codebook(table)[window_t] * step``. On unit-normal data the squared error is 0.57–0.64× that of the
 Lloyd–Max grid at the same bits (2.0–2.5 dB, a third of a bit or more; docs/codecs/trellis.md).
 
 With ``calibration`` (activations or a ``Gram``) the paths are chosen by block LDLQ, GPTQ's
@@ -33,13 +33,18 @@ from rbe_core.native.lowering import HadamardTransform, Lowered
 from . import _trellis
 from .hadamard import RotatedCodec, factor_steps, group_steps, padded_cols
 
-#: Step of a group = this × its RMS (rotated weights), per bits: the scale of the code table
+#: Step of a group = this × its RMS (rotated weights) / the table's scale, per bits: the scale of the code table
 #: with the least squared error on unit-normal data.
 _STEP_PER_RMS = {2: 1.10, 3: 1.15, 4: 1.20, 5: 1.30, 6: 1.35}
 #: Columns searched jointly by block LDLQ, and per lazy update of the columns after them.
 _BLOCK = 16
 _LAZY = 128
 _LOOKAHEAD = 8
+
+
+def _table_ok(_inst, _attr, value):
+    if value not in _trellis.TABLE_SCALE:
+        raise ValueError(f"table must be one of {sorted(_trellis.TABLE_SCALE)}, got {value!r}")
 
 
 def _bits_ok(_inst, _attr, value):
@@ -54,6 +59,9 @@ class TrellisCodec(RotatedCodec):
     codec_id = "trellis"
 
     bits: int = attrs.field(default=3, validator=_bits_ok)
+    #: the code table (``_trellis.codebook``): ``int8`` (integers, looked up as bytes by the
+    #: engines' fast paths) or ``normal`` (float quantiles, the only table before ``int8``)
+    table: str = attrs.field(default="int8", validator=_table_ok)
 
     def _code_bytes(self, cols_p: int) -> int:
         return _trellis.stream_bytes(cols_p, self.bits)
@@ -64,11 +72,11 @@ class TrellisCodec(RotatedCodec):
         wr = self._rotated(w, cols_p, signs, blocks)
         g = wr.reshape(len(wr), -1, self.group_size)
         rms = np.sqrt(np.mean(np.square(g), axis=2))
-        row_scale, scale_code = factor_steps(rms * _STEP_PER_RMS[self.bits])
+        row_scale, scale_code = factor_steps(rms * (_STEP_PER_RMS[self.bits] / _trellis.TABLE_SCALE[self.table]))
         steps = np.repeat(group_steps(row_scale, scale_code), self.group_size, axis=1)
         if calibration is None:
             safe = np.where(steps > 0, steps, 1.0)
-            paths = _trellis.search((wr / safe).T, np.square(steps).T, self.bits).T
+            paths = _trellis.search((wr / safe).T, np.square(steps).T, self.bits, table=_trellis.codebook(self.table)).T
         else:
             h = self._hessian(calibration, w.shape[1], cols_p, signs, blocks)
             paths = self._ldlq(wr, steps, hessian_factor(h, float(self.damp), False))
@@ -87,7 +95,7 @@ class TrellisCodec(RotatedCodec):
     def _ldlq_rows(self, w, steps, u, paths) -> None:
         """:meth:`_ldlq` of some rows (rows are independent given ``u``). Each block's targets (in
         steps) and weights are made for its columns only: no matrix-sized temporaries."""
-        n, cb, diag = w.shape[1], _trellis.codebook(), np.diag(u)
+        n, cb, diag = w.shape[1], _trellis.codebook(self.table), np.diag(u)
         state = None
         for o1 in range(0, n, _LAZY):
             o2 = min(o1 + _LAZY, n)
@@ -97,7 +105,7 @@ class TrellisCodec(RotatedCodec):
                 j2 = min(i2 + _LOOKAHEAD, n)
                 s = steps[:, i1:j2]
                 weight = np.square(s / diag[i1:j2]).astype(np.float32)
-                block = _trellis.search((w[:, i1:j2] / np.where(s > 0, s, 1.0)).T, weight.T, self.bits, state)[: i2 - i1]
+                block = _trellis.search((w[:, i1:j2] / np.where(s > 0, s, 1.0)).T, weight.T, self.bits, state, cb)[: i2 - i1]
                 state = block[-1]
                 paths[:, i1:i2] = block.T
                 ub = u[i1:i2, i1:i2]
@@ -109,7 +117,7 @@ class TrellisCodec(RotatedCodec):
     def _values(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
         cols_p = padded_cols(encoded.matrix_shape[1], self.group_size)
         states = _trellis.windows(encoded.payload["codes"][start:stop], cols_p, self.bits)
-        return _trellis.codebook()[states] * self._steps(encoded, start, stop)
+        return _trellis.codebook(self.table)[states] * self._steps(encoded, start, stop)
 
     def lower(self, encoded: Encoded) -> Lowered:
         """The canonical layout: each window an 8-bit code into the code table, the group steps,
@@ -119,7 +127,7 @@ class TrellisCodec(RotatedCodec):
         p = encoded.payload
         return Lowered(
             rows, cols, _trellis.STATE_BITS, self.group_size,
-            codes=_trellis.windows(p["codes"], cols_p, self.bits), levels=_trellis.codebook(),
+            codes=_trellis.windows(p["codes"], cols_p, self.bits), levels=_trellis.codebook(self.table),
             step=group_steps(p["row_scale"], p["scale_code"]),
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
             step_row=p["row_scale"], step_code=p["scale_code"], trellis_bits=self.bits,
@@ -140,7 +148,7 @@ class TrellisCodec(RotatedCodec):
         if (lowered.bits, lowered.group_size, lowered.rows, lowered.cols, lowered.cols_p) != (
                 _trellis.STATE_BITS, self.group_size, rows, cols, cols_p) or lowered.offset is not None:
             raise ValueError("trellis: the lowered layout does not match this codec and shape")
-        if not np.array_equal(lowered.levels, _trellis.codebook()) or not _trellis.is_path(lowered.codes, self.bits):
+        if not np.array_equal(lowered.levels, _trellis.codebook(self.table)) or not _trellis.is_path(lowered.codes, self.bits):
             raise ValueError("trellis: the code table is fixed and the codes must form trellis paths")
         if lowered.step_row is not None:
             row_scale, scale_code = lowered.step_row, lowered.step_code

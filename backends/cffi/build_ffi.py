@@ -22,6 +22,7 @@ PORTABLE_SOURCES = ["dispatch.c", "engine.c", "kernels_scalar.c"]
 ISA_SOURCES = {
     "kernels_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
     "kernels_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
+    "kernels_avx512vbmi.c": ["-mavx512f", "-mavx512bw", "-mf16c", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni"],
 }
 #: No implicit FMA contraction: decode's "multiply, then add" must stay two roundings.
 COMMON_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]

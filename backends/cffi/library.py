@@ -4,7 +4,7 @@
 is missing or broken, ``lib`` is None, ``IMPORT_ERROR`` says why and :func:`require_lib` raises
 ``BackendUnavailableError``. Nothing else in the backend touches the import.
 
-Environment: ``RBE_CFFI_ISA=scalar|avx2|avx512`` forces a code path (an error if this CPU or
+Environment: ``RBE_CFFI_ISA=scalar|avx2|avx512|avx512vbmi`` forces a code path (an error if this CPU or
 build lacks it); ``RBE_CFFI_THREADS=N`` sets the thread count (default: usable cores, at most 8).
 """
 
@@ -29,7 +29,7 @@ else:
 ISA_ENV = "RBE_CFFI_ISA"
 THREADS_ENV = "RBE_CFFI_THREADS"
 #: ISA names and their C bit, best first.
-ISAS = {"avx512": 4, "avx2": 2, "scalar": 1}
+ISAS = {"avx512vbmi": 8, "avx512": 4, "avx2": 2, "scalar": 1}
 
 _ERRORS = {1: "instruction set not available", 2: "invalid arguments", 3: "out of memory",
            5: "token id out of range", 6: "context length exceeded", 7: "model incomplete"}

@@ -37,6 +37,7 @@ KERNEL_CODECS = [
     *({"id": "hadamard", "bits": b, "grid": g} for b in range(2, 9) for g in ("uniform", "normal")),
     {"id": "hadamard", "bits": 4, "group_size": 32, "max_block": 64},
     *({"id": "trellis", "bits": b, "group_size": 32} for b in range(2, 7)),
+    {"id": "trellis", "bits": 4, "group_size": 32, "table": "normal"},
 ]
 #: logits of whole models: the engine sums in another order than torch (and its exp is a
 #: polynomial within a few ulp), so it agrees to float32 rounding, relative to the logits' scale
@@ -236,7 +237,7 @@ def test_int8_product_of_codecs_stays_near_float32(isa):
     8-bit inputs of the float32 product."""
     rng = np.random.default_rng(3)
     for codec in ["int8", "int4", {"id": "hadamard", "bits": 4}, {"id": "hadamard", "bits": 6, "grid": "normal"},
-                  {"id": "trellis", "bits": 3}]:
+                  {"id": "trellis", "bits": 3}, {"id": "trellis", "bits": 5, "table": "normal"}]:
         m = LoweredMatrix(lower(rbe_core.get_codec(codec).encode(rng.standard_normal((96, 200)).astype(np.float32))))
         x = rng.standard_normal((33, 200)).astype(np.float32)
         assert _rel(_linear_int8(m, x), m.linear(x)) <= 0.02, codec

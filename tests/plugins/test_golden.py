@@ -13,7 +13,7 @@ import rbe_core
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 FOLDERS = sorted(p.name for p in GOLDEN.iterdir() if (p / "config.json").exists())
-EXPECTED = {"int8", "raw", "hadamard", "hadamard-normal", "trellis", "int4", "cyclic8", "cyclic16", "packed64", "packed128", "hybrid"}
+EXPECTED = {"int8", "raw", "hadamard", "hadamard-normal", "trellis", "trellis-int8", "int4", "cyclic8", "cyclic16", "packed64", "packed128", "hybrid"}
 
 
 def test_every_builtin_codec_has_golden_files():

@@ -73,10 +73,22 @@ def test_streams_round_trip_and_any_bytes_are_a_path(bits):
     assert not _trellis.is_path(rng.integers(0, 256, (5, 37)).astype(np.uint8), bits)
 
 
-def test_the_code_table_is_fixed_and_near_unit_normal():
-    cb = _trellis.codebook()
-    assert cb.dtype == np.float32 and cb.shape == (256,)
-    assert abs(float(cb.mean())) < 0.1 and 0.85 < float(cb.std()) < 1.15
+def test_the_code_tables_are_fixed_and_near_unit_normal():
+    normal, whole = _trellis.codebook("normal"), _trellis.codebook("int8")
+    for cb in (normal, whole):
+        assert cb.dtype == np.float32 and cb.shape == (256,)
+    assert abs(float(normal.mean())) < 0.1 and 0.85 < float(normal.std()) < 1.15
+    assert np.array_equal(whole, np.round(normal * np.float64(44.0)))  # integers a byte holds
+    assert whole.min() == -127 and whole.max() == 127
+    with pytest.raises(ValueError, match="table must be one of"):
+        _trellis.codebook("uniform")
+
+
+def test_the_table_is_part_of_the_config():
+    assert rbe_core.get_codec("trellis").table == "int8"
+    assert rbe_core.get_codec(TrellisCodec(bits=4, table="normal").get_config()).table == "normal"
+    with pytest.raises(ValueError, match="table must be one of"):
+        TrellisCodec(table="uniform")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])

@@ -8,7 +8,7 @@
 
 int rbe_isa_compiled(void) {
 #ifdef RBE_WITH_X86_SIMD
-    return RBE_ISA_SCALAR | RBE_ISA_AVX2 | RBE_ISA_AVX512;
+    return RBE_ISA_SCALAR | RBE_ISA_AVX2 | RBE_ISA_AVX512 | RBE_ISA_AVX512VBMI;
 #else
     return RBE_ISA_SCALAR;
 #endif
@@ -22,6 +22,9 @@ int rbe_isa_supported(void) {
         mask |= RBE_ISA_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c"))
         mask |= RBE_ISA_AVX512;
+    if ((mask & RBE_ISA_AVX512) && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        mask |= RBE_ISA_AVX512VBMI;
 #endif
     return mask;
 }
@@ -34,6 +37,7 @@ const rbe_kernels *rbe_kernels_for(int isa) {
         case RBE_ISA_AVX2: return &rbe_kernels_avx2;
         case RBE_ISA_AVX512: /* the int8 product needs VNNI too; without it, the float product */
             return __builtin_cpu_supports("avx512vnni") ? &rbe_kernels_avx512 : &rbe_kernels_avx512_noq8;
+        case RBE_ISA_AVX512VBMI: return &rbe_kernels_avx512vbmi;
 #endif
         default: return NULL;
     }

@@ -8,7 +8,11 @@
 
 #include "rbe_internal.h"
 
+#ifdef RBE_AVX512_VBMI /* kernels_avx512vbmi.c */
+#define ISA_SUFFIX avx512vbmi
+#else
 #define ISA_SUFFIX avx512
+#endif
 #define VLEN 16
 #define GEMV_ROWS 4
 #define GRAD_BATCH 8
@@ -54,14 +58,40 @@ static inline __m512 vexp(__m512 x) {
 /* Canonical layout: tables of up to 64 levels live in registers (vpermps for 16, vpermt2ps for
  * 32, two of them and a blend for 64); affine levels (uniform grids, int8) are a convert; other
  * 7- and 8-bit tables are gathered (eight permutes and seven blends for 256 levels measured
- * slower), trellis windows too, straight from their 32-bit words. */
-enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES };
+ * slower), trellis windows too, straight from their 32-bit words; with VBMI, trellis windows
+ * whose levels are the integers lv8 are cut by byte permutes and looked up as bytes (TRELLIS8). */
+enum { LUT_PERM16, LUT_PERM32, LUT_PERM64, LUT_AFFINE, LUT_GATHER, LUT_PLANES5, LUT_PLANES6, LUT_CODES, LUT_TRELLIS8 };
 typedef struct {
     __m512 t0, t1, t2, t3, a0, da;
     __m512i tbyte[2], tshift[2]; /* TRELLIS: each window's byte in the block, and bit in that byte */
+#ifdef RBE_AVX512_VBMI
+    __m512i lv8[4];        /* TRELLIS8: the byte table, 64 entries a register */
+    __m256i wbyte, wshift; /* TRELLIS8: trellis_windows' controls */
+    __mmask32 wload;
+#endif
     const float *levels;
     int mode;
 } lutreg;
+#ifdef RBE_AVX512_VBMI
+/* The controls of trellis_windows for tbits bits a code: qword k of the block's bytes from byte
+ * k * tbits (its first window's), and in each qword the windows' bit offsets i * tbits. */
+static inline void trellis_controls(int tbits, __m256i *wbyte, __m256i *wshift, __mmask32 *wload) {
+    uint8_t b[32], s[32];
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 8; i++) b[8 * k + i] = (uint8_t)(k * tbits + i), s[8 * k + i] = (uint8_t)(i * tbits);
+    *wbyte = _mm256_loadu_si256((const __m256i *)b), *wshift = _mm256_loadu_si256((const __m256i *)s);
+    *wload = (__mmask32)((1u << (3 * tbits + 8)) - 1u); /* what qword 3 reads: within a row's padding */
+}
+/* The 32 windows (codes) of the TRELLIS block at p. */
+static inline __m256i trellis_windows(__m256i wbyte, __m256i wshift, __mmask32 wload, const uint8_t *p) {
+    return _mm256_multishift_epi64_epi8(wshift, _mm256_permutexvar_epi8(wbyte, _mm256_maskz_loadu_epi8(wload, p)));
+}
+/* Bytes tab[idx] for 64 byte indices, tab in four registers of 64. */
+static inline __m512i bytes_through(const __m512i *tab, __m512i idx) {
+    const __m512i lo = _mm512_permutex2var_epi8(tab[0], idx, tab[1]), hi = _mm512_permutex2var_epi8(tab[2], idx, tab[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
+}
+#endif
 static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     lutreg t;
     const float *lv = m->levels; /* 256 entries, unused ones zero */
@@ -81,6 +111,13 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
     else if (m->bits <= 5) t.mode = LUT_PERM32;
     else if (m->bits == 6) t.mode = LUT_PERM64;
     else t.mode = LUT_GATHER;
+#ifdef RBE_AVX512_VBMI
+    if (m->kind == RBE_LUT_TRELLIS && rbe_lut_integer_levels(m)) {
+        t.mode = LUT_TRELLIS8;
+        for (int k = 0; k < 4; k++) t.lv8[k] = _mm512_loadu_si512((const void *)(m->lv8 + 64 * k));
+        trellis_controls(m->tbits, &t.wbyte, &t.wshift, &t.wload);
+    }
+#endif
     return t;
 }
 static inline lutreg lutreg_codes_avx512(lutreg t) {
@@ -103,6 +140,14 @@ static inline __m512 lut_bytes16(const lutreg *t, const uint8_t *p) {
 }
 static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                       __m512 *out) {
+#ifdef RBE_AVX512_VBMI
+    if (t->mode == LUT_TRELLIS8) {
+        const __m512i v = bytes_through(t->lv8, _mm512_castsi256_si512(trellis_windows(t->wbyte, t->wshift, t->wload, p)));
+        out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v)));
+        out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1)));
+        return;
+    }
+#endif
     if (m->kind == RBE_LUT_TRELLIS) { /* each window from the 32-bit word at its byte */
         for (int h = 0; h < 2; h++) {
             const __m512i word = _mm512_i32gather_epi32(t->tbyte[h], (const void *)p, 1);
@@ -141,7 +186,9 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
 /* Int8 product (lut_impl.h): vpdpbusd, unsigned weight bytes (lv8 + 128) times signed inputs;
  * each block's accumulator starts at -128 * sum(x8) (in the pack), which cancels the zero point
  * exactly. */
+#ifndef RBE_AVX512_VBMI /* dispatch.c hands the VBMI path out only with VNNI */
 #define Q8_OPTIONAL 1
+#endif
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
 #define Q8_NV 2
@@ -209,10 +256,20 @@ static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, 
     return amax / 127.0f;
 }
 /* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one;
- * trellis codes: the portable path. */
+ * trellis codes: windows cut and looked up by byte permutes with VBMI, else the portable path. */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
     if (m->kind == RBE_LUT_TRELLIS) {
+#ifdef RBE_AVX512_VBMI
+        __m512i t[4];
+        __m256i wbyte, wshift;
+        __mmask32 wload;
+        for (int k = 0; k < 4; k++) t[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
+        trellis_controls(m->tbits, &wbyte, &wshift, &wload);
+        const __m512i v = bytes_through(t, _mm512_castsi256_si512(trellis_windows(wbyte, wshift, wload, p)));
+        _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(v));
+#else
         rbe_q8_planes(m, tab, p, out);
+#endif
         return;
     }
     const int bits = m->bits;
@@ -231,4 +288,9 @@ static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t
     _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(r));
 }
 
+#ifdef RBE_AVX512_VBMI /* the canonical-layout vocabulary above, under this path's names */
+#define lutreg_load_avx512vbmi lutreg_load_avx512
+#define lutreg_codes_avx512vbmi lutreg_codes_avx512
+#define lut_block32_avx512vbmi lut_block32_avx512
+#endif
 #include "kern_impl.h"

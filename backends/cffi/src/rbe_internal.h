@@ -63,6 +63,11 @@ typedef struct {
  * weight zero point). Tokens past the input's count are zero. */
 #define RBE_Q8_REC(T) (44 * (int64_t)(T))
 
+/* Whether m's levels are the integers lv8 (levels[k] == lv8[k]). */
+static inline int rbe_lut_integer_levels(const rbe_lut *m) {
+    return m->q8_exact && m->q8_alpha == 1.0f && m->q8_beta == 0.0f;
+}
+
 /* The 32 codes of m's block at p, codes of kind RBE_LUT_NIBBLE, RBE_LUT_PLANES or
  * RBE_LUT_TRELLIS (see rbe_lut's codes). */
 static inline void rbe_block_codes(const rbe_lut *m, const uint8_t *p, uint8_t *codes) {
@@ -196,6 +201,7 @@ const rbe_kernels *rbe_kernels_for(int isa);
 extern const rbe_kernels rbe_kernels_avx2;
 extern const rbe_kernels rbe_kernels_avx512;
 extern const rbe_kernels rbe_kernels_avx512_noq8; /* lut_gemm_q8 NULL: AVX-512 without VNNI */
+extern const rbe_kernels rbe_kernels_avx512vbmi;
 #endif
 
 /* Exact IEEE binary16 -> binary32 (normals, subnormals, inf, nan). */
