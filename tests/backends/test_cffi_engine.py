@@ -38,6 +38,7 @@ KERNEL_CODECS = [
     {"id": "hadamard", "bits": 4, "group_size": 32, "max_block": 64},
     *({"id": "trellis", "bits": b, "group_size": 32} for b in range(2, 7)),
     {"id": "trellis", "bits": 4, "group_size": 32, "table": "normal"},
+    *({"id": "trellis", "bits": b, "group_size": 128} for b in (3, 6)),  # 64-column blocks
 ]
 #: logits of whole models: the engine sums in another order than torch (and its exp is a
 #: polynomial within a few ulp), so it agrees to float32 rounding, relative to the logits' scale

@@ -68,19 +68,20 @@ typedef struct {
     __m512i lv8[4];        /* TRELLIS8: the byte table, 64 entries a register */
     __m256i wbyte, wshift; /* TRELLIS8: trellis_windows' controls */
     __mmask32 wload;
+    __m512i wbyte64, wshift64; /* TRELLIS8: lut_block64's */
+    __mmask64 wload64;
 #endif
     const float *levels;
     int mode;
 } lutreg;
 #ifdef RBE_AVX512_VBMI
-/* The controls of trellis_windows for tbits bits a code: qword k of the block's bytes from byte
- * k * tbits (its first window's), and in each qword the windows' bit offsets i * tbits. */
-static inline void trellis_controls(int tbits, __m256i *wbyte, __m256i *wshift, __mmask32 *wload) {
-    uint8_t b[32], s[32];
-    for (int k = 0; k < 4; k++)
-        for (int i = 0; i < 8; i++) b[8 * k + i] = (uint8_t)(k * tbits + i), s[8 * k + i] = (uint8_t)(i * tbits);
-    *wbyte = _mm256_loadu_si256((const __m256i *)b), *wshift = _mm256_loadu_si256((const __m256i *)s);
-    *wload = (__mmask32)((1u << (3 * tbits + 8)) - 1u); /* what qword 3 reads: within a row's padding */
+/* The controls of trellis_windows for tbits bits a code, for n = 32 or 64 windows (n / 8 qwords):
+ * qword k from byte k * tbits of the blocks (its first window's), and in each qword the windows'
+ * bit offsets i * tbits; the bytes the last qword reads (within a row's padding). */
+static inline uint64_t trellis_controls(int tbits, int n, uint8_t *byte, uint8_t *shift) {
+    for (int k = 0; k < n / 8; k++)
+        for (int i = 0; i < 8; i++) byte[8 * k + i] = (uint8_t)(k * tbits + i), shift[8 * k + i] = (uint8_t)(i * tbits);
+    return ((uint64_t)1 << ((n / 8 - 1) * tbits + 8)) - 1u;
 }
 /* The 32 windows (codes) of the TRELLIS block at p. */
 static inline __m256i trellis_windows(__m256i wbyte, __m256i wshift, __mmask32 wload, const uint8_t *p) {
@@ -114,8 +115,12 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
 #ifdef RBE_AVX512_VBMI
     if (m->kind == RBE_LUT_TRELLIS && rbe_lut_integer_levels(m)) {
         t.mode = LUT_TRELLIS8;
+        uint8_t b[64], s[64];
         for (int k = 0; k < 4; k++) t.lv8[k] = _mm512_loadu_si512((const void *)(m->lv8 + 64 * k));
-        trellis_controls(m->tbits, &t.wbyte, &t.wshift, &t.wload);
+        t.wload = (__mmask32)trellis_controls(m->tbits, 32, b, s);
+        t.wbyte = _mm256_loadu_si256((const __m256i *)b), t.wshift = _mm256_loadu_si256((const __m256i *)s);
+        t.wload64 = trellis_controls(m->tbits, 64, b, s);
+        t.wbyte64 = _mm512_loadu_si512((const void *)b), t.wshift64 = _mm512_loadu_si512((const void *)s);
     }
 #endif
     return t;
@@ -180,6 +185,20 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
         out[1] = lut_bytes16(t, p + 16);
     }
 }
+
+#ifdef RBE_AVX512_VBMI
+/* lut_impl.h's optional wide blocks: the 64 level values of two consecutive 32-column blocks at
+ * p, for TRELLIS8 tables (lut_wide): one byte permute, shift and lookup for both. */
+#define lut_wide(t) ((t)->mode == LUT_TRELLIS8)
+static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m512 *out) {
+    const __m512i src = _mm512_maskz_loadu_epi8(t->wload64, p);
+    const __m512i v = bytes_through(t->lv8, _mm512_multishift_epi64_epi8(t->wshift64, _mm512_permutexvar_epi8(t->wbyte64, src)));
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v)));
+    out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1)));
+    out[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2)));
+    out[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3)));
+}
+#endif
 
 #define half_to_float(h) _cvtsh_ss(h)
 
@@ -261,10 +280,10 @@ static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t
     if (m->kind == RBE_LUT_TRELLIS) {
 #ifdef RBE_AVX512_VBMI
         __m512i t[4];
-        __m256i wbyte, wshift;
-        __mmask32 wload;
+        uint8_t b[32], s[32];
         for (int k = 0; k < 4; k++) t[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
-        trellis_controls(m->tbits, &wbyte, &wshift, &wload);
+        const __mmask32 wload = (__mmask32)trellis_controls(m->tbits, 32, b, s);
+        const __m256i wbyte = _mm256_loadu_si256((const __m256i *)b), wshift = _mm256_loadu_si256((const __m256i *)s);
         const __m512i v = bytes_through(t, _mm512_castsi256_si512(trellis_windows(wbyte, wshift, wload, p)));
         _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(v));
 #else

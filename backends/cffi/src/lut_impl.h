@@ -2,7 +2,8 @@
  * kern_impl.h. The ISA file provides: lutreg + FN(lutreg_load)(m) (the level table in
  * registers) and FN(lut_block32)(m, &t, p, VF out[NV]) (the 32 level values of one 32-column
  * block whose codes start at p), lutreg_codes(t) (the same table yielding the codes
- * themselves, for affine byte codes), half_to_float(h) (one float16), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
+ * themselves, for affine byte codes), optionally lut_wide(&t) (whether FN(lut_block64)(&t, p, VF
+ * out[2 * NV]) gives the 64 values of the two consecutive TRELLIS blocks at p), half_to_float(h) (one float16), vload_h / vstore_h (VLEN float16 <-> VF, round to nearest
  * even), vdiv(a, b), vsub(a, b) and vexp(v) (expf within a few ulp, inputs <= 0
  * flushed to 0 below -87), on top of the vocabulary kern_impl.h documents. */
 #include <math.h>
@@ -306,6 +307,9 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
             xsum[g] = s;
         }
     const lutreg t = raw ? FN(lutreg_codes)(FN(lutreg_load)(m)) : FN(lutreg_load)(m);
+#ifdef lut_wide
+    const int wide = lut_wide(&t);
+#endif
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *qr[GEMV_ROWS];
@@ -330,7 +334,20 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
             VF ga[GEMV_ROWS][NV];
             for (int i = 0; i < GEMV_ROWS; i++)
                 for (int k = 0; k < NV; k++) ga[i][k] = vzero();
-            for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c += 32) {
+            int64_t c = g * gs;
+#ifdef lut_wide
+            if (kind == RBE_LUT_TRELLIS && wide)
+                for (; c + 64 <= rbe_min((g + 1) * gs, cp); c += 64) {
+                    VF xv[2 * NV];
+                    for (int k = 0; k < 2 * NV; k++) xv[k] = vload(x + c + k * VLEN);
+                    for (int i = 0; i < GEMV_ROWS; i++) {
+                        VF w[2 * NV];
+                        FN(lut_block64)(&t, qr[i] + (c >> 5) * m->block_bytes, w);
+                        for (int k = 0; k < 2 * NV; k++) ga[i][k % NV] = vfma(w[k], xv[k], ga[i][k % NV]);
+                    }
+                }
+#endif
+            for (; c < rbe_min((g + 1) * gs, cp); c += 32) {
                 VF xv[NV];
                 for (int k = 0; k < NV; k++) xv[k] = vload(x + c + k * VLEN);
                 for (int i = 0; i < GEMV_ROWS; i++) {
@@ -396,6 +413,9 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_few_body)(const rb
                 xsum[j * groups + g] = s;
             }
     const lutreg t = raw ? FN(lutreg_codes)(FN(lutreg_load)(m)) : FN(lutreg_load)(m);
+#ifdef lut_wide
+    const int wide = lut_wide(&t);
+#endif
     for (int64_t r = r0; r < r1; r += FEW_ROWS) {
         const int nr = (int)rbe_min(FEW_ROWS, r1 - r);
         const uint8_t *qr[FEW_ROWS];
@@ -411,7 +431,20 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_few_body)(const rb
             for (int j = 0; j < FEW_TOKENS; j++)
                 for (int i = 0; i < FEW_ROWS; i++)
                     for (int k = 0; k < NV; k++) ga[j][i][k] = vzero();
-            for (int64_t c = g * gs; c < rbe_min((g + 1) * gs, cp); c += 32) {
+            int64_t c = g * gs;
+#ifdef lut_wide
+            if (kind == RBE_LUT_TRELLIS && wide)
+                for (; c + 64 <= rbe_min((g + 1) * gs, cp); c += 64) {
+                    VF w[FEW_ROWS][2 * NV];
+                    for (int i = 0; i < FEW_ROWS; i++) FN(lut_block64)(&t, qr[i] + (c >> 5) * m->block_bytes, w[i]);
+                    for (int j = 0; j < FEW_TOKENS; j++)
+                        for (int k = 0; k < 2 * NV; k++) {
+                            const VF xv = vload(xb[j] + c + k * VLEN);
+                            for (int i = 0; i < FEW_ROWS; i++) ga[j][i][k % NV] = vfma(w[i][k], xv, ga[j][i][k % NV]);
+                        }
+                }
+#endif
+            for (; c < rbe_min((g + 1) * gs, cp); c += 32) {
                 VF w[FEW_ROWS][NV];
                 for (int i = 0; i < FEW_ROWS; i++) FN(lut_block32)(m, &t, qr[i] + (c >> 5) * m->block_bytes, w[i]);
                 for (int j = 0; j < FEW_TOKENS; j++)
