@@ -1,7 +1,8 @@
 """The ``trellis`` codec's design measurements (docs/codecs/trellis.md).
 
 1. Squared error on unit-normal data: the Lloyd–Max scalar grid (``hadamard``'s normal grid) against
-   the trellis code at 2 to 6 bits, with the distortion-rate bound ``2**(-2 * bits)``.
+   the trellis code at 2 to 6 bits (its ``normal`` and ``int8`` tables), with the distortion-rate
+   bound ``2**(-2 * bits)``.
 2. ``--multipliers``: the code table's multiplier (state ``s`` takes quantile ``m * s mod 256``),
    every odd ``m``, the step scale fitted per bits (2, 3, 4). ``--scales``: the squared error of
    each step scale (step = scale × RMS) at every bits.
@@ -51,16 +52,18 @@ def best_scale(x: np.ndarray, table: np.ndarray, bits: int) -> tuple[float, floa
 
 def unit_normal_table() -> None:
     x = np.random.default_rng(7).standard_normal((1024, 512)).astype(np.float32)
-    print("| bits | Lloyd–Max MSE | trellis MSE (step = scale × RMS) | gain dB | bound 2^-2b | search Mw/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| bits | Lloyd–Max MSE | trellis MSE (step = scale × RMS) | gain dB | `int8` table MSE | gain dB "
+          "| bound 2^-2b | search Mw/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for bits in ALL_BITS:
         scale = trellis._STEP_PER_RMS[bits]
         t0 = time.perf_counter()
-        mse = trellis_mse(x, _trellis.codebook(), bits, scale)
+        mse = trellis_mse(x, _trellis.codebook("normal"), bits, scale)
         rate = x.size / (time.perf_counter() - t0) / 1e6
+        mse8 = trellis_mse(x, _trellis.codebook("int8"), bits, scale / _trellis.TABLE_SCALE["int8"])
         lm = scalar_mse(x, bits)
-        print(f"| {bits} | {lm:.5f} | {mse:.5f} ({scale}) | {10 * np.log10(lm / mse):.2f} | "
-              f"{2.0 ** (-2 * bits):.5f} | {rate:.2f} |")
+        print(f"| {bits} | {lm:.5f} | {mse:.5f} ({scale}) | {10 * np.log10(lm / mse):.2f} | {mse8:.5f} | "
+              f"{10 * np.log10(lm / mse8):.2f} | {2.0 ** (-2 * bits):.5f} | {rate:.2f} |")
 
 
 def multiplier_scan() -> None:
@@ -83,7 +86,7 @@ def scale_scan() -> None:
     print("| bits | " + " | ".join(f"{a:.2f}" for a in scales) + " |")
     print("|---|" + "---:|" * len(scales))
     for bits in ALL_BITS:
-        print(f"| {bits} | " + " | ".join(f"{trellis_mse(x, _trellis.codebook(), bits, a):.5f}" for a in scales) + " |")
+        print(f"| {bits} | " + " | ".join(f"{trellis_mse(x, _trellis.codebook("normal"), bits, a):.5f}" for a in scales) + " |")
 
 
 def ldlq_table() -> None:

@@ -136,6 +136,7 @@ static inline __m256i vi_dot4(__m256i acc, const uint8_t *w, __m256i x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 #define q8_planes rbe_q8_planes
+#define q8_trellis_row rbe_q8_trellis_row
 /* rbe_q8_block on four vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
 static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
     const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

@@ -274,23 +274,26 @@ static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, 
     *lead = _mm512_mask_reduce_add_epi32(first, s);
     return amax / 127.0f;
 }
-/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one;
- * trellis codes: windows cut and looked up by byte permutes with VBMI, else the portable path. */
-static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
-    if (m->kind == RBE_LUT_TRELLIS) {
 #ifdef RBE_AVX512_VBMI
-        __m512i t[4];
-        uint8_t b[32], s[32];
-        for (int k = 0; k < 4; k++) t[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
-        const __mmask32 wload = (__mmask32)trellis_controls(m->tbits, 32, b, s);
-        const __m256i wbyte = _mm256_loadu_si256((const __m256i *)b), wshift = _mm256_loadu_si256((const __m256i *)s);
-        const __m512i v = bytes_through(t, _mm512_castsi256_si512(trellis_windows(wbyte, wshift, wload, p)));
-        _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(v));
-#else
-        rbe_q8_planes(m, tab, p, out);
-#endif
-        return;
+/* rbe_q8_trellis_row by byte permutes: 64 windows cut and looked up at a time. */
+static inline void q8_trellis_row(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, int64_t blocks, uint8_t *out) {
+    __m512i t[4];
+    uint8_t b[64], s[64];
+    for (int k = 0; k < 4; k++) t[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
+    const __mmask64 wload = trellis_controls(m->tbits, 64, b, s);
+    const __m512i wbyte = _mm512_loadu_si512((const void *)b), wshift = _mm512_loadu_si512((const void *)s);
+    int64_t k = 0;
+    for (; k + 2 <= blocks; k += 2, p += 2 * m->block_bytes, out += 64) {
+        const __m512i win = _mm512_multishift_epi64_epi8(wshift, _mm512_permutexvar_epi8(wbyte, _mm512_maskz_loadu_epi8(wload, p)));
+        _mm512_storeu_si512((void *)out, bytes_through(t, win));
     }
+    rbe_q8_trellis_row(m, tab, p, blocks - k, out);
+}
+#else
+#define q8_trellis_row rbe_q8_trellis_row
+#endif
+/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (masks) pick one. */
+static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
     const int bits = m->bits;
     const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
     const __m512i idx = _mm512_castsi256_si512(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k), _mm_and_si128(b, k)));

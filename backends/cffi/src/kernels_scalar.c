@@ -126,6 +126,7 @@ static inline VI vi_dot4(VI acc, const uint8_t *w, VI x) {
 }
 #define q8_nibble_row rbe_q8_nibble_row
 #define q8_planes rbe_q8_planes
+#define q8_trellis_row rbe_q8_trellis_row
 #define q8_rotate rbe_q8_rotate
 #define q8_block rbe_q8_block
 

@@ -555,9 +555,10 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * The ISA file adds: VI (VLEN int32 lanes), vi_load(p), vi_cvt(v) (to VF), vi_dot4(acc, w, x)
  * (acc plus, per lane, the four byte products of w and x; w is a weight dword broadcast from
  * memory, its bytes as the panel holds them, x's bytes signed), Q8_ZP (the panel's zero point: a
- * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(m, tab, p, out) (a PLANES or TRELLIS block's
- * 32 weight bytes through the 64-entry table tab), q8_nibble_row, q8_rotate and q8_block (the
- * contracts of rbe_q8_nibble_row, rbe_q8_rotate and rbe_q8_block in rbe_internal.h);
+ * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(m, tab, p, out) (a PLANES block's 32 weight
+ * bytes through the 64-entry table tab), q8_nibble_row, q8_trellis_row, q8_rotate and q8_block
+ * (the contracts of rbe_q8_nibble_row, rbe_q8_trellis_row, rbe_q8_rotate and rbe_q8_block in
+ * rbe_internal.h);
  * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
  * (rows per pass when the product has one token vector, default Q8_MR: a second vector would
  * only repeat the first) and Q8_ATTR (attributes of the product, e.g. a target it needs). */
@@ -651,7 +652,9 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
             q8_nibble_row(tab, p, cp / 32, rot, Q8_ZP, out); /* rotates too */
             continue;
         }
-        if (m->kind == RBE_LUT_PLANES || m->kind == RBE_LUT_TRELLIS) {
+        if (m->kind == RBE_LUT_TRELLIS) {
+            q8_trellis_row(m, tab, p, cp / 32, out);
+        } else if (m->kind == RBE_LUT_PLANES) {
             for (int64_t c = 0; c < cp; c += 32, p += m->block_bytes) q8_planes(m, tab, p, out + c);
         } else if (shift == 0 && rot == 1) {
             w[i] = p;

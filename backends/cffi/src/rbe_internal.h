@@ -135,6 +135,13 @@ static inline void rbe_q8_planes(const rbe_lut *m, const uint8_t *tab, const uin
     for (int j = 0; j < 32; j++) out[j] = tab[codes[j]];
 }
 
+/* The weight bytes of `blocks` consecutive TRELLIS blocks at p for lut_gemm_q8, 32 per block in
+ * column order, through the table tab (portable). */
+static inline void rbe_q8_trellis_row(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, int64_t blocks,
+                                      uint8_t *out) {
+    for (int64_t b = 0; b < blocks; b++) rbe_q8_planes(m, tab, p + b * m->block_bytes, out + 32 * b);
+}
+
 typedef struct {
     /* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= grad_batch,
      * j < k; written when accumulate is 0, else added. */
