@@ -12,7 +12,7 @@ measures them honestly (quality needs real weights: benchmarks/quality.py). Per 
 1. an F16 GGUF of the shape (``SHAPES``), written tensor by tensor with the ``gguf`` package
    (bounded memory at 8B), SmolLM2's tokenizer copied in (vocabulary 49152);
 2. conversions, each timed in its own process with its peak RSS (``ru_maxrss``):
-   ``rbe convert`` (hadamard 4-bit and int4, ``--no-calibration``) and llama.cpp's own
+   ``rbe convert`` (hadamard 4-bit, trellis 4-bit and int4, ``--no-calibration``) and llama.cpp's own
    ``llama-quantize`` (IQ4_XS and Q4_0, no importance matrix);
 3. the machine's read bandwidth before every round (``bandwidth()``: a C loop reading 1 GiB with
    every thread; the median is the table's);
@@ -47,10 +47,11 @@ import decode as d  # noqa: E402  (llama-cpp-python build + worker, ISA flags, C
 #: "moe" has Qwen3-30B-A3B's widths at a quarter of its depth and experts: 1.9B weights, 0.4B active)
 SHAPES = {"1b": (2048, 16, 32, 8, 8192, 49152), "8b": (4096, 32, 32, 8, 14336, 49152),
           "moe": (2048, 12, 32, 4, 768, 49152, 32, 4)}
-RBE_CODECS = {"rbe hadamard 4-bit": '{"id": "hadamard", "bits": 4}', "rbe int4": "int4"}
+RBE_CODECS = {"rbe hadamard 4-bit": '{"id": "hadamard", "bits": 4}', "rbe trellis 4-bit": '{"id": "trellis", "bits": 4}',
+              "rbe int4": "int4"}
 LLAMA_TYPES = {"llama.cpp IQ4_XS": "IQ4_XS", "llama.cpp Q4_0": "Q4_0"}
 #: each rbe variant's llama.cpp peer for the ratios
-PEERS = {"rbe hadamard 4-bit": "llama.cpp IQ4_XS", "rbe int4": "llama.cpp Q4_0"}
+PEERS = {"rbe hadamard 4-bit": "llama.cpp IQ4_XS", "rbe trellis 4-bit": "llama.cpp IQ4_XS", "rbe int4": "llama.cpp Q4_0"}
 #: built by ``ensure_llama_tools`` (llama-server: for ``benchmarks/serve_load.py``)
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-simple", "llama-server")
 MARK_BEGIN, MARK_END = "<!-- benchmarks/scale.py: begin -->", "<!-- benchmarks/scale.py: end -->"
@@ -355,7 +356,7 @@ def markdown(results: dict, meta: dict, command: str) -> str:
              "best of 5). Random weights of the real "
              f"shapes (speed and memory do not depend on the values); {meta['prompt']} prompt tokens, "
              f"{meta['new']} greedy tokens; every variant in a fresh process, {meta['rounds']} interleaved rounds, "
-             "medians. Ratios to the llama.cpp peer in the same run (IQ4_XS for hadamard 4-bit, Q4_0 for int4). "
+             "medians. Ratios to the llama.cpp peer in the same run (IQ4_XS for hadamard and trellis 4-bit, Q4_0 for int4). "
              "`BW share`: bytes of weights one decode step reads × tokens/s ÷ measured bandwidth.", "",
              "| shape | variant | file MB | prefill tok/s | decode tok/s | prefill ratio | decode ratio | BW share "
              "| peak RSS MB | conversion s | conversion peak RSS MB |",

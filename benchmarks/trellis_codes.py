@@ -86,7 +86,7 @@ def scale_scan() -> None:
     print("| bits | " + " | ".join(f"{a:.2f}" for a in scales) + " |")
     print("|---|" + "---:|" * len(scales))
     for bits in ALL_BITS:
-        print(f"| {bits} | " + " | ".join(f"{trellis_mse(x, _trellis.codebook("normal"), bits, a):.5f}" for a in scales) + " |")
+        print(f"| {bits} | " + " | ".join(f"{trellis_mse(x, _trellis.codebook('normal'), bits, a):.5f}" for a in scales) + " |")
 
 
 def ldlq_table() -> None:
