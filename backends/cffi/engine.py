@@ -36,10 +36,11 @@ _DECODER_INTS = ("rotary_dim", "n_experts", "experts_used", "expert_intermediate
 #: memory and the attention's memory traffic; float32 for bit-level agreement with the torch path).
 KV_ENV = "RBE_ENGINE_KV"
 KV_TYPES = {"f16": 1, "f32": 0}
-#: ``RBE_ENGINE_ACT``: the inputs of prefill's products with coded matrices: 'int8' (the default,
-#: as llama.cpp's: quantized per token and 32-column block, after an exact in-block Hadamard
-#: rotation where the matrix has no input transform of its own, and multiplied on integer units)
-#: or 'f32' (bit-level agreement with the torch path). Decode (one token) is float32 either way.
+#: ``RBE_ENGINE_ACT``: the inputs of products with coded matrices: 'int8' (the default, as
+#: llama.cpp's: quantized per token and 32-column block, after an exact in-block Hadamard
+#: rotation where the matrix has no input transform of its own, and multiplied on integer units;
+#: one token's products too where the kernels are faster so: nibble codes, and trellis codes on
+#: the VBMI path) or 'f32' (bit-level agreement with the torch path).
 ACT_ENV = "RBE_ENGINE_ACT"
 ACT_TYPES = {"int8": 1, "f32": 0}
 _CONFIG_INTS = ("n_layers", "hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim", "vocab", "max_ctx")
@@ -54,7 +55,7 @@ class NativeDecoder:
     def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None, act: str | None = None):
         """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
         ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16'); ``act``: 'int8' or
-        'f32' prefill inputs (default ``$RBE_ENGINE_ACT``, else 'int8')."""
+        'f32' product inputs (default ``$RBE_ENGINE_ACT``, else 'int8')."""
         lib, ffi = library.require_lib(), library.ffi
         self._lib, self._ffi = lib, ffi
         self._lock = threading.Lock()

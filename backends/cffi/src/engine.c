@@ -761,7 +761,9 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
     const rbe_engine *e = j->e;
     const int64_t cp = j->m->lut.cols_p;
     for (int64_t b = s; b < t; b++) prepare_input(e, j->m, j->x + b * j->ldx, e->xr + b * cp);
-    if (j->q8)
+    if (j->q8 && j->n == 1)
+        e->kern->q8_quantize1(e->xr, cp, j->rot, e->pack);
+    else if (j->q8)
         e->kern->q8_quantize(e->xr + s * cp, cp, t - s, cp, j->rot,
                              e->pack + s / e->kern->q8_tokens * (cp / 32) * RBE_Q8_REC(e->kern->q8_tokens));
 }
@@ -781,10 +783,12 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 #define Q8_MIN_TOKENS_LARGE 4
 #define Q8_LARGE ((int64_t)1 << 22)
 
-/* Whether the product of n tokens with m runs on int8 inputs (lut_gemm_q8). */
+/* Whether the product of n tokens with m runs on int8 inputs: lut_gemv_q8 for one token (codes of
+ * the kinds it is faster for, groups of whole vectors of blocks), lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
-    const int64_t least = m->rows * m->lut.cols_p >= Q8_LARGE ? Q8_MIN_TOKENS_LARGE : Q8_MIN_TOKENS;
-    return n >= least && e->c.act_int8 && e->kern->lut_gemm_q8 && m->lut.kind != RBE_LUT_F32;
+    if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || m->lut.kind == RBE_LUT_F32) return 0;
+    if (n == 1) return (e->kern->q8_one_kinds >> m->lut.kind & 1) && (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
+    return n >= (m->rows * m->lut.cols_p >= Q8_LARGE ? Q8_MIN_TOKENS_LARGE : Q8_MIN_TOKENS);
 }
 
 typedef struct {
@@ -814,7 +818,8 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const rbe_lut *L = &j->m[mi]->lut;
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
-        if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
+        if (j->n == 1 && use_q8(j->e, j->m[mi], 1)) k->lut_gemv_q8(L, j->pack, j->rot, r0, r1, y, scratch);
+        else if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
         else if (use_q8(j->e, j->m[mi], j->n)) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
         else k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
@@ -883,7 +888,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
             j.xt = e->xt, j.ldt = ldt;
         }
         j.pack = e->pack;
-        const int64_t align = q8 ? e->kern->q8_rows : n <= FEW_ROWS_MAX ? 16 : 2 * e->kern->gemm_rows;
+        const int64_t align = q8 && n > 1 ? e->kern->q8_rows : n <= FEW_ROWS_MAX ? 16 : 2 * e->kern->gemm_rows;
         parallel(e->nthreads, e->spin, j.start[j.count], align, lin_rows, &j);
     }
     for (int i = 0; i < count; i++)

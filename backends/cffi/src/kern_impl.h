@@ -8,7 +8,8 @@
  * and lutreg, lutreg_load, lutreg_codes and lut_block32 for the canonical-layout kernels (their
  * contracts are in lut_impl.h).
  * Optional: GRAD_NV (default 2), GEMM_MR (rows per lut_gemm pass, default 6), and the int8
- * product's vocabulary and options (lut_impl.h), Q8_OPTIONAL among them.
+ * product's vocabulary and options (lut_impl.h), Q8_OPTIONAL among them; Q8_ONE_KINDS (default:
+ * nibble codes), rbe_kernels' q8_one_kinds.
  */
 #include "rbe_internal.h"
 
@@ -18,6 +19,9 @@
 #define NV (32 / VLEN)
 #ifndef GRAD_NV
 #define GRAD_NV 2
+#endif
+#ifndef Q8_ONE_KINDS
+#define Q8_ONE_KINDS (1 << RBE_LUT_NIBBLE)
 #endif
 
 /* out[b * ldo + j] (+)= sum_{i < nr} g[b * ldg + i] * w[i * ldw + j] for b < nb <= GRAD_BATCH,
@@ -70,16 +74,18 @@ static void FN(grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *
 #include "lut_impl.h"
 
 /* Positional: the order of rbe_kernels' fields (rbe_internal.h); q8 is the int8 product. */
-#define RBE_KERNEL_TABLE(q8)                                                                     \
+#define RBE_KERNEL_TABLE(q8, q8one)                                                              \
     {                                                                                            \
         FN(grad_tile), FN(lut_decode), FN(lut_gemv), FN(lut_gemv_t), FN(lut_gemv_few), FN(lut_gemm), \
         GEMM_NT,                                                                                 \
-        GEMM_MR, FN(q8_quantize), q8, FN(q8_scratch), VLEN, Q8_RB, FN(vdot), FN(vaxpy),          \
-        FN(exp_sum), FN(attend_group), FN(kv_store), FN(fwht), FN(activate), GRAD_BATCH,         \
+        GEMM_MR, FN(q8_quantize), q8, FN(q8_scratch), VLEN, Q8_RB, FN(q8_quantize1), q8one,      \
+        Q8_ONE_KINDS,                                                                            \
+        FN(vdot), FN(vaxpy), FN(exp_sum), FN(attend_group), FN(kv_store), FN(fwht), FN(activate), \
+        GRAD_BATCH,                                                                              \
     }
-const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = RBE_KERNEL_TABLE(FN(lut_gemm_q8));
+const rbe_kernels RBE_CAT(rbe_kernels, ISA_SUFFIX) = RBE_KERNEL_TABLE(FN(lut_gemm_q8), FN(lut_gemv_q8));
 #ifdef Q8_OPTIONAL
 /* Q8_OPTIONAL: the int8 product needs an instruction beyond the file's baseline (Q8_ATTR); this
  * table, for CPUs without it, has none (the engine then runs the float product). */
-const rbe_kernels RBE_CAT(RBE_CAT(rbe_kernels, ISA_SUFFIX), noq8) = RBE_KERNEL_TABLE(NULL);
+const rbe_kernels RBE_CAT(RBE_CAT(rbe_kernels, ISA_SUFFIX), noq8) = RBE_KERNEL_TABLE(NULL, NULL);
 #endif

@@ -135,6 +135,10 @@ static inline __m256i vi_dot4(__m256i acc, const uint8_t *w, __m256i x) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
+static inline __m256i vi_dot(__m256i acc, __m256i w, __m256i x) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
 #define q8_planes rbe_q8_planes
 #define q8_trellis_row rbe_q8_trellis_row
 /* rbe_q8_block on four vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */

@@ -75,12 +75,20 @@ typedef struct {
     int mode;
 } lutreg;
 #ifdef RBE_AVX512_VBMI
-/* The controls of trellis_windows for tbits bits a code, for n = 32 or 64 windows (n / 8 qwords):
- * qword k from byte k * tbits of the blocks (its first window's), and in each qword the windows'
- * bit offsets i * tbits; the bytes the last qword reads (within a row's padding). */
-static inline uint64_t trellis_controls(int tbits, int n, uint8_t *byte, uint8_t *shift) {
-    for (int k = 0; k < n / 8; k++)
-        for (int i = 0; i < 8; i++) byte[8 * k + i] = (uint8_t)(k * tbits + i), shift[8 * k + i] = (uint8_t)(i * tbits);
+/* The controls that cut 64 windows of tbits bits a code (trellis_windows' for 32: their low
+ * halves): qword k gets bytes k * tbits .. k * tbits + 7 of the blocks (from its first window's),
+ * and in each qword window i starts at bit i * tbits; trellis_reach(tbits, n) masks the bytes n
+ * windows read (within a row's padding). */
+static inline __m512i trellis_bytes(int tbits) {
+    const uint64_t step = (uint64_t)tbits * 0x0101010101010101ull, first = 0x0706050403020100ull;
+    return _mm512_set_epi64((long long)(first + 7 * step), (long long)(first + 6 * step), (long long)(first + 5 * step),
+                            (long long)(first + 4 * step), (long long)(first + 3 * step), (long long)(first + 2 * step),
+                            (long long)(first + step), (long long)first);
+}
+static inline __m512i trellis_shifts(int tbits) {
+    return _mm512_set1_epi64((long long)((uint64_t)tbits * 0x0706050403020100ull));
+}
+static inline uint64_t trellis_reach(int tbits, int n) {
     return ((uint64_t)1 << ((n / 8 - 1) * tbits + 8)) - 1u;
 }
 /* The 32 windows (codes) of the TRELLIS block at p. */
@@ -115,12 +123,10 @@ static inline lutreg lutreg_load_avx512(const rbe_lut *m) {
 #ifdef RBE_AVX512_VBMI
     if (m->kind == RBE_LUT_TRELLIS && rbe_lut_integer_levels(m)) {
         t.mode = LUT_TRELLIS8;
-        uint8_t b[64], s[64];
         for (int k = 0; k < 4; k++) t.lv8[k] = _mm512_loadu_si512((const void *)(m->lv8 + 64 * k));
-        t.wload = (__mmask32)trellis_controls(m->tbits, 32, b, s);
-        t.wbyte = _mm256_loadu_si256((const __m256i *)b), t.wshift = _mm256_loadu_si256((const __m256i *)s);
-        t.wload64 = trellis_controls(m->tbits, 64, b, s);
-        t.wbyte64 = _mm512_loadu_si512((const void *)b), t.wshift64 = _mm512_loadu_si512((const void *)s);
+        t.wbyte64 = trellis_bytes(m->tbits), t.wshift64 = trellis_shifts(m->tbits);
+        t.wload64 = trellis_reach(m->tbits, 64), t.wload = (__mmask32)trellis_reach(m->tbits, 32);
+        t.wbyte = _mm512_castsi512_si256(t.wbyte64), t.wshift = _mm512_castsi512_si256(t.wshift64);
     }
 #endif
     return t;
@@ -190,6 +196,9 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
 /* lut_impl.h's optional wide blocks: the 64 level values of two consecutive 32-column blocks at
  * p, for TRELLIS8 tables (lut_wide): one byte permute, shift and lookup for both. */
 #define lut_wide(t) ((t)->mode == LUT_TRELLIS8)
+/* one token on int8 (2048 x 2048, 1 thread): nibbles 226 us against 349 in float32, trellis 4-bit
+ * 330 against 419; 6-bit planes 642 against 591 (q8_panel's unpacking): float32 */
+#define Q8_ONE_KINDS (1 << RBE_LUT_NIBBLE | 1 << RBE_LUT_TRELLIS)
 static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m512 *out) {
     const __m512i src = _mm512_maskz_loadu_epi8(t->wload64, p);
     const __m512i v = bytes_through(t->lv8, _mm512_multishift_epi64_epi8(t->wshift64, _mm512_permutexvar_epi8(t->wbyte64, src)));
@@ -220,6 +229,21 @@ static inline Q8_ATTR __m512i vi_dot4(__m512i acc, const uint8_t *w, __m512i x) 
     int32_t w4;
     memcpy(&w4, w, 4);
     return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(w4), x);
+}
+static inline Q8_ATTR __m512i vi_dot(__m512i acc, __m512i w, __m512i x) {
+    return _mm512_dpbusd_epi32(acc, w, x);
+}
+/* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_PAIR): two blocks' weight bytes
+ * through the 16-entry table t (in every 128-bit lane) come out as the low nibbles of both, then
+ * the high ones; q8_pair_order puts inputs (bytes, or a dword's d or correction) in that order. */
+#define Q8_NIBBLE_PAIR 1
+static inline __m512i q8_nibble_pair(__m512i t, const uint8_t *p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    return _mm512_shuffle_epi8(t, _mm512_and_si512(both, _mm512_set1_epi8(15)));
+}
+static inline __m512i q8_pair_order(__m512i v) {
+    return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), v);
 }
 /* 64 signed bytes times H_rot per group (rbe_q8_rotate's butterflies, no zero point): each
  * byte's partner (index ^ h, within 16-byte lanes) by vpshufb; partner + self where bit h of the
@@ -278,10 +302,9 @@ static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, 
 /* rbe_q8_trellis_row by byte permutes: 64 windows cut and looked up at a time. */
 static inline void q8_trellis_row(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, int64_t blocks, uint8_t *out) {
     __m512i t[4];
-    uint8_t b[64], s[64];
     for (int k = 0; k < 4; k++) t[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
-    const __mmask64 wload = trellis_controls(m->tbits, 64, b, s);
-    const __m512i wbyte = _mm512_loadu_si512((const void *)b), wshift = _mm512_loadu_si512((const void *)s);
+    const __mmask64 wload = trellis_reach(m->tbits, 64);
+    const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
     int64_t k = 0;
     for (; k + 2 <= blocks; k += 2, p += 2 * m->block_bytes, out += 64) {
         const __m512i win = _mm512_multishift_epi64_epi8(wshift, _mm512_permutexvar_epi8(wbyte, _mm512_maskz_loadu_epi8(wload, p)));

@@ -124,6 +124,12 @@ static inline VI vi_dot4(VI acc, const uint8_t *w, VI x) {
         for (int j = 0; j < 4; j++) acc.v[l] += (int8_t)w[j] * (int8_t)(uint8_t)((uint32_t)x.v[l] >> (8 * j));
     return acc;
 }
+static inline VI vi_dot(VI acc, VI w, VI x) {
+    for (int l = 0; l < VLEN; l++)
+        for (int j = 0; j < 4; j++)
+            acc.v[l] += (int8_t)(uint8_t)((uint32_t)w.v[l] >> (8 * j)) * (int8_t)(uint8_t)((uint32_t)x.v[l] >> (8 * j));
+    return acc;
+}
 #define q8_nibble_row rbe_q8_nibble_row
 #define q8_planes rbe_q8_planes
 #define q8_trellis_row rbe_q8_trellis_row

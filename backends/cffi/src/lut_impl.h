@@ -558,7 +558,8 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * weight byte is lv8 + Q8_ZP, 0 or 128), q8_planes(m, tab, p, out) (a PLANES block's 32 weight
  * bytes through the 64-entry table tab), q8_nibble_row, q8_trellis_row, q8_rotate and q8_block
  * (the contracts of rbe_q8_nibble_row, rbe_q8_trellis_row, rbe_q8_rotate and rbe_q8_block in
- * rbe_internal.h);
+ * rbe_internal.h), vi_dot(acc, w, x) (acc plus, per lane, the four byte products of weight bytes
+ * w and signed input bytes x: lut_gemv_q8's), optionally Q8_NIBBLE_PAIR (see kernels_avx512.c);
  * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
  * (rows per pass when the product has one token vector, default Q8_MR: a second vector would
  * only repeat the first) and Q8_ATTR (attributes of the product, e.g. a target it needs). */
@@ -591,14 +592,19 @@ static inline void FN(q8_rotate_input)(const float *x, const float *hm, float *v
     }
 }
 
+/* hm = blockdiag(H_rot, ..) of order 16 (Sylvester matrices nest), for q8_rotate_input. */
+static void FN(q8_rotation)(int rot, float *hm) {
+    for (int j = 0; j < 16; j++)
+        for (int c = 0; c < 16; c++) hm[16 * j + c] = j / rot == c / rot ? FN(hadamard16)[16 * (j % rot) + c % rot] : 0.0f;
+}
+
 /* x[b * ldx + c] for b < n, c < cp rotated by rot into pack, tiles of VLEN tokens (see
  * RBE_Q8_REC). */
 static void FN(q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, int rot,
                             uint8_t *pack) {
     const int64_t nblk = cp / 32, tiles = (n + VLEN - 1) / VLEN;
-    float hm[256]; /* blockdiag(H_rot, ..) of order 16: Sylvester matrices nest */
-    for (int j = 0; j < 16; j++)
-        for (int c = 0; c < 16; c++) hm[16 * j + c] = j / rot == c / rot ? FN(hadamard16)[16 * (j % rot) + c % rot] : 0.0f;
+    float hm[256];
+    FN(q8_rotation)(rot, hm);
     if (n % VLEN) /* the last tile's missing tokens */
         memset(pack + (tiles - 1) * nblk * Q8_REC, 0, (size_t)(nblk * Q8_REC));
     for (int64_t b = 0; b < n; b++) {
@@ -621,6 +627,24 @@ static void FN(q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, 
     }
 }
 
+/* One token (cp values) rotated by rot and quantized per block as q8_quantize does, laid out for
+ * lut_gemv_q8 (RBE_Q8_ONE). */
+static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) {
+    float hm[256];
+    FN(q8_rotation)(rot, hm);
+    float *d8 = (float *)(out + cp), *ds = (float *)(out + 3 * cp);
+    int32_t *z8 = (int32_t *)(out + 2 * cp);
+    for (int64_t k = 0; k < cp / 32; k++) {
+        float v[32];
+        if (rot > 1) FN(q8_rotate_input)(x + k * 32, hm, v);
+        else memcpy(v, x + k * 32, sizeof(v));
+        int32_t sum, lead;
+        const float d = q8_block(v, rot, (int8_t *)out + k * 32, &sum, &lead);
+        for (int l = 0; l < 8; l++) d8[8 * k + l] = d, z8[8 * k + l] = l ? 0 : -Q8_ZP * sum;
+        ds[k] = d * (float)lead;
+    }
+}
+
 /* lut_gemm_q8 works in bands of Q8_RB rows, their weight bytes unpacked at once (sequential
  * reads of the codes); then column slices small enough that the pack's slice of every token
  * (Q8_L1 bytes at most) stays in L1 while the band's rows pass over it; each row's partial sums
@@ -631,11 +655,11 @@ _Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector pass
 
 /* Bytes of lut_gemm_q8's scratch for up to `tokens` tokens: a band's weight bytes, factors (2
  * per row and group, and 2 more of room to make them) and partial sums, and the input sums per
- * token and group. */
+ * token and group (lut_gemv_q8: one more per group). */
 static int64_t FN(q8_scratch)(const rbe_lut *m, int64_t tokens) {
     const int64_t vecs = (tokens + Q8_NV * VLEN - 1) / (Q8_NV * VLEN) * Q8_NV;
     return Q8_RB * (m->cols_p + (4 * m->groups + vecs * VLEN) * (int64_t)sizeof(float)) +
-           vecs * m->groups * VLEN * (int64_t)sizeof(float);
+           (vecs * VLEN + 1) * m->groups * (int64_t)sizeof(float);
 }
 
 /* Weight bytes (lv8[code] through tab, then rotated by rot (plus Q8_ZP) unless rot is 1) of rows
@@ -748,6 +772,17 @@ static void FN(q8_input_sums)(const rbe_lut *m, const uint8_t *pack, int64_t til
         }
 }
 
+/* q8_panel's weight byte table of m for inputs rotated by rot: lv8 (plus Q8_ZP unless rotated:
+ * the zero point comes after the rotation); returns q8_panel's shift (the constant with tab[k] ==
+ * k + shift for byte codes, else -1). */
+static int FN(q8_table)(const rbe_lut *m, int rot, uint8_t *tab) {
+    for (int k = 0; k < 256; k++) tab[k] = (uint8_t)(m->lv8[k] + (rot > 1 ? 0 : Q8_ZP));
+    int shift = m->kind == RBE_LUT_BYTE ? tab[0] : -1;
+    for (int k = 1; k < 256 && shift >= 0; k++)
+        if (tab[k] != (uint8_t)(k + shift)) shift = -1;
+    return shift;
+}
+
 /* What lut_gemm_q8's bands share: the matrix, the pack and its rotation, the weight byte table
  * (and the byte codes' shift, q8_panel's), the token tiles (vecs: one, or rounded up to Q8_NV), blocks
  * per slice, whether input sums meet offsets, and the scratch areas. */
@@ -831,10 +866,78 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
     j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
     if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
-    for (int k = 0; k < 256; k++) /* lv8 alone when rotated (the zero point comes after) */
-        j.tab[k] = (uint8_t)(m->lv8[k] + (rot > 1 ? 0 : Q8_ZP));
-    j.shift = m->kind == RBE_LUT_BYTE ? j.tab[0] : -1; /* byte codes: weight byte = code + shift? */
-    for (int k = 1; k < 256 && j.shift >= 0; k++)
-        if (j.tab[k] != (uint8_t)(k + j.shift)) j.shift = -1;
+    j.shift = FN(q8_table)(m, rot, j.tab);
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
+}
+
+/* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
+ * q8_quantize1 made (rotated by rot), GEMV_ROWS rows a pass: their weight bytes unpacked by
+ * q8_panel (or, Q8_NIBBLE_PAIR, nibble codes in registers as they are used), then per VLEN / 8
+ * blocks one element-wise product a row (vi_dot, started at the
+ * blocks' zero-point corrections), converted and scaled by the blocks' d; per group by the rows'
+ * factors (q8_factors'). m->gs / 32 is a multiple of VLEN / 8. */
+static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t r0, int64_t r1,
+                                    float *y, void *scratch) {
+    const int64_t cp = m->cols_p, groups = m->groups, bpg = m->gs / 32;
+    const int8_t *x8 = (const int8_t *)xq;
+    const float *d8 = (const float *)(xq + cp), *ds = (const float *)(xq + 3 * cp);
+    const int32_t *z8 = (const int32_t *)(xq + 2 * cp);
+    uint8_t *panel = scratch, tab[256];
+    float *st = (float *)(panel + Q8_RB * cp), *off = st + Q8_RB * groups;
+    float *lead = off + Q8_RB * groups; /* per group: sum of d * lead, what q8_beta and offsets meet */
+    const int shift = FN(q8_table)(m, rot, tab);
+    const float alpha = m->q8_alpha / (float)rot;
+#ifdef Q8_NIBBLE_PAIR
+    const int pairs = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
+    const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
+#endif
+    for (int64_t g = 0; g < groups; g++) {
+        float s = 0.0f;
+        for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
+        lead[g] = s;
+    }
+    for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
+        const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
+        const uint8_t *w[GEMV_ROWS];
+#ifdef Q8_NIBBLE_PAIR
+        if (pairs)
+            for (int i = 0; i < nr; i++) w[i] = FN(lut_codes)(m, r + i, 0);
+        else
+#endif
+            FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
+        for (int i = nr; i < GEMV_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
+        FN(row_steps)(m, r, nr, st, off);
+        VF acc[GEMV_ROWS];
+        float extra[GEMV_ROWS] = {0};
+        for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vzero();
+        /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
+        const int64_t span = GEMV_ROWS * m->row_bytes, ahead = (r + GEMV_ROWS) * m->row_bytes;
+        const int64_t ahead_end = rbe_min(r + 2 * GEMV_ROWS, r1) * m->row_bytes;
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t pf = (ahead + g * span / groups) & ~(int64_t)63; pf < rbe_min(ahead + (g + 1) * span / groups, ahead_end); pf += 64)
+                __builtin_prefetch(m->codes + pf);
+            VF ga[GEMV_ROWS];
+            for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vzero();
+            int64_t k = g * bpg;
+#ifdef Q8_NIBBLE_PAIR
+            for (; pairs && k < (g + 1) * bpg; k += 2) {
+                const VI z = q8_pair_order(vi_load(z8 + 8 * k)), x = q8_pair_order(vi_load(x8 + 32 * k));
+                const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
+            }
+#endif
+            for (; k < (g + 1) * bpg; k += VLEN / 8) {
+                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                const VF d = vload(d8 + 8 * k);
+                for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
+            }
+            for (int i = 0; i < nr; i++) {
+                const float sg = st[i * groups + g];
+                acc[i] = vfma(ga[i], vset1(alpha * sg), acc[i]);
+                extra[i] += (m->q8_beta * sg + (m->has_offset ? off[i * groups + g] : 0.0f)) * lead[g];
+            }
+        }
+        for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) + extra[i];
+    }
 }

@@ -63,6 +63,11 @@ typedef struct {
  * weight zero point). Tokens past the input's count are zero. */
 #define RBE_Q8_REC(T) (44 * (int64_t)(T))
 
+/* One token quantized as RBE_Q8_REC's, laid out for element-wise products (lut_gemv_q8): x8 (cp
+ * bytes, column order), then per block eight float32 d (one a column dword), eight int32
+ * (-zp * sum(x8), then zeros) and, after all blocks', one float32 d * lead sum. */
+#define RBE_Q8_ONE(cp) (3 * (int64_t)(cp) + (int64_t)(cp) / 8)
+
 /* Whether m's levels are the integers lv8 (levels[k] == lv8[k]). */
 static inline int rbe_lut_integer_levels(const rbe_lut *m) {
     return m->q8_exact && m->q8_alpha == 1.0f && m->q8_beta == 0.0f;
@@ -179,6 +184,15 @@ typedef struct {
                         int64_t r1, float *y, int64_t ldy, void *scratch);
     int64_t (*q8_scratch)(const rbe_lut *m, int64_t tokens);
     int q8_tokens, q8_rows;
+    /* One token's int8 product (decode; NULL where lut_gemm_q8 is). q8_quantize1: x (cp values)
+     * rotated by rot and quantized as q8_quantize does into out (RBE_Q8_ONE(cp) bytes).
+     * lut_gemv_q8: y[r] for r in [r0, r1), lut_gemm_q8's sum for that input (rot at most
+     * m->q8_rot), when m->gs / 32 is a multiple of q8_tokens / 8; scratch holds q8_scratch(m, 1)
+     * bytes. q8_one_kinds: the code kinds (bit 1 << kind) it is measured faster for than lut_gemv. */
+    void (*q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out);
+    void (*lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t r0, int64_t r1, float *y,
+                        void *scratch);
+    int q8_one_kinds;
     /* Vector helpers for attention and norms. */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
