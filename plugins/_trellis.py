@@ -164,7 +164,20 @@ def pack_paths(states: np.ndarray, bits: int) -> np.ndarray:
 
 def windows(streams: np.ndarray, length: int, bits: int) -> np.ndarray:
     """The states (uint8 (rows, ``length``)) of streams packed by :func:`pack_paths`: window
-    ``t`` is stream bits ``t * bits .. t * bits + 7``. Any bytes are a valid stream."""
+    ``t`` is stream bits ``t * bits .. t * bits + 7``. Any bytes are a valid stream. In C when
+    the module was built (the same result)."""
+    if _native is not None and streams.shape[1] >= 1:
+        ffi, lib = _native
+        streams = np.ascontiguousarray(streams, dtype=np.uint8)
+        out = np.empty((streams.shape[0], length), dtype=np.uint8)
+        lib.rbe_trellis_windows(ffi.from_buffer("uint8_t[]", streams), streams.shape[0], streams.shape[1], length, bits,
+                                ffi.from_buffer("uint8_t[]", out))
+        return out
+    return _numpy_windows(streams, length, bits)
+
+
+def _numpy_windows(streams: np.ndarray, length: int, bits: int) -> np.ndarray:
+    """:func:`windows` in numpy."""
     wide = np.zeros((streams.shape[0], streams.shape[1] + 1), dtype=np.uint16)
     wide[:, :-1] = streams
     pairs = wide[:, :-1] | (wide[:, 1:] << np.uint16(8))

@@ -90,3 +90,18 @@ int rbe_trellis_search(const float *x, const float *w, int64_t steps, int64_t n,
     free(back);
     return 0;
 }
+
+void rbe_trellis_windows(const uint8_t *streams, int64_t rows, int64_t nbytes, int64_t length, int bits,
+                         uint8_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *s = streams + r * nbytes;
+        uint8_t *o = out + r * length;
+        for (int64_t t = 0; t < length; t++) {
+            const int64_t bit = t * bits, at = bit >> 3;
+            uint64_t v = 0; /* the (up to) 8 bytes from the window's first, within the stream */
+            if (at + 8 <= nbytes) memcpy(&v, s + at, 8);
+            else if (at < nbytes) memcpy(&v, s + at, (size_t)(nbytes - at));
+            o[t] = (uint8_t)(v >> (bit & 7));
+        }
+    }
+}

@@ -73,6 +73,15 @@ def test_streams_round_trip_and_any_bytes_are_a_path(bits):
     assert not _trellis.is_path(rng.integers(0, 256, (5, 37)).astype(np.uint8), bits)
 
 
+@pytest.mark.skipif(_trellis._native is None, reason="the C module was not built (no compiler at install)")
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_windows_in_c_equal_numpy(bits):
+    rng = np.random.default_rng(bits)
+    for length in (1, 2, 37, 64, 301):
+        streams = rng.integers(0, 256, (3, _trellis.stream_bytes(length, bits))).astype(np.uint8)
+        assert np.array_equal(_trellis.windows(streams, length, bits), _trellis._numpy_windows(streams, length, bits))
+
+
 def test_the_code_tables_are_fixed_and_near_unit_normal():
     normal, whole = _trellis.codebook("normal"), _trellis.codebook("int8")
     for cb in (normal, whole):

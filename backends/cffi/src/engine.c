@@ -549,15 +549,17 @@ static int pack_trellis(const rbe_matrix_desc *d, int64_t cp, int tb, int64_t rb
         uint8_t *dst = q + r * rb;
         memset(dst, 0, (size_t)rb);
         unsigned prev = src[0];
-        dst[0] = (uint8_t)prev;
-        for (int64_t c = 1, bit = 8; c < cp; c++, bit += tb) {
+        uint64_t acc = prev; /* bits not yet written, lowest first */
+        int held = 8;
+        for (int64_t c = 1; c < cp; c++) {
             const unsigned code = c < d->cols_p ? src[c] : prev >> tb;
             if ((code & keep) != prev >> tb) return RBE_E_ARGS;
-            const unsigned top = code >> (8 - tb);
-            dst[bit >> 3] |= (uint8_t)(top << (bit & 7));
-            if ((bit & 7) + tb > 8) dst[(bit >> 3) + 1] |= (uint8_t)(top >> (8 - (bit & 7)));
+            acc |= (uint64_t)(code >> (8 - tb)) << held, held += tb;
+            for (; held >= 32; held -= 32, acc >>= 32, dst += 4)
+                for (int k = 0; k < 4; k++) dst[k] = (uint8_t)(acc >> (8 * k));
             prev = code;
         }
+        for (int k = 0; k * 8 < held; k++) dst[k] = (uint8_t)(acc >> (8 * k));
     }
     return 0;
 }
