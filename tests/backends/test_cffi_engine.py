@@ -231,6 +231,26 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
 
+@pytest.mark.parametrize("table", ["int8", "normal"])
+def test_one_token_of_trellis_codes_on_int8(table, isa):
+    """Trellis rows through the one-token int8 product (VBMI: windows cut in registers) equal the
+    numpy reference of its arithmetic; elsewhere one token runs float32."""
+    if not library.has_int8_product(isa):
+        pytest.skip(f"{isa} has no int8 product on this CPU")
+    rng = np.random.default_rng(11)
+    for bits, group_size, cols in [(2, 64, 200), (4, 128, 256), (6, 64, 130)]:
+        codec = {"id": "trellis", "bits": bits, "group_size": group_size, "table": table}
+        low = lower(rbe_core.get_codec(codec).encode(rng.standard_normal((70, cols)).astype(np.float32)))
+        m = LoweredMatrix(low)
+        lv8, alpha, beta, rot, _ = _int8_levels(m)
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        got = _linear_int8(m, x)
+        if _one_token_int8(low, isa):
+            assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, codec
+        else:
+            assert np.array_equal(got, m.linear(x)), codec
+
+
 def test_few_tokens_of_a_large_matrix_run_on_int8(isa):
     """Decode steps of 4 or more sequences meet a matrix of 2^22 weights or more (one that streams
     from memory) through the int8 product; 3 run in float32, as one token's."""

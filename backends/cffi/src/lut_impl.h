@@ -559,7 +559,8 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * bytes through the 64-entry table tab), q8_nibble_row, q8_trellis_row, q8_rotate and q8_block
  * (the contracts of rbe_q8_nibble_row, rbe_q8_trellis_row, rbe_q8_rotate and rbe_q8_block in
  * rbe_internal.h), vi_dot(acc, w, x) (acc plus, per lane, the four byte products of weight bytes
- * w and signed input bytes x: lut_gemv_q8's), optionally Q8_NIBBLE_PAIR (see kernels_avx512.c);
+ * w and signed input bytes x: lut_gemv_q8's), optionally Q8_NIBBLE_PAIR and Q8_TRELLIS_PAIR (see
+ * kernels_avx512.c);
  * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
  * (rows per pass when the product has one token vector, default Q8_MR: a second vector would
  * only repeat the first) and Q8_ATTR (attributes of the product, e.g. a target it needs). */
@@ -872,7 +873,8 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
 
 /* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
  * q8_quantize1 made (rotated by rot), GEMV_ROWS rows a pass: their weight bytes unpacked by
- * q8_panel (or, Q8_NIBBLE_PAIR, nibble codes in registers as they are used), then per VLEN / 8
+ * q8_panel (or, Q8_NIBBLE_PAIR / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
+ * used), then per VLEN / 8
  * blocks one element-wise product a row (vi_dot, started at the
  * blocks' zero-point corrections), converted and scaled by the blocks' d; per group by the rows'
  * factors (q8_factors'). m->gs / 32 is a multiple of VLEN / 8. */
@@ -890,6 +892,17 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #ifdef Q8_NIBBLE_PAIR
     const int pairs = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
+#else
+    const int pairs = 0;
+#endif
+#ifdef Q8_TRELLIS_PAIR
+    const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
+    const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
+    const __mmask64 wload = trellis_reach(m->tbits, 64);
+    __m512i t256[4];
+    for (int k = 0; k < 4; k++) t256[k] = _mm512_loadu_si512((const void *)(tab + 64 * k));
+#else
+    const int cut = 0;
 #endif
     for (int64_t g = 0; g < groups; g++) {
         float s = 0.0f;
@@ -899,11 +912,9 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
         const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
         const uint8_t *w[GEMV_ROWS];
-#ifdef Q8_NIBBLE_PAIR
-        if (pairs)
+        if (pairs || cut) /* read in place */
             for (int i = 0; i < nr; i++) w[i] = FN(lut_codes)(m, r + i, 0);
         else
-#endif
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
         for (int i = nr; i < GEMV_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
         FN(row_steps)(m, r, nr, st, off);
@@ -925,6 +936,14 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
                 for (int i = 0; i < GEMV_ROWS; i++)
                     ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
+            }
+#endif
+#ifdef Q8_TRELLIS_PAIR
+            for (; cut && k < (g + 1) * bpg; k += 2) {
+                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                const VF d = vload(d8 + 8 * k);
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_trellis_pair(t256, wbyte, wshift, wload, w[i] + k * m->block_bytes), x)), d, ga[i]);
             }
 #endif
             for (; k < (g + 1) * bpg; k += VLEN / 8) {
