@@ -61,9 +61,10 @@ static inline __m256 lookup8(__m128i bytes, lut16 t) {
     const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
 }
-/* Canonical layout: nibble codes through the two-register table above; byte codes through a
- * convert when the levels are affine in the code, else a gather; trellis windows gathered from
- * their 32-bit words, then their levels. */
+/* Canonical layout: nibble codes through the two-register table above; byte codes (and 5- and
+ * 6-bit codes, their high bits from the bit planes by compares) through a convert when the levels
+ * are affine in the code, else a gather; trellis windows gathered from their 32-bit words, then
+ * their levels. */
 typedef struct {
     lut16 t;
     __m256 a0, da;
@@ -87,11 +88,14 @@ static inline lutreg lutreg_codes_avx2(lutreg t) {
     t.codes = 1;
     return t;
 }
-static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+/* The levels of 8 codes (int32 lanes). */
+static inline __m256 lut_levels8(const lutreg *t, __m256i idx) {
     if (t->codes) return _mm256_cvtepi32_ps(idx);
     if (t->affine) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(idx), t->da, t->a0);
     return _mm256_i32gather_ps(t->levels, idx, 4);
+}
+static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
+    return lut_levels8(t, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                     __m256 *out) {
@@ -108,10 +112,20 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
             const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(word, t->tshift[k]), _mm256_set1_epi32(255));
             out[k] = _mm256_i32gather_ps(t->levels, idx, 4);
         }
-    } else if (m->kind == RBE_LUT_PLANES) { /* byte codes, then as BYTE */
-        uint8_t codes[32];
-        rbe_block_codes(m, p, codes);
-        for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, codes + 8 * k);
+    } else if (m->kind == RBE_LUT_PLANES) { /* low nibbles as NIBBLE's, each higher bit from its plane */
+        const __m128i b = _mm_loadu_si128((const __m128i *)p), k15 = _mm_set1_epi8(15);
+        const __m128i nib[2] = {_mm_and_si128(b, k15), _mm_and_si128(_mm_srli_epi16(b, 4), k15)};
+        const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (int q = 0; q < 4; q++) { /* codes 8q .. 8q + 7 */
+            __m256i idx = _mm256_cvtepu8_epi32(q % 2 ? _mm_srli_si128(nib[q / 2], 8) : nib[q / 2]);
+            for (int k = 0; k < m->bits - 4; k++) {
+                uint32_t w;
+                memcpy(&w, p + 16 + 4 * k, 4);
+                const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(w >> (8 * q))), lane), lane);
+                idx = _mm256_or_si256(idx, _mm256_and_si256(set, _mm256_set1_epi32(16 << k)));
+            }
+            out[q] = lut_levels8(t, idx);
+        }
     } else {
         for (int k = 0; k < 4; k++) out[k] = lut_bytes8(t, p + 8 * k);
     }
@@ -139,7 +153,28 @@ static inline __m256i vi_dot(__m256i acc, __m256i w, __m256i x) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
-#define q8_planes rbe_q8_planes
+/* Byte masks of a 32-bit little-endian word's bits: byte j is 0xff where bit j is set. */
+static inline __m256i bit_bytes(const uint8_t *word) {
+    uint32_t w;
+    memcpy(&w, word, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
+                                                                2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (byte masks) pick one. */
+static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
+    const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k), _mm_and_si128(b, k));
+    __m256i v[4];
+    for (int h = 0; h < (m->bits == 5 ? 2 : 4); h++)
+        v[h] = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + 16 * h))), idx);
+    const __m256i m4 = bit_bytes(p + 16);
+    __m256i r = _mm256_blendv_epi8(v[0], v[1], m4);
+    if (m->bits == 6) r = _mm256_blendv_epi8(r, _mm256_blendv_epi8(v[2], v[3], m4), bit_bytes(p + 20));
+    _mm256_storeu_si256((__m256i *)out, r);
+}
 #define q8_trellis_row rbe_q8_trellis_row
 /* rbe_q8_block on four vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
 static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
