@@ -199,9 +199,9 @@ static inline void lut_block32_avx512(const rbe_lut *m, const lutreg *t, const u
 /* one token on int8 (2048 x 2048, 1 thread): nibbles 226 us against 349 in float32, trellis 4-bit
  * 330 against 419; 6-bit planes 642 against 591 (q8_panel's unpacking): float32 */
 #define Q8_ONE_KINDS (1 << RBE_LUT_NIBBLE | 1 << RBE_LUT_TRELLIS)
-/* lut_gemv_q8's trellis blocks cut in registers (Q8_TRELLIS_PAIR): two blocks' weight bytes, in
- * column order, through the byte table tab (four registers); the controls trellis_bytes,
- * trellis_shifts and trellis_reach(tbits, 64) give for the matrix's tbits. */
+/* Two trellis blocks' 64 windows, in column order, through the byte table tab (four registers),
+ * with the controls trellis_bytes, trellis_shifts and trellis_reach(tbits, 64) give: lut_block64's
+ * levels, q8_trellis_row's and lut_gemv_q8's (Q8_TRELLIS_PAIR) weight bytes. */
 #define Q8_TRELLIS_PAIR 1
 static inline __m512i q8_trellis_pair(const __m512i *tab, __m512i wbyte, __m512i wshift, __mmask64 wload,
                                       const uint8_t *p) {
@@ -209,8 +209,7 @@ static inline __m512i q8_trellis_pair(const __m512i *tab, __m512i wbyte, __m512i
     return bytes_through(tab, _mm512_multishift_epi64_epi8(wshift, _mm512_permutexvar_epi8(wbyte, src)));
 }
 static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m512 *out) {
-    const __m512i src = _mm512_maskz_loadu_epi8(t->wload64, p);
-    const __m512i v = bytes_through(t->lv8, _mm512_multishift_epi64_epi8(t->wshift64, _mm512_permutexvar_epi8(t->wbyte64, src)));
+    const __m512i v = q8_trellis_pair(t->lv8, t->wbyte64, t->wshift64, t->wload64, p);
     out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v)));
     out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1)));
     out[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2)));
@@ -316,8 +315,7 @@ static inline void q8_trellis_row(const rbe_lut *m, const uint8_t *tab, const ui
     const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
     int64_t k = 0;
     for (; k + 2 <= blocks; k += 2, p += 2 * m->block_bytes, out += 64) {
-        const __m512i win = _mm512_multishift_epi64_epi8(wshift, _mm512_permutexvar_epi8(wbyte, _mm512_maskz_loadu_epi8(wload, p)));
-        _mm512_storeu_si512((void *)out, bytes_through(t, win));
+        _mm512_storeu_si512((void *)out, q8_trellis_pair(t, wbyte, wshift, wload, p));
     }
     rbe_q8_trellis_row(m, tab, p, blocks - k, out);
 }
