@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from rbe_core.container import release
+from rbe_core.container import release, trim_heap
 from rbe_core.errors import NativeUnavailableError
 from rbe_core.models.spec import ModelError
 from rbe_core.native.lowering import Lowered, lower
@@ -92,6 +92,7 @@ class NativeDecoder:
                              None if bias is None else tensors[bias].decode(), transposed, tf)
             del low
             release(*tensors[weight].payload.values())  # the engine holds its own copy
+            trim_heap()  # the lowering's freed temporaries: 1B shape, 695 -> 668 MB resident once loaded
         for layer, slot, name in plan.vectors:
             v = as_f32(tensors[name].decode().reshape(-1))
             self._check(lib.rbe_engine_set_vector(self._e, layer, VECTOR_SLOTS[slot],

@@ -136,13 +136,19 @@ def _int8_levels(m: LoweredMatrix):
     return lv8[: 2**m.low.bits].astype(np.int64), float(ab[0]), float(ab[1]), rot[0], exact
 
 
-def _one_token_int8(low: Lowered, isa: str) -> bool:
-    """Whether one token meets ``low`` on int8 (lut_gemv_q8): nibble codes (and trellis codes on
+def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
+    """Whether n tokens meet ``low`` on int8 (engine.c's use_q8): codes of up to 4 bits or levels
+    int8 holds ``exact``ly; one token (lut_gemv_q8): unrotated nibble codes (and trellis codes on
     the VBMI path) whose groups hold whole vectors of blocks (two on the AVX-512 paths, one
-    elsewhere)."""
+    elsewhere); several: at least 3, or 8 where the product rotates the weights of a matrix under
+    2^22 weights."""
+    if low.bits > 4 and not exact:
+        return False
+    if n > 1:
+        return n >= (8 if rot > 1 and low.rows * low.cols_p < 2**22 else 3)
     group = low.cols_p if low.groups == 1 else low.group_size
     kind = (low.bits <= 4) or (bool(low.trellis_bits) and isa == "avx512vbmi")
-    return kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
+    return rot == 1 and kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
 
 
 def _linear_int8(m: LoweredMatrix, x: np.ndarray) -> np.ndarray:
@@ -220,11 +226,11 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
         else:
             assert exact == 0 and np.abs(approx - low.levels).max() <= alpha / 2 * (1 + 1e-6)
             assert np.abs(lv8).max() == 127
-        for n in (1, 12, 16, 17, 40, 70):  # one token (lut_gemv_q8), one token vector, several (2-11: float32)
+        for n in (1, 2, 3, 8, 12, 16, 17, 40, 70):  # one token (lut_gemv_q8), a few (float32 or int8), several
             x = rng.standard_normal((n, low.cols)).astype(np.float32)
             x[0, :40] = 0  # an all-zero block
             got = _linear_int8(m, x)
-            if n == 1 and not _one_token_int8(low, isa):
+            if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
             assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, (offset, steps, n)
@@ -242,27 +248,31 @@ def test_one_token_of_trellis_codes_on_int8(table, isa):
         codec = {"id": "trellis", "bits": bits, "group_size": group_size, "table": table}
         low = lower(rbe_core.get_codec(codec).encode(rng.standard_normal((70, cols)).astype(np.float32)))
         m = LoweredMatrix(low)
-        lv8, alpha, beta, rot, _ = _int8_levels(m)
+        lv8, alpha, beta, rot, exact = _int8_levels(m)
         x = rng.standard_normal((1, cols)).astype(np.float32)
         got = _linear_int8(m, x)
-        if _one_token_int8(low, isa):
+        if _runs_int8(low, rot, exact, 1, isa):
             assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, codec
         else:
             assert np.array_equal(got, m.linear(x)), codec
 
 
 def test_few_tokens_of_a_large_matrix_run_on_int8(isa):
-    """Decode steps of 4 or more sequences meet a matrix of 2^22 weights or more (one that streams
-    from memory) through the int8 product; 3 run in float32, as one token's."""
+    """Decode steps of 3 or more sequences meet a matrix of 2^22 weights or more (one that streams
+    from memory), rotated inputs or not, through the int8 product; 2 run in float32."""
     if not library.has_int8_product(isa):
         pytest.skip(f"{isa} has no int8 product on this CPU")
     rng = np.random.default_rng(8)
-    low = _layout(rng, 4, "normal", True, "f16", rows=2048, cols=2048)
-    m = LoweredMatrix(low)
-    lv8, alpha, beta, rot, _ = _int8_levels(m)
-    x = rng.standard_normal((4, low.cols)).astype(np.float32)
-    assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5
-    assert np.array_equal(_linear_int8(m, x[:3]), m.linear(x[:3]))
+    rotations = set()
+    for grid in ("uniform", "normal"):
+        low = _layout(rng, 4, grid, True, "f16", rows=2048, cols=2048)
+        m = LoweredMatrix(low)
+        lv8, alpha, beta, rot, _ = _int8_levels(m)
+        rotations.add(rot)
+        x = rng.standard_normal((3, low.cols)).astype(np.float32)
+        assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5
+        assert np.array_equal(_linear_int8(m, x[:2]), m.linear(x[:2]))
+    assert 1 in rotations and len(rotations) == 2
 
 
 def test_int8_product_of_codecs_stays_near_float32(isa):

@@ -772,25 +772,36 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
  * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they run on int8
- * inputs and have at least Q8_MIN_TOKENS (Q8_MIN_TOKENS_LARGE for matrices of Q8_LARGE weights or
- * more, which stream from memory); more run the batched kernels (whose tiles of 32 tokens a few
- * would leave mostly empty). lut_gemm_q8 against lut_gemv_few (AVX-512 VNNI), measured: one
- * 4096 x 4096 hadamard 4-bit product on one thread, 4 tokens 1.6-2.0 ms vs 1.1-1.7, 8 tokens
- * 1.4-2.0 vs 2.2-3.0, 16 tokens 1.5 vs 4.5; decode steps of k sequences in forward_batch, tok/s:
- * SmolLM2 int4 (576-wide matrices, cached: the int8 product's fixed costs weigh more) k = 6: 188
- * vs 350, 12: 337 vs 363, 16: 656 vs 477; the 1B shape, hadamard 4-bit, k = 4: 69 vs 53-58, 8:
- * 128-150 vs 65-75. */
+ * inputs and have at least Q8_MIN_TOKENS (Q8_MIN_TOKENS_ROTATED where the product rotates the
+ * weights of a matrix under Q8_LARGE weights: its fixed cost is twice the plain one's); more run
+ * the batched kernels. lut_gemm_q8 costs about the same from 2 to 16 tokens (its tiles hold 16),
+ * lut_gemv_few grows with every pair. Kernel ms per decode step of k sequences in forward_batch
+ * (2 threads, Intel AVX-512 VBMI, int8 / float32): SmolLM2 flagship 4.25 (hadamard: unrotated)
+ * k = 2: 15.2 / 11.7, 3: ~15 / 20.4, 8: 14.8 / 34.7; SmolLM2 int4 (rotated) k = 4, 6, 8: 30.6,
+ * 30.4, 30.5 / 18.0, 26.9, 33.6; 1B hadamard 4-bit k = 2: 90 / 68, 3: 90 / 125, 8: 90 / 227; 1B
+ * int4 k = 4: 113 / 146. One token's int8 product (lut_gemv_q8) only where no weight is rotated:
+ * rotating them every token made the 1B int4 step 73 ms against float32's 48. Codes of 5 bits or
+ * more whose levels int8 only approximates (non-uniform grids: each level rounded to 1/254 of the
+ * largest, a third of a 6-bit spacing) stay float32: on SmolLM2's flagship 4.25 their int8
+ * products made KL(float32 prefill || int8 prefill) 0.0061 (0.0024 without them, GPL-3, 256
+ * tokens) and prefill slower on AVX-512 (256 tokens: 836-958 tok/s against 1120-1349; AVX2 equal
+ * within noise). */
 #define FEW_ROWS_MAX 16
-#define Q8_MIN_TOKENS 12
-#define Q8_MIN_TOKENS_LARGE 4
+#define Q8_MIN_TOKENS 3
+#define Q8_MIN_TOKENS_ROTATED 8
 #define Q8_LARGE ((int64_t)1 << 22)
 
-/* Whether the product of n tokens with m runs on int8 inputs: lut_gemv_q8 for one token (codes of
- * the kinds it is faster for, groups of whole vectors of blocks), lut_gemm_q8 for enough tokens. */
+/* Whether the product of n tokens with m runs on int8 inputs (codes of up to 4 bits, or levels
+ * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, unrotated,
+ * groups of whole vectors of blocks), lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || m->lut.kind == RBE_LUT_F32) return 0;
-    if (n == 1) return (e->kern->q8_one_kinds >> m->lut.kind & 1) && (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
-    return n >= (m->rows * m->lut.cols_p >= Q8_LARGE ? Q8_MIN_TOKENS_LARGE : Q8_MIN_TOKENS);
+    if (m->lut.bits > 4 && !m->lut.q8_exact) return 0;
+    if (n == 1)
+        return m->lut.q8_rot == 1 && (e->kern->q8_one_kinds >> m->lut.kind & 1) &&
+               (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
+    const int rotated_small = m->lut.q8_rot > 1 && m->rows * m->lut.cols_p < Q8_LARGE;
+    return n >= (rotated_small ? Q8_MIN_TOKENS_ROTATED : Q8_MIN_TOKENS);
 }
 
 typedef struct {

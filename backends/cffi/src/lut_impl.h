@@ -904,7 +904,8 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int cut = 0;
 #endif
-    for (int64_t g = 0; g < groups; g++) {
+    const int sums = m->has_offset || m->q8_beta != 0.0f; /* else the input sums meet nothing */
+    for (int64_t g = 0; g < groups && sums; g++) {
         float s = 0.0f;
         for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
         lead[g] = s;
@@ -918,8 +919,14 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
         for (int i = nr; i < GEMV_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
         FN(row_steps)(m, r, nr, st, off);
-        VF acc[GEMV_ROWS];
         float extra[GEMV_ROWS] = {0};
+        for (int i = 0; i < nr && sums; i++)
+            for (int64_t g = 0; g < groups; g++)
+                extra[i] += (m->q8_beta * st[i * groups + g] + (m->has_offset ? off[i * groups + g] : 0.0f)) * lead[g];
+        for (int64_t t = 0; t < nr * groups; t++) st[t] *= alpha; /* now each group's factor */
+        for (int i = nr; i < GEMV_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
+            memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
+        VF acc[GEMV_ROWS];
         for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vzero();
         /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
         const int64_t span = GEMV_ROWS * m->row_bytes, ahead = (r + GEMV_ROWS) * m->row_bytes;
@@ -951,11 +958,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const VF d = vload(d8 + 8 * k);
                 for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
             }
-            for (int i = 0; i < nr; i++) {
-                const float sg = st[i * groups + g];
-                acc[i] = vfma(ga[i], vset1(alpha * sg), acc[i]);
-                extra[i] += (m->q8_beta * sg + (m->has_offset ? off[i * groups + g] : 0.0f)) * lead[g];
-            }
+            for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vfma(ga[i], vset1(st[i * groups + g]), acc[i]);
         }
         for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) + extra[i];
     }
