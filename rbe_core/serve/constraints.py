@@ -31,7 +31,6 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 #: allows any run of whitespace between tokens, which a small model fills for as long as it may.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), re.S)
 
 _tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _tokenizers_lock = threading.Lock()
@@ -172,24 +171,114 @@ class Constraint:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
 
+_CALL_HEAD = re.compile(r'\s*' + re.escape(TOOL_OPEN) + r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\S)')
+_CALL_TAIL = re.compile(r'\s*\}\s*' + re.escape(TOOL_CLOSE))
+
+
+class CallStream:
+    """A chat reply parsed for tool calls as it grows (the grammar of ``_tools_lark`` writes each
+    call's name before its arguments). ``feed(piece)`` returns the content to send now and the
+    ``tool_calls`` deltas ready, in OpenAI's stream shape: a call's ``id``, ``type`` and name with
+    empty ``arguments`` once its head is complete, then pieces of its arguments' JSON text as the
+    model writes them (their concatenation is the call's ``arguments``, byte for byte). A reply that
+    may still become a call sends nothing; one that cannot is content throughout. ``finish()``:
+    what was held back (text after the last complete call, or a call's head cut short, becomes
+    content) and every call whole (``calls``)."""
+
+    def __init__(self):
+        self.text, self.pos, self.mode = "", 0, None  # mode: None (undecided), "text" or "calls"
+        self.state = "head"  # in calls: "head", "arguments" (self.scan open) or "tail"
+        self.scan: _ValueEnd | None = None
+        self.calls: list[dict] = []
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        self.text += piece
+        if self.mode is None:
+            head = self.text.lstrip()
+            if head.startswith(TOOL_OPEN):
+                self.mode = "calls"
+            elif not TOOL_OPEN.startswith(head):
+                self.mode = "text"
+        if self.mode == "text":
+            out, self.pos = self.text[self.pos:], len(self.text)
+            return out, []
+        return "", self._parse() if self.mode == "calls" else []
+
+    def finish(self) -> tuple[str | None, list[dict]]:
+        """The content held back (None when none) and the last deltas."""
+        deltas = self._parse() if self.mode == "calls" else []
+        rest = self.text[self.pos:] if self.mode != "text" and self.state == "head" else ""
+        self.pos = len(self.text)  # past a call's head, the rest is that call's (cut short)
+        return (rest.strip() or None), deltas
+
+    def _parse(self) -> list[dict]:
+        deltas = []
+        while True:
+            if self.state == "head":
+                m = _CALL_HEAD.match(self.text, self.pos)
+                if not m:
+                    return deltas
+                self.pos, self.state, self.scan = m.end(), "arguments", _ValueEnd()
+                call_id, name = "call_" + uuid.uuid4().hex[:24], m.group(1)
+                self.calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
+                deltas.append({"index": len(self.calls) - 1, "id": call_id, "type": "function",
+                               "function": {"name": name, "arguments": ""}})
+            elif self.state == "arguments":
+                used, ended = self.scan.feed(self.text, self.pos)
+                if used:
+                    deltas.append(self._arguments(self.text[self.pos:self.pos + used]))
+                    self.pos += used
+                if not ended:
+                    return deltas
+                self.state = "tail"
+            else:
+                m = _CALL_TAIL.match(self.text, self.pos)
+                if not m:
+                    return deltas
+                self.pos, self.state = m.end(), "head"
+
+    def _arguments(self, text: str) -> dict:
+        self.calls[-1]["function"]["arguments"] += text
+        return {"index": len(self.calls) - 1, "function": {"arguments": text}}
+
+
+class _ValueEnd:
+    """Where a JSON value written after a key ends: before the first ``,``, ``}`` or ``]`` outside
+    strings at the depth it started at."""
+
+    def __init__(self):
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, text: str, start: int) -> tuple[int, bool]:
+        """How many characters of ``text[start:]`` belong to the value, and whether it ended there."""
+        for i in range(start, len(text)):
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}],":
+                if self.depth == 0:
+                    return i - start, True
+                if ch != ",":
+                    self.depth -= 1
+        return len(text) - start, False
+
+
 def split_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """A reply's text outside ``<tool_call>`` blocks (None when empty) and the calls in them, in
-    OpenAI's ``tool_calls`` shape (``arguments`` a JSON string); a block that is not a call's JSON
-    (a reply cut by max_tokens) stays in the text."""
-    calls, rest, last = [], [], 0
-    for block in _TOOL_BLOCK.finditer(text):
-        try:
-            call = json.loads(block.group(1))
-            name, arguments = call["name"], call["arguments"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        rest.append(text[last:block.start()])
-        last = block.end()
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    rest.append(text[last:])
-    content = "".join(rest).strip()
-    return (content or None), calls
+    """A whole reply's content (None when empty) and its tool calls, as ``CallStream`` parses it."""
+    stream = CallStream()
+    first, _ = stream.feed(text)
+    rest, _ = stream.finish()
+    content = (first + (rest or "")).strip()
+    return (content or None), stream.calls
 
 
 def tool_call_text(calls: list[dict]) -> str:

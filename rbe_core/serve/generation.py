@@ -4,8 +4,8 @@ answered whole or as Server-Sent Events in the OpenAI framing (``stream_options.
 
 A completions request may carry several prompts (choice ``i * n + j`` is prompt ``i``'s ``j``-th);
 ``logprobs`` come in OpenAI's shape for each endpoint; a chat's ``response_format`` and ``tools``
-constrain its reply through ``constraints`` (tool calls answered as ``tool_calls``, streamed whole
-once complete). A non-streamed request whose client disconnects is cancelled like a stream.
+constrain its reply through ``constraints`` (tool calls answered as ``tool_calls``, their
+arguments streamed as they are written). A non-streamed request whose client disconnects is cancelled like a stream.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .chat import chat_ids
 from .constraints import (
-    TOOL_OPEN,
+    CallStream,
     Constraint,
     OutputSpec,
     check_grammar,
@@ -195,14 +195,15 @@ class _Answer:
 
     def chunk(self, index: int, *, text: str | None = None, role: bool = False, logprobs=None, calls=None,
               finish: str | None = None, include_usage: bool = False) -> str:
-        """One SSE event for choice ``index``: a chat delta (role, text, tool calls) or a completion's
+        """One SSE event for choice ``index``: a chat delta (role, text, ``tool_calls`` deltas as
+        ``CallStream`` gives them) or a completion's
         text, its logprobs and finish reason; ``usage`` null on every chunk when ``include_usage``."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
             if calls:
-                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                delta["tool_calls"] = calls
             choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
             out = {**self.meta, "object": "chat.completion.chunk", "choices": [choice]}
         else:
@@ -251,19 +252,20 @@ class _Answer:
         return {"index": index, "message": message, "logprobs": self.logprobs(entries), "finish_reason": reason}
 
 
-def _maybe_call(text: str) -> bool:
-    """Whether a reply that starts with ``text`` may be (or become) a tool call."""
-    head = text.lstrip()
-    return head.startswith(TOOL_OPEN) or TOOL_OPEN.startswith(head)
-
-
 async def _stream(events: asyncio.Queue, jobs: list[Job], answer: _Answer, include_usage: bool):
     """SSE: each choice's role first (chat), its text pieces, its finish; a usage chunk; [DONE].
-    With tools on, a reply that may be a tool call is held until it is complete."""
+    With tools on, each reply goes through a ``CallStream``: text that may still become a tool call
+    waits, a call's arguments stream as the model writes them."""
     left, n = len(jobs), len(jobs)
-    held = [""] * n  # text not sent yet: perhaps a tool call
+    parsers = [CallStream() if answer.calls else None for _ in range(n)]
     want_logprobs = jobs[0].decoding.top_logprobs is not None
-    pending: list[list] = [[] for _ in range(n)]
+    pending: list[list] = [[] for _ in range(n)]  # logprobs of text not sent yet
+
+    def send(i: int, text: str | None, calls: list) -> str:
+        logprobs, pending[i] = pending[i], []
+        return answer.chunk(i, text=text, calls=calls, logprobs=logprobs if want_logprobs else None,
+                            include_usage=include_usage)
+
     try:
         if answer.chat:
             for i in range(n):
@@ -272,22 +274,18 @@ async def _stream(events: asyncio.Queue, jobs: list[Job], answer: _Answer, inclu
             i, kind, payload = await events.get()
             if kind == "text":
                 piece, entries = payload
-                if answer.calls and _maybe_call(held[i] + piece):
-                    held[i] += piece
-                    pending[i] += entries
-                    continue
-                text, logprobs = held[i] + piece, pending[i] + entries
-                held[i], pending[i] = "", []
-                yield answer.chunk(i, text=text, logprobs=logprobs if want_logprobs else None,
-                                   include_usage=include_usage)
+                pending[i] += entries
+                text, calls = parsers[i].feed(piece) if parsers[i] else (piece, [])
+                if text or calls:
+                    yield send(i, text or None, calls)
             elif kind == "done":
                 reason, usage = payload
                 answer.count(usage)
-                if held[i]:
-                    content, calls = split_tool_calls(held[i])
-                    reason = "tool_calls" if calls and reason == "stop" else reason
-                    yield answer.chunk(i, text=content, calls=calls,
-                                       logprobs=pending[i] if want_logprobs else None, include_usage=include_usage)
+                if parsers[i]:
+                    text, calls = parsers[i].finish()
+                    if text or calls:
+                        yield send(i, text, calls)
+                    reason = "tool_calls" if parsers[i].calls and reason == "stop" else reason
                 yield answer.chunk(i, finish=reason, include_usage=include_usage)
                 left -= 1
             else:

@@ -23,6 +23,8 @@ import rbe_core  # noqa: E402
 pytest.importorskip("fastapi", reason="rbe serve needs the serve extra (pip install 'rbe[serve]')")
 pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install 'rbe[serve]')")
 
+from rbe_core.serve.constraints import CallStream, split_tool_calls  # noqa: E402
+
 EOS = 299  # the tiny model's <|endoftext|>
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -192,9 +194,37 @@ def test_required_and_named_tool_calls_follow_the_function_schemas(server):
                                                  tools=[WEATHER, TIME], stream=True,
                                                  tool_choice={"type": "function", "function": {"name": "get_time"}}))
     streamed = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [(call.function.name,
-                                                                          call.function.arguments)]
+    head, *pieces = streamed  # the call's id and name first, then its arguments as they are written
+    assert head.id.startswith("call_") and head.function.name == call.function.name and head.function.arguments == ""
+    assert len(pieces) > 1 and all(t.index == 0 and t.id is None and t.function.name is None for t in pieces)
+    assert "".join(t.function.arguments for t in pieces) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_calls_parse_as_they_stream():
+    """A reply fed in pieces of any size gives the same calls (arguments byte for byte, strings with
+    braces, quotes and escapes inside) as the whole reply; text that cannot be a call is content
+    at once; a call cut short keeps what was written of its arguments; a head cut short is content."""
+    reply = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "U\\"T}C", "n": [1, {"a": "]"}]}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>')
+    whole = split_tool_calls(reply)
+    assert whole[0] is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole[1]] == [
+        ("get_time", {"zone": 'U"T}C', "n": [1, {"a": "]"}]}), ("get_weather", {})]
+    for size in (1, 2, 7, len(reply)):
+        stream, deltas = CallStream(), []
+        for k in range(0, len(reply), size):
+            text, got = stream.feed(reply[k:k + size])
+            assert text == ""
+            deltas += got
+        assert stream.finish() == (None, [])
+        for index, call in enumerate(whole[1]):
+            mine = [d for d in deltas if d["index"] == index]
+            assert mine[0]["function"] == {"name": call["function"]["name"], "arguments": ""}
+            assert "".join(d["function"]["arguments"] for d in mine[1:]) == call["function"]["arguments"]
+    stream = CallStream()
+    assert stream.feed(" <tool") == ("", []) and stream.feed("box> hi") == (" <toolbox> hi", [])
+    assert split_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"zo')[1][0]["function"]["arguments"] == '{"zo'
+    assert split_tool_calls('<tool_call>\n{"name": "get_ti') == ('<tool_call>\n{"name": "get_ti', [])
 
 
 def test_a_tool_conversation_continues_and_auto_replies_are_text_or_calls(server):
