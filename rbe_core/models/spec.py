@@ -54,6 +54,8 @@ class Spec(abc.ABC):
 
     name: ClassVar[str]
     hf_model_types: ClassVar[tuple[str, ...]] = ()
+    #: whether the family generates text (a causal LM) or embeds it (an encoder).
+    causal: ClassVar[bool] = True
     #: source tensors that are not weights (buffers, position ids): skipped when converting.
     ignored: ClassVar[tuple[str, ...]] = ()
 

@@ -14,6 +14,7 @@ _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}
 class BertSpec(Spec):
     name = "bert"
     hf_model_types = ("bert",)
+    causal = False
     ignored = ("*position_ids", "cls.*")
 
     @classmethod

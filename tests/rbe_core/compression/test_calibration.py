@@ -140,13 +140,18 @@ def test_allocate_settings_meets_the_budget_and_follows_damage(dense, target):
     assert len({c.bits for c in pick.values()}) > 1  # tiny random models still differ per tensor
 
 
-def test_target_bpw_conversion_is_within_budget(tmp_path):
-    tiny_llama(num_hidden_layers=2).save_pretrained(tmp_path / "hf")
-    out = rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", target_bpw=4.5, progress=False,
-                                  calibration_tokens=256)
-    f = rbe_core.open(out)
-    linear = [f[n] for n in f if n.endswith("proj.weight")]
-    assert 8 * sum(e.nbytes for e in linear) / sum(e.numel for e in linear) <= 4.5
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_target_bpw_conversion_is_within_budget(kind, tmp_path):
+    """Within the budget, on the flagship scalar grid for causal LMs and on trellis codes for
+    encoders (convert.ENCODER_CODEC); a codec given chooses the settings for both."""
+    (tiny_llama(num_hidden_layers=2) if kind == "llama" else tiny_bert()).save_pretrained(tmp_path / "hf")
+    for codec, family in [(None, "hadamard" if kind == "llama" else "trellis"), ("hadamard", "hadamard")]:
+        out = rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", codec=codec, target_bpw=4.5, progress=False,
+                                      calibration_tokens=256)
+        f = rbe_core.open(out)
+        linear = [n for n in f if f.headers[n]["codec"]["id"] != "raw" and ".layer" in n]  # the blocks' Linears
+        assert {f.headers[n]["codec"]["id"] for n in linear} == {family}, codec
+        assert 8 * sum(f[n].nbytes for n in linear) / sum(f[n].numel for n in linear) <= 4.5
 
 
 def test_asymmetric_target_gives_the_weight_back_without_drift_and_undoes_drift():
