@@ -138,17 +138,18 @@ def _int8_levels(m: LoweredMatrix):
 
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
     """Whether n tokens meet ``low`` on int8 (engine.c's use_q8): codes of up to 4 bits or levels
-    int8 holds ``exact``ly; one token (lut_gemv_q8): unrotated nibble codes (and trellis codes on
-    the VBMI path) whose groups hold whole vectors of blocks (two on the AVX-512 paths, one
-    elsewhere); several: at least 3, or 8 where the product rotates the weights of a matrix under
-    2^22 weights."""
+    int8 holds ``exact``ly; one token (lut_gemv_q8, inputs never rotated): nibble codes (and
+    trellis codes on the VBMI path, byte codes on AVX2) whose groups hold whole vectors of blocks
+    (two on the AVX-512 paths, one elsewhere); several: at least 3, or 8 where the product rotates
+    the weights of a matrix under 2^22 weights."""
     if low.bits > 4 and not exact:
         return False
     if n > 1:
         return n >= (8 if rot > 1 and low.rows * low.cols_p < 2**22 else 3)
     group = low.cols_p if low.groups == 1 else low.group_size
-    kind = (low.bits <= 4) or (bool(low.trellis_bits) and isa == "avx512vbmi")
-    return rot == 1 and kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
+    kind = isa == "avx512vbmi" if low.trellis_bits else (
+        low.bits <= 4 or (low.bits > 6 and isa == "avx2"))
+    return kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
 
 
 def _linear_int8(m: LoweredMatrix, x: np.ndarray) -> np.ndarray:
@@ -233,7 +234,7 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
-            assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, (offset, steps, n)
+            assert _rel(got, _int8_reference(low, lv8, alpha, beta, 1 if n == 1 else rot, x)) <= 1e-5, (offset, steps, n)
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
 
@@ -252,7 +253,7 @@ def test_one_token_of_trellis_codes_on_int8(table, isa):
         x = rng.standard_normal((1, cols)).astype(np.float32)
         got = _linear_int8(m, x)
         if _runs_int8(low, rot, exact, 1, isa):
-            assert _rel(got, _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5, codec
+            assert _rel(got, _int8_reference(low, lv8, alpha, beta, 1, x)) <= 1e-5, codec
         else:
             assert np.array_equal(got, m.linear(x)), codec
 

@@ -779,8 +779,9 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
  * (2 threads, Intel AVX-512 VBMI, int8 / float32): SmolLM2 flagship 4.25 (hadamard: unrotated)
  * k = 2: 15.2 / 11.7, 3: ~15 / 20.4, 8: 14.8 / 34.7; SmolLM2 int4 (rotated) k = 4, 6, 8: 30.6,
  * 30.4, 30.5 / 18.0, 26.9, 33.6; 1B hadamard 4-bit k = 2: 90 / 68, 3: 90 / 125, 8: 90 / 227; 1B
- * int4 k = 4: 113 / 146. One token's int8 product (lut_gemv_q8) only where no weight is rotated:
- * rotating them every token made the 1B int4 step 73 ms against float32's 48. Codes of 5 bits or
+ * int4 k = 4: 113 / 146. One token's int8 product (lut_gemv_q8) never rotates (inputs nor
+ * weights): rotating the weights every token made the 1B int4 step 73 ms against float32's 48;
+ * unrotated, SmolLM2 int4 decodes at 97 tok/s against float32's 49 (AMD EPYC AVX2). Codes of 5 bits or
  * more whose levels int8 only approximates (non-uniform grids: each level rounded to 1/254 of the
  * largest, a third of a 6-bit spacing) stay float32: on SmolLM2's flagship 4.25 their int8
  * products made KL(float32 prefill || int8 prefill) 0.0061 (0.0024 without them, GPL-3, 256
@@ -792,14 +793,13 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 #define Q8_LARGE ((int64_t)1 << 22)
 
 /* Whether the product of n tokens with m runs on int8 inputs (codes of up to 4 bits, or levels
- * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, unrotated,
- * groups of whole vectors of blocks), lut_gemm_q8 for enough tokens. */
+ * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, groups of
+ * whole vectors of blocks), lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || m->lut.kind == RBE_LUT_F32) return 0;
     if (m->lut.bits > 4 && !m->lut.q8_exact) return 0;
     if (n == 1)
-        return m->lut.q8_rot == 1 && (e->kern->q8_one_kinds >> m->lut.kind & 1) &&
-               (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
+        return (e->kern->q8_one_kinds >> m->lut.kind & 1) && (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
     const int rotated_small = m->lut.q8_rot > 1 && m->rows * m->lut.cols_p < Q8_LARGE;
     return n >= (rotated_small ? Q8_MIN_TOKENS_ROTATED : Q8_MIN_TOKENS);
 }
@@ -879,7 +879,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
     while (done < count) {
         const emat *first = ms[done];
         const int64_t cp = first->lut.cols_p;
-        int q8 = 0, f32 = 0, rot = 16; /* the widest rotation all int8 products allow */
+        int q8 = 0, f32 = 0, rot = n == 1 ? 1 : 16; /* the widest rotation all int8 products allow */
         j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
         while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
             j.m[j.count] = ms[done], j.y[j.count] = ys[done];

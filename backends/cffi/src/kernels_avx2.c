@@ -61,14 +61,27 @@ static inline __m256 lookup8(__m128i bytes, lut16 t) {
     const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
 }
+/* Byte masks of a 32-bit little-endian word's bits: byte j is 0xff where bit j is set. */
+static inline __m256i bit_bytes(const uint8_t *word) {
+    uint32_t w;
+    memcpy(&w, word, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
+                                                                2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
 /* Canonical layout: nibble codes through the two-register table above; byte codes (and 5- and
- * 6-bit codes, their high bits from the bit planes by compares) through a convert when the levels
- * are affine in the code, else a gather; trellis windows gathered from their 32-bit words, then
- * their levels. */
+ * 6-bit codes with affine levels, their high bits from the bit planes by compares) through a
+ * convert when the levels are affine in the code, else a gather; other 5- and 6-bit codes (code
+ * bytes from nibbles and plane masks) through byte tables, one per byte of the float32 levels,
+ * interleaved back into floats; trellis windows gathered from their 32-bit words, then their
+ * levels. */
 typedef struct {
     lut16 t;
     __m256 a0, da;
     __m256i tbyte[4], tshift[4]; /* TRELLIS: each window's byte in the block, and bit in that byte */
+    uint8_t lvb[4][64];          /* PLANES, levels not affine: byte q of level k at lvb[q][k] */
     const float *levels;
     int affine, codes;
 } lutreg;
@@ -77,6 +90,11 @@ static inline lutreg lutreg_load_avx2(const rbe_lut *m) {
     t.t = lut16_load(m->levels);
     t.a0 = _mm256_set1_ps(m->a0), t.da = _mm256_set1_ps(m->da);
     t.levels = m->levels, t.affine = m->affine, t.codes = 0;
+    for (int k = 0; m->kind == RBE_LUT_PLANES && k < 64; k++) {
+        uint32_t v = 0;
+        if (k < 1 << m->bits) memcpy(&v, m->levels + k, 4);
+        for (int q = 0; q < 4; q++) t.lvb[q][k] = (uint8_t)(v >> (8 * q));
+    }
     for (int k = 0; k < 4 && m->kind == RBE_LUT_TRELLIS; k++) {
         const __m256i bit = _mm256_mullo_epi32(
             _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * k)), _mm256_set1_epi32(m->tbits));
@@ -97,6 +115,35 @@ static inline __m256 lut_levels8(const lutreg *t, __m256i idx) {
 static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
     return lut_levels8(t, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+/* 32 bytes of a 16-entry table (16 bytes at tab) picked by idx's bytes (each below 16). */
+static inline __m256i table16(const uint8_t *tab, __m256i idx) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)), idx);
+}
+/* The float32 levels of a 5- or 6-bit block's 32 codes (non-affine levels): each byte of the
+ * levels looked up per code (low nibble by vpshufb, the plane bits pick among the 16-entry
+ * tables), the four bytes interleaved into floats (codes 0-3 and 16-19 in the first vector),
+ * then the 128-bit halves put back in code order. */
+static inline void planes_levels32(const rbe_lut *m, const lutreg *t, const uint8_t *p, __m256 *out) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), k15 = _mm_set1_epi8(15);
+    const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k15), _mm_and_si128(b, k15));
+    const __m256i m4 = bit_bytes(p + 16);
+    __m256i lv[4];
+    for (int q = 0; q < 4; q++) {
+        const uint8_t *tb = t->lvb[q];
+        lv[q] = _mm256_blendv_epi8(table16(tb, idx), table16(tb + 16, idx), m4);
+        if (m->bits == 6)
+            lv[q] = _mm256_blendv_epi8(lv[q], _mm256_blendv_epi8(table16(tb + 32, idx), table16(tb + 48, idx), m4),
+                                       bit_bytes(p + 20));
+    }
+    const __m256i u0 = _mm256_unpacklo_epi8(lv[0], lv[1]), u1 = _mm256_unpackhi_epi8(lv[0], lv[1]);
+    const __m256i v0 = _mm256_unpacklo_epi8(lv[2], lv[3]), v1 = _mm256_unpackhi_epi8(lv[2], lv[3]);
+    const __m256i f0 = _mm256_unpacklo_epi16(u0, v0), f1 = _mm256_unpackhi_epi16(u0, v0);
+    const __m256i f2 = _mm256_unpacklo_epi16(u1, v1), f3 = _mm256_unpackhi_epi16(u1, v1);
+    out[0] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x20));
+    out[1] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x20));
+    out[2] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x31));
+    out[3] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x31));
+}
 static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uint8_t *p,
                                     __m256 *out) {
     if (m->kind == RBE_LUT_NIBBLE) {
@@ -112,6 +159,8 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
             const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(word, t->tshift[k]), _mm256_set1_epi32(255));
             out[k] = _mm256_i32gather_ps(t->levels, idx, 4);
         }
+    } else if (m->kind == RBE_LUT_PLANES && !t->affine && !t->codes) {
+        planes_levels32(m, t, p, out);
     } else if (m->kind == RBE_LUT_PLANES) { /* low nibbles as NIBBLE's, each higher bit from its plane */
         const __m128i b = _mm_loadu_si128((const __m128i *)p), k15 = _mm_set1_epi8(15);
         const __m128i nib[2] = {_mm_and_si128(b, k15), _mm_and_si128(_mm_srli_epi16(b, 4), k15)};
@@ -138,6 +187,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
  * so nothing saturates. */
 #define Q8_MR 4
 #define Q8_NV 1
+#define Q8_ONE_KINDS ((1 << RBE_LUT_NIBBLE) | (1 << RBE_LUT_BYTE))
 #define Q8_ZP 0
 #define VI __m256i
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -152,16 +202,6 @@ static inline __m256i vi_dot4(__m256i acc, const uint8_t *w, __m256i x) {
 static inline __m256i vi_dot(__m256i acc, __m256i w, __m256i x) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
-/* Byte masks of a 32-bit little-endian word's bits: byte j is 0xff where bit j is set. */
-static inline __m256i bit_bytes(const uint8_t *word) {
-    uint32_t w;
-    memcpy(&w, word, 4);
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w),
-                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
-                                                                2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
 }
 /* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (byte masks) pick one. */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
