@@ -61,6 +61,16 @@ static inline __m256 lookup8(__m128i bytes, lut16 t) {
     const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), high);
 }
+/* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_BLOCK): one block's 32 weight
+ * bytes through the 16-entry table t (in both 128-bit lanes), low nibbles (codes 0-15) first. */
+#define Q8_NIBBLE_BLOCK 1
+static inline __m256i q8_nibble_table(const uint8_t *tab) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab));
+}
+static inline __m256i q8_nibble_block(__m256i t, const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
+    return _mm256_shuffle_epi8(t, _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), k), _mm_and_si128(v, k)));
+}
 /* Byte masks of a 32-bit little-endian word's bits: byte j is 0xff where bit j is set. */
 static inline __m256i bit_bytes(const uint8_t *word) {
     uint32_t w;

@@ -560,7 +560,7 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
  * (the contracts of rbe_q8_nibble_row, rbe_q8_trellis_row, rbe_q8_rotate and rbe_q8_block in
  * rbe_internal.h), vi_dot(acc, w, x) (acc plus, per lane, the four byte products of weight bytes
  * w and signed input bytes x: lut_gemv_q8's), optionally Q8_NIBBLE_PAIR and Q8_TRELLIS_PAIR (see
- * kernels_avx512.c);
+ * kernels_avx512.c) or Q8_NIBBLE_BLOCK (kernels_avx2.c);
  * optionally Q8_MR (rows per pass, default 4), Q8_NV (token vectors per pass, default 1), Q8_MR1
  * (rows per pass when the product has one token vector, default Q8_MR: a second vector would
  * only repeat the first) and Q8_ATTR (attributes of the product, e.g. a target it needs). */
@@ -873,7 +873,7 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
 
 /* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
  * q8_quantize1 made (rotated by rot), GEMV_ROWS rows a pass: their weight bytes unpacked by
- * q8_panel (or, Q8_NIBBLE_PAIR / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
+ * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
  * used), then per VLEN / 8
  * blocks one element-wise product a row (vi_dot, started at the
  * blocks' zero-point corrections), converted and scaled by the blocks' d; per group by the rows'
@@ -889,11 +889,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     float *lead = off + Q8_RB * groups; /* per group: sum of d * lead, what q8_beta and offsets meet */
     const int shift = FN(q8_table)(m, rot, tab);
     const float alpha = m->q8_alpha / (float)rot;
-#ifdef Q8_NIBBLE_PAIR
+#if defined(Q8_NIBBLE_PAIR) || defined(Q8_NIBBLE_BLOCK)
     const int pairs = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
-    const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #else
     const int pairs = 0;
+#endif
+#ifdef Q8_NIBBLE_PAIR
+    const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
+#endif
+#ifdef Q8_NIBBLE_BLOCK
+    const VI t16 = q8_nibble_table(tab);
 #endif
 #ifdef Q8_TRELLIS_PAIR
     const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
@@ -943,6 +948,14 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
                 for (int i = 0; i < GEMV_ROWS; i++)
                     ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
+            }
+#endif
+#ifdef Q8_NIBBLE_BLOCK
+            for (; pairs && k < (g + 1) * bpg; k++) {
+                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                const VF d = vload(d8 + 8 * k);
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_block(t16, w[i] + 16 * k), x)), d, ga[i]);
             }
 #endif
 #ifdef Q8_TRELLIS_PAIR
