@@ -169,7 +169,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
             const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(word, t->tshift[k]), _mm256_set1_epi32(255));
             out[k] = _mm256_i32gather_ps(t->levels, idx, 4);
         }
-    } else if (m->kind == RBE_LUT_PLANES && !t->affine && !t->codes) {
+    } else if (m->kind == RBE_LUT_PLANES && !m->affine) {
         planes_levels32(m, t, p, out);
     } else if (m->kind == RBE_LUT_PLANES) { /* low nibbles as NIBBLE's, each higher bit from its plane */
         const __m128i b = _mm_loadu_si128((const __m128i *)p), k15 = _mm_set1_epi8(15);

@@ -287,6 +287,11 @@ static void FN(row_steps)(const rbe_lut *m, int64_t r, int n, float *st, float *
     }
 }
 
+/* Prefetch requests for the code bytes [from, to) (a group's share of the next pass's rows). */
+static inline void FN(prefetch_codes)(const uint8_t *codes, int64_t from, int64_t to) {
+    for (int64_t pf = from & ~(int64_t)63; pf < to; pf += 64) __builtin_prefetch(codes + pf);
+}
+
 /* Batch-1 product of coded rows, instantiated once per code kind (each copy gets its own
  * inlined, unswitched lookup: measured 1.7x faster for 5-bit codes than one shared body): each
  * group's level-times-input products are summed, then multiplied once by the group's step;
@@ -326,11 +331,10 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
         /* the next pass's codes (one core streams them too slowly alone), requested a group's
          * share at a time: all at the pass's start, the requests queued behind each other and
          * decode at the 1B shape measured ~15% slower (benchmarks/scale.py) */
-        const int64_t span = GEMV_ROWS * m->row_bytes, ahead = (r + GEMV_ROWS) * m->row_bytes;
+        const int64_t share = (GEMV_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + GEMV_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * GEMV_ROWS, r1) * m->row_bytes;
         for (int64_t g = 0; g < groups; g++) {
-            for (int64_t pf = (ahead + g * span / groups) & ~(int64_t)63; pf < rbe_min(ahead + (g + 1) * span / groups, ahead_end); pf += 64)
-                __builtin_prefetch(m->codes + pf);
+            FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
             VF ga[GEMV_ROWS][NV];
             for (int i = 0; i < GEMV_ROWS; i++)
                 for (int k = 0; k < NV; k++) ga[i][k] = vzero();
@@ -928,17 +932,15 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         for (int i = 0; i < nr && sums; i++)
             for (int64_t g = 0; g < groups; g++)
                 extra[i] += (m->q8_beta * st[i * groups + g] + (m->has_offset ? off[i * groups + g] : 0.0f)) * lead[g];
-        for (int64_t t = 0; t < nr * groups; t++) st[t] *= alpha; /* now each group's factor */
         for (int i = nr; i < GEMV_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
         VF acc[GEMV_ROWS];
         for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vzero();
         /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
-        const int64_t span = GEMV_ROWS * m->row_bytes, ahead = (r + GEMV_ROWS) * m->row_bytes;
+        const int64_t share = (GEMV_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + GEMV_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * GEMV_ROWS, r1) * m->row_bytes;
         for (int64_t g = 0; g < groups; g++) {
-            for (int64_t pf = (ahead + g * span / groups) & ~(int64_t)63; pf < rbe_min(ahead + (g + 1) * span / groups, ahead_end); pf += 64)
-                __builtin_prefetch(m->codes + pf);
+            FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
             VF ga[GEMV_ROWS];
             for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vzero();
             int64_t k = g * bpg;
@@ -971,7 +973,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const VF d = vload(d8 + 8 * k);
                 for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
             }
-            for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vfma(ga[i], vset1(st[i * groups + g]), acc[i]);
+            for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vfma(ga[i], vset1(alpha * st[i * groups + g]), acc[i]);
         }
         for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) + extra[i];
     }
