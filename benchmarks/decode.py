@@ -257,13 +257,22 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     return "\n".join(lines)
 
 
+#: the vector extensions that decide which kernels run, as the tables name them
+VECTOR_ISAS = (("avx512vbmi", "AVX-512 VBMI"), ("avx512_vnni", "VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
 def cpu_name() -> str:
-    """The CPU model, for the tables (these machines change between runs)."""
+    """The CPU model and its widest vector extensions, for the tables (these machines change
+    between runs, and "AMD EPYC" alone names both AVX2-only and AVX-512 parts)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+            lines = fh.read().splitlines()
     except OSError:
         return "?"
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    isas = [label for flag, label in VECTOR_ISAS if flag in flags]
+    return f"{name} ({', '.join(isas) or 'no AVX2'})"
 
 
 def publish(text: str, out: str, begin: str, end: str) -> None:

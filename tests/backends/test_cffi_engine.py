@@ -138,18 +138,23 @@ def _int8_levels(m: LoweredMatrix):
 
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
     """Whether n tokens meet ``low`` on int8 (engine.c's use_q8): codes of up to 4 bits or levels
-    int8 holds ``exact``ly; one token (lut_gemv_q8, inputs never rotated): nibble codes (and
-    trellis codes on the VBMI path, byte codes on AVX2) whose groups hold whole vectors of blocks
-    (two on the AVX-512 paths, one elsewhere); several: at least 3, or 8 where the product rotates
-    the weights of a matrix under 2^22 weights."""
+    int8 holds ``exact``ly; one token (lut_gemv_q8): nibble codes (and trellis codes on the VBMI
+    path, byte codes on AVX2) whose groups hold whole vectors of blocks (two on the AVX-512 paths,
+    one elsewhere); several: at least 3. Up to 16 tokens never rotate (``_int8_rotation``)."""
     if low.bits > 4 and not exact:
         return False
     if n > 1:
-        return n >= (8 if rot > 1 and low.rows * low.cols_p < 2**22 else 3)
+        return n >= 3
     group = low.cols_p if low.groups == 1 else low.group_size
     kind = isa == "avx512vbmi" if low.trellis_bits else (
         low.bits <= 4 or (low.bits > 6 and isa == "avx2"))
     return kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
+
+
+def _int8_rotation(rot: int, n: int) -> int:
+    """The in-block rotation of an int8 product of n tokens with a matrix allowing ``rot``: none
+    for the decode steps of up to 16 sequences (engine.c's FEW_ROWS_MAX)."""
+    return 1 if n <= 16 else rot
 
 
 def _linear_int8(m: LoweredMatrix, x: np.ndarray) -> np.ndarray:
@@ -234,7 +239,7 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
-            assert _rel(got, _int8_reference(low, lv8, alpha, beta, 1 if n == 1 else rot, x)) <= 1e-5, (offset, steps, n)
+            assert _rel(got, _int8_reference(low, lv8, alpha, beta, _int8_rotation(rot, n), x)) <= 1e-5, (offset, steps, n)
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
 
@@ -258,9 +263,9 @@ def test_one_token_of_trellis_codes_on_int8(table, isa):
             assert np.array_equal(got, m.linear(x)), codec
 
 
-def test_few_tokens_of_a_large_matrix_run_on_int8(isa):
-    """Decode steps of 3 or more sequences meet a matrix of 2^22 weights or more (one that streams
-    from memory), rotated inputs or not, through the int8 product; 2 run in float32."""
+def test_decode_steps_of_three_sequences_run_on_int8_unrotated(isa):
+    """Decode steps of 3 or more sequences meet a matrix through the int8 product without rotating
+    it, whatever rotation its levels allow; 2 run in float32."""
     if not library.has_int8_product(isa):
         pytest.skip(f"{isa} has no int8 product on this CPU")
     rng = np.random.default_rng(8)
@@ -271,7 +276,7 @@ def test_few_tokens_of_a_large_matrix_run_on_int8(isa):
         lv8, alpha, beta, rot, _ = _int8_levels(m)
         rotations.add(rot)
         x = rng.standard_normal((3, low.cols)).astype(np.float32)
-        assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, rot, x)) <= 1e-5
+        assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, 1, x)) <= 1e-5
         assert np.array_equal(_linear_int8(m, x[:2]), m.linear(x[:2]))
     assert 1 in rotations and len(rotations) == 2
 

@@ -772,9 +772,10 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
  * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they run on int8
- * inputs and have at least Q8_MIN_TOKENS (Q8_MIN_TOKENS_ROTATED where the product rotates the
- * weights of a matrix under Q8_LARGE weights: its fixed cost is twice the plain one's); more run
- * the batched kernels. lut_gemm_q8 costs about the same from 2 to 16 tokens (its tiles hold 16),
+ * inputs and have at least Q8_MIN_TOKENS; more run the batched kernels. Int8 products of at
+ * most FEW_ROWS_MAX tokens never rotate, as one token's (below): a rotated product rotates the
+ * weights every step (SmolLM2 int4, AMD EPYC AVX2, kernel ms a step: 8 sequences 29.5 rotated,
+ * 23.4 unrotated; 4 sequences 44.6 in float32, where rotation made int8 wait for 8, 21.9 int8). lut_gemm_q8 costs about the same from 2 to 16 tokens (its tiles hold 16),
  * lut_gemv_few grows with every pair. Kernel ms per decode step of k sequences in forward_batch
  * (2 threads, Intel AVX-512 VBMI, int8 / float32): SmolLM2 flagship 4.25 (hadamard: unrotated)
  * k = 2: 15.2 / 11.7, 3: ~15 / 20.4, 8: 14.8 / 34.7; SmolLM2 int4 (rotated) k = 4, 6, 8: 30.6,
@@ -789,8 +790,6 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
  * within noise). */
 #define FEW_ROWS_MAX 16
 #define Q8_MIN_TOKENS 3
-#define Q8_MIN_TOKENS_ROTATED 8
-#define Q8_LARGE ((int64_t)1 << 22)
 
 /* Whether the product of n tokens with m runs on int8 inputs (codes of up to 4 bits, or levels
  * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, groups of
@@ -800,8 +799,7 @@ static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     if (m->lut.bits > 4 && !m->lut.q8_exact) return 0;
     if (n == 1)
         return (e->kern->q8_one_kinds >> m->lut.kind & 1) && (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
-    const int rotated_small = m->lut.q8_rot > 1 && m->rows * m->lut.cols_p < Q8_LARGE;
-    return n >= (rotated_small ? Q8_MIN_TOKENS_ROTATED : Q8_MIN_TOKENS);
+    return n >= Q8_MIN_TOKENS;
 }
 
 typedef struct {
@@ -879,7 +877,7 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
     while (done < count) {
         const emat *first = ms[done];
         const int64_t cp = first->lut.cols_p;
-        int q8 = 0, f32 = 0, rot = n == 1 ? 1 : 16; /* the widest rotation all int8 products allow */
+        int q8 = 0, f32 = 0, rot = n <= FEW_ROWS_MAX ? 1 : 16; /* the widest rotation all int8 products allow */
         j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
         while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
             j.m[j.count] = ms[done], j.y[j.count] = ys[done];
