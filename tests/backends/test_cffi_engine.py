@@ -139,14 +139,14 @@ def _int8_levels(m: LoweredMatrix):
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
     """Whether n tokens meet ``low`` on int8 (engine.c's use_q8): codes of up to 4 bits or levels
     int8 holds ``exact``ly; one token (lut_gemv_q8): nibble codes (and trellis codes on the VBMI
-    path, byte codes on AVX2) whose groups hold whole vectors of blocks (two on the AVX-512 paths,
+    and AVX2 paths, byte codes on AVX2) whose groups hold whole vectors of blocks (two on the AVX-512 paths,
     one elsewhere); several: at least 3. Up to 16 tokens never rotate (``_int8_rotation``)."""
     if low.bits > 4 and not exact:
         return False
     if n > 1:
         return n >= 3
     group = low.cols_p if low.groups == 1 else low.group_size
-    kind = isa == "avx512vbmi" if low.trellis_bits else (
+    kind = isa in ("avx512vbmi", "avx2") if low.trellis_bits else (
         low.bits <= 4 or (low.bits > 6 and isa == "avx2"))
     return kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
 
