@@ -953,6 +953,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             }
 #endif
 #ifdef Q8_NIBBLE_BLOCK
+            for (; pairs && k + 2 <= (g + 1) * bpg; k += 2) {
+                VI x[2];
+                VF d;
+                q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x)), d, ga[i]);
+            }
             for (; pairs && k < (g + 1) * bpg; k++) {
                 const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
                 const VF d = vload(d8 + 8 * k);
