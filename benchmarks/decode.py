@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -338,9 +337,7 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{threads} thr  {name:<36} prefill {r['prefill']:7.1f}  decode {r['decode']:6.1f} tok/s  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB  {r.get('split_ms', '')}", file=sys.stderr)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    meta = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
+    meta = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "load": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
             "prompt": len(prompt), "new": args.new_tokens, "repeat": max(1, args.repeat)}
     command = " ".join(["python benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])])
     text = markdown(rows, command, meta)
