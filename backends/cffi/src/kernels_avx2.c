@@ -87,10 +87,23 @@ static inline __m256i trellis_codes8(const trellis_cut *t, const uint8_t *p) {
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(b, t->cut), t->shift), _mm256_set1_epi32(255));
 }
 /* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_BLOCK): one block's 32 weight
- * bytes through the 16-entry table t (in both 128-bit lanes), low nibbles (codes 0-15) first. */
+ * bytes through the 16-entry table t (in both 128-bit lanes), low nibbles (codes 0-15) first.
+ * Narrow levels (all 16 within [-64, 63]) go in as lv8 + 64, unsigned, straight into
+ * vpmaddubsw (pairs sum at most 2 * 127 * 128 < 2^15): no sign trick; the 64 * sum(x) they add
+ * per block is taken off with the input sums (lut_gemv_q8's beta). */
 #define Q8_NIBBLE_BLOCK 1
-static inline __m256i q8_nibble_table(const uint8_t *tab) {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab));
+static inline int q8_narrow_levels(const rbe_lut *m) {
+    for (int k = 0; k < 16; k++)
+        if (m->lv8[k] < -64 || m->lv8[k] > 63) return 0;
+    return 1;
+}
+static inline __m256i q8_nibble_table(const uint8_t *tab, int narrow) {
+    return _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)),
+                           _mm256_set1_epi8(narrow ? 64 : 0));
+}
+/* x's four-byte dot products with unsigned weight bytes w (each below 128), per lane. */
+static inline __m256i q8_dot_unsigned(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
 static inline __m256i q8_nibble_block(__m256i t, const uint8_t *p) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
@@ -244,11 +257,16 @@ static inline void q8_pair_inputs(const int8_t *x8, const float *d8, __m256i *x,
     x[0] = _mm256_permute2x128_si256(a, b, 0x20), x[1] = _mm256_permute2x128_si256(a, b, 0x31);
     *d = _mm256_blend_ps(_mm256_loadu_ps(d8), _mm256_loadu_ps(d8 + 8), 0xF0);
 }
-static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m256i *x) {
+static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m256i *x, int narrow) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)p), k = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_shuffle_epi8(t, _mm256_and_si256(v, k));
     const __m256i hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), k));
+    if (narrow) return _mm256_add_epi32(q8_dot_unsigned(lo, x[0]), q8_dot_unsigned(hi, x[1]));
     return vi_dot(vi_dot(_mm256_setzero_si256(), lo, x[0]), hi, x[1]);
+}
+static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p, __m256i x, int narrow) {
+    const __m256i w = q8_nibble_block(t, p);
+    return narrow ? _mm256_add_epi32(z, q8_dot_unsigned(w, x)) : vi_dot(z, w, x);
 }
 /* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (byte masks) pick one. */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {

@@ -875,6 +875,21 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
 }
 
+/* Sum over a row's groups g of (beta * st[g] + off[g]) * lead[g] (off only where m has offsets),
+ * VLEN groups at a time (a serial sum here cost ~10% of a 2048-wide row's product). */
+static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st, const float *off, const float *lead) {
+    const int64_t groups = m->groups;
+    VF acc = vzero();
+    int64_t g = 0;
+    for (; g + VLEN <= groups; g += VLEN) {
+        const VF b = vmul(vset1(beta), vload(st + g));
+        acc = vfma(m->has_offset ? vadd(b, vload(off + g)) : b, vload(lead + g), acc);
+    }
+    float v = vhsum(acc);
+    for (; g < groups; g++) v += (beta * st[g] + (m->has_offset ? off[g] : 0.0f)) * lead[g];
+    return v;
+}
+
 /* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
  * q8_quantize1 made (rotated by rot), GEMV_ROWS rows a pass: their weight bytes unpacked by
  * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
@@ -902,8 +917,12 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-    const VI t16 = q8_nibble_table(tab);
+    const int narrow = pairs && q8_narrow_levels(m); /* weight bytes lv8 + 64, unsigned */
+    const VI t16 = q8_nibble_table(tab, narrow);
+#else
+    const int narrow = 0;
 #endif
+    const float beta = m->q8_beta - (narrow ? 64.0f * alpha : 0.0f); /* what the input sums meet */
 #ifdef Q8_TRELLIS_PAIR
     const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
     const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
@@ -913,7 +932,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int cut = 0;
 #endif
-    const int sums = m->has_offset || m->q8_beta != 0.0f; /* else the input sums meet nothing */
+    const int sums = m->has_offset || beta != 0.0f; /* else the input sums meet nothing */
     for (int64_t g = 0; g < groups && sums; g++) {
         float s = 0.0f;
         for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
@@ -930,8 +949,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         FN(row_steps)(m, r, nr, st, off);
         float extra[GEMV_ROWS] = {0};
         for (int i = 0; i < nr && sums; i++)
-            for (int64_t g = 0; g < groups; g++)
-                extra[i] += (m->q8_beta * st[i * groups + g] + (m->has_offset ? off[i * groups + g] : 0.0f)) * lead[g];
+            extra[i] = FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead);
         for (int i = nr; i < GEMV_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
         VF acc[GEMV_ROWS];
@@ -958,13 +976,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 VF d;
                 q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
                 for (int i = 0; i < GEMV_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x)), d, ga[i]);
+                    ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
             }
             for (; pairs && k < (g + 1) * bpg; k++) {
                 const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
                 const VF d = vload(d8 + 8 * k);
                 for (int i = 0; i < GEMV_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_block(t16, w[i] + 16 * k), x)), d, ga[i]);
+                    ga[i] = vfma(vi_cvt(q8_nibble_block_dot(z, t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
             }
 #endif
 #ifdef Q8_TRELLIS_PAIR
