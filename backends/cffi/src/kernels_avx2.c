@@ -264,6 +264,12 @@ static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m2
     if (narrow) return _mm256_add_epi32(q8_dot_unsigned(lo, x[0]), q8_dot_unsigned(hi, x[1]));
     return vi_dot(vi_dot(_mm256_setzero_si256(), lo, x[0]), hi, x[1]);
 }
+#define Q8_NARROW 1
+static inline __m256i vi_dot4_narrow(__m256i acc, const uint8_t *w, __m256i x) {
+    int32_t w4;
+    memcpy(&w4, w, 4);
+    return _mm256_add_epi32(acc, q8_dot_unsigned(_mm256_set1_epi32(w4), x));
+}
 static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p, __m256i x, int narrow) {
     const __m256i w = q8_nibble_block(t, p);
     return narrow ? _mm256_add_epi32(z, q8_dot_unsigned(w, x)) : vi_dot(z, w, x);

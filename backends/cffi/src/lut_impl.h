@@ -581,6 +581,10 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
 #define Q8_ATTR
 #endif
 #define Q8_REC RBE_Q8_REC(VLEN)
+#ifndef Q8_NARROW /* an ISA's unsigned-weight product for narrow nibble levels (kernels_avx2.c) */
+#define q8_narrow_levels(m) 0
+#define vi_dot4_narrow vi_dot4
+#endif
 #define Q8_MRMAX (Q8_MR1 > Q8_MR ? Q8_MR1 : Q8_MR)
 
 /* v = x (32 values) times blockdiag(H_rot, ..) (hm, of order 16, per half): each output a
@@ -701,7 +705,7 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
  * integer sums (q8_alpha / rot * step, rot a power of two), then that of the input sums
  * (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off: scratch for nr * groups
  * floats each. */
-static void FN(q8_factors)(const rbe_lut *m, int rot, int64_t r, int nr, float *st, float *off,
+static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int64_t r, int nr, float *st, float *off,
                            float *fac) {
     FN(row_steps)(m, r, nr, st, off);
     const float alpha = m->q8_alpha / (float)rot;
@@ -709,7 +713,7 @@ static void FN(q8_factors)(const rbe_lut *m, int rot, int64_t r, int nr, float *
         for (int i = 0; i < Q8_RB; i++) {
             const float sg = i < nr ? st[i * m->groups + g] : 0.0f;
             fac[(g * Q8_RB + i) * 2] = alpha * sg;
-            fac[(g * Q8_RB + i) * 2 + 1] = m->q8_beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
+            fac[(g * Q8_RB + i) * 2 + 1] = beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
         }
 }
 
@@ -722,7 +726,7 @@ static void FN(q8_factors)(const rbe_lut *m, int rot, int64_t r, int nr, float *
  * without sums. */
 static inline __attribute__((always_inline)) void FN(q8_pass)(
     const uint8_t *const *w, const float *fac, const uint8_t *const *tile, const float *const *xs,
-    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int mr, const int nv) {
+    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int narrow, const int mr, const int nv) {
     for (int64_t k = k0; k < k1;) {
         const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
         const int first = sums && k0 <= g * bpg;
@@ -738,8 +742,10 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
             for (int q = 0; q < 8; q++)
                 for (int i = 0; i < mr; i++)
                     for (int v = 0; v < nv; v++)
-                        ia[i][v] = vi_dot4(ia[i][v], w[i] + k * 32 + q * 4,
-                                           vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN));
+                        ia[i][v] = narrow ? vi_dot4_narrow(ia[i][v], w[i] + k * 32 + q * 4,
+                                                           vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN))
+                                          : vi_dot4(ia[i][v], w[i] + k * 32 + q * 4,
+                                                    vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN));
             for (int v = 0; v < nv; v++) {
                 const VF d = vload((const float *)(tile[v] + k * Q8_REC + 32 * VLEN));
                 for (int i = 0; i < mr; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
@@ -794,7 +800,8 @@ static int FN(q8_table)(const rbe_lut *m, int rot, uint8_t *tab) {
 typedef struct {
     const rbe_lut *m;
     const uint8_t *pack;
-    int rot, shift, sums;
+    int rot, shift, sums, narrow; /* narrow: weight bytes lv8 + 64 (q8_narrow_levels), beta taking it off */
+    float beta;
     int64_t n, tiles, vecs, kc;
     uint8_t tab[256], *panel;
     float *fac, *st, *off, *part, *xs;
@@ -810,7 +817,7 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
     const int64_t nblk = m->cols_p / 32, vecs = j->vecs;
     const uint8_t *wb[Q8_RB];
     FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
-    FN(q8_factors)(m, j->rot, rb, (int)nr, j->st, j->off, j->fac);
+    FN(q8_factors)(m, j->rot, j->beta, rb, (int)nr, j->st, j->off, j->fac);
     memset(j->part, 0, (size_t)(Q8_RB * vecs * VLEN) * sizeof(float));
     const uint8_t *ahead = FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0); /* the next band's (contiguous) */
     const uint8_t *const ahead_end = FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes;
@@ -830,8 +837,10 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
                     tile[v] = j->pack + t * nblk * Q8_REC, xv[v] = j->xs + t * m->groups * VLEN;
                 }
                 float *p = FN(q8_part)(j->part, vecs, r, v0, mr, nv);
-                if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, mr, nv);
-                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, mr, nv);
+                if (j->narrow && j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, 1, mr, nv);
+                else if (j->narrow) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, 1, mr, nv);
+                else if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, 0, mr, nv);
+                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, 0, mr, nv);
             }
         }
     }
@@ -866,12 +875,15 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     j.vecs = j.tiles == 1 ? 1 : (j.tiles + Q8_NV - 1) / Q8_NV * Q8_NV;
     const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
     j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
-    j.sums = m->has_offset || m->q8_beta != 0.0f;
+    j.narrow = rot == 1 && m->kind == RBE_LUT_NIBBLE && q8_narrow_levels(m);
+    j.beta = m->q8_beta - (j.narrow ? 64.0f * m->q8_alpha : 0.0f);
+    j.sums = m->has_offset || j.beta != 0.0f;
     j.panel = scratch;
     j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
     j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
     if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
     j.shift = FN(q8_table)(m, rot, j.tab);
+    for (int k = 0; k < 16 && j.narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + 64);
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
 }
 
