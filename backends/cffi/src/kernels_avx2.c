@@ -70,14 +70,11 @@ typedef struct {
 static inline trellis_cut trellis_cut_for(int tbits) {
     int8_t c[32];
     int32_t sh[8];
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < 8; j++) { /* lane j: 32-bit element j % 4 of 128-bit half j / 4 */
         const int r = (j * tbits) >> 3;
+        int8_t *lane = c + 16 * (j / 4) + 4 * (j % 4);
+        lane[0] = (int8_t)r, lane[1] = (int8_t)(r + 1), lane[2] = lane[3] = (int8_t)0x80;
         sh[j] = (j * tbits) & 7;
-        for (int half = 0; half < 2; half++) {
-            int8_t *lane = c + 16 * half + 4 * (j % 4);
-            if ((j < 4) != (half == 0)) continue;
-            lane[0] = (int8_t)r, lane[1] = (int8_t)(r + 1), lane[2] = lane[3] = (int8_t)0x80;
-        }
     }
     trellis_cut t = {_mm256_loadu_si256((const __m256i *)c), _mm256_loadu_si256((const __m256i *)sh)};
     return t;
@@ -105,9 +102,18 @@ static inline __m256i q8_nibble_table(const uint8_t *tab, int narrow) {
 static inline __m256i q8_dot_unsigned(__m256i w, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
-static inline __m256i q8_nibble_block(__m256i t, const uint8_t *p) {
+/* A block's 32 codes' low nibbles as bytes in code order: 16 bytes at p, low nibbles (codes
+ * 0-15) in the first 128-bit half, high nibbles (codes 16-31) in the second. */
+static inline __m256i nibble_codes32(const uint8_t *p) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
-    return _mm256_shuffle_epi8(t, _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), k), _mm_and_si128(v, k)));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), k), _mm_and_si128(v, k));
+}
+/* 32 bytes of a 16-entry table (16 bytes at tab) picked by idx's bytes (each below 16). */
+static inline __m256i table16(const uint8_t *tab, __m256i idx) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)), idx);
+}
+static inline __m256i q8_nibble_block(__m256i t, const uint8_t *p) {
+    return _mm256_shuffle_epi8(t, nibble_codes32(p));
 }
 /* Byte masks of a 32-bit little-endian word's bits: byte j is 0xff where bit j is set. */
 static inline __m256i bit_bytes(const uint8_t *word) {
@@ -159,26 +165,21 @@ static inline __m256 lut_levels8(const lutreg *t, __m256i idx) {
 static inline __m256 lut_bytes8(const lutreg *t, const uint8_t *p) {
     return lut_levels8(t, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-/* 32 bytes of a 16-entry table (16 bytes at tab) picked by idx's bytes (each below 16). */
-static inline __m256i table16(const uint8_t *tab, __m256i idx) {
-    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)), idx);
+/* The bytes of a 32- or 64-entry table (tab) for a 5- or 6-bit block's 32 codes: the low nibble
+ * through 16-entry tables, the bit planes (byte masks) pick one. */
+static inline __m256i planes_bytes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p) {
+    const __m256i idx = nibble_codes32(p), m4 = bit_bytes(p + 16);
+    const __m256i r = _mm256_blendv_epi8(table16(tab, idx), table16(tab + 16, idx), m4);
+    if (m->bits == 5) return r;
+    return _mm256_blendv_epi8(r, _mm256_blendv_epi8(table16(tab + 32, idx), table16(tab + 48, idx), m4), bit_bytes(p + 20));
 }
 /* The float32 levels of a 5- or 6-bit block's 32 codes (non-affine levels): each byte of the
  * levels looked up per code (low nibble by vpshufb, the plane bits pick among the 16-entry
  * tables), the four bytes interleaved into floats (codes 0-3 and 16-19 in the first vector),
  * then the 128-bit halves put back in code order. */
 static inline void planes_levels32(const rbe_lut *m, const lutreg *t, const uint8_t *p, __m256 *out) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), k15 = _mm_set1_epi8(15);
-    const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k15), _mm_and_si128(b, k15));
-    const __m256i m4 = bit_bytes(p + 16);
     __m256i lv[4];
-    for (int q = 0; q < 4; q++) {
-        const uint8_t *tb = t->lvb[q];
-        lv[q] = _mm256_blendv_epi8(table16(tb, idx), table16(tb + 16, idx), m4);
-        if (m->bits == 6)
-            lv[q] = _mm256_blendv_epi8(lv[q], _mm256_blendv_epi8(table16(tb + 32, idx), table16(tb + 48, idx), m4),
-                                       bit_bytes(p + 20));
-    }
+    for (int q = 0; q < 4; q++) lv[q] = planes_bytes(m, t->lvb[q], p);
     const __m256i u0 = _mm256_unpacklo_epi8(lv[0], lv[1]), u1 = _mm256_unpackhi_epi8(lv[0], lv[1]);
     const __m256i v0 = _mm256_unpacklo_epi8(lv[2], lv[3]), v1 = _mm256_unpackhi_epi8(lv[2], lv[3]);
     const __m256i f0 = _mm256_unpacklo_epi16(u0, v0), f1 = _mm256_unpackhi_epi16(u0, v0);
@@ -229,8 +230,8 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
  * so nothing saturates. */
 #define Q8_MR 4
 #define Q8_NV 1
-/* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.63 ms against 2.24 in
- * float32 (gathers there, rbe_q8_trellis_row here) */
+/* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.19 ms against 1.33 in
+ * float32 (both cut windows by trellis_codes8; float32 then gathers float levels) */
 #define Q8_ONE_KINDS ((1 << RBE_LUT_NIBBLE) | (1 << RBE_LUT_BYTE) | (1 << RBE_LUT_TRELLIS))
 #define Q8_ZP 0
 #define VI __m256i
@@ -274,17 +275,9 @@ static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p
     const __m256i w = q8_nibble_block(t, p);
     return narrow ? _mm256_add_epi32(z, q8_dot_unsigned(w, x)) : vi_dot(z, w, x);
 }
-/* 5- and 6-bit codes: the low nibble through 16-entry tables, the bit planes (byte masks) pick one. */
+/* 5- and 6-bit codes' weight bytes (planes_bytes). */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15);
-    const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), k), _mm_and_si128(b, k));
-    __m256i v[4];
-    for (int h = 0; h < (m->bits == 5 ? 2 : 4); h++)
-        v[h] = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + 16 * h))), idx);
-    const __m256i m4 = bit_bytes(p + 16);
-    __m256i r = _mm256_blendv_epi8(v[0], v[1], m4);
-    if (m->bits == 6) r = _mm256_blendv_epi8(r, _mm256_blendv_epi8(v[2], v[3], m4), bit_bytes(p + 20));
-    _mm256_storeu_si256((__m256i *)out, r);
+    _mm256_storeu_si256((__m256i *)out, planes_bytes(m, tab, p));
 }
 /* rbe_q8_trellis_row: windows cut as above, their weight bytes gathered from lv8 (tab is lv8
  * here: Q8_ZP is 0, and rows are rotated after this), packed to bytes in code order. lv8 is
