@@ -296,9 +296,10 @@ def prompt_tokens(n: int) -> list[int]:
 # ---- one shape ------------------------------------------------------------------------------------
 
 
-def prepare(shape: str, cache: Path, tools: Path, reconvert: bool) -> tuple[dict[str, Path], dict[str, dict]]:
-    """The model files of every variant (made when missing, or all again with ``reconvert``) and
-    each conversion's time and peak RSS (kept beside the file as ``FILE.convert.json``)."""
+def prepare(shape: str, cache: Path, tools: Path, reconvert: bool,
+            variants: list[str]) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The model files of the named variants (made when missing, or all again with ``reconvert``)
+    and each conversion's time and peak RSS (kept beside the file as ``FILE.convert.json``)."""
     f16 = cache / f"scale-{shape}-f16.gguf"
     if not f16.exists():
         t0 = time.perf_counter()
@@ -310,7 +311,7 @@ def prepare(shape: str, cache: Path, tools: Path, reconvert: bool) -> tuple[dict
     commands.update({name: [str(tools / "llama-quantize"), str(f16), str(cache / f"scale-{shape}-{qtype}.gguf"),
                             qtype, str(os.cpu_count() or 2)] for name, qtype in LLAMA_TYPES.items()})
     files, conversions = {}, {}
-    for name, command in commands.items():
+    for name, command in ((name, commands[name]) for name in variants):
         files[name] = path = Path(command[6] if name.startswith("rbe") else command[2])
         record = path.with_name(path.name + ".convert.json")
         if reconvert or not path.exists() or not record.exists():
@@ -385,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--llama-tools", type=Path, help="a bin folder holding llama.cpp's tools already built")
     p.add_argument("--only-gguf", type=Path, help="write the first shape's F16 GGUF to this path and stop")
     p.add_argument("--only-convert", action="store_true", help="make the files (and time the conversions), no runs")
+    p.add_argument("--variants", nargs="+", choices=[*RBE_CODECS, *LLAMA_TYPES], default=[*RBE_CODECS, *LLAMA_TYPES],
+                   metavar="NAME", help="which of: " + ", ".join(map(repr, [*RBE_CODECS, *LLAMA_TYPES])))
     p.add_argument("--out", default="-", help="markdown file whose section to replace ('-': print only)")
     args = p.parse_args(argv)
     if args.only_gguf:
@@ -396,7 +399,7 @@ def main(argv=None) -> int:
     args.bandwidths = []
     results = {}
     for shape in args.shape:
-        files, conversions = prepare(shape, args.cache, tools, args.reconvert)
+        files, conversions = prepare(shape, args.cache, tools, args.reconvert, args.variants)
         if not args.only_convert:
             results[shape] = {"conversions": conversions, "speed": measure(shape, files, lib_dir, args)}
     if args.only_convert:

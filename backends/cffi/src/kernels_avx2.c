@@ -229,6 +229,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
  * vpmaddubsw(|w|, sign(x, w)) then vpmaddwd by ones: a pair sums at most 2 * 128 * 127 < 2^15,
  * so nothing saturates. */
 #define Q8_MR 4
+#define Q8_ONE_ROWS 4
 #define Q8_NV 1
 /* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.19 ms against 1.33 in
  * float32 (both cut windows by trellis_codes8; float32 then gathers float levels) */

@@ -902,8 +902,12 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
     return v;
 }
 
+#ifndef Q8_ONE_ROWS
+#define Q8_ONE_ROWS GEMV_ROWS
+#endif
+_Static_assert(Q8_ONE_ROWS <= Q8_RB, "lut_gemv_q8's factors fit q8_scratch");
 /* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
- * q8_quantize1 made (rotated by rot), GEMV_ROWS rows a pass: their weight bytes unpacked by
+ * q8_quantize1 made (rotated by rot), Q8_ONE_ROWS rows a pass: their weight bytes unpacked by
  * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
  * used), then per VLEN / 8
  * blocks one element-wise product a row (vi_dot, started at the
@@ -950,35 +954,35 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
         lead[g] = s;
     }
-    for (int64_t r = r0; r < r1; r += GEMV_ROWS) {
-        const int nr = (int)rbe_min(GEMV_ROWS, r1 - r);
-        const uint8_t *w[GEMV_ROWS];
+    for (int64_t r = r0; r < r1; r += Q8_ONE_ROWS) {
+        const int nr = (int)rbe_min(Q8_ONE_ROWS, r1 - r);
+        const uint8_t *w[Q8_ONE_ROWS];
         if (pairs || cut) /* read in place */
             for (int i = 0; i < nr; i++) w[i] = FN(lut_codes)(m, r + i, 0);
         else
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
-        for (int i = nr; i < GEMV_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
+        for (int i = nr; i < Q8_ONE_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
         FN(row_steps)(m, r, nr, st, off);
-        float extra[GEMV_ROWS] = {0};
+        float extra[Q8_ONE_ROWS] = {0};
         for (int i = 0; i < nr && sums; i++)
             extra[i] = FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead);
-        for (int i = nr; i < GEMV_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
+        for (int i = nr; i < Q8_ONE_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
-        VF acc[GEMV_ROWS];
-        for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vzero();
+        VF acc[Q8_ONE_ROWS];
+        for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vzero();
         /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
-        const int64_t share = (GEMV_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + GEMV_ROWS) * m->row_bytes;
-        const int64_t ahead_end = rbe_min(r + 2 * GEMV_ROWS, r1) * m->row_bytes;
+        const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
+        const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
         for (int64_t g = 0; g < groups; g++) {
             FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
-            VF ga[GEMV_ROWS];
-            for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vzero();
+            VF ga[Q8_ONE_ROWS];
+            for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
             int64_t k = g * bpg;
 #ifdef Q8_NIBBLE_PAIR
             for (; pairs && k < (g + 1) * bpg; k += 2) {
                 const VI z = q8_pair_order(vi_load(z8 + 8 * k)), x = q8_pair_order(vi_load(x8 + 32 * k));
                 const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
-                for (int i = 0; i < GEMV_ROWS; i++)
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
                     ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
             }
 #endif
@@ -987,13 +991,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 VI x[2];
                 VF d;
                 q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
-                for (int i = 0; i < GEMV_ROWS; i++)
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
                     ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
             }
             for (; pairs && k < (g + 1) * bpg; k++) {
                 const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
                 const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < GEMV_ROWS; i++)
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
                     ga[i] = vfma(vi_cvt(q8_nibble_block_dot(z, t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
             }
 #endif
@@ -1001,16 +1005,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             for (; cut && k < (g + 1) * bpg; k += 2) {
                 const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
                 const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < GEMV_ROWS; i++)
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
                     ga[i] = vfma(vi_cvt(vi_dot(z, q8_trellis_pair(t256, wbyte, wshift, wload, w[i] + k * m->block_bytes), x)), d, ga[i]);
             }
 #endif
             for (; k < (g + 1) * bpg; k += VLEN / 8) {
                 const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
                 const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < GEMV_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
+                for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
             }
-            for (int i = 0; i < GEMV_ROWS; i++) acc[i] = vfma(ga[i], vset1(alpha * st[i * groups + g]), acc[i]);
+            for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vfma(ga[i], vset1(alpha * st[i * groups + g]), acc[i]);
         }
         for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) + extra[i];
     }
