@@ -975,6 +975,17 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
         for (int64_t g = 0; g < groups; g++) {
             FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
+#ifdef Q8_NIBBLE_BLOCK
+            if (pairs && bpg == 2) { /* one pair a group: its d scaled by the rows' factors, no group sums */
+                VI x[2];
+                VF d;
+                q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
+                    acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, narrow)),
+                                  vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
+                continue;
+            }
+#endif
             VF ga[Q8_ONE_ROWS];
             for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
             int64_t k = g * bpg;
