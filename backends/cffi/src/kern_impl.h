@@ -9,7 +9,8 @@
  * contracts are in lut_impl.h).
  * Optional: GRAD_NV (default 2), GEMM_MR (rows per lut_gemm pass, default 6), and the int8
  * product's vocabulary and options (lut_impl.h), Q8_OPTIONAL among them; Q8_ONE_KINDS (default:
- * nibble codes), rbe_kernels' q8_one_kinds.
+ * nibble codes), rbe_kernels' q8_one_kinds; Q8_ONE_ROWS (rows per lut_gemv_q8 pass, default
+ * GEMV_ROWS).
  */
 #include "rbe_internal.h"
 
