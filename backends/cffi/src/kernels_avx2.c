@@ -235,7 +235,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
 #define Q8_NV 1
 /* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.19 ms against 1.33 in
  * float32 (both cut windows by trellis_codes8; float32 then gathers float levels) */
-#define Q8_ONE_KINDS ((1 << RBE_LUT_NIBBLE) | (1 << RBE_LUT_BYTE) | (1 << RBE_LUT_TRELLIS))
+#define Q8_ONE_KINDS ((1 << RBE_LUT_NIBBLE) | (1 << RBE_LUT_BYTE) | (1 << RBE_LUT_TRELLIS) | (1 << RBE_LUT_PLANES))
 #define Q8_ZP 0
 #define VI __m256i
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -281,6 +281,44 @@ static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p
 /* 5- and 6-bit codes' weight bytes (planes_bytes). */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
     _mm256_storeu_si256((__m256i *)out, planes_bytes(m, tab, p));
+}
+/* One token of 5- and 6-bit codes on 16-bit levels (Q8_PLANES16, rbe_lut's lv16): a block's 32
+ * codes' lv16 through two byte tables (planes_bytes of their low and high bytes), interleaved
+ * into int16 (codes 0-7 and 16-23, then 8-15 and 24-31), met by vpmaddwd with the block's 16-bit
+ * inputs (RBE_Q8_X16, stored in that order). */
+#define Q8_PLANES16 1
+typedef struct {
+    uint8_t lo[64], hi[64];
+} planes16_tables;
+static inline planes16_tables planes16_tables_for(const rbe_lut *m) {
+    planes16_tables t;
+    for (int k = 0; k < 64; k++) t.lo[k] = (uint8_t)m->lv16[k], t.hi[k] = (uint8_t)((uint16_t)m->lv16[k] >> 8);
+    return t;
+}
+/* A block's 16-bit input (RBE_Q8_X16) from its 32 values v, rounded as q8_block rounds. */
+static inline void q8_x16(const float *v, int16_t *x16) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * k), abs));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), k254 = _mm256_set1_ps(254.0f);
+    __m256i r[4]; /* columns 8k .. 8k + 7 */
+    for (int k = 0; k < 4; k++) {
+        const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), inv);
+        const __m256i q = _mm256_cvtps_epi32(t);
+        const __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(q)), k254));
+        r[k] = _mm256_add_epi32(_mm256_mullo_epi32(q, _mm256_set1_epi32(254)), e);
+    }
+    /* packs interleaves 128-bit lanes: columns 0-3, 16-19, 4-7, 20-23; the permute restores 0-7, 16-23 */
+    _mm256_storeu_si256((__m256i *)x16, _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[2]), 0xD8));
+    _mm256_storeu_si256((__m256i *)(x16 + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(r[1], r[3]), 0xD8));
+}
+static inline __m256i q8_planes16_dot(const rbe_lut *m, const planes16_tables *t, const uint8_t *p, const int16_t *x) {
+    const __m256i lo = planes_bytes(m, t->lo, p), hi = planes_bytes(m, t->hi, p);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(lo, hi), _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, hi), _mm256_loadu_si256((const __m256i *)(x + 16))));
 }
 /* rbe_q8_trellis_row: windows cut as above, their weight bytes gathered from lv8 (tab is lv8
  * here: Q8_ZP is 0, and rows are rotated after this), packed to bytes in code order. lv8 is

@@ -641,6 +641,9 @@ static void FN(q8_quantize)(const float *x, int64_t ldx, int64_t n, int64_t cp, 
 static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) {
     float hm[256];
     FN(q8_rotation)(rot, hm);
+#ifdef Q8_PLANES16
+    int16_t *x16 = (int16_t *)(out + RBE_Q8_X16(cp));
+#endif
     float *d8 = (float *)(out + cp), *ds = (float *)(out + 3 * cp);
     int32_t *z8 = (int32_t *)(out + 2 * cp);
     for (int64_t k = 0; k < cp / 32; k++) {
@@ -651,6 +654,9 @@ static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) 
         const float d = q8_block(v, rot, (int8_t *)out + k * 32, &sum, &lead);
         for (int l = 0; l < 8; l++) d8[8 * k + l] = d, z8[8 * k + l] = l ? 0 : -Q8_ZP * sum;
         ds[k] = d * (float)lead;
+#ifdef Q8_PLANES16
+        q8_x16(v, x16 + 32 * k);
+#endif
     }
 }
 
@@ -923,7 +929,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     float *st = (float *)(panel + Q8_RB * cp), *off = st + Q8_RB * groups;
     float *lead = off + Q8_RB * groups; /* per group: sum of d * lead, what q8_beta and offsets meet */
     const int shift = FN(q8_table)(m, rot, tab);
-    const float alpha = m->q8_alpha / (float)rot;
+#ifdef Q8_PLANES16
+    const int wide = m->kind == RBE_LUT_PLANES; /* 16-bit levels (rbe_lut's lv16) */
+    const planes16_tables t5 = planes16_tables_for(m);
+#else
+    const int wide = 0;
+#endif
+    const float alpha = wide ? m->q16_alpha / 254.0f : m->q8_alpha / (float)rot; /* x16 ~ 254 x8 */
+#ifdef Q8_PLANES16
+    const int16_t *x16 = (const int16_t *)(xq + RBE_Q8_X16(cp));
+#endif
 #if defined(Q8_NIBBLE_PAIR) || defined(Q8_NIBBLE_BLOCK)
     const int pairs = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
 #else
@@ -938,7 +953,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int narrow = 0;
 #endif
-    const float beta = m->q8_beta - (narrow ? 64.0f * alpha : 0.0f); /* what the input sums meet */
+    const float beta = wide ? 0.0f : m->q8_beta - (narrow ? 64.0f * alpha : 0.0f); /* what the input sums meet */
 #ifdef Q8_TRELLIS_PAIR
     const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
     const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
@@ -957,7 +972,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     for (int64_t r = r0; r < r1; r += Q8_ONE_ROWS) {
         const int nr = (int)rbe_min(Q8_ONE_ROWS, r1 - r);
         const uint8_t *w[Q8_ONE_ROWS];
-        if (pairs || cut) /* read in place */
+        if (pairs || cut || wide) /* read in place */
             for (int i = 0; i < nr; i++) w[i] = FN(lut_codes)(m, r + i, 0);
         else
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
@@ -1010,6 +1025,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const VF d = vload(d8 + 8 * k);
                 for (int i = 0; i < Q8_ONE_ROWS; i++)
                     ga[i] = vfma(vi_cvt(q8_nibble_block_dot(z, t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
+            }
+#endif
+#ifdef Q8_PLANES16
+            for (; wide && k < (g + 1) * bpg; k++) {
+                const VF d = vload(d8 + 8 * k);
+                for (int i = 0; i < Q8_ONE_ROWS; i++)
+                    ga[i] = vfma(vi_cvt(q8_planes16_dot(m, &t5, w[i] + k * m->block_bytes, x16 + 32 * k)), d, ga[i]);
             }
 #endif
 #ifdef Q8_TRELLIS_PAIR

@@ -159,3 +159,7 @@ int rbe_matrix_linear_int8(rbe_matrix *h, const float *x, long long n, float *y,
  * int8); returns 1 when alpha * lv8 + beta equals the levels exactly, 0 when rounded, -1 for a
  * dense matrix. */
 int rbe_matrix_int8_levels(const rbe_matrix *h, signed char *lv8, float *alpha_beta, int *rot);
+/* The matrix's 16-bit levels (5- and 6-bit codes): lv16 (2^bits values) and alpha; returns 1
+ * when it has them (one token then runs as rbe_matrix_linear_int8's sum with lv16, alpha, beta
+ * 0 and no rotation where the kernels list PLANES in their one-token kinds: AVX2), else 0. */
+int rbe_matrix_int16_levels(const rbe_matrix *h, short *lv16, float *alpha);

@@ -47,6 +47,12 @@ typedef struct {
     /* The widest in-block rotation (RBE_Q8_REC) that keeps this matrix's rotated levels in int8:
      * 16, 8, 4 or 2 for matrices without an input transform whose levels allow it, else 1. */
     int q8_rot;
+    /* 5- and 6-bit (PLANES) levels in 16 bits, for the one-token product of the kernels listing
+     * PLANES in q8_one_kinds: levels[k] ~ q16_alpha * lv16[k], lv16[k] = round(levels[k] /
+     * q16_alpha), q16_alpha = max |level| / 16383 (zero for other kinds): times RBE_Q8_X16's
+     * inputs four products a lane stay within int32. */
+    int16_t lv16[64];
+    float q16_alpha;
 } rbe_lut;
 
 /* Inputs quantized for lut_gemm_q8, per token and per 32-column block (llama.cpp's Q8_0), after
@@ -65,8 +71,15 @@ typedef struct {
 
 /* One token quantized as RBE_Q8_REC's, laid out for element-wise products (lut_gemv_q8): x8 (cp
  * bytes, column order), then per block eight float32 d (one a column dword), eight int32
- * (-zp * sum(x8), then zeros) and, after all blocks', one float32 d * lead sum. */
-#define RBE_Q8_ONE(cp) (3 * (int64_t)(cp) + (int64_t)(cp) / 8)
+ * (-zp * sum(x8), then zeros) and, after all blocks', one float32 d * lead sum; then the same
+ * input in 16 bits (RBE_Q8_X16: 2 * cp bytes). */
+#define RBE_Q8_ONE(cp) (5 * (int64_t)(cp) + (int64_t)(cp) / 8)
+/* A one-token record's 16-bit input at byte RBE_Q8_X16(cp) (written by the kernels listing PLANES
+ * in q8_one_kinds): per block x16 = 254 * x8 + e8, e8 =
+ * round((x * 127 / max |x| - x8) * 254) (float32, ties to even; |x16| <= 32385), so x ~ d / 254
+ * * x16; the 32 columns in the order 0-7, 16-23, 8-15, 24-31 (AVX2's byte unpacks). Unrotated
+ * (one token's products of 5- and 6-bit codes never rotate). */
+#define RBE_Q8_X16(cp) (3 * (int64_t)(cp) + (int64_t)(cp) / 8)
 
 /* Whether m's levels are the integers lv8 (levels[k] == lv8[k]). */
 static inline int rbe_lut_integer_levels(const rbe_lut *m) {
@@ -188,7 +201,9 @@ typedef struct {
      * rotated by rot and quantized as q8_quantize does into out (RBE_Q8_ONE(cp) bytes).
      * lut_gemv_q8: y[r] for r in [r0, r1), lut_gemm_q8's sum for that input (rot at most
      * m->q8_rot), when m->gs / 32 is a multiple of q8_tokens / 8; scratch holds q8_scratch(m, 1)
-     * bytes. q8_one_kinds: the code kinds (bit 1 << kind) it is measured faster for than lut_gemv. */
+     * bytes. q8_one_kinds: the code kinds (bit 1 << kind) it is measured faster for than lut_gemv;
+     * PLANES listed: their rows run as lv16 * q16_alpha against the 16-bit input (RBE_Q8_X16):
+     * the sum above with lv16, q16_alpha / 254, x16 for x8 and no q8_beta. */
     void (*q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out);
     void (*lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t r0, int64_t r1, float *y,
                         void *scratch);
