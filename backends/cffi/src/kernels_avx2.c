@@ -295,14 +295,18 @@ static inline planes16_tables planes16_tables_for(const rbe_lut *m) {
     for (int k = 0; k < 64; k++) t.lo[k] = (uint8_t)m->lv16[k], t.hi[k] = (uint8_t)((uint16_t)m->lv16[k] >> 8);
     return t;
 }
-/* A block's 16-bit input (RBE_Q8_X16) from its 32 values v, rounded as q8_block rounds. */
-static inline void q8_x16(const float *v, int16_t *x16) {
+/* max |v| of a block's 32 values. */
+static inline float block_amax(const float *v) {
     const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 m = _mm256_setzero_ps();
     for (int k = 0; k < 4; k++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * k), abs));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+/* A block's 16-bit input (RBE_Q8_X16) from its 32 values v, rounded as q8_block rounds. */
+static inline void q8_x16(const float *v, int16_t *x16) {
+    const float amax = block_amax(v);
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), k254 = _mm256_set1_ps(254.0f);
     __m256i r[4]; /* columns 8k .. 8k + 7 */
     for (int k = 0; k < 4; k++) {
@@ -338,12 +342,7 @@ static inline void q8_trellis_row(const rbe_lut *m, const uint8_t *tab, const ui
 }
 /* rbe_q8_block on four vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
 static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
-    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 m = _mm256_setzero_ps();
-    for (int k = 0; k < 4; k++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * k), abs));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    const float amax = block_amax(v);
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     int32_t q[32];
     for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(q + 8 * k), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), inv)));
