@@ -995,9 +995,14 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 VI x[2];
                 VF d;
                 q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, narrow)),
-                                  vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
+                if (narrow) /* a constant in each loop: no branch a row */
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, 1)),
+                                      vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
+                else
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, 0)),
+                                      vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
                 continue;
             }
 #endif
