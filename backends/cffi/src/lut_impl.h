@@ -60,6 +60,30 @@ static inline float FN(kv_at)(const void *base, int64_t o, int half) {
     return half ? rbe_half_to_float(((const uint16_t *)base)[o]) : ((const float *)base)[o];
 }
 
+/* out + r * ldo (r < nr) = sum_p s[r * len + p] V_p for the columns [0, hd - hd % 16), 16 a pass
+ * over the positions (nr * 16 / VLEN independent sums); returns hd - hd % 16. */
+static inline __attribute__((always_inline)) int64_t FN(attend_values)(const float *s, int64_t len, const void *V,
+                                                                      int half, int64_t hd, float *out,
+                                                                      int64_t ldo, const int nr) {
+    const int64_t hb = hd - hd % 16;
+    for (int64_t d = 0; d < hb; d += 16) {
+        VF acc[4][16 / VLEN];
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vzero();
+        for (int64_t p = 0; p < len; p++) {
+            VF vv[16 / VLEN];
+            for (int j = 0; j < 16 / VLEN; j++) vv[j] = FN(kv_load)(V, p * hd + d + j * VLEN, half);
+            for (int r = 0; r < nr; r++) {
+                const VF w = vset1(s[r * len + p]);
+                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(w, vv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 16 / VLEN; j++) vstore(out + r * ldo + d + j * VLEN, acc[r][j]);
+    }
+    return hb;
+}
+
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
  * `len` positions of K and V (float16 when half, else float32; K in blocks of 16 positions,
  * element (p, d) at (p / 16 * hd + d) * 16 + p % 16, so 16 scores come from hd vector FMAs; V in
@@ -114,7 +138,16 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
     }
     for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
-        for (int64_t d = 0; d < hv; d += VLEN) {
+        const float *sp = scores + r0 * len;
+        float *op = out + r0 * ldo;
+        int64_t d = 0;
+        switch (nr) { /* a constant head count in each: no branch a position */
+        case 1: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 1); break;
+        case 2: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 2); break;
+        case 3: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 3); break;
+        default: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 4);
+        }
+        for (; d < hv; d += VLEN) {
             VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t p = 0; p < len; p++) {
                 const VF vv = FN(kv_load)(V, p * hd + d, half);
@@ -122,11 +155,11 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
             }
             for (int r = 0; r < nr; r++) vstore(out + (r0 + r) * ldo + d, acc[r]);
         }
-        for (int64_t d = hv; d < hd; d++)
+        for (int64_t c = hv; c < hd; c++)
             for (int r = 0; r < nr; r++) {
                 float t = 0.0f;
-                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * FN(kv_at)(V, p * hd + d, half);
-                out[(r0 + r) * ldo + d] = t;
+                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * FN(kv_at)(V, p * hd + c, half);
+                out[(r0 + r) * ldo + c] = t;
             }
     }
 }
