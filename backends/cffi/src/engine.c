@@ -806,15 +806,17 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 #define Q8_MIN_TOKENS 3
 
 /* Whether the product of n tokens with m runs on int8 inputs (codes of up to 4 bits, or levels
- * int8 holds exactly): lut_gemv_q8 for one token (codes of the kinds it is faster for, groups of
- * whole vectors of blocks), lut_gemm_q8 for enough tokens. */
+ * int8 holds exactly; for one token also 5- and 6-bit codes, on their 16-bit levels): lut_gemv_q8
+ * for one token (codes of the kinds it is faster for, groups of whole vectors of blocks),
+ * lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     const rbe_lut *L = &m->lut;
     if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || L->kind == RBE_LUT_F32) return 0;
-    const int close = L->bits <= 4 || L->q8_exact || L->kind == RBE_LUT_PLANES; /* held by lv8 or lv16 */
+    const int lv8_close = L->bits <= 4 || L->q8_exact;
     if (n == 1)
-        return close && (e->kern->q8_one_kinds >> L->kind & 1) && (L->gs / 32) % (e->kern->q8_tokens / 8) == 0;
-    return n >= Q8_MIN_TOKENS && (L->bits <= 4 || L->q8_exact);
+        return (lv8_close || L->kind == RBE_LUT_PLANES) && (e->kern->q8_one_kinds >> L->kind & 1) &&
+               (L->gs / 32) % (e->kern->q8_tokens / 8) == 0;
+    return n >= Q8_MIN_TOKENS && lv8_close;
 }
 
 typedef struct {

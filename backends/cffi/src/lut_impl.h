@@ -964,7 +964,8 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int shift = FN(q8_table)(m, rot, tab);
 #ifdef Q8_PLANES16
     const int wide = m->kind == RBE_LUT_PLANES; /* 16-bit levels (rbe_lut's lv16) */
-    const planes16_tables t5 = planes16_tables_for(m);
+    planes16_tables t5;
+    if (wide) t5 = planes16_tables_for(m);
 #else
     const int wide = 0;
 #endif
