@@ -5,8 +5,8 @@ A request (``Job``) waits in a bounded queue (``QueueFull`` when it is full: the
 503 at once), then holds one of ``slots`` active places. On a native engine each active job owns
 a KV cache slot and every round is **one batched pass** over the weights (continuous batching):
 one token of every decoding job, plus up to ``PREFILL_CHUNK`` prompt tokens of the jobs still
-reading their prompts (chunked prefill: a long prompt delays the others by one chunk per round,
-never by its whole length). Jobs join and leave between rounds. A finished job's slot keeps its
+reading their prompts, fewest tokens left first (chunked prefill: a long prompt delays the others
+by one chunk per round, never by its whole length, and a short prompt never waits for a long one). Jobs join and leave between rounds. A finished job's slot keeps its
 tokens' KV entries: a new job takes the free slot sharing the longest prefix with its prompt and
 runs only the rest (the **prefix cache**, as many entries as slots, least recently used reused
 first; usage reports ``cached_tokens``). In the torch modules every round advances each job by one
@@ -188,22 +188,22 @@ class Generator:
         return job.done
 
     def _batched_round(self) -> None:
-        """One pass of the engine: a token of each decoding job, then prompt chunks in arrival
-        order up to ``PREFILL_CHUNK`` tokens; the jobs whose rows end a prompt or a step sample."""
-        rows, wanted, owners, budget = [], [], [], PREFILL_CHUNK
-        for job in self._active:
-            if self._expired(job):
-                continue
-            if job.fed >= len(job.ids):  # decoding: the last sampled token
-                rows.append((job.slot, [job.tokens[-1]], job.fed))
-            elif budget > 0:
-                chunk = job.ids[job.fed:job.fed + budget]
-                budget -= len(chunk)
-                rows.append((job.slot, chunk, job.fed))
-            else:
-                continue
-            wanted.append(rows[-1][2] + len(rows[-1][1]) >= len(job.ids))
+        """One pass of the engine: a token of each decoding job, then up to ``PREFILL_CHUNK`` prompt
+        tokens, the prompts with the fewest tokens left first (a short request that arrives during a
+        long prompt is answered after one round); the jobs whose rows end a prompt or a step sample."""
+        live = [job for job in self._active if not self._expired(job)]
+        decoding = [job for job in live if job.fed >= len(job.ids)]
+        reading = sorted((job for job in live if job.fed < len(job.ids)), key=lambda job: len(job.ids) - job.fed)
+        rows = [(job.slot, [job.tokens[-1]], job.fed) for job in decoding]  # the last sampled token
+        owners, budget = decoding, PREFILL_CHUNK
+        for job in reading:
+            if budget <= 0:
+                break
+            chunk = job.ids[job.fed:job.fed + budget]
+            budget -= len(chunk)
+            rows.append((job.slot, chunk, job.fed))
             owners.append(job)
+        wanted = [pos + len(chunk) >= len(job.ids) for job, (_slot, chunk, pos) in zip(owners, rows, strict=True)]
         if not rows:
             return
         try:

@@ -1,6 +1,6 @@
 """The worker on a native engine: continuous batching (each job's tokens equal the job run alone,
 rounds carry several sequences), chunked prefill (a long prompt never stalls a decoding job for
-more than one chunk), the prefix cache (reused KV, ``cached_tokens``, the same output)."""
+more than one chunk, nor a short prompt that came after it), the prefix cache (reused KV, ``cached_tokens``, the same output)."""
 
 from __future__ import annotations
 
@@ -121,6 +121,21 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(native_model,
     assert all(sum(n for s, n, _p in rows if s != short_slot) <= 8 for rows in prefill)
     assert all(any(s == short_slot and n == 1 for s, n, _p in rows) for rows in prefill)
     assert "short" not in results or results["short"][1] == "length"
+
+
+def test_a_short_prompt_runs_before_a_long_one_that_came_first(native_model, monkeypatch):
+    monkeypatch.setattr(worker, "PREFILL_CHUNK", 8)
+    calls = _recording(native_model, monkeypatch)
+    gen = Generator("m", native_model, max_queue=8, slots=8, metrics=Metrics())
+    results: dict = {}
+    done = threading.Event()
+    with gen._cv:  # both queued before the worker's next round: the long one first
+        _submit(gen, _prompts(1, 60, seed=5)[0], 2, results, "long", done, 2)
+        _submit(gen, _prompts(1, 3, seed=6)[0], 2, results, "short", done, 2)
+    assert done.wait(60)
+    (short_slot, short_n, _), (long_slot, long_n, _) = calls[0]
+    assert (short_n, long_n) == (3, 5) and short_slot != long_slot  # the short prompt whole, the long one the rest
+    assert all(results[k][0] == "done" for k in ("long", "short"))
 
 
 def test_a_shared_prefix_is_reused_from_the_cache(native_model, monkeypatch):
