@@ -85,18 +85,20 @@ static inline __m256i trellis_codes8(const trellis_cut *t, const uint8_t *p) {
 }
 /* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_BLOCK): one block's 32 weight
  * bytes through the 16-entry table t (in both 128-bit lanes), low nibbles (codes 0-15) first.
- * Narrow levels (all 16 within [-64, 63]) go in as lv8 + 64, unsigned, straight into
- * vpmaddubsw (pairs sum at most 2 * 127 * 128 < 2^15): no sign trick; the 64 * sum(x) they add
- * per block is taken off with the input sums (lut_gemv_q8's beta). */
+ * Narrow levels (all 16 within [-32, 31]: uniform 4-bit grids, int4) go in as lv8 +
+ * Q8_NARROW_BIAS, unsigned, straight into vpmaddubsw: no sign trick, and two vpmaddubsw results
+ * add in int16 before one vpmaddwd (each pair sums at most 2 * 63 * 127, two 32004 < 2^15); the
+ * Q8_NARROW_BIAS * sum(x) they add per block is taken off with the input sums (beta). */
 #define Q8_NIBBLE_BLOCK 1
+#define Q8_NARROW_BIAS 32
 static inline int q8_narrow_levels(const rbe_lut *m) {
     for (int k = 0; k < 16; k++)
-        if (m->lv8[k] < -64 || m->lv8[k] > 63) return 0;
+        if (m->lv8[k] < -Q8_NARROW_BIAS || m->lv8[k] >= Q8_NARROW_BIAS) return 0;
     return 1;
 }
 static inline __m256i q8_nibble_table(const uint8_t *tab, int narrow) {
     return _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab)),
-                           _mm256_set1_epi8(narrow ? 64 : 0));
+                           _mm256_set1_epi8(narrow ? Q8_NARROW_BIAS : 0));
 }
 /* x's four-byte dot products with unsigned weight bytes w (each below 128), per lane. */
 static inline __m256i q8_dot_unsigned(__m256i w, __m256i x) {
@@ -265,7 +267,9 @@ static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m2
     const __m256i v = _mm256_loadu_si256((const __m256i *)p), k = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_shuffle_epi8(t, _mm256_and_si256(v, k));
     const __m256i hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), k));
-    if (narrow) return _mm256_add_epi32(q8_dot_unsigned(lo, x[0]), q8_dot_unsigned(hi, x[1]));
+    if (narrow)
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x[0]), _mm256_maddubs_epi16(hi, x[1])),
+                                 _mm256_set1_epi16(1));
     return vi_dot(vi_dot(_mm256_setzero_si256(), lo, x[0]), hi, x[1]);
 }
 #define Q8_NARROW 1

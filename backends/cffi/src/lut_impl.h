@@ -617,6 +617,7 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
 #ifndef Q8_NARROW /* an ISA's unsigned-weight product for narrow nibble levels (kernels_avx2.c) */
 #define q8_narrow_levels(m) 0
 #define vi_dot4_narrow vi_dot4
+#define Q8_NARROW_BIAS 0
 #endif
 #define Q8_MRMAX (Q8_MR1 > Q8_MR ? Q8_MR1 : Q8_MR)
 
@@ -839,7 +840,7 @@ static int FN(q8_table)(const rbe_lut *m, int rot, uint8_t *tab) {
 typedef struct {
     const rbe_lut *m;
     const uint8_t *pack;
-    int rot, shift, sums, narrow; /* narrow: weight bytes lv8 + 64 (q8_narrow_levels), beta taking it off */
+    int rot, shift, sums, narrow; /* narrow: weight bytes lv8 + Q8_NARROW_BIAS (q8_narrow_levels), beta taking it off */
     float beta;
     int64_t n, tiles, vecs, kc;
     uint8_t tab[256], *panel;
@@ -915,14 +916,14 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
     j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
     j.narrow = rot == 1 && m->kind == RBE_LUT_NIBBLE && q8_narrow_levels(m);
-    j.beta = m->q8_beta - (j.narrow ? 64.0f * m->q8_alpha : 0.0f);
+    j.beta = m->q8_beta - (j.narrow ? (float)Q8_NARROW_BIAS * m->q8_alpha : 0.0f);
     j.sums = m->has_offset || j.beta != 0.0f;
     j.panel = scratch;
     j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
     j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
     if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
     j.shift = FN(q8_table)(m, rot, j.tab);
-    for (int k = 0; k < 16 && j.narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + 64);
+    for (int k = 0; k < 16 && j.narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + Q8_NARROW_BIAS);
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
 }
 
@@ -945,6 +946,44 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
 #define Q8_ONE_ROWS GEMV_ROWS
 #endif
 _Static_assert(Q8_ONE_ROWS <= Q8_RB, "lut_gemv_q8's factors fit q8_scratch");
+
+#ifdef Q8_NIBBLE_BLOCK
+/* Where lut_gemv_q8 requests the next pass's codes: [from, end) of codes, a share a group. */
+typedef struct {
+    const uint8_t *codes;
+    int64_t from, share, end;
+} q8_ahead;
+/* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
+ * t16): per group g, each row's pair dot times the pair's d and the row's factor fac[i * groups
+ * + g] (alpha in it) into acc[i]. A function of its own, per narrow, so that the accumulators,
+ * the rows' pointers and the table stay in registers (inside lut_gemv_q8 they were spilled). */
+static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
+    const uint8_t *const *w, const int8_t *x8, const float *d8, const float *fac, int64_t groups, VI t16,
+    const q8_ahead *next, VF *acc, const int narrow) {
+    const uint8_t *row[Q8_ONE_ROWS];
+    VF a[Q8_ONE_ROWS];
+    for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
+    for (int64_t g = 0; g < groups; g++) {
+        FN(prefetch_codes)(next->codes, next->from + g * next->share, rbe_min(next->from + (g + 1) * next->share, next->end));
+        VI x[2];
+        VF d;
+        q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
+        for (int i = 0; i < Q8_ONE_ROWS; i++)
+            a[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, row[i] + 32 * g, x, narrow)), vmul(d, vset1(fac[i * groups + g])), a[i]);
+    }
+    for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = a[i];
+}
+static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_narrow)(const uint8_t *const *w, const int8_t *x8, const float *d8,
+                                                                     const float *fac, int64_t groups, VI t16,
+                                                                     const q8_ahead *next, VF *acc) {
+    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 1);
+}
+static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_signed)(const uint8_t *const *w, const int8_t *x8, const float *d8,
+                                                                     const float *fac, int64_t groups, VI t16,
+                                                                     const q8_ahead *next, VF *acc) {
+    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 0);
+}
+#endif
 /* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
  * q8_quantize1 made (rotated by rot), Q8_ONE_ROWS rows a pass: their weight bytes unpacked by
  * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
@@ -982,12 +1021,12 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-    const int narrow = pairs && q8_narrow_levels(m); /* weight bytes lv8 + 64, unsigned */
+    const int narrow = pairs && q8_narrow_levels(m); /* weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
     const VI t16 = q8_nibble_table(tab, narrow);
 #else
     const int narrow = 0;
 #endif
-    const float beta = wide ? 0.0f : m->q8_beta - (narrow ? 64.0f * alpha : 0.0f); /* what the input sums meet */
+    const float beta = wide ? 0.0f : m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * alpha : 0.0f); /* what the input sums meet */
 #ifdef Q8_TRELLIS_PAIR
     const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
     const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
@@ -1022,24 +1061,18 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
-        for (int64_t g = 0; g < groups; g++) {
-            FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
 #ifdef Q8_NIBBLE_BLOCK
-            if (pairs && bpg == 2) { /* one pair a group: its d scaled by the rows' factors, no group sums */
-                VI x[2];
-                VF d;
-                q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
-                if (narrow) /* a constant in each loop: no branch a row */
-                    for (int i = 0; i < Q8_ONE_ROWS; i++)
-                        acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, 1)),
-                                      vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
-                else
-                    for (int i = 0; i < Q8_ONE_ROWS; i++)
-                        acc[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 32 * g, x, 0)),
-                                      vmul(d, vset1(alpha * st[i * groups + g])), acc[i]);
-                continue;
-            }
+        if (pairs && bpg == 2) { /* one pair a group */
+            for (int64_t k = 0; k < Q8_ONE_ROWS * groups; k++) st[k] *= alpha;
+            const q8_ahead next = {m->codes, ahead, share, ahead_end};
+            if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
+            else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
+        }
+        for (int64_t g = 0; g < groups && !(pairs && bpg == 2); g++) {
+#else
+        for (int64_t g = 0; g < groups; g++) {
 #endif
+            FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
             VF ga[Q8_ONE_ROWS];
             for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
             int64_t k = g * bpg;
