@@ -107,13 +107,18 @@ def test_thread_pool_under_back_to_back_regions(monkeypatch):
 
 def _layout(rng, bits, grid, offset, steps, rows=37, cols=250, group_size=64):
     """A lowered layout (no transform) with random codes: ``grid`` 'uniform' (mid-rise, k - (2^bits
-    - 1) / 2) or 'normal' (random sorted levels), ``offset`` per group or none, ``steps`` float32
-    ('f32'), float16-exact ('f16') or a row scale times an 8-bit code ('code')."""
+    - 1) / 2), 'normal' (random sorted levels) or 'edge' (random multiples of 1/128 from -1 on,
+    -127/128 among them: int8 holds them exactly only as -128..127), ``offset`` per group or none,
+    ``steps`` float32 ('f32'), float16-exact ('f16') or a row scale times an 8-bit code ('code')."""
     cp = -(-cols // 32) * 32
     group_size = min(group_size, cp)
     groups = -(-cp // group_size)
     n = 2**bits
-    levels = (np.arange(n) - (n - 1) / 2 if grid == "uniform" else np.sort(rng.standard_normal(n))).astype(np.float32)
+    if grid == "edge":
+        levels = np.sort(np.concatenate([[-128, -127], rng.choice(np.arange(-126, 128), n - 2, replace=False)])) / 128
+    else:
+        levels = np.arange(n) - (n - 1) / 2 if grid == "uniform" else np.sort(rng.standard_normal(n))
+    levels = levels.astype(np.float32)
     extra = {}
     if steps == "code":
         extra = {"step_row": rng.uniform(1e-3, 1e-2, rows).astype(np.float32),
@@ -239,14 +244,15 @@ def _int8_reference(low: Lowered, lv8, alpha, beta, rot, x, x16: bool = False) -
     return y + np.einsum("ng,rg->nr", sums, beta * step + (0 if low.offset is None else low.offset.astype(np.float64)))
 
 
-@pytest.mark.parametrize("grid", ["uniform", "normal"])
+@pytest.mark.parametrize("grid", ["uniform", "normal", "edge"])
 @pytest.mark.parametrize("bits", range(2, 9))  # nibbles (2-4), bit planes (5, 6), bytes (7, 8)
 def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
     """The int8 product (prefill, one sequence's decode step, and 12 or more sequences') equals the numpy reference of its arithmetic (quantized inputs,
     integer levels, exact integer dot products, float scales) on every layout, step form and
-    offset, any token count and thread split; uniform grids have exact integer levels, others
-    are rounded to the nearest of 255; inputs are rotated in blocks as far as the levels allow
-    (these layouts have no transform)."""
+    offset, any token count and thread split; uniform and edge grids have exact integer levels
+    (edge ones down to -128, which no product may negate in int8), others are rounded to the
+    nearest of 255; inputs are rotated in blocks as far as the levels allow (these layouts have
+    no transform)."""
     monkeypatch.setenv(library.THREADS_ENV, "3")
     monkeypatch.setattr(library, "WAKE_WORK", 1)
     rng = np.random.default_rng(bits)
@@ -258,8 +264,9 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
         lo, hi = min(lv8.min(), 0), max(lv8.max(), 0)  # a rotated level sums r, or r/2 minus r/2, levels
         assert rot == max(r for r in (1, 2, 4, 8, 16) if r * hi <= 127 and r * lo >= -128 and r // 2 * (hi - lo) <= 127)
         approx = alpha * lv8.astype(np.float64) + beta
-        if grid == "uniform":
+        if grid != "normal":
             assert exact == 1 and np.array_equal(approx, low.levels), (lv8, alpha, beta)
+            assert grid == "uniform" or lv8.min() == -128
         else:
             assert exact == 0 and np.abs(approx - low.levels).max() <= alpha / 2 * (1 + 1e-6)
             assert np.abs(lv8).max() == 127

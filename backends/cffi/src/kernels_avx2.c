@@ -255,22 +255,30 @@ static inline __m256i vi_dot(__m256i acc, __m256i w, __m256i x) {
 }
 /* Two consecutive nibble blocks at once: their 32 code bytes split into low nibbles (block k's
  * codes 0-15, then block k + 1's) and high nibbles (codes 16-31 of each), each through the table
- * and met by the inputs in that order (q8_pair_inputs: x[0] and x[1], and the blocks' d four
- * lanes each), so each lane sums one block: one convert and one multiply-add for both. The
- * zero-point corrections are 0 here (Q8_ZP). */
+ * and met by the inputs in that order (q8_pair_inputs: x[0] and x[1], their absolute values x[2]
+ * and x[3], and the blocks' d four lanes each), so each lane sums one block: one convert and one
+ * multiply-add for both. Signed levels meet |x| as sign(w, x) (llama.cpp's pairing turned
+ * round: |x| is shared by the pass's rows), which needs every level above -128
+ * (q8_signed_pair_levels). The zero-point corrections are 0 here (Q8_ZP). */
 static inline void q8_pair_inputs(const int8_t *x8, const float *d8, __m256i *x, __m256 *d) {
     const __m256i a = _mm256_loadu_si256((const __m256i *)x8), b = _mm256_loadu_si256((const __m256i *)(x8 + 32));
     x[0] = _mm256_permute2x128_si256(a, b, 0x20), x[1] = _mm256_permute2x128_si256(a, b, 0x31);
+    x[2] = _mm256_abs_epi8(x[0]), x[3] = _mm256_abs_epi8(x[1]);
     *d = _mm256_blend_ps(_mm256_loadu_ps(d8), _mm256_loadu_ps(d8 + 8), 0xF0);
 }
+static inline int q8_signed_pair_levels(const rbe_lut *m) {
+    for (int k = 0; k < 16; k++)
+        if (m->lv8[k] == -128) return 0;
+    return 1;
+}
 static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m256i *x, int narrow) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p), k = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), k = _mm256_set1_epi8(15), one = _mm256_set1_epi16(1);
     const __m256i lo = _mm256_shuffle_epi8(t, _mm256_and_si256(v, k));
     const __m256i hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), k));
     if (narrow)
-        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x[0]), _mm256_maddubs_epi16(hi, x[1])),
-                                 _mm256_set1_epi16(1));
-    return vi_dot(vi_dot(_mm256_setzero_si256(), lo, x[0]), hi, x[1]);
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x[0]), _mm256_maddubs_epi16(hi, x[1])), one);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x[2], _mm256_sign_epi8(lo, x[0])), one),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(x[3], _mm256_sign_epi8(hi, x[1])), one));
 }
 #define Q8_NARROW 1
 static inline __m256i vi_dot4_narrow(__m256i acc, const uint8_t *w, __m256i x) {

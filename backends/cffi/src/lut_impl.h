@@ -965,7 +965,7 @@ static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
     for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
     for (int64_t g = 0; g < groups; g++) {
         FN(prefetch_codes)(next->codes, next->from + g * next->share, rbe_min(next->from + (g + 1) * next->share, next->end));
-        VI x[2];
+        VI x[4];
         VF d;
         q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
         for (int i = 0; i < Q8_ONE_ROWS; i++)
@@ -1013,18 +1013,19 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int16_t *x16 = (const int16_t *)(xq + RBE_Q8_X16(cp));
 #endif
 #if defined(Q8_NIBBLE_PAIR) || defined(Q8_NIBBLE_BLOCK)
-    const int pairs = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
+    const int nibbles = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
 #else
-    const int pairs = 0;
+    const int nibbles = 0;
 #endif
 #ifdef Q8_NIBBLE_PAIR
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-    const int narrow = pairs && q8_narrow_levels(m); /* weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
+    const int narrow = nibbles && q8_narrow_levels(m); /* weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
+    const int pairs = nibbles && (narrow || q8_signed_pair_levels(m));
     const VI t16 = q8_nibble_table(tab, narrow);
 #else
-    const int narrow = 0;
+    const int narrow = 0, pairs = nibbles;
 #endif
     const float beta = wide ? 0.0f : m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * alpha : 0.0f); /* what the input sums meet */
 #ifdef Q8_TRELLIS_PAIR
@@ -1086,7 +1087,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #endif
 #ifdef Q8_NIBBLE_BLOCK
             for (; pairs && k + 2 <= (g + 1) * bpg; k += 2) {
-                VI x[2];
+                VI x[4];
                 VF d;
                 q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
                 for (int i = 0; i < Q8_ONE_ROWS; i++)
