@@ -195,7 +195,7 @@ class Generator:
         decoding = [job for job in live if job.fed >= len(job.ids)]
         reading = sorted((job for job in live if job.fed < len(job.ids)), key=lambda job: len(job.ids) - job.fed)
         rows = [(job.slot, [job.tokens[-1]], job.fed) for job in decoding]  # the last sampled token
-        owners, budget = decoding, PREFILL_CHUNK
+        owners, budget = [*decoding], PREFILL_CHUNK
         for job in reading:
             if budget <= 0:
                 break

@@ -1063,16 +1063,17 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
 #ifdef Q8_NIBBLE_BLOCK
-        if (pairs && bpg == 2) { /* one pair a group */
+        const int one_pair = pairs && bpg == 2; /* one pair a group: q8_one_pairs_* do the pass */
+        if (one_pair) {
             for (int64_t k = 0; k < Q8_ONE_ROWS * groups; k++) st[k] *= alpha;
             const q8_ahead next = {m->codes, ahead, share, ahead_end};
             if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
             else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
         }
-        for (int64_t g = 0; g < groups && !(pairs && bpg == 2); g++) {
 #else
-        for (int64_t g = 0; g < groups; g++) {
+        const int one_pair = 0;
 #endif
+        for (int64_t g = 0; g < groups && !one_pair; g++) {
             FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
             VF ga[Q8_ONE_ROWS];
             for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
