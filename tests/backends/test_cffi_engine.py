@@ -141,15 +141,24 @@ def _int8_levels(m: LoweredMatrix):
     return lv8[: 2**m.low.bits].astype(np.int64), float(ab[0]), float(ab[1]), rot[0], exact
 
 
+# Tokens up to which the int8 product runs each token on its own (lut_gemv_q8), per ISA
+# (kernels_*.c's Q8_ONE_TOKENS); more run in tiles (lut_gemm_q8).
+_ONE_BY_ONE = {"avx2": 6}
+
+
+def _one_by_one(n: int, isa: str) -> bool:
+    return n <= _ONE_BY_ONE.get(isa, 1)
+
+
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
-    """Whether n tokens meet ``low`` on int8 inputs (engine.c's use_q8): several (at least 3),
-    codes of up to 4 bits or levels int8 holds ``exact``ly; one token (lut_gemv_q8): nibble codes,
-    and on AVX2 byte codes int8 holds exactly and 5- and 6-bit codes (on their 16-bit levels,
-    ``_one_token_levels``), trellis codes on the VBMI and AVX2 paths, whose groups hold whole
-    vectors of blocks (two on the AVX-512 paths, one elsewhere). Up to 16 tokens never rotate
-    (``_int8_rotation``)."""
+    """Whether n tokens meet ``low`` on int8 inputs (engine.c's use_q8): in tiles (at least 3
+    tokens), codes of up to 4 bits or levels int8 holds ``exact``ly; one by one (lut_gemv_q8,
+    ``_one_by_one``): nibble codes, and on AVX2 byte codes int8 holds exactly and 5- and 6-bit
+    codes (on their 16-bit levels, ``_one_token_levels``), trellis codes on the VBMI and AVX2
+    paths, whose groups hold whole vectors of blocks (two on the AVX-512 paths, one elsewhere).
+    Up to 16 tokens never rotate (``_int8_rotation``)."""
     planes = 4 < low.bits <= 6 and not low.trellis_bits
-    if n > 1:
+    if not _one_by_one(n, isa):
         return n >= 3 and (low.bits <= 4 or exact)
     if low.bits > 4 and not exact and not (planes and isa == "avx2"):
         return False
@@ -270,14 +279,14 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
         else:
             assert exact == 0 and np.abs(approx - low.levels).max() <= alpha / 2 * (1 + 1e-6)
             assert np.abs(lv8).max() == 127
-        for n in (1, 2, 3, 8, 12, 16, 17, 40, 70):  # one token (lut_gemv_q8), a few (float32 or int8), several
+        for n in (1, 2, 3, 6, 7, 8, 12, 16, 17, 40, 70):  # one by one (lut_gemv_q8), a few (float32 or int8), several
             x = rng.standard_normal((n, low.cols)).astype(np.float32)
             x[0, :40] = 0  # an all-zero block
             got = _linear_int8(m, x)
             if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
-            levels = _one_token_levels(m, isa, lv8, alpha, beta) if n == 1 else {"lv8": lv8, "alpha": alpha, "beta": beta}
+            levels = _one_token_levels(m, isa, lv8, alpha, beta) if _one_by_one(n, isa) else {"lv8": lv8, "alpha": alpha, "beta": beta}
             assert _rel(got, _int8_reference(low, rot=_int8_rotation(rot, n), x=x, **levels)) <= 1e-5, (offset, steps, n)
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
@@ -304,7 +313,8 @@ def test_one_token_of_trellis_codes_on_int8(table, isa):
 
 def test_decode_steps_of_three_sequences_run_on_int8_unrotated(isa):
     """Decode steps of 3 or more sequences meet a matrix through the int8 product without rotating
-    it, whatever rotation its levels allow; 2 run in float32."""
+    it, whatever rotation its levels allow; 2 run in float32, or on int8 too where the ISA runs a
+    few tokens one by one."""
     if not library.has_int8_product(isa):
         pytest.skip(f"{isa} has no int8 product on this CPU")
     rng = np.random.default_rng(8)
@@ -316,7 +326,11 @@ def test_decode_steps_of_three_sequences_run_on_int8_unrotated(isa):
         rotations.add(rot)
         x = rng.standard_normal((3, low.cols)).astype(np.float32)
         assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, 1, x)) <= 1e-5
-        assert np.array_equal(_linear_int8(m, x[:2]), m.linear(x[:2]))
+        two = _linear_int8(m, x[:2])
+        if _one_by_one(2, isa):
+            assert _rel(two, _int8_reference(low, lv8, alpha, beta, 1, x[:2])) <= 1e-5
+        else:
+            assert np.array_equal(two, m.linear(x[:2]))
     assert 1 in rotations and len(rotations) == 2
 
 

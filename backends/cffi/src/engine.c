@@ -767,6 +767,12 @@ typedef struct {
     int q8, rot;
 } prep_job;
 
+/* Whether an int8 product of n tokens runs them one by one through lut_gemv_q8 (q8_quantize1's
+ * records) rather than in tiles through lut_gemm_q8. */
+static int one_by_one(const rbe_engine *e, int64_t n) {
+    return n <= e->kern->q8_one_tokens;
+}
+
 /* Tokens [s, t) of a product's input prepared (prepare_input) into xr and, with q8, quantized
  * into the pack (s a multiple of the kernels' q8_tokens, t too unless it is n). */
 static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
@@ -775,8 +781,8 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
     const rbe_engine *e = j->e;
     const int64_t cp = j->m->lut.cols_p;
     for (int64_t b = s; b < t; b++) prepare_input(e, j->m, j->x + b * j->ldx, e->xr + b * cp);
-    if (j->q8 && j->n == 1)
-        e->kern->q8_quantize1(e->xr, cp, j->rot, e->pack);
+    if (j->q8 && one_by_one(e, j->n))
+        for (int64_t b = s; b < t; b++) e->kern->q8_quantize1(e->xr + b * cp, cp, j->rot, e->pack + b * RBE_Q8_ONE(cp));
     else if (j->q8)
         e->kern->q8_quantize(e->xr + s * cp, cp, t - s, cp, j->rot,
                              e->pack + s / e->kern->q8_tokens * (cp / 32) * RBE_Q8_REC(e->kern->q8_tokens));
@@ -784,7 +790,8 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
  * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they run on int8
- * inputs and have at least Q8_MIN_TOKENS; more run the batched kernels. Int8 products of at
+ * inputs: one by one up to the kernels' q8_one_tokens (one_by_one), else from Q8_MIN_TOKENS in
+ * tiles; more run the batched kernels. Int8 products of at
  * most FEW_ROWS_MAX tokens never rotate, as one token's (below): a rotated product rotates the
  * weights every step (SmolLM2 int4, AMD EPYC AVX2, kernel ms a step: 8 sequences 29.5 rotated,
  * 23.4 unrotated; 4 sequences 44.6 in float32, where rotation made int8 wait for 8, 21.9 int8). lut_gemm_q8 costs about the same from 2 to 16 tokens (its tiles hold 16),
@@ -806,14 +813,14 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 #define Q8_MIN_TOKENS 3
 
 /* Whether the product of n tokens with m runs on int8 inputs (codes of up to 4 bits, or levels
- * int8 holds exactly; for one token also 5- and 6-bit codes, on their 16-bit levels): lut_gemv_q8
- * for one token (codes of the kinds it is faster for, groups of whole vectors of blocks),
- * lut_gemm_q8 for enough tokens. */
+ * int8 holds exactly; one by one also 5- and 6-bit codes, on their 16-bit levels): lut_gemv_q8
+ * for tokens one by one (codes of the kinds it is faster for, groups of whole vectors of
+ * blocks), lut_gemm_q8 for enough tokens. */
 static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     const rbe_lut *L = &m->lut;
     if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || L->kind == RBE_LUT_F32) return 0;
     const int lv8_close = L->bits <= 4 || L->q8_exact;
-    if (n == 1)
+    if (one_by_one(e, n))
         return (lv8_close || L->kind == RBE_LUT_PLANES) && (e->kern->q8_one_kinds >> L->kind & 1) &&
                (L->gs / 32) % (e->kern->q8_tokens / 8) == 0;
     return n >= Q8_MIN_TOKENS && lv8_close;
@@ -846,9 +853,10 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const rbe_lut *L = &j->m[mi]->lut;
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
-        if (j->n == 1 && use_q8(j->e, j->m[mi], 1)) k->lut_gemv_q8(L, j->pack, j->rot, r0, r1, y, scratch);
+        const int q8 = use_q8(j->e, j->m[mi], j->n);
+        if (q8 && one_by_one(j->e, j->n)) k->lut_gemv_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
-        else if (use_q8(j->e, j->m[mi], j->n)) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
+        else if (q8) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
         else k->lut_gemm(L, j->xt, j->ldt, j->n, r0, r1, y, j->ldy, scratch);
     }
@@ -1329,7 +1337,7 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         if (cp > io) io = cp;
     }
     const int64_t tq = e->kern->q8_tokens, tiles = (CHUNK + tq - 1) / tq * (io / 32) * RBE_Q8_REC(tq);
-    const int64_t pack = q8 ? (tiles > RBE_Q8_ONE(io) ? tiles : RBE_Q8_ONE(io)) : 0;
+    const int64_t ones = e->kern->q8_one_tokens * RBE_Q8_ONE(io), pack = q8 ? (tiles > ones ? tiles : ones) : 0;
     if (pack > e->pack_bytes) {
         free(e->pack);
         e->pack_bytes = 0;

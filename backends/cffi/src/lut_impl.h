@@ -945,7 +945,10 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
 #ifndef Q8_ONE_ROWS
 #define Q8_ONE_ROWS GEMV_ROWS
 #endif
-_Static_assert(Q8_ONE_ROWS <= Q8_RB, "lut_gemv_q8's factors fit q8_scratch");
+#ifndef Q8_ONE_TOKENS
+#define Q8_ONE_TOKENS 1
+#endif
+_Static_assert(Q8_ONE_ROWS <= Q8_RB && Q8_ONE_TOKENS <= 2 * Q8_RB + VLEN + 1, "lut_gemv_q8's factors and input sums fit q8_scratch");
 
 #ifdef Q8_NIBBLE_BLOCK
 /* Where lut_gemv_q8 requests the next pass's codes: [from, end) of codes, a share a group. */
@@ -984,22 +987,20 @@ static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_signed)(const uint
     FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 0);
 }
 #endif
-/* One token's int8 product (rbe_kernels.lut_gemv_q8): lut_gemm_q8's sum for the input
- * q8_quantize1 made (rotated by rot), Q8_ONE_ROWS rows a pass: their weight bytes unpacked by
- * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in registers as they are
- * used), then per VLEN / 8
- * blocks one element-wise product a row (vi_dot, started at the
- * blocks' zero-point corrections), converted and scaled by the blocks' d; per group by the rows'
- * factors (q8_factors'). m->gs / 32 is a multiple of VLEN / 8. */
-static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t r0, int64_t r1,
-                                    float *y, void *scratch) {
-    const int64_t cp = m->cols_p, groups = m->groups, bpg = m->gs / 32;
-    const int8_t *x8 = (const int8_t *)xq;
-    const float *d8 = (const float *)(xq + cp), *ds = (const float *)(xq + 3 * cp);
-    const int32_t *z8 = (const int32_t *)(xq + 2 * cp);
+/* The int8 product of one to Q8_ONE_TOKENS tokens, each on its own (rbe_kernels.lut_gemv_q8):
+ * lut_gemm_q8's sum for each input q8_quantize1 made (rotated by rot; token b's record at xq + b
+ * * RBE_Q8_ONE(cp)) into y + b * ldy, Q8_ONE_ROWS rows a pass: their weight bytes unpacked by
+ * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in
+ * registers as they are used) and their factors made once, then each token in turn (the pass's
+ * codes in L1 after the first): per VLEN / 8 blocks one element-wise product a row (vi_dot,
+ * started at the blocks' zero-point corrections), converted and scaled by the blocks' d; per
+ * group by the rows' factors (q8_factors'). m->gs / 32 is a multiple of VLEN / 8. */
+static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t n, int64_t r0, int64_t r1,
+                                    float *y, int64_t ldy, void *scratch) {
+    const int64_t cp = m->cols_p, groups = m->groups, bpg = m->gs / 32, rec = RBE_Q8_ONE(cp);
     uint8_t *panel = scratch, tab[256];
     float *st = (float *)(panel + Q8_RB * cp), *off = st + Q8_RB * groups;
-    float *lead = off + Q8_RB * groups; /* per group: sum of d * lead, what q8_beta and offsets meet */
+    float *lead = off + Q8_RB * groups; /* per token and group: sum of d * lead, what q8_beta and offsets meet */
     const int shift = FN(q8_table)(m, rot, tab);
 #ifdef Q8_PLANES16
     const int wide = m->kind == RBE_LUT_PLANES; /* 16-bit levels (rbe_lut's lv16) */
@@ -1009,9 +1010,6 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int wide = 0;
 #endif
     const float alpha = wide ? m->q16_alpha / 254.0f : m->q8_alpha / (float)rot; /* x16 ~ 254 x8 */
-#ifdef Q8_PLANES16
-    const int16_t *x16 = (const int16_t *)(xq + RBE_Q8_X16(cp));
-#endif
 #if defined(Q8_NIBBLE_PAIR) || defined(Q8_NIBBLE_BLOCK)
     const int nibbles = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
 #else
@@ -1038,10 +1036,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int cut = 0;
 #endif
     const int sums = m->has_offset || beta != 0.0f; /* else the input sums meet nothing */
-    for (int64_t g = 0; g < groups && sums; g++) {
-        float s = 0.0f;
-        for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
-        lead[g] = s;
+    for (int64_t b = 0; b < n && sums; b++) {
+        const float *ds = (const float *)(xq + b * rec + 3 * cp);
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
+            lead[b * groups + g] = s;
+        }
     }
     for (int64_t r = r0; r < r1; r += Q8_ONE_ROWS) {
         const int nr = (int)rbe_min(Q8_ONE_ROWS, r1 - r);
@@ -1052,77 +1053,90 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
         for (int i = nr; i < Q8_ONE_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
         FN(row_steps)(m, r, nr, st, off);
-        float extra[Q8_ONE_ROWS] = {0};
-        for (int i = 0; i < nr && sums; i++)
-            extra[i] = FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead);
+        for (int64_t b = 0; b < n; b++) /* each token's input sums' terms first */
+            for (int i = 0; i < nr; i++)
+                y[b * ldy + r + i] = sums ? FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead + b * groups) : 0.0f;
         for (int i = nr; i < Q8_ONE_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
-        VF acc[Q8_ONE_ROWS];
-        for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vzero();
-        /* the next pass's codes, a group's share at a time (as lut_gemv_body) */
+        /* the next pass's codes, a group's share at a time (as lut_gemv_body), with the first token */
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
 #ifdef Q8_NIBBLE_BLOCK
         const int one_pair = pairs && bpg == 2; /* one pair a group: q8_one_pairs_* do the pass */
-        if (one_pair) {
+        if (one_pair)
             for (int64_t k = 0; k < Q8_ONE_ROWS * groups; k++) st[k] *= alpha;
-            const q8_ahead next = {m->codes, ahead, share, ahead_end};
-            if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
-            else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
-        }
 #else
         const int one_pair = 0;
 #endif
-        for (int64_t g = 0; g < groups && !one_pair; g++) {
-            FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, ahead_end));
-            VF ga[Q8_ONE_ROWS];
-            for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
-            int64_t k = g * bpg;
-#ifdef Q8_NIBBLE_PAIR
-            for (; pairs && k < (g + 1) * bpg; k += 2) {
-                const VI z = q8_pair_order(vi_load(z8 + 8 * k)), x = q8_pair_order(vi_load(x8 + 32 * k));
-                const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
+        for (int64_t b = 0; b < n; b++) {
+            const uint8_t *xb = xq + b * rec;
+            const int8_t *x8 = (const int8_t *)xb;
+            const float *d8 = (const float *)(xb + cp);
+            const int32_t *z8 = (const int32_t *)(xb + 2 * cp);
+#ifdef Q8_PLANES16
+            const int16_t *x16 = (const int16_t *)(xb + RBE_Q8_X16(cp));
+#endif
+            const int64_t fetch_end = b ? 0 : ahead_end;
+            VF acc[Q8_ONE_ROWS];
+            for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vzero();
+#ifdef Q8_NIBBLE_BLOCK
+            if (one_pair) {
+                const q8_ahead next = {m->codes, ahead, share, fetch_end};
+                if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
+                else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
             }
+#endif
+            for (int64_t g = 0; g < groups && !one_pair; g++) {
+                FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, fetch_end));
+                VF ga[Q8_ONE_ROWS];
+                for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
+                int64_t k = g * bpg;
+#ifdef Q8_NIBBLE_PAIR
+                for (; pairs && k < (g + 1) * bpg; k += 2) {
+                    const VI z = q8_pair_order(vi_load(z8 + 8 * k)), x = q8_pair_order(vi_load(x8 + 32 * k));
+                    const VF d = _mm512_castsi512_ps(q8_pair_order(_mm512_castps_si512(vload(d8 + 8 * k))));
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        ga[i] = vfma(vi_cvt(vi_dot(z, q8_nibble_pair(t16, w[i] + 16 * k), x)), d, ga[i]);
+                }
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-            for (; pairs && k + 2 <= (g + 1) * bpg; k += 2) {
-                VI x[4];
-                VF d;
-                q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
-            }
-            for (; pairs && k < (g + 1) * bpg; k++) {
-                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
-                const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(q8_nibble_block_dot(z, t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
-            }
+                for (; pairs && k + 2 <= (g + 1) * bpg; k += 2) {
+                    VI x[4];
+                    VF d;
+                    q8_pair_inputs(x8 + 32 * k, d8 + 8 * k, x, &d);
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        ga[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
+                }
+                for (; pairs && k < (g + 1) * bpg; k++) {
+                    const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                    const VF d = vload(d8 + 8 * k);
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        ga[i] = vfma(vi_cvt(q8_nibble_block_dot(z, t16, w[i] + 16 * k, x, narrow)), d, ga[i]);
+                }
 #endif
 #ifdef Q8_PLANES16
-            for (; wide && k < (g + 1) * bpg; k++) {
-                const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(q8_planes16_dot(m, &t5, w[i] + k * m->block_bytes, x16 + 32 * k)), d, ga[i]);
-            }
+                for (; wide && k < (g + 1) * bpg; k++) {
+                    const VF d = vload(d8 + 8 * k);
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        ga[i] = vfma(vi_cvt(q8_planes16_dot(m, &t5, w[i] + k * m->block_bytes, x16 + 32 * k)), d, ga[i]);
+                }
 #endif
 #ifdef Q8_TRELLIS_PAIR
-            for (; cut && k < (g + 1) * bpg; k += 2) {
-                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
-                const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < Q8_ONE_ROWS; i++)
-                    ga[i] = vfma(vi_cvt(vi_dot(z, q8_trellis_pair(t256, wbyte, wshift, wload, w[i] + k * m->block_bytes), x)), d, ga[i]);
-            }
+                for (; cut && k < (g + 1) * bpg; k += 2) {
+                    const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                    const VF d = vload(d8 + 8 * k);
+                    for (int i = 0; i < Q8_ONE_ROWS; i++)
+                        ga[i] = vfma(vi_cvt(vi_dot(z, q8_trellis_pair(t256, wbyte, wshift, wload, w[i] + k * m->block_bytes), x)), d, ga[i]);
+                }
 #endif
-            for (; k < (g + 1) * bpg; k += VLEN / 8) {
-                const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
-                const VF d = vload(d8 + 8 * k);
-                for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
+                for (; k < (g + 1) * bpg; k += VLEN / 8) {
+                    const VI z = vi_load(z8 + 8 * k), x = vi_load(x8 + 32 * k);
+                    const VF d = vload(d8 + 8 * k);
+                    for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vfma(vi_cvt(vi_dot(z, vi_load(w[i] + 32 * k), x)), d, ga[i]);
+                }
+                for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vfma(ga[i], vset1(alpha * st[i * groups + g]), acc[i]);
             }
-            for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vfma(ga[i], vset1(alpha * st[i * groups + g]), acc[i]);
+            for (int i = 0; i < nr; i++) y[b * ldy + r + i] += vhsum(acc[i]);
         }
-        for (int i = 0; i < nr; i++) y[r + i] = vhsum(acc[i]) + extra[i];
     }
 }
