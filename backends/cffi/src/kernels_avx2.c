@@ -234,12 +234,13 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
 /* one token: 4 rows a pass share the inputs' loads and the groups' bookkeeping (1B hadamard
  * 4-bit 31-33 -> 37 tok/s against 2 rows, AMD EPYC; 6 rows no faster, 8 slower) */
 #define Q8_ONE_ROWS 4
-/* decode steps of up to 6 sequences run each token through lut_gemv_q8 (the pass's codes in L1
+/* decode steps of up to 4 sequences run each token through lut_gemv_q8 (the pass's codes in L1
  * after the first) rather than a tile of lut_gemm_q8 (AMD EPYC, 2 threads, step ms one by one /
  * tiled): 1B hadamard 4-bit k = 2: 38.5 / 354 (float32: 2 tokens were below lut_gemm_q8's 3),
- * 4: 73 / 123, 6: 105 / 127, 8: 145 / 131; 1B int4 k = 4: 106 / 144, 6: 144 / 155, 8: 142 /
- * 169; SmolLM2 int4 k = 2: 10.1 / 46 (float32), 4: 18.4 / 21.0, 6: 26.1 / 20.4 */
-#define Q8_ONE_TOKENS 6
+ * 4: 73 / 123, 6: 105 / 127, 8: 145 / 131; 1B int4 k = 4: 106 / 144, 6: 144 / 155; SmolLM2
+ * int4 k = 2: 10.1 / 46 (float32), 4: 18.4 / 21.0, 6: 26.1 / 20.4. Up to 6 made rbe serve's 8
+ * streams (SmolLM2 int4) slower than up to 4: 169 / 157 against 177 / 173 tok/s. */
+#define Q8_ONE_TOKENS 4
 #define Q8_NV 1
 /* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.19 ms against 1.33 in
  * float32 (both cut windows by trellis_codes8; float32 then gathers float levels) */
