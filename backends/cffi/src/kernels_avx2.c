@@ -297,6 +297,24 @@ static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p
     const __m256i w = q8_nibble_block(t, p);
     return narrow ? _mm256_add_epi32(z, q8_dot_unsigned(w, x)) : vi_dot(z, w, x);
 }
+/* lut_gemm_q8's weight forms (Q8_WEIGHT_FORMS, lut_impl.h's Q8_WEIGHTS_*): narrow bytes two
+ * dwords at a time, their vpmaddubsw results added in int16 before one vpmaddwd (two of 2 * 63 *
+ * 127 fit, as in q8_nibble_pair_dot); signed bytes as vpmaddubsw(|x|, sign(w, x)), |x| made once
+ * for a pass's rows (every byte above -128: sign cannot negate -128). */
+#define Q8_WEIGHT_FORMS 1
+static inline __m256i vi_dot8_narrow(__m256i acc, const uint8_t *w, __m256i x0, __m256i x1) {
+    int32_t w0, w1;
+    memcpy(&w0, w, 4), memcpy(&w1, w + 4, 4);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(w0), x0), _mm256_maddubs_epi16(_mm256_set1_epi32(w1), x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+#define vi_abs(x) _mm256_abs_epi8(x)
+static inline __m256i vi_dot4_abs(__m256i acc, const uint8_t *w, __m256i x, __m256i ax) {
+    int32_t w4;
+    memcpy(&w4, w, 4);
+    const __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_set1_epi32(w4), x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
 /* 5- and 6-bit codes' weight bytes (planes_bytes). */
 static inline void q8_planes(const rbe_lut *m, const uint8_t *tab, const uint8_t *p, uint8_t *out) {
     _mm256_storeu_si256((__m256i *)out, planes_bytes(m, tab, p));

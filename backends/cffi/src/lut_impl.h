@@ -620,6 +620,16 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
 #define Q8_NARROW_BIAS 0
 #endif
 #define Q8_MRMAX (Q8_MR1 > Q8_MR ? Q8_MR1 : Q8_MR)
+/* How lut_gemm_q8's weight bytes meet the inputs: signed (vi_dot4), narrow (lv8 +
+ * Q8_NARROW_BIAS, vi_dot4_narrow; with Q8_WEIGHT_FORMS two dwords at a time, vi_dot8_narrow), or
+ * signed against the inputs' absolute values (Q8_WEIGHT_FORMS' vi_dot4_abs: every byte above
+ * -128). */
+enum { Q8_WEIGHTS_SIGNED, Q8_WEIGHTS_NARROW, Q8_WEIGHTS_SIGNED_ABS };
+#ifdef Q8_WEIGHT_FORMS
+#define q8_formed(weights) ((weights) != Q8_WEIGHTS_SIGNED) /* a form's own loop takes the block */
+#else
+#define q8_formed(weights) 0
+#endif
 
 /* v = x (32 values) times blockdiag(H_rot, ..) (hm, of order 16, per half): each output a
  * sequence of exact +-x[j] additions, j ascending (a zero entry adds nothing). */
@@ -702,6 +712,15 @@ static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) 
 #define Q8_RB (Q8_MR * (32 / Q8_MR)) /* a whole number of passes */
 _Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector passes too");
 
+/* Whether every weight byte of m rotated by rot (q8_panel's) is above -128: m's int8 levels
+ * (rbe_lut's lv8, zero past its codes) within [lo, hi], a rotated group's first byte sums rot of
+ * them, the others rot / 2 minus rot / 2. */
+static inline int q8_above_min(const rbe_lut *m, int rot) {
+    int lo = 0, hi = 0;
+    for (int k = 0; k < 256; k++) lo = m->lv8[k] < lo ? m->lv8[k] : lo, hi = m->lv8[k] > hi ? m->lv8[k] : hi;
+    return rot == 1 ? lo > -128 : rot * lo > -128 && rot / 2 * (lo - hi) > -128;
+}
+
 /* Bytes of lut_gemm_q8's scratch for up to `tokens` tokens: a band's weight bytes, factors (2
  * per row and group, and 2 more of room to make them) and partial sums, and the input sums per
  * token and group (lut_gemv_q8: one more per group). */
@@ -762,11 +781,11 @@ static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int64_t r, int
  * against the nv token vectors whose pack records start at tile[v] (block k at tile[v] + k *
  * Q8_REC; input sums of group g at xs[v] + g * VLEN); at the end of every group and of the
  * slice, added to the partial sums at part[(i * nv + v) * VLEN] (a token per lane), with the
- * input sums' term when sums (in a group's first slice). Instantiated per (mr, nv) with and
- * without sums. */
+ * input sums' term when sums (in a group's first slice); weights: how the weight bytes meet the
+ * inputs (Q8_WEIGHTS_*). Instantiated per (mr, nv), weights, with and without sums. */
 static inline __attribute__((always_inline)) void FN(q8_pass)(
     const uint8_t *const *w, const float *fac, const uint8_t *const *tile, const float *const *xs,
-    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int narrow, const int mr, const int nv) {
+    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int weights, const int mr, const int nv) {
     for (int64_t k = k0; k < k1;) {
         const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
         const int first = sums && k0 <= g * bpg;
@@ -779,13 +798,26 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
                 const VI init = vi_load(tile[v] + k * Q8_REC + 40 * VLEN);
                 for (int i = 0; i < mr; i++) ia[i][v] = init;
             }
-            for (int q = 0; q < 8; q++)
+#ifdef Q8_WEIGHT_FORMS
+            for (int q = 0; q < 8 && weights == Q8_WEIGHTS_NARROW; q += 2)
+                for (int v = 0; v < nv; v++) {
+                    const uint8_t *x = tile[v] + k * Q8_REC + q * 4 * VLEN;
+                    const VI x0 = vi_load(x), x1 = vi_load(x + 4 * VLEN);
+                    for (int i = 0; i < mr; i++) ia[i][v] = vi_dot8_narrow(ia[i][v], w[i] + k * 32 + q * 4, x0, x1);
+                }
+            for (int q = 0; q < 8 && weights == Q8_WEIGHTS_SIGNED_ABS; q++)
+                for (int v = 0; v < nv; v++) {
+                    const VI x = vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN), ax = vi_abs(x);
+                    for (int i = 0; i < mr; i++) ia[i][v] = vi_dot4_abs(ia[i][v], w[i] + k * 32 + q * 4, x, ax);
+                }
+#endif
+            for (int q = 0; q < 8 && !q8_formed(weights); q++)
                 for (int i = 0; i < mr; i++)
-                    for (int v = 0; v < nv; v++)
-                        ia[i][v] = narrow ? vi_dot4_narrow(ia[i][v], w[i] + k * 32 + q * 4,
-                                                           vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN))
-                                          : vi_dot4(ia[i][v], w[i] + k * 32 + q * 4,
-                                                    vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN));
+                    for (int v = 0; v < nv; v++) {
+                        const VI x = vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN);
+                        ia[i][v] = weights == Q8_WEIGHTS_NARROW ? vi_dot4_narrow(ia[i][v], w[i] + k * 32 + q * 4, x)
+                                                                : vi_dot4(ia[i][v], w[i] + k * 32 + q * 4, x);
+                    }
             for (int v = 0; v < nv; v++) {
                 const VF d = vload((const float *)(tile[v] + k * Q8_REC + 32 * VLEN));
                 for (int i = 0; i < mr; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
@@ -841,6 +873,7 @@ typedef struct {
     const rbe_lut *m;
     const uint8_t *pack;
     int rot, shift, sums, narrow; /* narrow: weight bytes lv8 + Q8_NARROW_BIAS (q8_narrow_levels), beta taking it off */
+    int weights;                  /* q8_pass's weights (Q8_WEIGHTS_*) */
     float beta;
     int64_t n, tiles, vecs, kc;
     uint8_t tab[256], *panel;
@@ -877,10 +910,16 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
                     tile[v] = j->pack + t * nblk * Q8_REC, xv[v] = j->xs + t * m->groups * VLEN;
                 }
                 float *p = FN(q8_part)(j->part, vecs, r, v0, mr, nv);
-                if (j->narrow && j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, 1, mr, nv);
-                else if (j->narrow) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, 1, mr, nv);
-                else if (j->sums) FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 1, 0, mr, nv);
-                else FN(q8_pass)(w, j->fac + 2 * r, tile, xv, k0, k1, m->gs / 32, p, 0, 0, mr, nv);
+                const float *f = j->fac + 2 * r;
+                const int64_t bpg = m->gs / 32;
+                if (j->weights == Q8_WEIGHTS_NARROW && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_NARROW, mr, nv);
+                else if (j->weights == Q8_WEIGHTS_NARROW) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_NARROW, mr, nv);
+#ifdef Q8_WEIGHT_FORMS
+                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_SIGNED_ABS, mr, nv);
+                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_SIGNED_ABS, mr, nv);
+#endif
+                else if (j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_SIGNED, mr, nv);
+                else FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_SIGNED, mr, nv);
             }
         }
     }
@@ -916,6 +955,12 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
     j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
     j.narrow = rot == 1 && m->kind == RBE_LUT_NIBBLE && q8_narrow_levels(m);
+    j.weights = j.narrow ? Q8_WEIGHTS_NARROW : Q8_WEIGHTS_SIGNED;
+#ifdef Q8_WEIGHT_FORMS
+    /* |x| pays from two tiles on (AMD EPYC, 2 threads, ms): 128 tokens, 1B hadamard ffn_down 24.0
+     * -> 19.5, SmolLM2 flagship ffn_up 1.53 -> 1.41; one tile, flagship ffn_up 0.136 -> 0.160 */
+    if (!j.narrow && j.vecs > 1 && q8_above_min(m, rot)) j.weights = Q8_WEIGHTS_SIGNED_ABS;
+#endif
     j.beta = m->q8_beta - (j.narrow ? (float)Q8_NARROW_BIAS * m->q8_alpha : 0.0f);
     j.sums = m->has_offset || j.beta != 0.0f;
     j.panel = scratch;
