@@ -872,8 +872,8 @@ static int FN(q8_table)(const rbe_lut *m, int rot, uint8_t *tab) {
 typedef struct {
     const rbe_lut *m;
     const uint8_t *pack;
-    int rot, shift, sums, narrow; /* narrow: weight bytes lv8 + Q8_NARROW_BIAS (q8_narrow_levels), beta taking it off */
-    int weights;                  /* q8_pass's weights (Q8_WEIGHTS_*) */
+    int rot, shift, sums;
+    int weights; /* q8_pass's weights (Q8_WEIGHTS_*); narrow ones are lv8 + Q8_NARROW_BIAS, beta taking it off */
     float beta;
     int64_t n, tiles, vecs, kc;
     uint8_t tab[256], *panel;
@@ -954,21 +954,21 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
     j.vecs = j.tiles == 1 ? 1 : (j.tiles + Q8_NV - 1) / Q8_NV * Q8_NV;
     const int64_t bpg = m->gs / 32, fit = Q8_L1 / (j.vecs * Q8_REC) + 1; /* blocks per slice: */
     j.kc = rbe_min(m->cols_p / 32, fit >= bpg ? fit / bpg * bpg : fit); /* whole groups if they fit */
-    j.narrow = rot == 1 && m->kind == RBE_LUT_NIBBLE && q8_narrow_levels(m);
-    j.weights = j.narrow ? Q8_WEIGHTS_NARROW : Q8_WEIGHTS_SIGNED;
+    const int narrow = rot == 1 && m->kind == RBE_LUT_NIBBLE && q8_narrow_levels(m);
+    j.weights = narrow ? Q8_WEIGHTS_NARROW : Q8_WEIGHTS_SIGNED;
 #ifdef Q8_WEIGHT_FORMS
     /* |x| pays from two tiles on (AMD EPYC, 2 threads, ms): 128 tokens, 1B hadamard ffn_down 24.0
      * -> 19.5, SmolLM2 flagship ffn_up 1.53 -> 1.41; one tile, flagship ffn_up 0.136 -> 0.160 */
-    if (!j.narrow && j.vecs > 1 && q8_above_min(m, rot)) j.weights = Q8_WEIGHTS_SIGNED_ABS;
+    if (!narrow && j.vecs > 1 && q8_above_min(m, rot)) j.weights = Q8_WEIGHTS_SIGNED_ABS;
 #endif
-    j.beta = m->q8_beta - (j.narrow ? (float)Q8_NARROW_BIAS * m->q8_alpha : 0.0f);
+    j.beta = m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * m->q8_alpha : 0.0f);
     j.sums = m->has_offset || j.beta != 0.0f;
     j.panel = scratch;
     j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
     j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
     if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
     j.shift = FN(q8_table)(m, rot, j.tab);
-    for (int k = 0; k < 16 && j.narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + Q8_NARROW_BIAS);
+    for (int k = 0; k < 16 && narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + Q8_NARROW_BIAS);
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
 }
 
