@@ -241,7 +241,13 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
  * int4 k = 2: 10.1 / 46 (float32), 4: 18.4 / 21.0, 6: 26.1 / 20.4. Up to 6 made rbe serve's 8
  * streams (SmolLM2 int4) slower than up to 4: 169 / 157 against 177 / 173 tok/s. */
 #define Q8_ONE_TOKENS 4
-#define Q8_NV 1
+/* two tiles share each broadcast weight dword, and a slice's pack of every token may fill 96 KB
+ * (L2: longer passes, fewer group ends); 128 tokens, AMD EPYC, before / after (with the band's
+ * sums stored token by token), 3 alternations: 2 threads, SmolLM2 int4 prefill 233-248 /
+ * 177-201 ms, flagship 4.25 218-224 / 196-221; 1 thread, 1B attn_q hadamard 9.8-10.0 / 7.8-8.0
+ * ms, int4 15.0-15.4 / 11.5-11.7 */
+#define Q8_NV 2
+#define Q8_L1 (96 << 10)
 /* one token on int8 (2048 x 2048, 2 threads, AMD EPYC): trellis 4-bit 1.19 ms against 1.33 in
  * float32 (both cut windows by trellis_codes8; float32 then gathers float levels) */
 #define Q8_ONE_KINDS ((1 << RBE_LUT_NIBBLE) | (1 << RBE_LUT_BYTE) | (1 << RBE_LUT_TRELLIS) | (1 << RBE_LUT_PLANES))

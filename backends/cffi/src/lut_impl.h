@@ -706,9 +706,11 @@ static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) 
 
 /* lut_gemm_q8 works in bands of Q8_RB rows, their weight bytes unpacked at once (sequential
  * reads of the codes); then column slices small enough that the pack's slice of every token
- * (Q8_L1 bytes at most) stays in L1 while the band's rows pass over it; each row's partial sums
- * wait in scratch between slices. */
+ * (Q8_L1 bytes at most: L1, or L2 where an ISA file sets it larger) stays near while the band's
+ * rows pass over it; each row's partial sums wait in scratch between slices. */
+#ifndef Q8_L1
 #define Q8_L1 (24 << 10)
+#endif
 #define Q8_RB (Q8_MR * (32 / Q8_MR)) /* a whole number of passes */
 _Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector passes too");
 
@@ -923,9 +925,9 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
             }
         }
     }
-    for (int64_t r = 0; r < nr; r += mr) {
-        const int64_t rows = rbe_min(mr, nr - r);
-        for (int64_t b = 0; b < j->n; b++) {
+    for (int64_t b = 0; b < j->n; b++) /* token by token: each token's rows of the band are contiguous in y */
+        for (int64_t r = 0; r < nr; r += mr) {
+            const int64_t rows = rbe_min(mr, nr - r);
             const float *p = FN(q8_part)(j->part, vecs, r, b / VLEN, mr, nv) + b % VLEN;
             float *o = y + b * ldy + rb + r;
             if (rows == mr) /* a fixed count: unrolled */
@@ -933,7 +935,6 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
             else
                 for (int64_t i = 0; i < rows; i++) o[i] = p[i * nv * VLEN];
         }
-    }
 }
 
 /* q8_band with passes of Q8_MR rows and Q8_NV vectors, or of Q8_MR1 rows when there is one. */
