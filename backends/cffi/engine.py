@@ -214,6 +214,18 @@ class NativeDecoder:
             raise RuntimeError(f"native engine batch failed: {library.engine_error(rc)}")
         return out
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot ``dst``'s KV cache becomes the first ``n`` positions of slot ``src``'s (a prompt
+        prefix computed once for several sequences); ``ModelError`` unless ``src`` holds ``n``."""
+        for slot in (src, dst):
+            if not 0 <= slot < self.slots:
+                raise ModelError(f"KV cache slot {slot} is outside 0..{self.slots - 1}")
+        with self._lock:
+            rc = self._lib.rbe_engine_copy_prefix(self._e, src, dst, n)
+        if rc:
+            raise ModelError(f"cannot copy {n} positions of KV cache slot {src} to slot {dst}: "
+                             f"{library.engine_error(rc)}")
+
     def profile(self) -> dict[str, float]:
         """Seconds spent since the last call in weight kernels, attention and everything else."""
         s = self._ffi.new("double[3]")

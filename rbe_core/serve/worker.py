@@ -9,7 +9,9 @@ reading their prompts, fewest tokens left first (chunked prefill: a long prompt 
 by one chunk per round, never by its whole length, and a short prompt never waits for a long one). Jobs join and leave between rounds. A finished job's slot keeps its
 tokens' KV entries: a new job takes the free slot sharing the longest prefix with its prompt and
 runs only the rest (the **prefix cache**, as many entries as slots, least recently used reused
-first; usage reports ``cached_tokens``). In the torch modules every round advances each job by one
+first; usage reports ``cached_tokens``); a prompt prefix that another slot already holds (concurrent
+requests with one system prompt) is copied into the job's slot rather than computed again, and a
+prompt whose prefix this round computes for another waits a round to copy it. In the torch modules every round advances each job by one
 token, its state carrying its cache. Each token is picked from logits adjusted per job
 (``Decoding``: bias, penalties; a grammar's mask) and may report its logprobs. Text leaves in pieces that never
 split a UTF-8 character (the tokenizer's decode of all new tokens, held back while it ends in
@@ -38,6 +40,21 @@ log = logging.getLogger("rbe.serve")
 
 #: prompt tokens a batched round runs at most (beside one token of each decoding job).
 PREFILL_CHUNK = 128
+
+
+#: prompt tokens another prompt of the same round would compute for a reading job, from which it
+#: waits a round and copies them (``Generator._copy_shared_prefix``) instead of computing them too.
+SHARED_PREFIX_MIN = 16
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class QueueFull(Exception):
@@ -163,12 +180,7 @@ class Generator:
         (least recently freed first among equals); the job starts after that prefix (at least
         its last prompt token runs, for its logits)."""
         def shared(slot: int) -> int:
-            cached, n = self._slot_tokens.get(slot, []), 0
-            for a, b in zip(cached, job.ids[:-1], strict=False):
-                if a != b:
-                    break
-                n += 1
-            return n
+            return _common_prefix(self._slot_tokens.get(slot, []), job.ids[:-1])
 
         best = max(self._free_slots, key=lambda s: (shared(s), -self._free_slots.index(s)))
         self._free_slots.remove(best)
@@ -176,6 +188,24 @@ class Generator:
         job.fed = job.cached = shared(best) if self._engine is not None else 0
         if job.cached:
             self.metrics.add("prompt_tokens_cached", job.cached)
+
+    def _copy_shared_prefix(self, job: Job, live: list[Job]) -> None:
+        """Before a reading job runs more of its prompt: the longest prefix of it that another slot
+        holds (an active job's computed tokens, or a free slot's cached sequence) and it does not,
+        copied into its slot (``copy_prefix``): a prompt prefix shared by concurrent requests, such
+        as a chat template's system prompt, is computed once."""
+        donors = [(j.slot, (j.ids + j.tokens)[:j.fed]) for j in live if j is not job]
+        donors += [(slot, self._slot_tokens.get(slot, [])) for slot in self._free_slots]
+        slot, n = max(((s, _common_prefix(t, job.ids[:-1])) for s, t in donors), key=lambda d: d[1], default=(0, 0))
+        if n <= job.fed:
+            return
+        try:
+            self._engine.copy_prefix(slot, job.slot, n)
+        except Exception:  # noqa: BLE001 - the job then computes the prefix itself
+            log.exception("copying a shared prefix failed")
+            return
+        self.metrics.add("prompt_tokens_cached", n - job.cached)
+        job.fed = job.cached = n
 
     def _expired(self, job: Job) -> bool:
         """Drop a cancelled job or one past its deadline (done, its error sent)."""
@@ -193,16 +223,23 @@ class Generator:
         long prompt is answered after one round); the jobs whose rows end a prompt or a step sample."""
         live = [job for job in self._active if not self._expired(job)]
         decoding = [job for job in live if job.fed >= len(job.ids)]
-        reading = sorted((job for job in live if job.fed < len(job.ids)), key=lambda job: len(job.ids) - job.fed)
+        reading = [job for job in live if job.fed < len(job.ids)]
+        for job in reading:
+            self._copy_shared_prefix(job, live)
+        reading.sort(key=lambda job: len(job.ids) - job.fed)
         rows = [(job.slot, [job.tokens[-1]], job.fed) for job in decoding]  # the last sampled token
-        owners, budget = [*decoding], PREFILL_CHUNK
+        owners, budget, reached = [*decoding], PREFILL_CHUNK, []
         for job in reading:
             if budget <= 0:
                 break
+            if any(min(_common_prefix(other.ids, job.ids[:-1]), end) >= job.fed + SHARED_PREFIX_MIN
+                   for other, end in reached):
+                continue  # the next round copies what this round computes of its prompt
             chunk = job.ids[job.fed:job.fed + budget]
             budget -= len(chunk)
             rows.append((job.slot, chunk, job.fed))
             owners.append(job)
+            reached.append((job, job.fed + len(chunk)))
         wanted = [pos + len(chunk) >= len(job.ids) for job, (_slot, chunk, pos) in zip(owners, rows, strict=True)]
         if not rows:
             return

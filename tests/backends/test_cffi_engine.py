@@ -457,6 +457,28 @@ def test_batched_sequences_equal_each_alone(codec, tmp_path):
         engine.forward_batch([(3, [1, 2], 7)])  # slot 3 holds 3 positions: 7 leaves a gap
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_copied_prefix_continues_like_its_own(kv, tmp_path, monkeypatch):
+    """A slot given another slot's first positions (copy_prefix: a shared prompt prefix computed
+    once) continues as if it had computed them itself, whatever the source slot does next."""
+    monkeypatch.setenv("RBE_ENGINE_KV", kv)
+    ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    engine = rbe_core.load_model(_save(ref, tmp_path, "int4"), "cffi", engine="native").native
+    ids = torch.randint(0, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    first, second = ids[:30], ids[:21] + ids[30:40]  # 21 positions shared (one K block and more)
+    engine.forward_batch([(1, first, 0)])
+    engine.copy_prefix(1, 2, 21)
+    assert engine.slot_length(2) == 21
+    engine.forward_batch([(1, ids[5:9], 30)])  # the source goes on: the copy stays
+    got = engine.forward_batch([(2, second[21:], 21)])[0]
+    want = engine.forward(second, 0, slot=3)
+    assert np.abs(got - want).max() <= MODEL_TOL * np.abs(want).max()
+    with pytest.raises(ModelError, match="cannot copy"):
+        engine.copy_prefix(2, 4, 32)  # slot 2 holds 31 positions
+    with pytest.raises(ModelError, match="cannot copy"):
+        engine.copy_prefix(2, 2, 3)
+
+
 @pytest.mark.parametrize("codec", ["raw", "int8", "int4", {"id": "hadamard", "bits": 3},
                                    {"id": "hadamard", "bits": 6, "grid": "normal"}, {"id": "trellis", "bits": 3}], ids=str)
 def test_llama_engine_matches_torch_modules(codec, tmp_path):

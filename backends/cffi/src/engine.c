@@ -733,6 +733,24 @@ int rbe_engine_use_slot(rbe_engine *e, int slot) {
     e->slot = slot, e->kc = e->slot_kc[slot], e->vc = e->slot_vc[slot], e->length = e->slot_len[slot];
     return 0;
 }
+int rbe_engine_copy_prefix(rbe_engine *e, int src, int dst, long long n) {
+    if (!e || src < 0 || src >= RBE_MAX_SLOTS || dst < 0 || dst >= RBE_MAX_SLOTS || src == dst || n < 0)
+        return RBE_E_ARGS;
+    e->slot_len[e->slot] = e->length;
+    if (!e->slot_kc[src] || e->slot_len[src] < n) return RBE_E_ARGS;
+    const int err = ensure_slot(e, dst);
+    if (err) return err;
+    /* per (layer, kv head): K in blocks of 16 positions (the blocks that hold [0, n)), V rows */
+    const int64_t hd = e->c.head_dim, el = e->kv_half ? 2 : 4, region = e->ctx16 * hd * el;
+    const int64_t k_bytes = (n + 15) / 16 * 16 * hd * el, v_bytes = n * hd * el;
+    for (int64_t r = 0; r < (int64_t)e->c.n_layers * e->c.n_kv_heads; r++) {
+        memcpy((char *)e->slot_kc[dst] + r * region, (const char *)e->slot_kc[src] + r * region, (size_t)k_bytes);
+        memcpy((char *)e->slot_vc[dst] + r * region, (const char *)e->slot_vc[src] + r * region, (size_t)v_bytes);
+    }
+    e->slot_len[dst] = n;
+    e->kc = e->slot_kc[e->slot], e->vc = e->slot_vc[e->slot], e->length = e->slot_len[e->slot];
+    return 0;
+}
 long long rbe_engine_bytes(const rbe_engine *e) { return e ? e->bytes : 0; }
 
 void rbe_engine_profile(rbe_engine *e, double *s) {

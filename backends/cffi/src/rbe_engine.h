@@ -130,6 +130,10 @@ int rbe_engine_forward_batch(rbe_engine *e, const long long *tokens, const int *
  * that forward and length use from now on (slot 0 at first; a new slot starts empty). */
 #define RBE_MAX_SLOTS 64
 int rbe_engine_use_slot(rbe_engine *e, int slot);
+/* Copies the first n cached positions of slot src into slot dst (made if new), which then holds
+ * exactly those n: sequences that share a prompt prefix compute it once. RBE_E_ARGS unless src
+ * holds at least n positions and src != dst. */
+int rbe_engine_copy_prefix(rbe_engine *e, int src, int dst, long long n);
 long long rbe_engine_bytes(const rbe_engine *e); /* weights, tables and scratch held */
 /* Seconds spent since the last call in: [0] weight kernels, [1] attention, [2] the rest. */
 void rbe_engine_profile(rbe_engine *e, double *seconds3);

@@ -152,3 +152,25 @@ def test_a_shared_prefix_is_reused_from_the_cache(native_model, monkeypatch):
     assert usage["cached_tokens"] == len(base) and fresh[0][2]["cached_tokens"] == 0
     assert calls[0] == [(calls[0][0][0], 2, len(base))]  # only the new tokens ran
     assert f"rbe_prompt_tokens_cached_total {len(base)}" in gen.metrics.render()
+
+
+def test_concurrent_prompts_compute_a_shared_prefix_once(native_model, monkeypatch):
+    """Requests arriving together with one 30-token prefix (a system prompt): one of them computes
+    it, the others wait a round, copy it into their slots and run only their own tokens; each
+    output equals the request's alone."""
+    base = _prompts(1, 30, seed=8)[0]
+    prompts = [base + tail for tail in ([5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16])]
+    alone = [_run(Generator("m", native_model, max_queue=8, slots=8, metrics=Metrics()), [p], 6)[0][1]
+             for p in prompts]
+    calls = _recording(native_model, monkeypatch)
+    gen = Generator("m", native_model, max_queue=8, slots=8, metrics=Metrics())
+    results: dict = {}
+    done = threading.Event()
+    with gen._cv:  # all queued before the worker's next round
+        jobs = [_submit(gen, p, 6, results, k, done, len(prompts)) for k, p in enumerate(prompts)]
+    assert done.wait(60)
+    assert [job.tokens for job in jobs] == alone
+    assert calls[0] == [(calls[0][0][0], 33, 0)]  # the first round: one prompt whole, the others wait
+    assert sorted(n for _s, n, p in calls[1] if p == 30) == [3, 3, 3]  # then only their own tokens
+    assert sorted(results[k][2]["cached_tokens"] for k in range(4)) == [0, 30, 30, 30]
+    assert "rbe_prompt_tokens_cached_total 90" in gen.metrics.render()
