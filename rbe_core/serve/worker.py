@@ -22,10 +22,11 @@ U+FFFD) and never show the start of a stop string that may still complete. A can
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -47,8 +48,8 @@ PREFILL_CHUNK = 128
 SHARED_PREFIX_MIN = 16
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
+def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (read only that far)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -180,7 +181,7 @@ class Generator:
         (least recently freed first among equals); the job starts after that prefix (at least
         its last prompt token runs, for its logits)."""
         def shared(slot: int) -> int:
-            return _common_prefix(self._slot_tokens.get(slot, []), job.ids[:-1])
+            return min(_common_prefix(self._slot_tokens.get(slot, []), job.ids), len(job.ids) - 1)
 
         best = max(self._free_slots, key=lambda s: (shared(s), -self._free_slots.index(s)))
         self._free_slots.remove(best)
@@ -194,9 +195,10 @@ class Generator:
         holds (an active job's computed tokens, or a free slot's cached sequence) and it does not,
         copied into its slot (``copy_prefix``): a prompt prefix shared by concurrent requests, such
         as a chat template's system prompt, is computed once."""
-        donors = [(j.slot, (j.ids + j.tokens)[:j.fed]) for j in live if j is not job]
+        donors = [(j.slot, itertools.islice(itertools.chain(j.ids, j.tokens), j.fed)) for j in live if j is not job]
         donors += [(slot, self._slot_tokens.get(slot, [])) for slot in self._free_slots]
-        slot, n = max(((s, _common_prefix(t, job.ids[:-1])) for s, t in donors), key=lambda d: d[1], default=(0, 0))
+        slot, n = max(((s, _common_prefix(t, job.ids)) for s, t in donors), key=lambda d: d[1], default=(0, 0))
+        n = min(n, len(job.ids) - 1)  # at least the last prompt token runs, for its logits
         if n <= job.fed:
             return
         try:
@@ -232,7 +234,7 @@ class Generator:
         for job in reading:
             if budget <= 0:
                 break
-            if any(min(_common_prefix(other.ids, job.ids[:-1]), end) >= job.fed + SHARED_PREFIX_MIN
+            if any(min(_common_prefix(other.ids, job.ids), len(job.ids) - 1, end) >= job.fed + SHARED_PREFIX_MIN
                    for other, end in reached):
                 continue  # the next round copies what this round computes of its prompt
             chunk = job.ids[job.fed:job.fed + budget]
