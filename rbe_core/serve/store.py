@@ -22,6 +22,7 @@ from ..files import open as open_rbe
 from ..models.generation import TextGeneration
 from ..models.loading import load_inference
 from ..registry import get_backend
+from .chat import plain_tokenizer
 from .metrics import Metrics
 from .protocol import APIError
 from .worker import Generator
@@ -144,6 +145,7 @@ class ModelStore:
                 served.template = _template(template or FALLBACK_TEMPLATE)
                 served.generator = Generator(name, model, max_queue=self.max_queue, slots=self.slots,
                                              metrics=self.metrics)
+                plain_tokenizer(model)  # made here, not in the first request (0.2 s for 49k tokens)
             with self._lock:
                 if name in self._models:  # loaded concurrently under the same name
                     if served.generator:

@@ -161,3 +161,17 @@ def test_full_queue_is_refused_at_once():
     for job in jobs:
         job.cancel()
     gen.stop()
+
+
+def test_loading_makes_the_chat_tables_the_first_request_would(models):
+    """The store builds a causal model's plain-text tokenizer (special tokens as text) at load, so
+    the first chat request does not pay for it."""
+    from rbe_core.serve import chat
+    from rbe_core.serve.store import ModelStore
+
+    store = ModelStore(backend=None, max_queue=2, slots=2, metrics=Metrics())
+    served = store.load(models[1])
+    try:
+        assert served.model in chat._plain_tokenizers
+    finally:
+        store.unload(served.name)
