@@ -48,14 +48,15 @@ PREFILL_CHUNK = 128
 SHARED_PREFIX_MIN = 16
 
 
-def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share (read only that far)."""
+def _reusable(cached: Iterable[int], ids: list[int]) -> int:
+    """How many leading tokens of the prompt ``ids`` a cache holding ``cached`` spares (read only
+    that far): their common prefix, short of the prompt's last token (it runs, for its logits)."""
     n = 0
-    for x, y in zip(a, b, strict=False):
+    for x, y in zip(cached, ids, strict=False):
         if x != y:
             break
         n += 1
-    return n
+    return min(n, len(ids) - 1)
 
 
 class QueueFull(Exception):
@@ -181,7 +182,7 @@ class Generator:
         (least recently freed first among equals); the job starts after that prefix (at least
         its last prompt token runs, for its logits)."""
         def shared(slot: int) -> int:
-            return min(_common_prefix(self._slot_tokens.get(slot, []), job.ids), len(job.ids) - 1)
+            return _reusable(self._slot_tokens.get(slot, []), job.ids)
 
         best = max(self._free_slots, key=lambda s: (shared(s), -self._free_slots.index(s)))
         self._free_slots.remove(best)
@@ -197,8 +198,7 @@ class Generator:
         as a chat template's system prompt, is computed once."""
         donors = [(j.slot, itertools.islice(itertools.chain(j.ids, j.tokens), j.fed)) for j in live if j is not job]
         donors += [(slot, self._slot_tokens.get(slot, [])) for slot in self._free_slots]
-        slot, n = max(((s, _common_prefix(t, job.ids)) for s, t in donors), key=lambda d: d[1], default=(0, 0))
-        n = min(n, len(job.ids) - 1)  # at least the last prompt token runs, for its logits
+        slot, n = max(((s, _reusable(t, job.ids)) for s, t in donors), key=lambda d: d[1], default=(0, 0))
         if n <= job.fed:
             return
         try:
@@ -234,7 +234,7 @@ class Generator:
         for job in reading:
             if budget <= 0:
                 break
-            if any(min(_common_prefix(other.ids, job.ids), len(job.ids) - 1, end) >= job.fed + SHARED_PREFIX_MIN
+            if any(min(_reusable(other.ids, job.ids), end) >= job.fed + SHARED_PREFIX_MIN
                    for other, end in reached):
                 continue  # the next round copies what this round computes of its prompt
             chunk = job.ids[job.fed:job.fed + budget]
