@@ -26,7 +26,11 @@ encoded row by row along the input dimension (cols):
    basis (still better than plain RTN on weights with outliers, never better than GPTQ).
 
 Payload: ``codes`` uint8[rows, ceil(cols_p * bits / 8)] (each row a little-endian bit stream of
-``cols_p`` codes), ``scale_code`` uint8[rows, cols_p / group_size], ``row_scale`` float32[rows].
+``cols_p`` codes) or, 4-bit codes with ``cols_p`` a multiple of 32 (written so since 2026-12-06;
+older files hold ``codes`` and read alike), ``nibbles`` uint8[rows, cols_p / 2]: per 32 columns
+16 bytes, byte t = code t | code t + 16 << 4, the packing the native engine computes with, so it
+reads them in place from the mapped file (``rbe_core.native.lowering.pack_nibble_blocks``);
+``scale_code`` uint8[rows, cols_p / group_size], ``row_scale`` float32[rows].
 Bits per weight ≈ bits + 8/group_size + 32/cols (+ header): 4.19 for 4-bit, group 64, 576 cols.
 """
 
@@ -46,7 +50,7 @@ from rbe_core.compression.gptq import gptq_sweep, hessian_factor, transformed_he
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
 
-from ._hadamard_codes import pack_codes, unpack_codes
+from ._hadamard_codes import code_field, code_payload, payload_codes
 
 _SCALE_LEVELS = 255
 #: Weights encoded at a time by round-to-nearest (rows are independent): the float64 rotation of
@@ -318,7 +322,8 @@ class RotatedCodec(Codec):
     its padding, 8-bit group steps (``row_scale × scale_code``), the dampening of calibrated
     Hessians, and encode/decode in row chunks around a subclass's ``_encode_rows(w,
     calibration)`` (the payload of some rows), ``_values(encoded, start, stop)`` (rows in the
-    rotated basis) and ``_code_bytes(cols_p)`` (bytes of a row's codes)."""
+    rotated basis) and ``_code_field(payload, rows, cols_p)`` (the payload's codes field:
+    {name: (shape, dtype)})."""
 
     #: ``encode`` uses calibration (activations or a ``Gram``): conversion passes it layer by layer.
     accepts_calibration = True
@@ -378,7 +383,7 @@ class RotatedCodec(Codec):
         check_payload(
             encoded,
             {
-                "codes": ((rows, self._code_bytes(cols_p)), "uint8"),
+                **self._code_field(encoded.payload, rows, cols_p),
                 "scale_code": ((rows, cols_p // self.group_size), "uint8"),
                 "row_scale": ((rows,), "float32"),
             },
@@ -431,8 +436,8 @@ class HadamardCodec(RotatedCodec):
         """float32[2**bits]: the value of each code in units of its group's step."""
         return grid_for(self.bits, self.grid).levels
 
-    def _code_bytes(self, cols_p: int) -> int:
-        return -(-cols_p * self.bits // 8)
+    def _code_field(self, payload, rows: int, cols_p: int) -> dict[str, tuple]:
+        return code_field(payload, rows, cols_p, self.bits)
 
     def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
         """The payload of the rows ``w`` (rows, cols): RTN, or GPTQ with ``calibration``, whose
@@ -440,12 +445,12 @@ class HadamardCodec(RotatedCodec):
         cols_p, signs, blocks = self.layout(w.shape[1])
         if calibration is None:
             wr, grid, steps, fields = self._choose_steps(w, cols_p, signs, blocks)
-            return {"codes": pack_codes(round_nearest(wr, steps, grid), self.bits), **fields}
+            return {**code_payload(round_nearest(wr, steps, grid), self.bits), **fields}
         with ThreadPoolExecutor(1) as pool:
             factor = pool.submit(self._hessian_factor, calibration, w.shape[1], cols_p, signs, blocks)
             wr, grid, steps, fields = self._chunked_steps(w, cols_p, signs, blocks)
             q = gptq_sweep(wr, steps, factor.result(), grid.levels, grid.nearest)
-        return {"codes": pack_codes(q, self.bits), **fields}
+        return {**code_payload(q, self.bits), **fields}
 
     def _chunked_steps(self, w: np.ndarray, cols_p: int, signs: np.ndarray, blocks: list[int]):
         """:meth:`_choose_steps` of all rows ``w``, computed in row chunks that stay in cache (rows are
@@ -474,18 +479,19 @@ class HadamardCodec(RotatedCodec):
 
     def _values(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
         cols_p = padded_cols(encoded.matrix_shape[1], self.group_size)
-        q = unpack_codes(encoded.payload["codes"][start:stop], cols_p, self.bits)
+        q = payload_codes(encoded.payload, cols_p, self.bits, start, stop)
         return self.levels()[q] * self._steps(encoded, start, stop)
 
     def lower(self, encoded: Encoded) -> Lowered:
-        """The canonical layout (``rbe_core.native.lowering``): codes, this grid's levels, the group
-        steps ``row_scale * scale_code`` and the rotation as the input transform."""
+        """The canonical layout (``rbe_core.native.lowering``): codes (stored nibbles as they are),
+        this grid's levels, the group steps ``row_scale * scale_code`` and the rotation as the
+        input transform."""
         rows, cols = encoded.matrix_shape
         cols_p, signs, blocks = self.layout(cols)
         p = encoded.payload
+        codes = {"nibbles": p["nibbles"]} if "nibbles" in p else {"codes": payload_codes(p, cols_p, self.bits)}
         return Lowered(
-            rows, cols, self.bits, self.group_size,
-            codes=np.ascontiguousarray(unpack_codes(p["codes"], cols_p, self.bits)),
+            rows, cols, self.bits, self.group_size, **codes,
             levels=self.levels(), step=group_steps(p["row_scale"], p["scale_code"]),
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
             step_row=p["row_scale"], step_code=p["scale_code"],
@@ -511,7 +517,8 @@ class HadamardCodec(RotatedCodec):
             row_scale, scale_code = lowered.step_row, lowered.step_code
         else:
             row_scale, scale_code = factor_steps(lowered.step)
-        payload = {"codes": pack_codes(lowered.codes, self.bits), "scale_code": scale_code, "row_scale": row_scale}
+        codes = {"nibbles": lowered.nibbles} if lowered.nibbles is not None else code_payload(lowered.codes, self.bits)
+        payload = {**codes, "scale_code": scale_code, "row_scale": row_scale}
         return Encoded(self, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
 
     def torch_form(self):

@@ -29,7 +29,7 @@ from rbe_core.abc import Encoded
 from rbe_core.native.torch_lowered import fwht_blocks, hadamard_factors
 from rbe_core.training.forms import TorchForm, as_numpy
 
-from ._hadamard_codes import unpack_codes
+from ._hadamard_codes import payload_codes, stored_codes
 
 #: log of a zero scale: exp() of it underflows to 0 in float32 and float64 alike.
 _LOG_ZERO = -1000.0
@@ -71,16 +71,17 @@ def _levels(codec, like: torch.Tensor) -> torch.Tensor:
 
 
 class _CodeCache:
-    """Unpacked codes per packed ``codes`` array (shared by every rewrite of a trained layer),
-    dropped when that array is freed."""
+    """Unpacked codes per packed codes array (``codes`` or ``nibbles``: shared by every rewrite of
+    a trained layer), dropped when that array is freed."""
 
     def __init__(self):
         self._items: dict[int, np.ndarray] = {}
 
-    def get(self, packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+    def get(self, payload, n: int, bits: int) -> np.ndarray:
+        packed = stored_codes(payload)
         key = id(packed)
         if key not in self._items:
-            self._items[key] = unpack_codes(packed, n, bits)
+            self._items[key] = payload_codes(payload, n, bits)
             weakref.finalize(packed, self._items.pop, key, None)
         return self._items[key]
 
@@ -103,7 +104,7 @@ class HadamardForm(TorchForm):
         rows, cols = encoded.matrix_shape
         cols_p, signs, blocks = codec.layout(cols)
         log_row, log_group = params["log_row_scale"], params["log_scale"]
-        q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
+        q = torch.from_numpy(_CODES.get(encoded.payload, cols_p, codec.bits)).to(log_row.device)
         centred = _levels(codec, log_row)[q.long()]
         steps = torch.exp(log_row)[:, None] * torch.exp(log_group)
         wr = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
@@ -119,7 +120,7 @@ class HadamardForm(TorchForm):
         log_row = params["log_row_scale"]
         scale = torch.exp(params["log_scale"])
         scale = scale + (torch.clamp(torch.round(scale), 0, 255) - scale).detach()
-        q = torch.from_numpy(_CODES.get(encoded.payload["codes"], cols_p, codec.bits)).to(log_row.device)
+        q = torch.from_numpy(_CODES.get(encoded.payload, cols_p, codec.bits)).to(log_row.device)
         centred = _levels(codec, log_row)[q.long()]
         steps = torch.exp(log_row)[:, None] * scale
         w_rot = (centred.reshape(rows, -1, codec.group_size) * steps[..., None]).reshape(rows, cols_p)
@@ -132,7 +133,8 @@ class HadamardForm(TorchForm):
     def write(self, encoded: Encoded, params) -> Encoded:
         row_scale = np.exp(as_numpy(params["log_row_scale"])).astype(np.float32)
         code = np.clip(np.rint(np.exp(as_numpy(params["log_scale"]))), 0, 255).astype(np.uint8)
-        payload = {"codes": encoded.payload["codes"], "scale_code": code, "row_scale": row_scale}
+        codes = {k: v for k, v in encoded.payload.items() if k in ("codes", "nibbles")}
+        payload = {**codes, "scale_code": code, "row_scale": row_scale}
         new = Encoded(encoded.codec, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
         encoded.codec.validate(new)
         return new

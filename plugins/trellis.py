@@ -63,8 +63,8 @@ class TrellisCodec(RotatedCodec):
     #: engines' fast paths) or ``normal`` (float quantiles, the only table before ``int8``)
     table: str = attrs.field(default="int8", validator=_table_ok)
 
-    def _code_bytes(self, cols_p: int) -> int:
-        return _trellis.stream_bytes(cols_p, self.bits)
+    def _code_field(self, payload, rows: int, cols_p: int) -> dict[str, tuple]:
+        return {"codes": ((rows, _trellis.stream_bytes(cols_p, self.bits)), "uint8")}
 
     def _encode_rows(self, w: np.ndarray, calibration) -> dict[str, np.ndarray]:
         """The payload of the rows ``w`` (rows, cols): a whole-row search, or block LDLQ with ``calibration``."""

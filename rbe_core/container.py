@@ -13,6 +13,7 @@ No pickle anywhere; reading memory-maps the file and decodes lazily, tensor by t
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import json
 import mmap
@@ -61,6 +62,14 @@ def _remove(fh, *paths: Path) -> None:
         fh.close()
     for p in paths:
         p.unlink(missing_ok=True)
+
+
+def _drop_cached(fd: int) -> None:
+    """Drop a written (and synced) file's pages from the page cache where the OS allows: the
+    writes left them in small pieces, and a reader that maps the file afresh gets them in huge
+    pages (see ``_mapped_views``)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
@@ -181,6 +190,7 @@ class Writer:
                     _copy_range(src, out, at, n)
                 out.flush()
                 os.fsync(out.fileno())
+                _drop_cached(out.fileno())
             os.chmod(self._tmp, 0o666 & ~_UMASK)
             if check is not None:
                 check(self._tmp)
@@ -289,6 +299,9 @@ def _mapped_views(path: Path):
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
     if mm is None:
         raise RBEFormatError(f"{path}: empty file")
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # pages read from here on come in 2 MB pages where the kernel
+        with contextlib.suppress(OSError):  # can: the native engine streams codes in place
+            mm.madvise(mmap.MADV_HUGEPAGE)
     (n,) = struct.unpack("<Q", mm[:8])
     index = json.loads(mm[8:8 + n])
 

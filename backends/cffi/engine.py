@@ -3,7 +3,9 @@ GPT-2) in C (``src/engine.c``).
 
 Built once from a model's :class:`rbe_core.models.NativePlan` and its encoded tensors: every
 matrix is *lowered* (``rbe_core.native.lowering``) to the canonical layout and copied into the engine,
-which repacks the codes (nibbles up to 4 bits, bytes above) and keeps its own KV cache. Each
+which repacks the codes (nibbles up to 4 bits, bytes above) and keeps its own KV cache; codes a
+codec stores already packed as the engine's nibble blocks (``Lowered.nibbles``) are read in place
+from the mapped file instead, so loading them costs no copy and processes share their pages. Each
 ``forward`` is one C call for a whole prefill or decode step, with the GIL released.
 """
 
@@ -80,6 +82,7 @@ class NativeDecoder:
         if plan.arch == "decoder":
             self._set_layers(cfg, tensors)
         transforms: dict[tuple, int] = {}
+        self._borrowed: list[np.ndarray] = []  # arrays the engine reads in place: alive as long as it
         for layer, slot, weight, bias, transposed in plan.matrices:  # one lowered matrix alive at a time
             low = lowered[weight] if lowered is not None else _lower(tensors[weight])
             tf = -1
@@ -88,10 +91,13 @@ class NativeDecoder:
                 if tf < 0:
                     tf = transforms[low.transform.key] = len(transforms)
                     self._set_transform(tf, low.transform)
-            self._set_matrix(layer, _matrix_slot(slot), weight, low,
-                             None if bias is None else tensors[bias].decode(), transposed, tf)
+            borrowed = self._set_matrix(layer, _matrix_slot(slot), weight, low,
+                                        None if bias is None else tensors[bias].decode(), transposed, tf)
             del low
-            release(*tensors[weight].payload.values())  # the engine holds its own copy
+            # the engine holds its own copy, so the file's pages can go; a borrowed tensor keeps all
+            # of its pages (dropping its steps' would split the huge pages its codes share)
+            if borrowed is None:
+                release(*tensors[weight].payload.values())
             trim_heap()  # the lowering's freed temporaries: 1B shape, 695 -> 668 MB resident once loaded
         for layer, slot, name in plan.vectors:
             v = as_f32(tensors[name].decode().reshape(-1))
@@ -118,11 +124,16 @@ class NativeDecoder:
             self._e, tf, t.cols_p, self._ffi.from_buffer("float[]", as_f32(t.signs)),
             self._ffi.from_buffer("long long[]", blocks), len(blocks)), "a transform")
 
-    def _set_matrix(self, layer, slot, name, low: Lowered, bias, transposed, tf):
-        d, _keep = matrix_desc(self._ffi, low, bias, transposed, tf)
+    def _set_matrix(self, layer, slot, name, low: Lowered, bias, transposed, tf) -> np.ndarray | None:
+        """Sets one matrix; returns the array the engine reads in place (``low.nibbles``), or None."""
+        d, _keep = matrix_desc(self._ffi, low, bias, transposed, tf, borrow=True)
         rc = self._lib.rbe_engine_set_matrix(self._e, layer, slot, d)
         if rc:
             raise NativeUnavailableError(f"tensor {name}: {rejection(low, rc)}")
+        if not d.borrow:
+            return None
+        self._borrowed.append(low.nibbles)
+        return low.nibbles
 
     def _check(self, rc: int, what: str) -> None:
         if rc:

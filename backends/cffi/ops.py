@@ -30,8 +30,10 @@ def as_f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def matrix_desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1):
-    """An ``rbe_matrix_desc`` for ``low`` and the arrays it points into (keep them alive)."""
+def matrix_desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int = -1, *, borrow: bool = False):
+    """An ``rbe_matrix_desc`` for ``low`` and the arrays it points into (keep them alive). With
+    ``borrow`` the engine reads ``low.nibbles`` in place (``desc.borrow`` says whether it does:
+    a non-contiguous array is copied): the caller keeps that array alive as long as the engine."""
     d = ffi.new("rbe_matrix_desc *")
     keep = []
 
@@ -46,7 +48,12 @@ def matrix_desc(ffi, low: Lowered, bias=None, transposed: bool = False, tf: int 
         d.dense = ptr("float[]", as_f32(low.dense))
     else:
         d.group_size = low.group_size
-        d.codes = ptr("unsigned char[]", np.ascontiguousarray(low.codes))
+        if low.nibbles is not None:
+            nibbles = np.ascontiguousarray(low.nibbles)
+            d.nibbles = ptr("unsigned char[]", nibbles)
+            d.borrow = int(borrow and nibbles is low.nibbles)
+        else:
+            d.codes = ptr("unsigned char[]", np.ascontiguousarray(low.codes))
         d.levels = ptr("float[]", as_f32(low.levels))
         d.step = ptr("float[]", as_f32(low.step))
         if low.offset is not None:

@@ -15,7 +15,9 @@ So ``x @ W.T == T(pad(x)) @ W_c.T``: a kernel rotates each input once and multip
 codes through a level table. Optional hints let kernels store a coded matrix more compactly
 without changing its values: ``step_row``/``step_code`` (the steps as a row scale times an 8-bit
 code) and ``trellis_bits`` (8-bit codes that overlap like the windows of a bit-shift trellis,
-storable as a stream of that many bits a weight). :meth:`Lowered.decode` is the numpy reference (bit-identical to
+storable as a stream of that many bits a weight). Codes of at most 4 bits may come as ``nibbles``
+instead: already packed the way the native engine stores them (:func:`pack_nibble_blocks`), so a
+codec that stores that packing in its payload lets the engine read a mapped file in place. :meth:`Lowered.decode` is the numpy reference (bit-identical to
 the codec's ``decode``, which the test suite checks for every built-in codec). Lowering is done
 once per tensor at load time and cached; the arrays are views or compact copies of the payload.
 """
@@ -125,6 +127,27 @@ class HadamardTransform:
         return rotate_rows(np.ascontiguousarray(rotate_rows(h).T))
 
 
+def pack_nibble_blocks(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes (rows, cols_p) below 16, ``cols_p`` a multiple of 32 -> uint8 (rows, cols_p / 2)
+    *nibble blocks*, the native engine's own packing: per 32 columns 16 bytes, byte ``t`` = code
+    ``t`` | code ``t + 16`` << 4 (a byte's two nibbles unpack to the block's two halves at once)."""
+    rows, cols_p = codes.shape
+    if cols_p % 32:
+        raise ValueError(f"nibble blocks need a width that is a multiple of 32, got {cols_p}")
+    halves = codes.reshape(rows, cols_p // 32, 2, 16)
+    return (halves[:, :, 0] | (halves[:, :, 1] << np.uint8(4))).reshape(rows, cols_p // 2)
+
+
+def unpack_nibble_blocks(nibbles: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`pack_nibble_blocks`: uint8 (rows, 2 * nibbles' width)."""
+    rows, half = nibbles.shape
+    blocks = nibbles.reshape(rows, half // 16, 16)
+    out = np.empty((rows, half // 16, 2, 16), dtype=np.uint8)
+    np.bitwise_and(blocks, np.uint8(15), out=out[:, :, 0])
+    np.right_shift(blocks, np.uint8(4), out=out[:, :, 1])
+    return out.reshape(rows, 2 * half)
+
+
 @attrs.frozen(eq=False)
 class Lowered:
     """One matrix in the canonical layout (see the module docstring)."""
@@ -133,7 +156,8 @@ class Lowered:
     cols: int
     bits: int  # 2..8, or 32 for dense float32
     group_size: int = 0
-    codes: np.ndarray | None = None  # uint8 (rows, cols_p), one code per byte
+    #: uint8 (rows, cols_p), one code per byte (given, or unpacked from ``nibbles`` on first use)
+    _codes: np.ndarray | None = attrs.field(default=None, alias="codes")
     levels: np.ndarray | None = None  # float32 (2**bits,)
     step: np.ndarray | None = None  # float32 (rows, ceil(cols_p / group_size))
     offset: np.ndarray | None = None  # like step, or None
@@ -148,13 +172,26 @@ class Lowered:
     #: row) high ones — the windows of a bit-shift trellis with ``t`` new bits a code; kernels may
     #: store each row as that ``t``-bit stream instead (``t`` bits a weight in memory, not 8)
     trellis_bits: int | None = None
+    #: optional, instead of ``codes`` (bits <= 4, cols_p a multiple of 32): the codes as
+    #: :func:`pack_nibble_blocks` packs them, uint8 (rows, cols_p / 2); a native engine may read
+    #: this array in place (a codec's mapped payload) rather than repack the codes
+    nibbles: np.ndarray | None = None
 
     def __attrs_post_init__(self):
         self.check()
 
     @property
+    def codes(self) -> np.ndarray | None:
+        """uint8 (rows, cols_p), one code per byte (coded layouts)."""
+        if self._codes is None and self.nibbles is not None:
+            object.__setattr__(self, "_codes", unpack_nibble_blocks(self.nibbles))
+        return self._codes
+
+    @property
     def cols_p(self) -> int:
-        return int((self.dense if self.bits == 32 else self.codes).shape[1])
+        if self.bits == 32:
+            return int(self.dense.shape[1])
+        return int(self._codes.shape[1] if self._codes is not None else 2 * self.nibbles.shape[1])
 
     @property
     def groups(self) -> int:
@@ -172,9 +209,15 @@ class Lowered:
                 raise ValueError("lowered dense matrix is missing")
             want("dense", self.dense, (self.rows, self.dense.shape[1]), np.float32)
         else:
-            if not 2 <= self.bits <= 8 or self.group_size < 1 or self.codes is None:
+            if not 2 <= self.bits <= 8 or self.group_size < 1 or (self._codes is None and self.nibbles is None):
                 raise ValueError(f"lowered layout needs bits in 2..8 or 32 and codes, got bits={self.bits}")
-            want("codes", self.codes, (self.rows, self.codes.shape[1]), np.uint8)
+            if self.nibbles is not None:
+                want("nibbles", self.nibbles, (self.rows, self.nibbles.shape[1]), np.uint8)
+                if self.bits > 4 or self.nibbles.shape[1] % 16:
+                    raise ValueError(f"lowered nibbles need codes of at most 4 bits and a width that is a multiple "
+                                     f"of 32, got {self.bits} bits, width {2 * self.nibbles.shape[1]}")
+            if self._codes is not None:
+                want("codes", self._codes, (self.rows, self.cols_p), np.uint8)
             want("levels", self.levels, (2**self.bits,), np.float32)
             want("step", self.step, (self.rows, self.groups), np.float32)
             if self.offset is not None:
@@ -246,11 +289,11 @@ class Lowered:
 
     def with_values(self, **fields) -> Lowered:
         """A copy with some arrays replaced (codes, levels, step, offset); the step factorisation
-        is dropped when ``step`` changes, the trellis form when ``codes`` do."""
+        is dropped when ``step`` changes, the trellis form and the nibbles when ``codes`` do."""
         if "step" in fields:
             fields = {"step_row": None, "step_code": None, **fields}
         if "codes" in fields:
-            fields = {"trellis_bits": None, **fields}
+            fields = {"trellis_bits": None, "nibbles": None, **fields}
         return attrs.evolve(self, **fields)
 
 

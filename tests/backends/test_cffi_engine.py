@@ -20,8 +20,10 @@ import pytest
 
 import rbe_core
 from rbe_backends.cffi import CffiBackend, library
+from rbe_core.container import RBEFile, Writer
 from rbe_core.errors import NativeUnavailableError
-from rbe_core.native.lowering import Lowered, lower
+from rbe_core.native.lowering import Lowered, lower, unpack_nibble_blocks
+from rbe_plugins._hadamard_codes import pack_codes
 
 _OK, _REASON = CffiBackend.availability()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cffi backend unavailable: {_REASON}")
@@ -484,6 +486,36 @@ def test_copied_prefix_continues_like_its_own(kv, tmp_path, monkeypatch):
 def test_llama_engine_matches_torch_modules(codec, tmp_path):
     ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)
+
+
+def _with_code_streams(path, out):
+    """A copy of the .rbe at ``path`` whose ``nibbles`` payloads are stored as ``codes`` bit
+    streams, as files written before the nibble packing hold them."""
+    with RBEFile(path) as src, Writer(out) as dst:
+        for name in src:
+            enc = src[name]
+            payload = dict(enc.payload)
+            if "nibbles" in payload:
+                payload["codes"] = pack_codes(unpack_nibble_blocks(payload.pop("nibbles")), 4)
+            dst.add(name, rbe_core.Encoded(enc.codec, enc.shape, payload, dtype=enc.dtype, source=enc.source))
+        dst.close(src.metadata)
+    return out
+
+
+def test_stored_nibbles_are_read_in_place(tmp_path):
+    """4-bit hadamard codes stored as the engine's nibble blocks are not copied into it: the
+    engine holds exactly their bytes less than for the same codes in bit streams (repacked at
+    load), and both compute the same logits."""
+    ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    path = _save(ref, tmp_path, {"id": "hadamard", "bits": 4})
+    with RBEFile(path) as f:
+        nibble_bytes = sum(f[n].payload["nibbles"].nbytes for n in f if "nibbles" in f[n].payload)
+        assert nibble_bytes and all("codes" not in f[n].payload for n in f if f[n].codec.codec_id == "hadamard")
+    mapped = rbe_core.load_model(path, "cffi", engine="native").native
+    copied = rbe_core.load_model(_with_code_streams(path, tmp_path / "streams.rbe"), "cffi", engine="native").native
+    assert copied.nbytes - mapped.nbytes == nibble_bytes
+    ids = np.arange(3, 40) % ref.config.vocab_size
+    assert np.array_equal(mapped.forward(ids, 0, all_logits=True), copied.forward(ids, 0, all_logits=True))
 
 
 @pytest.mark.parametrize("make", [tiny_llama, mini_gpt2], ids=["llama", "gpt2"])

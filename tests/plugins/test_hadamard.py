@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import rbe_core
 from rbe_core import Encoded, InvalidWeightError, RBEFormatError
-from rbe_core.native.lowering import fwht
+from rbe_core.native.lowering import fwht, lower, unpack_nibble_blocks
 from rbe_plugins import hadamard as hadamard_module
 from rbe_plugins._hadamard_codes import pack_codes, unpack_codes
 from rbe_plugins.hadamard import (
@@ -320,6 +320,37 @@ def test_validate_rejects_inconsistent_payloads(rng):
     other = HadamardCodec(bits=4)  # same payload read with a different config
     with pytest.raises(RBEFormatError):
         other.validate(Encoded(other, enc.shape, enc.payload))
+
+
+@pytest.mark.parametrize("cols", [100, 200])
+def test_four_bit_codes_are_stored_as_the_engines_nibble_blocks(rng, cols):
+    """4-bit codes are written as ``nibbles`` where the padded width is a multiple of 32 (the
+    engine reads them in place) and lower as they are; a payload of ``codes`` bit streams (files
+    written before) validates, decodes and lowers to the same values; other widths keep streams."""
+    w = rng.standard_normal((6, cols)).astype(np.float32)
+    codec = HadamardCodec(bits=4, group_size=64 if cols == 100 else 8)
+    enc = codec.encode(w)
+    cols_p = enc.codec.layout(cols)[0]
+    if cols_p % 32:
+        assert "codes" in enc.payload and "nibbles" not in enc.payload
+        return
+    nib = enc.payload["nibbles"]
+    assert "codes" not in enc.payload and nib.shape == (6, cols_p // 2)
+    assert lower(enc).nibbles is nib
+    q = unpack_nibble_blocks(nib)
+    streams = Encoded(codec, enc.shape, {"codes": pack_codes(q, 4), "scale_code": enc.payload["scale_code"],
+                                         "row_scale": enc.payload["row_scale"]})
+    codec.validate(streams)
+    np.testing.assert_array_equal(streams.decode(), enc.decode())
+    np.testing.assert_array_equal(lower(streams).codes, q)
+    assert lower(streams).nibbles is None
+    assert codec.from_lowered(streams, lower(streams)).payload.keys() == enc.payload.keys()  # rewritten as nibbles
+    for both in ({**enc.payload, "codes": streams.payload["codes"]}, {**enc.payload, "nibbles": nib[:, :-1]}):
+        with pytest.raises(RBEFormatError):
+            codec.validate(Encoded(codec, enc.shape, both))
+    three = HadamardCodec(bits=3)
+    with pytest.raises(RBEFormatError):  # nibbles only hold 4-bit codes
+        three.validate(Encoded(three, enc.shape, enc.payload))
 
 
 def test_save_open_roundtrip(tmp_path, rng):

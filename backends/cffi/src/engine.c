@@ -580,7 +580,8 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
     const int64_t rows = d->rows, cols_p = d->cols_p;
     const int dense = d->bits == 32;
     if (rows < 1 || d->cols < 1 || cols_p < d->cols || d->group_size < 1) return RBE_E_ARGS;
-    if (!dense && (d->bits < 2 || d->bits > 8 || !d->codes || !d->levels || !d->step)) return RBE_E_ARGS;
+    if (!dense && (d->bits < 2 || d->bits > 8 || !(d->codes || d->nibbles) || !d->levels || !d->step)) return RBE_E_ARGS;
+    if (!dense && d->nibbles && (d->bits > 4 || d->trellis_bits || cols_p % 32)) return RBE_E_ARGS;
     if (dense && !d->dense) return RBE_E_ARGS;
     if (d->transform >= e->c.n_transforms || d->transform < -1) return RBE_E_ARGS;
     if (d->transform >= 0 && e->tfs[d->transform].cols_p != cols_p) return RBE_E_ARGS;
@@ -604,14 +605,16 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         if (tb < 0 || tb > 7 || (tb && d->bits != 8)) return RBE_E_ARGS;
         const int64_t bb = tb ? 4 * tb : nib ? 16 : planes ? 16 + 4 * planes : 32;
         const int64_t rb = cp / 32 * bb + (tb ? 8 : 0); /* block reads run up to 7 bytes past */
-        uint8_t *q = arena_alloc(&e->arena, (size_t)(rows * rb), e->arena_chunk);
-        if (!q) return RBE_E_NOMEM;
-        L->codes = q;
+        const int borrowed = d->nibbles && d->borrow;
+        uint8_t *q = borrowed ? NULL : arena_alloc(&e->arena, (size_t)(rows * rb), e->arena_chunk);
+        if (!borrowed && !q) return RBE_E_NOMEM;
+        L->codes = borrowed ? d->nibbles : q;
         int err = load_steps(e, L, d, rows, groups);
         if (!err && tb) err = pack_trellis(d, cp, tb, rb, q);
         if (err) return err;
+        if (d->nibbles && !borrowed) memcpy(q, d->nibbles, (size_t)(rows * rb));
         const unsigned mask = (1u << d->bits) - 1u;
-        for (int64_t r = 0; r < rows && !tb; r++) { /* trellis rows are packed already */
+        for (int64_t r = 0; r < rows && !tb && !d->nibbles; r++) { /* trellis rows and nibbles are packed already */
             const unsigned char *src = d->codes + r * cols_p;
             uint8_t *dst = q + r * rb;
             memset(dst, 0, (size_t)rb); /* padding columns: code 0, meeting a zero input */
@@ -637,7 +640,7 @@ static int load_mat(rbe_engine *e, emat *m, const rbe_matrix_desc *d) {
         q16_levels(L, n);
         /* rotated inputs have no outliers to spread: a transform already mixed them */
         L->q8_rot = d->transform < 0 ? q8_rotation(L, n) : 1;
-        e->bytes += rows * rb;
+        e->bytes += borrowed ? 0 : rows * rb;
     }
     m->rows = rows, m->cols = d->cols, m->cols_p = cols_p;
     m->transposed = d->transposed, m->tf = d->transform;

@@ -11,7 +11,8 @@
  *   matrix is W = (W_c @ T)[:, :cols]; without one, W = W_c[:, :cols].
  *   Not transposed: y = x @ W^T (W is (out, in)); transposed (GPT-2 Conv1D): y = x @ W.
  *   group_size must be a multiple of 32 dividing cols_p, or at least cols_p (one group).
- * The engine copies (and repacks) everything it is given; the caller's buffers may be freed.
+ * The engine copies (and repacks) everything it is given, so the caller's buffers may be freed,
+ * except nibbles given with borrow set: those it reads in place for its whole life.
  */
 #define RBE_ARCH_DECODER 1 /* the described decoder (pre/post RMSNorms, GQA, RoPE, gated MLP or MoE) */
 #define RBE_ARCH_GPT2 2
@@ -95,6 +96,13 @@ typedef struct {
                                    previous code's (in the row) high ones, so the engine stores
                                    the row as a stream of t new bits a code (codes that are not
                                    such a path are refused) */
+    const unsigned char *nibbles; /* instead of codes (bits <= 4, cols_p a multiple of 32): the
+                                     codes packed as the engine keeps them, rows x cols_p / 2
+                                     bytes, per 32 columns 16 bytes, byte t = code t | code t + 16
+                                     << 4 */
+    int borrow;                   /* with nibbles: 1, the engine reads them in place (the caller
+                                     keeps them alive and unchanged until rbe_engine_free or
+                                     rbe_matrix_free: a read-only file mapping), 0, copies them */
 } rbe_matrix_desc;
 
 typedef struct rbe_engine rbe_engine;

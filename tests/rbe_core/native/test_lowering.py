@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 import rbe_core
-from rbe_core.native.lowering import HadamardTransform, Lowered, lower
+from rbe_core.native.lowering import (
+    HadamardTransform,
+    Lowered,
+    lower,
+    pack_nibble_blocks,
+    unpack_nibble_blocks,
+)
 
 LOWERED_CODECS = [
     "int8",
@@ -65,3 +71,32 @@ def test_inconsistent_layouts_are_refused():
         Lowered(2, 40, 4, 32, codes=codes, levels=np.zeros(16, np.float32), step=np.ones((2, 1), np.float32))
     with pytest.raises(ValueError, match="bits"):
         Lowered(2, 32, 9, 32, codes=codes)
+
+
+def test_nibble_blocks_pair_each_block_halves():
+    """Byte t of a 32-column block holds code t (low nibble) and code t + 16 (high nibble)."""
+    codes = np.random.default_rng(1).integers(0, 16, (3, 96)).astype(np.uint8)
+    nib = pack_nibble_blocks(codes)
+    assert nib.shape == (3, 48) and nib.dtype == np.uint8
+    for b in range(3):
+        block = codes[:, 32 * b : 32 * b + 32]
+        np.testing.assert_array_equal(nib[:, 16 * b : 16 * b + 16], block[:, :16] | (block[:, 16:] << 4))
+    np.testing.assert_array_equal(unpack_nibble_blocks(nib), codes)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_nibble_blocks(codes[:, :48])
+
+
+def test_lowered_nibbles_stand_for_their_codes():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 16, (5, 64)).astype(np.uint8)
+    arrays = {"levels": np.arange(16, dtype=np.float32) - 7.5, "step": rng.random((5, 1), dtype=np.float32)}
+    plain, packed = Lowered(5, 50, 4, 64, codes=codes, **arrays), Lowered(5, 50, 4, 64, nibbles=pack_nibble_blocks(codes), **arrays)
+    assert packed.cols_p == 64
+    np.testing.assert_array_equal(packed.codes, codes)  # unpacked on first use
+    np.testing.assert_array_equal(packed.decode(), plain.decode())
+    assert packed.with_values(step=arrays["step"] * 2).nibbles is packed.nibbles
+    assert packed.with_values(codes=codes).nibbles is None  # new codes: the packing no longer holds
+    with pytest.raises(ValueError, match="at most 4 bits"):
+        Lowered(5, 50, 5, 64, nibbles=pack_nibble_blocks(codes), levels=np.zeros(32, np.float32), step=arrays["step"])
+    with pytest.raises(ValueError, match="nibbles"):
+        Lowered(5, 50, 4, 64, nibbles=pack_nibble_blocks(codes).astype(np.int8), **arrays)
