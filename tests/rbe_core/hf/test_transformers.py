@@ -62,7 +62,7 @@ def test_save_reload_in_a_fresh_process_generates_the_same(tmp_path):
             assert f.metadata()["rbe"] and json.loads(f.metadata()["rbe.modules"]) == cfg["modules"]
             name = next(iter(cfg["modules"]))
             assert f.get_tensor(f"{name}.weight").numel() == 0
-            assert f.get_tensor(f"{name}.rbe_codes").dtype == torch.uint8
+            assert f.get_tensor(f"{name}.rbe_nibbles").dtype == torch.uint8  # 4-bit hadamard codes
     code = """
 import json, sys, torch, rbe_core.hf, transformers
 ids = torch.tensor(json.loads(sys.argv[2]))
@@ -118,7 +118,7 @@ def test_a_corrupted_checkpoint_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     tensors = load_file(str(path))
     name = next(iter(quantized_modules(model)))
-    tensors[f"{name}.rbe_codes"] = tensors[f"{name}.rbe_codes"] ^ 1
+    tensors[f"{name}.rbe_nibbles"] = tensors[f"{name}.rbe_nibbles"] ^ 1
     save_file(tensors, str(path), metadata={"format": "pt", "rbe": "test"})
     with pytest.raises(Exception, match="checksum"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
