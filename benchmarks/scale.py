@@ -338,7 +338,7 @@ def measure(shape: str, files: dict[str, Path], lib_dir: Path, args) -> dict[str
                 r = in_child("d.run_llama_cpp", str(path), str(lib_dir), args.threads, prompt, args.new_tokens)
             runs[name].append(r)
             print(f"{shape} round {rnd + 1} {name:<22} prefill {r['prefill']:6.1f} decode {r['decode']:5.1f} tok/s "
-                  f"peak RSS {r['peak_rss_mb']:5.0f} MB", file=sys.stderr)
+                  f"peak RSS {r['peak_rss_mb']:5.0f} MB load {r['load_s']:.2f} s", file=sys.stderr)
     out = {}
     for name, rs in runs.items():
         out[name] = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode", "peak_rss_mb", "load_s")}
@@ -358,10 +358,11 @@ def markdown(results: dict, meta: dict, command: str) -> str:
              f"shapes (speed and memory do not depend on the values); {meta['prompt']} prompt tokens, "
              f"{meta['new']} greedy tokens; every variant in a fresh process, {meta['rounds']} interleaved rounds, "
              "medians. Ratios to the llama.cpp peer in the same run (IQ4_XS for hadamard and trellis 4-bit, Q4_0 for int4). "
-             "`BW share`: bytes of weights one decode step reads × tokens/s ÷ measured bandwidth.", "",
+             "`BW share`: bytes of weights one decode step reads × tokens/s ÷ measured bandwidth; `load s`: "
+             "opening the file until the model can run (page cache warm).", "",
              "| shape | variant | file MB | prefill tok/s | decode tok/s | prefill ratio | decode ratio | BW share "
-             "| peak RSS MB | conversion s | conversion peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS MB | load s | conversion s | conversion peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for shape, res in results.items():
         for name, r in res["speed"].items():
             peer = res["speed"].get(PEERS.get(name, ""))
@@ -370,7 +371,8 @@ def markdown(results: dict, meta: dict, command: str) -> str:
             conv = res["conversions"][name]
             conv_txt = [f"{conv['seconds']:.0f}", f"{conv['peak_rss_mb']:.0f}"]
             lines.append(f"| {shape} | {name} | {r['file_mb']:.0f} | {r['prefill']:.1f} | {r['decode']:.2f} | "
-                         f"{ratio[0]} | {ratio[1]} | {share:.0%} | {r['peak_rss_mb']:.0f} | {conv_txt[0]} | {conv_txt[1]} |")
+                         f"{ratio[0]} | {ratio[1]} | {share:.0%} | {r['peak_rss_mb']:.0f} | {r['load_s']:.2f} | {conv_txt[0]} | "
+                         f"{conv_txt[1]} |")
     return "\n".join([*lines, "", MARK_END, ""])
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rbe_core.errors import InvalidWeightError, RBEFormatError
+from rbe_core.native.lowering import pack_nibble_blocks, unpack_nibble_blocks
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -76,6 +77,39 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     np.bitwise_and(packed, 0x0F, out=out[:, 0::2])  # written in place: no temporaries
     np.right_shift(packed, 4, out=out[:, 1::2])
     return out
+
+
+# 4-bit codes in a payload: the field ``nibbles`` (the native engine's nibble blocks, which it reads
+# in place from a mapped file) where the padded width is a multiple of 32, else a codec's own field.
+
+def four_bit_payload(q: np.ndarray, field: str, pack: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """4-bit codes ``q`` (rows, cols_p) as a payload entry: ``nibbles``, or ``field`` packed by ``pack``."""
+    if q.shape[1] % 32 == 0:
+        return {"nibbles": pack_nibble_blocks(q)}
+    return {field: pack(q)}
+
+
+def four_bit_field(payload, field: str, rows: int, cols_p: int, field_bytes: int) -> dict[str, tuple]:
+    """The codes' entry of ``check_payload``'s expectations: ``nibbles`` when the payload holds
+    them and the width allows, else ``field`` (``field_bytes`` a row: files written before)."""
+    if "nibbles" in payload and cols_p % 32 == 0:
+        return {"nibbles": ((rows, cols_p // 2), "uint8")}
+    return {field: ((rows, field_bytes), "uint8")}
+
+
+def four_bit_codes(payload, field: str, unpack: Callable[[np.ndarray], np.ndarray], start: int = 0,
+                   stop: int | None = None) -> np.ndarray:
+    """uint8 codes of rows ``start:stop`` from either entry."""
+    if "nibbles" in payload:
+        return unpack_nibble_blocks(payload["nibbles"][start:stop])
+    return unpack(payload[field][start:stop])
+
+
+def four_bit_lowered(payload, field: str, unpack: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """``Lowered``'s codes argument: the stored nibbles as they are, else the unpacked codes."""
+    if "nibbles" in payload:
+        return {"nibbles": payload["nibbles"]}
+    return {"codes": unpack(payload[field])}
 
 
 def absmax_group_scale(w2p: np.ndarray, group: int, peak: float) -> np.ndarray:

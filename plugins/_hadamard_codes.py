@@ -11,39 +11,34 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rbe_core.native.lowering import pack_nibble_blocks, unpack_nibble_blocks
-
-
-def stores_nibbles(bits: int, cols_p: int) -> bool:
-    """Whether ``bits``-bit codes of rows ``cols_p`` wide are written as ``nibbles`` (else ``codes``).
-    Files from before this packing hold ``codes`` at 4 bits too; both read alike."""
-    return bits == 4 and cols_p % 32 == 0
+from ._blocks import four_bit_codes, four_bit_field, four_bit_payload
 
 
 def code_payload(q: np.ndarray, bits: int) -> dict[str, np.ndarray]:
-    """The payload field of uint8 codes ``q`` (rows, cols_p): ``nibbles`` or ``codes``."""
-    if stores_nibbles(bits, q.shape[1]):
-        return {"nibbles": pack_nibble_blocks(q)}
+    """The payload entry of uint8 codes ``q`` (rows, cols_p): ``nibbles`` (4-bit codes, widths that
+    are multiples of 32) or ``codes``. Files written before ``nibbles`` hold ``codes`` at 4 bits
+    too; both read alike."""
+    if bits == 4:
+        return four_bit_payload(q, "codes", lambda v: pack_codes(v, 4))
     return {"codes": pack_codes(q, bits)}
 
 
 def code_field(payload: Mapping[str, np.ndarray], rows: int, cols_p: int, bits: int) -> dict[str, tuple]:
     """{field: (shape, dtype)} the codes of a valid payload take (``check_payload``'s form)."""
-    if "nibbles" in payload and stores_nibbles(bits, cols_p):
-        return {"nibbles": ((rows, cols_p // 2), "uint8")}
-    return {"codes": ((rows, -(-cols_p * bits // 8)), "uint8")}
+    stream = -(-cols_p * bits // 8)
+    if bits == 4:
+        return four_bit_field(payload, "codes", rows, cols_p, stream)
+    return {"codes": ((rows, stream), "uint8")}
 
 
 def stored_codes(payload: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The payload's packed codes array (either field), e.g. as a cache key."""
+    """The payload's packed codes array (either entry), e.g. as a cache key."""
     return payload["nibbles"] if "nibbles" in payload else payload["codes"]
 
 
 def payload_codes(payload: Mapping[str, np.ndarray], n: int, bits: int, start: int = 0, stop: int | None = None) -> np.ndarray:
     """uint8 codes (rows ``start:stop``, ``n`` wide) of a payload in either packing."""
-    if "nibbles" in payload:
-        return unpack_nibble_blocks(payload["nibbles"][start:stop])
-    return unpack_codes(payload["codes"][start:stop], n, bits)
+    return four_bit_codes(payload, "codes", lambda v: unpack_codes(v, n, bits), start, stop)
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:

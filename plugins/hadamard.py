@@ -50,7 +50,8 @@ from rbe_core.compression.gptq import gptq_sweep, hessian_factor, transformed_he
 from rbe_core.errors import InvalidWeightError, RBEFormatError
 from rbe_core.native.lowering import HadamardTransform, Lowered
 
-from ._hadamard_codes import code_field, code_payload, payload_codes
+from ._blocks import four_bit_lowered
+from ._hadamard_codes import code_field, code_payload, payload_codes, unpack_codes
 
 _SCALE_LEVELS = 255
 #: Weights encoded at a time by round-to-nearest (rows are independent): the float64 rotation of
@@ -489,9 +490,9 @@ class HadamardCodec(RotatedCodec):
         rows, cols = encoded.matrix_shape
         cols_p, signs, blocks = self.layout(cols)
         p = encoded.payload
-        codes = {"nibbles": p["nibbles"]} if "nibbles" in p else {"codes": payload_codes(p, cols_p, self.bits)}
         return Lowered(
-            rows, cols, self.bits, self.group_size, **codes,
+            rows, cols, self.bits, self.group_size,
+            **four_bit_lowered(p, "codes", lambda v: unpack_codes(v, cols_p, self.bits)),
             levels=self.levels(), step=group_steps(p["row_scale"], p["scale_code"]),
             transform=HadamardTransform(signs.astype(np.float32), tuple(blocks)),
             step_row=p["row_scale"], step_code=p["scale_code"],

@@ -4,7 +4,12 @@ Layout for a tensor viewed as (rows, cols), with ``cols_p = cols`` rounded up to
 ``group_size`` (the extra columns are zeros) and ``G = cols_p // group_size``:
 
 - ``q``        uint8[rows, cols_p // 2]  two 4-bit codes per byte: low nibble = even column,
-                                          high nibble = odd column;
+                                          high nibble = odd column; or, where ``cols_p`` is a
+                                          multiple of 32 (written so since 2026-12-06; older
+                                          files hold ``q`` and read alike),
+  ``nibbles``  uint8[rows, cols_p // 2]  the native engine's nibble blocks (per 32 columns 16
+                                          bytes, byte t = code t | code t + 16 << 4), which it
+                                          reads in place from a mapped file;
 - ``scale``    float16[rows, G];
 - ``minimum``  float16[rows, G].
 
@@ -23,7 +28,17 @@ from rbe_core.abc import check_payload
 from rbe_core.arrays import as_weight, matrix_shape
 from rbe_core.native.lowering import Lowered
 
-from ._blocks import check_float16_range, pack_nibbles, pad_cols, round_up, unpack_nibbles
+from ._blocks import (
+    check_float16_range,
+    four_bit_codes,
+    four_bit_field,
+    four_bit_lowered,
+    four_bit_payload,
+    pack_nibbles,
+    pad_cols,
+    round_up,
+    unpack_nibbles,
+)
 
 
 def _even_positive(_inst, attribute, value) -> None:
@@ -56,8 +71,8 @@ class Int4Codec(Codec):
         sc = scale.astype(np.float32)
         safe = np.where(sc > 0, sc, np.float32(1.0))
         q = np.clip(np.rint((g - lo[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
-        q = pack_nibbles(q.reshape(rows, -1))
-        return Encoded(self, w.shape, {"q": q, "scale": scale, "minimum": minimum}, dtype=dtype, source=source)
+        codes = four_bit_payload(q.reshape(rows, -1), "q", pack_nibbles)
+        return Encoded(self, w.shape, {**codes, "scale": scale, "minimum": minimum}, dtype=dtype, source=source)
 
     def torch_form(self):
         """Training form (``rbe_plugins.torch_forms``; imports torch on first use)."""
@@ -72,7 +87,7 @@ class Int4Codec(Codec):
         check_payload(
             encoded,
             {
-                "q": ((rows, cols_p // 2), "uint8"),
+                **four_bit_field(encoded.payload, "q", rows, cols_p, cols_p // 2),
                 "scale": ((rows, groups), "float16"),
                 "minimum": ((rows, groups), "float16"),
             },
@@ -81,7 +96,7 @@ class Int4Codec(Codec):
     def decode_rows(self, encoded: Encoded, start: int, stop: int) -> np.ndarray:
         p = encoded.payload
         _, cols = encoded.matrix_shape
-        q = unpack_nibbles(p["q"][start:stop])
+        q = four_bit_codes(p, "q", unpack_nibbles, start, stop)
         n = q.shape[0]
         g = q.reshape(n, q.shape[1] // self.group_size, self.group_size).astype(np.float32)
         w = g * p["scale"][start:stop, :, None].astype(np.float32)
@@ -95,7 +110,7 @@ class Int4Codec(Codec):
         """4-bit codes over the levels 0..15, step ``scale`` and offset ``minimum`` per group."""
         rows, cols = encoded.matrix_shape
         p = encoded.payload
-        return Lowered(rows, cols, 4, self.group_size, codes=unpack_nibbles(p["q"]),
+        return Lowered(rows, cols, 4, self.group_size, **four_bit_lowered(p, "q", unpack_nibbles),
                        levels=np.arange(16, dtype=np.float32), step=p["scale"].astype(np.float32),
                        offset=p["minimum"].astype(np.float32))
 

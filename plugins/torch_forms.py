@@ -20,7 +20,7 @@ from rbe_core.abc import Encoded
 from rbe_core.arrays import matrix_shape
 from rbe_core.training.forms import PhaseForm, TorchForm, as_numpy
 
-from ._blocks import FLOAT16_MAX, pack_nibbles, round_up
+from ._blocks import FLOAT16_MAX, four_bit_payload, pack_nibbles, round_up
 
 HALF_PI = np.pi / 2
 
@@ -42,6 +42,16 @@ def _rebuild(encoded: Encoded, payload: dict) -> Encoded:
     new = Encoded(encoded.codec, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
     encoded.codec.validate(new)
     return new
+
+
+def _four_bit_codes(payload, like: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (rows, cols_p) on ``like``'s device from an ``int4`` payload's ``nibbles`` (nibble
+    blocks: each block's low nibbles are its first 16 codes) or ``q`` (pairs of columns)."""
+    if "nibbles" in payload:
+        packed = _tensor(payload["nibbles"], like).reshape(len(payload["nibbles"]), -1, 1, 16)
+        return torch.cat((packed & 15, packed >> 4), 2).reshape(packed.shape[0], -1)
+    packed = _tensor(payload["q"], like)
+    return torch.stack((packed & 15, packed >> 4), -1).reshape(packed.shape[0], -1)
 
 
 def _groups(w2: torch.Tensor, group: int) -> torch.Tensor:
@@ -87,20 +97,20 @@ class Int4Form(TorchForm):
 
     def decode(self, encoded, params):
         scale, minimum = params["scale"], params["minimum"]
-        packed = _tensor(encoded.payload["q"], scale)
-        q = torch.stack((packed & 15, packed >> 4), -1).reshape(packed.shape[0], -1).to(scale.dtype)
+        q = _four_bit_codes(encoded.payload, scale).to(scale.dtype)
         g = encoded.codec.group_size
         w = q.reshape(q.shape[0], -1, g) * scale[..., None] + minimum[..., None]
         return w.reshape(q.shape[0], -1)[:, : encoded.matrix_shape[1]]
 
     def write(self, encoded, params):
-        return _rebuild(encoded, {"q": encoded.payload["q"], "scale": _store(params["scale"], "float16"),
+        codes = {k: v for k, v in encoded.payload.items() if k in ("q", "nibbles")}
+        return _rebuild(encoded, {**codes, "scale": _store(params["scale"], "float16"),
                                   "minimum": _store(params["minimum"], "float16")})
 
     def pack(self, encoded, codes, step, offset):
         rows = encoded.matrix_shape[0]
-        q = pack_nibbles(np.asarray(codes).reshape(rows, -1).astype(np.uint8))
-        return _rebuild(encoded, {"q": q, "scale": _store(step.reshape(rows, -1), "float16"),
+        q = four_bit_payload(np.asarray(codes).reshape(rows, -1).astype(np.uint8), "q", pack_nibbles)
+        return _rebuild(encoded, {**q, "scale": _store(step.reshape(rows, -1), "float16"),
                                   "minimum": _store(offset.reshape(rows, -1), "float16")})
 
 

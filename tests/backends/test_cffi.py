@@ -219,9 +219,13 @@ def test_other_codecs_use_the_generic_path(cffi, numpy_ref, rng):
 
 
 def test_inconsistent_payload_is_rejected_before_c(cffi, rng):
-    enc = encode("int4", {}, (8, 64), rng)
+    enc = encode("int4", {"group_size": 2}, (8, 50), rng)  # 50 columns: codes in pairs (``q``)
     bad = attrs.evolve(enc, payload={**enc.payload, "q": enc.payload["q"][:, :-1]})
-    with pytest.raises(ValueError, match="lowered width"):
+    with pytest.raises(ValueError, match="lowered step"):  # 48 codes wide: 24 groups, not 25
+        cffi.linear(np.ones((1, 50), np.float32), bad)
+    enc = encode("int4", {}, (8, 64), rng)  # 64 columns: nibble blocks
+    bad = attrs.evolve(enc, payload={**enc.payload, "nibbles": enc.payload["nibbles"][:, :-1]})
+    with pytest.raises(ValueError, match="nibbles"):
         cffi.linear(np.ones((1, 64), np.float32), bad)
     enc8 = encode("int8", {}, (8, 64), rng)
     bad = attrs.evolve(

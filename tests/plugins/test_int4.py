@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import rbe_core
+from rbe_core.native.lowering import lower, unpack_nibble_blocks
+from rbe_plugins._blocks import pack_nibbles
 
 
 def test_layout_nibbles_groups_and_padding():
@@ -54,3 +57,26 @@ def test_round_to_nearest_bound(w, group):
     # half a step, plus float16 rounding of the minimum and float32 arithmetic
     bound = 0.5 * scale + np.abs(w) * 2e-3 + 1e-3
     assert np.all(np.abs(out - w) <= bound)
+
+
+def test_widths_of_32_columns_store_the_engines_nibble_blocks():
+    """Where the padded width is a multiple of 32 the codes are ``nibbles`` (the native engine
+    reads them in place); a payload of ``q`` pairs (files written before) validates, decodes,
+    lowers and trains to the same values."""
+    codec = rbe_core.get_codec("int4")
+    w = np.random.default_rng(4).standard_normal((5, 90)).astype(np.float32)  # cols_p 128
+    enc = codec.encode(w)
+    assert "q" not in enc.payload and enc.payload["nibbles"].shape == (5, 64)
+    q = unpack_nibble_blocks(enc.payload["nibbles"])
+    pairs = rbe_core.Encoded(codec, enc.shape, {"q": pack_nibbles(q), "scale": enc.payload["scale"],
+                                                "minimum": enc.payload["minimum"]})
+    codec.validate(pairs)
+    np.testing.assert_array_equal(pairs.decode(), enc.decode())
+    assert lower(enc).nibbles is enc.payload["nibbles"]
+    np.testing.assert_array_equal(lower(pairs).codes, q)
+    form = codec.torch_form()
+    for e in (enc, pairs):
+        params = {k: torch.from_numpy(v) for k, v in form.params(e).items()}
+        np.testing.assert_allclose(form.decode(e, params).numpy(), enc.decode(), rtol=1e-6, atol=1e-7)
+        assert form.write(e, params).payload.keys() == e.payload.keys()
+    assert "q" in rbe_core.get_codec({"id": "int4", "group_size": 2}).encode(w[:, :50]).payload  # cols_p 50
