@@ -168,7 +168,7 @@ def test_bad_configs_and_payloads_are_refused():
 
 
 @pytest.mark.skipif(_trellis._native is None, reason="the C search was not built (no compiler at install)")
-@pytest.mark.parametrize("bits", [2, 3, 5])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_the_c_search_finds_the_numpy_paths_bit_for_bit(bits, monkeypatch):
     rng = np.random.default_rng(6)
     for steps, n in ((1, 5), (9, 33), (200, 70)):
