@@ -91,6 +91,17 @@ static inline __m256i trellis_codes8(const trellis_cut *t, const uint8_t *p) {
  * Q8_NARROW_BIAS * sum(x) they add per block is taken off with the input sums (beta). */
 #define Q8_NIBBLE_BLOCK 1
 #define Q8_NARROW_BIAS 32
+/* A third form (lut_gemv_q8's `narrow` = Q8_RAW_NIBBLES): levels affine in the code in int8,
+ * lv8 = l0 + dl * code (uniform grids: hadamard's 2 code - 15, int4's code - 8), take the codes
+ * themselves as unsigned weight bytes (no table lookup: two byte shuffles fewer a block pair);
+ * dl and l0 go to the factors and the input sums. */
+#define Q8_RAW_NIBBLES 2
+static inline int q8_raw_levels(const rbe_lut *m, int *l0, int *dl) {
+    *l0 = m->lv8[0], *dl = m->lv8[1] - m->lv8[0];
+    for (int k = 0; k < 1 << m->bits; k++)
+        if (m->lv8[k] != *l0 + k * *dl) return 0;
+    return *dl != 0;
+}
 static inline int q8_narrow_levels(const rbe_lut *m) {
     for (int k = 0; k < 16; k++)
         if (m->lv8[k] < -Q8_NARROW_BIAS || m->lv8[k] >= Q8_NARROW_BIAS) return 0;
@@ -286,8 +297,8 @@ static inline int q8_signed_pair_levels(const rbe_lut *m) {
 }
 static inline __m256i q8_nibble_pair_dot(__m256i t, const uint8_t *p, const __m256i *x, int narrow) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)p), k = _mm256_set1_epi8(15), one = _mm256_set1_epi16(1);
-    const __m256i lo = _mm256_shuffle_epi8(t, _mm256_and_si256(v, k));
-    const __m256i hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), k));
+    __m256i lo = _mm256_and_si256(v, k), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), k);
+    if (narrow != Q8_RAW_NIBBLES) lo = _mm256_shuffle_epi8(t, lo), hi = _mm256_shuffle_epi8(t, hi);
     if (narrow)
         return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x[0]), _mm256_maddubs_epi16(hi, x[1])), one);
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x[2], _mm256_sign_epi8(lo, x[0])), one),
@@ -300,7 +311,7 @@ static inline __m256i vi_dot4_narrow(__m256i acc, const uint8_t *w, __m256i x) {
     return _mm256_add_epi32(acc, q8_dot_unsigned(_mm256_set1_epi32(w4), x));
 }
 static inline __m256i q8_nibble_block_dot(__m256i z, __m256i t, const uint8_t *p, __m256i x, int narrow) {
-    const __m256i w = q8_nibble_block(t, p);
+    const __m256i w = narrow == Q8_RAW_NIBBLES ? nibble_codes32(p) : q8_nibble_block(t, p);
     return narrow ? _mm256_add_epi32(z, q8_dot_unsigned(w, x)) : vi_dot(z, w, x);
 }
 /* lut_gemm_q8's weight forms (Q8_WEIGHT_FORMS, lut_impl.h's Q8_WEIGHTS_*): narrow bytes two

@@ -1027,6 +1027,11 @@ static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_narrow)(const uint
                                                                      const q8_ahead *next, VF *acc) {
     FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 1);
 }
+static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_raw)(const uint8_t *const *w, const int8_t *x8, const float *d8,
+                                                                  const float *fac, int64_t groups, VI t16,
+                                                                  const q8_ahead *next, VF *acc) {
+    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, Q8_RAW_NIBBLES);
+}
 static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_signed)(const uint8_t *const *w, const int8_t *x8, const float *d8,
                                                                      const float *fac, int64_t groups, VI t16,
                                                                      const q8_ahead *next, VF *acc) {
@@ -1055,7 +1060,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int wide = 0;
 #endif
-    const float alpha = wide ? m->q16_alpha / 254.0f : m->q8_alpha / (float)rot; /* x16 ~ 254 x8 */
+    const float alpha8 = wide ? m->q16_alpha / 254.0f : m->q8_alpha / (float)rot; /* x16 ~ 254 x8 */
 #if defined(Q8_NIBBLE_PAIR) || defined(Q8_NIBBLE_BLOCK)
     const int nibbles = m->kind == RBE_LUT_NIBBLE && rot == 1; /* unrotated: the table is the weight bytes */
 #else
@@ -1065,13 +1070,21 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-    const int narrow = nibbles && q8_narrow_levels(m); /* weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
+    /* lv8 = l0 + dl * code: the codes themselves are the (unsigned) weight bytes, no table; else
+     * narrow levels: weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
+    int l0 = 0, dl = 1;
+    const int raw = nibbles && q8_raw_levels(m, &l0, &dl);
+    const int narrow = raw ? Q8_RAW_NIBBLES : nibbles && q8_narrow_levels(m);
     const int pairs = nibbles && (narrow || q8_signed_pair_levels(m));
     const VI t16 = q8_nibble_table(tab, narrow);
 #else
-    const int narrow = 0, pairs = nibbles;
+    const int l0 = 0, dl = 1, raw = 0, narrow = 0, pairs = nibbles;
 #endif
-    const float beta = wide ? 0.0f : m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * alpha : 0.0f); /* what the input sums meet */
+    const float alpha = raw ? alpha8 * (float)dl : alpha8;
+    /* what the input sums meet */
+    const float beta = wide ? 0.0f
+                       : raw ? m->q8_beta + alpha8 * (float)l0
+                             : m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * alpha8 : 0.0f);
 #ifdef Q8_TRELLIS_PAIR
     const int cut = m->kind == RBE_LUT_TRELLIS && rot == 1;
     const __m512i wbyte = trellis_bytes(m->tbits), wshift = trellis_shifts(m->tbits);
@@ -1128,7 +1141,8 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #ifdef Q8_NIBBLE_BLOCK
             if (one_pair) {
                 const q8_ahead next = {m->codes, ahead, share, fetch_end};
-                if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
+                if (raw) FN(q8_one_pairs_raw)(w, x8, d8, st, groups, t16, &next, acc);
+                else if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
                 else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
             }
 #endif
