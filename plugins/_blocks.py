@@ -105,6 +105,12 @@ def four_bit_codes(payload, field: str, unpack: Callable[[np.ndarray], np.ndarra
     return unpack(payload[field][start:stop])
 
 
+def code_entry(payload, field: str) -> dict[str, np.ndarray]:
+    """The payload's codes entry as stored: ``{"nibbles": ...}`` or ``{field: ...}``."""
+    key = "nibbles" if "nibbles" in payload else field
+    return {key: payload[key]}
+
+
 def four_bit_lowered(payload, field: str, unpack: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
     """``Lowered``'s codes argument: the stored nibbles as they are, else the unpacked codes."""
     if "nibbles" in payload:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._blocks import four_bit_codes, four_bit_field, four_bit_payload
+from ._blocks import code_entry, four_bit_codes, four_bit_field, four_bit_payload
 
 
 def code_payload(q: np.ndarray, bits: int) -> dict[str, np.ndarray]:
@@ -33,7 +33,8 @@ def code_field(payload: Mapping[str, np.ndarray], rows: int, cols_p: int, bits: 
 
 def stored_codes(payload: Mapping[str, np.ndarray]) -> np.ndarray:
     """The payload's packed codes array (either entry), e.g. as a cache key."""
-    return payload["nibbles"] if "nibbles" in payload else payload["codes"]
+    (array,) = code_entry(payload, "codes").values()
+    return array
 
 
 def payload_codes(payload: Mapping[str, np.ndarray], n: int, bits: int, start: int = 0, stop: int | None = None) -> np.ndarray:

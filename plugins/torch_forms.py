@@ -20,7 +20,7 @@ from rbe_core.abc import Encoded
 from rbe_core.arrays import matrix_shape
 from rbe_core.training.forms import PhaseForm, TorchForm, as_numpy
 
-from ._blocks import FLOAT16_MAX, four_bit_payload, pack_nibbles, round_up
+from ._blocks import FLOAT16_MAX, code_entry, four_bit_payload, pack_nibbles, round_up
 
 HALF_PI = np.pi / 2
 
@@ -103,8 +103,7 @@ class Int4Form(TorchForm):
         return w.reshape(q.shape[0], -1)[:, : encoded.matrix_shape[1]]
 
     def write(self, encoded, params):
-        codes = {k: v for k, v in encoded.payload.items() if k in ("q", "nibbles")}
-        return _rebuild(encoded, {**codes, "scale": _store(params["scale"], "float16"),
+        return _rebuild(encoded, {**code_entry(encoded.payload, "q"), "scale": _store(params["scale"], "float16"),
                                   "minimum": _store(params["minimum"], "float16")})
 
     def pack(self, encoded, codes, step, offset):

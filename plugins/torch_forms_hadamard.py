@@ -29,6 +29,7 @@ from rbe_core.abc import Encoded
 from rbe_core.native.torch_lowered import fwht_blocks, hadamard_factors
 from rbe_core.training.forms import TorchForm, as_numpy
 
+from ._blocks import code_entry
 from ._hadamard_codes import payload_codes, stored_codes
 
 #: log of a zero scale: exp() of it underflows to 0 in float32 and float64 alike.
@@ -133,8 +134,7 @@ class HadamardForm(TorchForm):
     def write(self, encoded: Encoded, params) -> Encoded:
         row_scale = np.exp(as_numpy(params["log_row_scale"])).astype(np.float32)
         code = np.clip(np.rint(np.exp(as_numpy(params["log_scale"]))), 0, 255).astype(np.uint8)
-        codes = {k: v for k, v in encoded.payload.items() if k in ("codes", "nibbles")}
-        payload = {**codes, "scale_code": code, "row_scale": row_scale}
+        payload = {**code_entry(encoded.payload, "codes"), "scale_code": code, "row_scale": row_scale}
         new = Encoded(encoded.codec, encoded.shape, payload, dtype=encoded.dtype, source=encoded.source)
         encoded.codec.validate(new)
         return new
