@@ -245,6 +245,11 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
 /* one token: 4 rows a pass share the inputs' loads and the groups' bookkeeping (1B hadamard
  * 4-bit 31-33 -> 37 tok/s against 2 rows, AMD EPYC; 6 rows no faster, 8 slower) */
 #define Q8_ONE_ROWS 4
+/* out[i] = the sum of a[i]'s lanes, the pass's four rows at once. */
+static inline void vhsum_rows(const __m256 *a, float *out) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
 /* decode steps of up to 4 sequences run each token through lut_gemv_q8 (the pass's codes in L1
  * after the first) rather than a tile of lut_gemm_q8 (AMD EPYC, 2 threads, step ms one by one /
  * tiled): 1B hadamard 4-bit k = 2: 38.5 / 354 (float32: 2 tokens were below lut_gemm_q8's 3),

@@ -292,30 +292,30 @@ static void FN(lut_decode)(const rbe_lut *m, int64_t r, int64_t c0, int64_t c1, 
     }
 }
 
-/* Steps (and offsets, when the matrix has them) of rows r .. r + n - 1, all groups, as float32:
- * st[i * groups + g]. Half-precision ones are converted VLEN at a time. */
-static void FN(row_steps)(const rbe_lut *m, int64_t r, int n, float *st, float *off) {
+/* Steps times scale (and offsets, when the matrix has them) of rows r .. r + n - 1, all groups,
+ * as float32: st[i * groups + g]. Half-precision ones are converted VLEN at a time. */
+static void FN(row_steps)(const rbe_lut *m, int64_t r, int n, float scale, float *st, float *off) {
     const int64_t groups = m->groups, total = n * groups, at = r * groups;
     if (m->step_kind == RBE_STEP_CODE) {
         for (int i = 0; i < n; i++) {
-            const float rs = m->row_scale[r + i];
+            const float rs = scale * m->row_scale[r + i];
             const uint8_t *code = m->step_code + (r + i) * groups;
             for (int64_t g = 0; g < groups; g++) st[i * groups + g] = rs * (float)code[g];
         }
         return;
     }
     if (m->step_kind == RBE_STEP_F32) {
-        memcpy(st, m->step + at, (size_t)total * sizeof(float));
+        for (int64_t i = 0; i < total; i++) st[i] = scale * m->step[at + i];
         if (m->has_offset) memcpy(off, m->offset + at, (size_t)total * sizeof(float));
         return;
     }
     int64_t i = 0;
     for (; i + VLEN <= total; i += VLEN) {
-        vstore(st + i, vload_h(m->step16 + at + i));
+        vstore(st + i, vmul(vset1(scale), vload_h(m->step16 + at + i)));
         if (m->has_offset) vstore(off + i, vload_h(m->offset16 + at + i));
     }
     for (; i < total; i++) {
-        st[i] = half_to_float(m->step16[at + i]);
+        st[i] = scale * half_to_float(m->step16[at + i]);
         if (m->has_offset) off[i] = half_to_float(m->offset16[at + i]);
     }
 }
@@ -354,7 +354,7 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_body)(const rbe_lu
         const float *st[GEMV_ROWS];
         VF acc[GEMV_ROWS];
         float extra[GEMV_ROWS] = {0};
-        FN(row_steps)(m, r, nr, stf, offf);
+        FN(row_steps)(m, r, nr, 1.0f, stf, offf);
         for (int i = 0; i < GEMV_ROWS; i++) {
             const int ii = i < nr ? i : nr - 1; /* tail rows repeat the last one */
             qr[i] = m->codes + (r + ii) * m->row_bytes;
@@ -458,7 +458,7 @@ static inline __attribute__((always_inline)) void FN(lut_gemv_few_body)(const rb
         const uint8_t *qr[FEW_ROWS];
         VF acc[FEW_TOKENS][FEW_ROWS];
         float extra[FEW_TOKENS][FEW_ROWS] = {{0}};
-        FN(row_steps)(m, r, nr, stf, offf);
+        FN(row_steps)(m, r, nr, 1.0f, stf, offf);
         for (int i = 0; i < FEW_ROWS; i++) {
             qr[i] = m->codes + (r + (i < nr ? i : nr - 1)) * m->row_bytes;
             for (int j = 0; j < FEW_TOKENS; j++) acc[j][i] = vzero();
@@ -768,7 +768,7 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
  * floats each. */
 static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int64_t r, int nr, float *st, float *off,
                            float *fac) {
-    FN(row_steps)(m, r, nr, st, off);
+    FN(row_steps)(m, r, nr, 1.0f, st, off);
     const float alpha = m->q8_alpha / (float)rot;
     for (int64_t g = 0; g < m->groups; g++)
         for (int i = 0; i < Q8_RB; i++) {
@@ -1003,12 +1003,13 @@ typedef struct {
     int64_t from, share, end;
 } q8_ahead;
 /* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
- * t16): per group g, each row's pair dot times the pair's d and the row's factor fac[i * groups
- * + g] (alpha in it) into acc[i]. A function of its own, per narrow, so that the accumulators,
- * the rows' pointers and the table stay in registers (inside lut_gemv_q8 they were spilled). */
+ * t16): per group g, each row's pair dot times the pair's d, plus the group's input-sum term
+ * lead[g] (spread over the lanes), times the row's factor fac[i * groups + g] (alpha in it),
+ * into the row's sum out[i]. A function of its own, per narrow, so that the accumulators, the
+ * rows' pointers and the table stay in registers (inside lut_gemv_q8 they were spilled). */
 static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
-    const uint8_t *const *w, const int8_t *x8, const float *d8, const float *fac, int64_t groups, VI t16,
-    const q8_ahead *next, VF *acc, const int narrow) {
+    const uint8_t *const *w, const int8_t *x8, const float *d8, const float *lead, const float *fac, int64_t groups,
+    VI t16, const q8_ahead *next, float *out, const int narrow) {
     const uint8_t *row[Q8_ONE_ROWS];
     VF a[Q8_ONE_ROWS];
     for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
@@ -1017,26 +1018,21 @@ static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
         VI x[4];
         VF d;
         q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
+        const VF e = vset1(lead[g]);
         for (int i = 0; i < Q8_ONE_ROWS; i++)
-            a[i] = vfma(vi_cvt(q8_nibble_pair_dot(t16, row[i] + 32 * g, x, narrow)), vmul(d, vset1(fac[i * groups + g])), a[i]);
+            a[i] = vfma(vfma(vi_cvt(q8_nibble_pair_dot(t16, row[i] + 32 * g, x, narrow)), d, e), vset1(fac[i * groups + g]), a[i]);
     }
-    for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = a[i];
+    vhsum_rows(a, out);
 }
-static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_narrow)(const uint8_t *const *w, const int8_t *x8, const float *d8,
-                                                                     const float *fac, int64_t groups, VI t16,
-                                                                     const q8_ahead *next, VF *acc) {
-    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 1);
-}
-static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_raw)(const uint8_t *const *w, const int8_t *x8, const float *d8,
-                                                                  const float *fac, int64_t groups, VI t16,
-                                                                  const q8_ahead *next, VF *acc) {
-    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, Q8_RAW_NIBBLES);
-}
-static __attribute__((noinline)) Q8_ATTR void FN(q8_one_pairs_signed)(const uint8_t *const *w, const int8_t *x8, const float *d8,
-                                                                     const float *fac, int64_t groups, VI t16,
-                                                                     const q8_ahead *next, VF *acc) {
-    FN(q8_one_pairs_body)(w, x8, d8, fac, groups, t16, next, acc, 0);
-}
+#define Q8_ONE_PAIRS(name, narrow)                                                                                        \
+    static __attribute__((noinline)) Q8_ATTR void FN(name)(const uint8_t *const *w, const int8_t *x8, const float *d8,  \
+                                                          const float *lead, const float *fac, int64_t groups, VI t16, \
+                                                          const q8_ahead *next, float *out) {                           \
+        FN(q8_one_pairs_body)(w, x8, d8, lead, fac, groups, t16, next, out, narrow);                                   \
+    }
+Q8_ONE_PAIRS(q8_one_pairs_narrow, 1)
+Q8_ONE_PAIRS(q8_one_pairs_raw, Q8_RAW_NIBBLES)
+Q8_ONE_PAIRS(q8_one_pairs_signed, 0)
 #endif
 /* The int8 product of one to Q8_ONE_TOKENS tokens, each on its own (rbe_kernels.lut_gemv_q8):
  * lut_gemm_q8's sum for each input q8_quantize1 made (rotated by rot; token b's record at xq + b
@@ -1094,13 +1090,21 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int cut = 0;
 #endif
+#ifdef Q8_NIBBLE_BLOCK
+    /* one pair a group and no offsets: q8_one_pairs_* do the passes, the input sums' terms inside
+     * them (lead then meets the factors alpha * st, spread over the VLEN lanes) */
+    const int one_pair = pairs && bpg == 2 && !m->has_offset && alpha != 0.0f;
+#else
+    const int one_pair = 0;
+#endif
     const int sums = m->has_offset || beta != 0.0f; /* else the input sums meet nothing */
-    for (int64_t b = 0; b < n && sums; b++) {
+    const float lead_scale = one_pair ? beta / alpha / VLEN : 1.0f;
+    for (int64_t b = 0; b < n && (sums || one_pair); b++) {
         const float *ds = (const float *)(xq + b * rec + 3 * cp);
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
-            lead[b * groups + g] = s;
+            lead[b * groups + g] = s * lead_scale;
         }
     }
     for (int64_t r = r0; r < r1; r += Q8_ONE_ROWS) {
@@ -1111,22 +1115,15 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         else
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
         for (int i = nr; i < Q8_ONE_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
-        FN(row_steps)(m, r, nr, st, off);
+        FN(row_steps)(m, r, nr, one_pair ? alpha : 1.0f, st, off); /* one_pair's factors */
         for (int64_t b = 0; b < n; b++) /* each token's input sums' terms first */
             for (int i = 0; i < nr; i++)
-                y[b * ldy + r + i] = sums ? FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead + b * groups) : 0.0f;
+                y[b * ldy + r + i] = sums && !one_pair ? FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead + b * groups) : 0.0f;
         for (int i = nr; i < Q8_ONE_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
         /* the next pass's codes, a group's share at a time (as lut_gemv_body), with the first token */
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
-#ifdef Q8_NIBBLE_BLOCK
-        const int one_pair = pairs && bpg == 2; /* one pair a group: q8_one_pairs_* do the pass */
-        if (one_pair)
-            for (int64_t k = 0; k < Q8_ONE_ROWS * groups; k++) st[k] *= alpha;
-#else
-        const int one_pair = 0;
-#endif
         for (int64_t b = 0; b < n; b++) {
             const uint8_t *xb = xq + b * rec;
             const int8_t *x8 = (const int8_t *)xb;
@@ -1141,12 +1138,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #ifdef Q8_NIBBLE_BLOCK
             if (one_pair) {
                 const q8_ahead next = {m->codes, ahead, share, fetch_end};
-                if (raw) FN(q8_one_pairs_raw)(w, x8, d8, st, groups, t16, &next, acc);
-                else if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, st, groups, t16, &next, acc);
-                else FN(q8_one_pairs_signed)(w, x8, d8, st, groups, t16, &next, acc);
+                const float *lb = lead + b * groups;
+                float out[Q8_ONE_ROWS];
+                if (raw) FN(q8_one_pairs_raw)(w, x8, d8, lb, st, groups, t16, &next, out);
+                else if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, lb, st, groups, t16, &next, out);
+                else FN(q8_one_pairs_signed)(w, x8, d8, lb, st, groups, t16, &next, out);
+                for (int i = 0; i < nr; i++) y[b * ldy + r + i] += out[i];
+                continue;
             }
 #endif
-            for (int64_t g = 0; g < groups && !one_pair; g++) {
+            for (int64_t g = 0; g < groups; g++) {
                 FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, fetch_end));
                 VF ga[Q8_ONE_ROWS];
                 for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
