@@ -325,6 +325,14 @@ def prepare(shape: str, cache: Path, tools: Path, reconvert: bool,
     return files, conversions
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read ``path`` once, so that a run starts with its file in the page cache (as the table
+    states), not partly evicted by the previous variant's."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def measure(shape: str, files: dict[str, Path], lib_dir: Path, args) -> dict[str, dict]:
     """Medians over interleaved rounds of every variant, each run in a fresh process."""
     prompt = prompt_tokens(args.prompt_tokens)
@@ -332,6 +340,7 @@ def measure(shape: str, files: dict[str, Path], lib_dir: Path, args) -> dict[str
     for rnd in range(args.rounds):
         args.bandwidths.append(bandwidth(args.threads))  # the machine's, now: shared VMs drift
         for name, path in files.items():
+            warm_page_cache(path)
             if name.startswith("rbe"):
                 r = in_child("s.run_rbe", str(path), args.threads, prompt, args.new_tokens)
             else:

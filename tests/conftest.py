@@ -10,9 +10,10 @@ import pytest
 import rbe_core
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def backend():
-    """The backend the suite was asked to test; never a silent substitute."""
+    """The backend the suite was asked to test, as the registry holds it now (tests that reload the
+    plugins make new backend objects); never a silent substitute."""
     requested = os.environ.get("RBE_BACKEND")
     chosen = rbe_core.get_backend()
     if requested:

@@ -1004,12 +1004,12 @@ typedef struct {
 } q8_ahead;
 /* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
  * t16): per group g, each row's pair dot times the pair's d, plus the group's input-sum term
- * lead[g] (spread over the lanes), times the row's factor fac[i * groups + g] (alpha in it),
- * into the row's sum out[i]. A function of its own, per narrow, so that the accumulators, the
+ * lead[g] * c (c spreads it over the lanes), times the row's factor fac[i * groups + g] (alpha
+ * in it), into the row's sum out[i]. A function of its own, per narrow, so that the accumulators, the
  * rows' pointers and the table stay in registers (inside lut_gemv_q8 they were spilled). */
 static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
-    const uint8_t *const *w, const int8_t *x8, const float *d8, const float *lead, const float *fac, int64_t groups,
-    VI t16, const q8_ahead *next, float *out, const int narrow) {
+    const uint8_t *const *w, const int8_t *x8, const float *d8, const float *lead, float c, const float *fac,
+    int64_t groups, VI t16, const q8_ahead *next, float *out, const int narrow) {
     const uint8_t *row[Q8_ONE_ROWS];
     VF a[Q8_ONE_ROWS];
     for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
@@ -1018,7 +1018,7 @@ static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
         VI x[4];
         VF d;
         q8_pair_inputs(x8 + 64 * g, d8 + 16 * g, x, &d);
-        const VF e = vset1(lead[g]);
+        const VF e = vset1(c * lead[g]);
         for (int i = 0; i < Q8_ONE_ROWS; i++)
             a[i] = vfma(vfma(vi_cvt(q8_nibble_pair_dot(t16, row[i] + 32 * g, x, narrow)), d, e), vset1(fac[i * groups + g]), a[i]);
     }
@@ -1026,9 +1026,9 @@ static inline __attribute__((always_inline)) void FN(q8_one_pairs_body)(
 }
 #define Q8_ONE_PAIRS(name, narrow)                                                                                        \
     static __attribute__((noinline)) Q8_ATTR void FN(name)(const uint8_t *const *w, const int8_t *x8, const float *d8,  \
-                                                          const float *lead, const float *fac, int64_t groups, VI t16, \
-                                                          const q8_ahead *next, float *out) {                           \
-        FN(q8_one_pairs_body)(w, x8, d8, lead, fac, groups, t16, next, out, narrow);                                   \
+                                                          const float *lead, float c, const float *fac, int64_t groups, \
+                                                          VI t16, const q8_ahead *next, float *out) {                   \
+        FN(q8_one_pairs_body)(w, x8, d8, lead, c, fac, groups, t16, next, out, narrow);                                \
     }
 Q8_ONE_PAIRS(q8_one_pairs_narrow, 1)
 Q8_ONE_PAIRS(q8_one_pairs_raw, Q8_RAW_NIBBLES)
@@ -1091,20 +1091,21 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int cut = 0;
 #endif
 #ifdef Q8_NIBBLE_BLOCK
-    /* one pair a group and no offsets: q8_one_pairs_* do the passes, the input sums' terms inside
-     * them (lead then meets the factors alpha * st, spread over the VLEN lanes) */
-    const int one_pair = pairs && bpg == 2 && !m->has_offset && alpha != 0.0f;
+    /* one pair a group: q8_one_pairs_* do the passes, beta's input-sum terms inside them (lead
+     * times lead_scale meets the factors alpha * st, spread over the VLEN lanes); offsets' terms
+     * stay in lead_terms */
+    const int one_pair = pairs && bpg == 2 && alpha != 0.0f;
 #else
     const int one_pair = 0;
 #endif
     const int sums = m->has_offset || beta != 0.0f; /* else the input sums meet nothing */
-    const float lead_scale = one_pair ? beta / alpha / VLEN : 1.0f;
+    const float lead_scale = one_pair ? beta / alpha / VLEN : 0.0f;
     for (int64_t b = 0; b < n && (sums || one_pair); b++) {
         const float *ds = (const float *)(xq + b * rec + 3 * cp);
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t k = g * bpg; k < (g + 1) * bpg; k++) s += ds[k];
-            lead[b * groups + g] = s * lead_scale;
+            lead[b * groups + g] = s;
         }
     }
     for (int64_t r = r0; r < r1; r += Q8_ONE_ROWS) {
@@ -1118,7 +1119,9 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         FN(row_steps)(m, r, nr, one_pair ? alpha : 1.0f, st, off); /* one_pair's factors */
         for (int64_t b = 0; b < n; b++) /* each token's input sums' terms first */
             for (int i = 0; i < nr; i++)
-                y[b * ldy + r + i] = sums && !one_pair ? FN(lead_terms)(m, beta, st + i * groups, off + i * groups, lead + b * groups) : 0.0f;
+                y[b * ldy + r + i] = (one_pair ? m->has_offset : sums)
+                                         ? FN(lead_terms)(m, one_pair ? 0.0f : beta, st + i * groups, off + i * groups, lead + b * groups)
+                                         : 0.0f;
         for (int i = nr; i < Q8_ONE_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
         /* the next pass's codes, a group's share at a time (as lut_gemv_body), with the first token */
@@ -1140,9 +1143,9 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 const q8_ahead next = {m->codes, ahead, share, fetch_end};
                 const float *lb = lead + b * groups;
                 float out[Q8_ONE_ROWS];
-                if (raw) FN(q8_one_pairs_raw)(w, x8, d8, lb, st, groups, t16, &next, out);
-                else if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, lb, st, groups, t16, &next, out);
-                else FN(q8_one_pairs_signed)(w, x8, d8, lb, st, groups, t16, &next, out);
+                if (raw) FN(q8_one_pairs_raw)(w, x8, d8, lb, lead_scale, st, groups, t16, &next, out);
+                else if (narrow) FN(q8_one_pairs_narrow)(w, x8, d8, lb, lead_scale, st, groups, t16, &next, out);
+                else FN(q8_one_pairs_signed)(w, x8, d8, lb, lead_scale, st, groups, t16, &next, out);
                 for (int i = 0; i < nr; i++) y[b * ldy + r + i] += out[i];
                 continue;
             }
