@@ -14,12 +14,14 @@ measures them honestly (quality needs real weights: benchmarks/quality.py). Per 
 2. conversions, each timed in its own process with its peak RSS (``ru_maxrss``):
    ``rbe convert`` (hadamard 4-bit, trellis 4-bit and int4, ``--no-calibration``) and llama.cpp's own
    ``llama-quantize`` (IQ4_XS and Q4_0, no importance matrix);
-3. the machine's read bandwidth before every round (``bandwidth()``: a C loop reading 1 GiB with
-   every thread; the median is the table's);
+3. the machine's read bandwidth just before every run (``bandwidth()``: a C loop reading 1 GiB
+   with every thread): shared machines drift by a third within minutes, so each decode is set
+   against the bandwidth probed next to it;
 4. prefill and greedy decode, every variant in a fresh process, rounds interleaved, medians:
    rbe's native engine through ``load_inference`` (what ``rbe infer`` runs; no torch) and
    llama.cpp through llama-cpp-python; each decode's share of the read bandwidth is its weight
-   bytes per token times tokens per second over the measured bandwidth.
+   bytes per token times tokens per second over the bandwidth probed before that run (median over
+   the rounds).
 
 llama.cpp's tools are built from the source vendored in the ``llama-cpp-python`` sdist
 (``ensure_llama_tools``) and llama-cpp-python itself by ``benchmarks/decode.py``'s
@@ -29,8 +31,11 @@ llama.cpp's tools are built from the source vendored in the ``llama-cpp-python``
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -243,13 +248,20 @@ int main(int argc, char **argv) {
 """
 
 
+@functools.cache
+def bandwidth_probe() -> Path:
+    """The compiled ``BANDWIDTH_C`` (in a directory that lives as long as this process)."""
+    tmp = Path(tempfile.mkdtemp(prefix="rbe-bw-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    (tmp / "bw.c").write_text(BANDWIDTH_C)
+    subprocess.run(["gcc", "-O2", "-mavx", "-pthread", str(tmp / "bw.c"), "-o", str(tmp / "bw")], check=True)
+    return tmp / "bw"
+
+
 def bandwidth(threads: int) -> float:
     """Read bandwidth in GB/s: ``threads`` threads summing disjoint slices of 1 GiB, best of 5."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, exe = Path(tmp) / "bw.c", Path(tmp) / "bw"
-        src.write_text(BANDWIDTH_C)
-        subprocess.run(["gcc", "-O2", "-mavx", "-pthread", str(src), "-o", str(exe)], check=True)
-        return float(subprocess.run([str(exe), str(threads)], capture_output=True, text=True, check=True).stdout)
+    return float(subprocess.run([str(bandwidth_probe()), str(threads)], capture_output=True, text=True,
+                                check=True).stdout)
 
 
 def run_rbe(path: str, threads: int, prompt: list[int], new: int) -> dict:
@@ -337,21 +349,25 @@ def measure(shape: str, files: dict[str, Path], lib_dir: Path, args) -> dict[str
     """Medians over interleaved rounds of every variant, each run in a fresh process."""
     prompt = prompt_tokens(args.prompt_tokens)
     runs: dict[str, list[dict]] = {name: [] for name in files}
+    per_token = {name: weight_bytes_per_token(path, SHAPES[shape]) for name, path in files.items()}
     for rnd in range(args.rounds):
-        args.bandwidths.append(bandwidth(args.threads))  # the machine's, now: shared VMs drift
         for name, path in files.items():
             warm_page_cache(path)
+            probed = bandwidth(args.threads)  # the machine's, now: shared VMs drift
+            args.bandwidths.append(probed)
             if name.startswith("rbe"):
                 r = in_child("s.run_rbe", str(path), args.threads, prompt, args.new_tokens)
             else:
                 r = in_child("d.run_llama_cpp", str(path), str(lib_dir), args.threads, prompt, args.new_tokens)
+            r["share"] = per_token[name] * r["decode"] / (probed * 1e9)
             runs[name].append(r)
             print(f"{shape} round {rnd + 1} {name:<22} prefill {r['prefill']:6.1f} decode {r['decode']:5.1f} tok/s "
-                  f"peak RSS {r['peak_rss_mb']:5.0f} MB load {r['load_s']:.2f} s", file=sys.stderr)
+                  f"(BW share {r['share']:.0%} of {probed:.1f} GB/s) peak RSS {r['peak_rss_mb']:5.0f} MB "
+                  f"load {r['load_s']:.2f} s", file=sys.stderr)
     out = {}
     for name, rs in runs.items():
-        out[name] = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode", "peak_rss_mb", "load_s")}
-        out[name]["bytes_per_token"] = weight_bytes_per_token(files[name], SHAPES[shape])
+        out[name] = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode", "share", "peak_rss_mb",
+                                                                       "load_s")}
         out[name]["file_mb"] = files[name].stat().st_size / 1e6
     return out
 
@@ -361,13 +377,14 @@ def markdown(results: dict, meta: dict, command: str) -> str:
     lines = [MARK_BEGIN, "## Real size against llama.cpp (`benchmarks/scale.py`)", "",
              f"Shapes (hidden, layers, heads, kv heads, ffn, vocab[, experts, experts per token]): {shapes}.", "",
              f"Generated by `{command}` on {meta['cpu']}, {meta['threads']} threads, measured read bandwidth "
-             f"{meta['bandwidth']:.1f} GB/s (median of one probe per round: "
-             f"{', '.join(f'{b:.1f}' for b in meta['bandwidths'])}; {meta['threads']} threads reading 1 GiB, "
+             f"{meta['bandwidth']:.1f} GB/s (median of one probe before every run, "
+             f"{min(meta['bandwidths']):.1f}–{max(meta['bandwidths']):.1f}; {meta['threads']} threads reading 1 GiB, "
              "best of 5). Random weights of the real "
              f"shapes (speed and memory do not depend on the values); {meta['prompt']} prompt tokens, "
              f"{meta['new']} greedy tokens; every variant in a fresh process, {meta['rounds']} interleaved rounds, "
              "medians. Ratios to the llama.cpp peer in the same run (IQ4_XS for hadamard and trellis 4-bit, Q4_0 for int4). "
-             "`BW share`: bytes of weights one decode step reads × tokens/s ÷ measured bandwidth; `load s`: "
+             "`BW share`: bytes of weights one decode step reads × tokens/s ÷ the bandwidth probed just before "
+             "that run, median over the rounds; `load s`: "
              "opening the file until the model can run (page cache warm).", "",
              "| shape | variant | file MB | prefill tok/s | decode tok/s | prefill ratio | decode ratio | BW share "
              "| peak RSS MB | load s | conversion s | conversion peak RSS MB |",
@@ -376,11 +393,10 @@ def markdown(results: dict, meta: dict, command: str) -> str:
         for name, r in res["speed"].items():
             peer = res["speed"].get(PEERS.get(name, ""))
             ratio = [f"{r[k] / peer[k]:.2f}×" if peer else "" for k in ("prefill", "decode")]
-            share = r["bytes_per_token"] * r["decode"] / (meta["bandwidth"] * 1e9)
             conv = res["conversions"][name]
             conv_txt = [f"{conv['seconds']:.0f}", f"{conv['peak_rss_mb']:.0f}"]
             lines.append(f"| {shape} | {name} | {r['file_mb']:.0f} | {r['prefill']:.1f} | {r['decode']:.2f} | "
-                         f"{ratio[0]} | {ratio[1]} | {share:.0%} | {r['peak_rss_mb']:.0f} | {r['load_s']:.2f} | {conv_txt[0]} | "
+                         f"{ratio[0]} | {ratio[1]} | {r['share']:.0%} | {r['peak_rss_mb']:.0f} | {r['load_s']:.2f} | {conv_txt[0]} | "
                          f"{conv_txt[1]} |")
     return "\n".join([*lines, "", MARK_END, ""])
 
