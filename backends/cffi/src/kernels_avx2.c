@@ -246,6 +246,7 @@ static inline void lut_block32_avx2(const rbe_lut *m, const lutreg *t, const uin
  * 4-bit 31-33 -> 37 tok/s against 2 rows, AMD EPYC; 6 rows no faster, 8 slower) */
 #define Q8_ONE_ROWS 4
 /* out[i] = the sum of a[i]'s lanes, the pass's four rows at once. */
+_Static_assert(Q8_ONE_ROWS == 4, "vhsum_rows reduces four rows");
 static inline void vhsum_rows(const __m256 *a, float *out) {
     const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
