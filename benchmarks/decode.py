@@ -120,11 +120,7 @@ def run_llama_cpp(path: str, lib_dir: str, threads: int, prompt: list[int], new:
 
 def cmake_args() -> str:
     """Portable build flags (no -march=native) with every ISA extension this CPU reports."""
-    have = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            break
+    have = cpu_flags()
     isa = " ".join(f"-DGGML_{k}={'ON' if all(f in have for f in need) else 'OFF'}" for k, need in GGML_ISA.items())
     return f"-DGGML_NATIVE=OFF {isa} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
 
@@ -260,16 +256,27 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
 VECTOR_ISAS = (("avx512vbmi", "AVX-512 VBMI"), ("avx512_vnni", "VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return fh.read().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    return set(next((ln.split(":", 1)[1].split() for ln in _cpuinfo() if ln.startswith("flags")), []))
+
+
 def cpu_name() -> str:
     """The CPU model and its widest vector extensions, for the tables (these machines change
     between runs, and "AMD EPYC" alone names both AVX2-only and AVX-512 parts)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+    lines = _cpuinfo()
+    if not lines:
         return "?"
     name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    flags = cpu_flags()
     isas = [label for flag, label in VECTOR_ISAS if flag in flags]
     return f"{name} ({', '.join(isas) or 'no AVX2'})"
 
