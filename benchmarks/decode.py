@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -256,6 +257,11 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
 VECTOR_ISAS = (("avx512vbmi", "AVX-512 VBMI"), ("avx512_vnni", "VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How this benchmark was started, quoted so that the line can be pasted into a shell."""
+    return shlex.join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
 def _cpuinfo() -> list[str]:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -346,7 +352,7 @@ def main(argv=None) -> int:
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB  {r.get('split_ms', '')}", file=sys.stderr)
     meta = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "load": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
             "prompt": len(prompt), "new": args.new_tokens, "repeat": max(1, args.repeat)}
-    command = " ".join(["python benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("decode.py", argv)
     text = markdown(rows, command, meta)
     if args.out == "-":
         print(text)

@@ -36,6 +36,7 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in ENV.items()
     os.environ.update(ENV)
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
+import decode as d  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -279,8 +280,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     results = run(shapes, args.batches, CODECS, args.backends, args.threads)
     load = f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"
-    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
-    command = " ".join(["python benchmarks/kernels.py", *shown])
+    command = d.command_line("kernels.py", argv)
     text = markdown(results, command, args.threads, load)
     if args.out == "-":
         print(text)

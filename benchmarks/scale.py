@@ -446,7 +446,7 @@ def main(argv=None) -> int:
         return 0
     meta = {"cpu": d.cpu_name(), "threads": args.threads, "bandwidth": statistics.median(args.bandwidths),
             "bandwidths": args.bandwidths, "prompt": args.prompt_tokens, "new": args.new_tokens, "rounds": args.rounds}
-    command = " ".join(["python benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])])
+    command = d.command_line("scale.py", argv)
     d.publish(markdown(results, meta, command), args.out, MARK_BEGIN, MARK_END)
     return 0
 

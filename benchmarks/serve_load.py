@@ -449,8 +449,7 @@ def main(argv=None) -> int:
             s.stop()
     full = None if args.no_queue_test else queue_full(model, args.backend, name, args.threads,
                                                        longs[-1] if longs else PROMPTS[0])
-    argv_list = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/serve_load.py", *argv_list]), "cpu": d.cpu_name(),
+    meta = {"command": d.command_line("serve_load.py", argv), "cpu": d.cpu_name(),
             "cores": len(os.sched_getaffinity(0)), "load": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
             "rbe_model": name, "backend": args.backend, "slots": slots, "gguf": gguf.name if gguf else "—",
             "threads": args.threads, "ctx_per_slot": ctx_per_slot,
