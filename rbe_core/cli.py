@@ -561,7 +561,8 @@ def _draining_server_class():
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests waiting per model; more are answered 503 at once.")
 @click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True,
-              help="Sequences generated at once per model (interleaved token by token).")
+              help="Sequences generated at once per model (the native engine advances them in one batched "
+                   "pass a round; each holds a KV cache slot).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds a request may take (and how long shutdown waits for running ones).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
