@@ -14,7 +14,7 @@ requests with one system prompt) is copied into the job's slot rather than compu
 prompt whose prefix this round computes for another waits a round to copy it. In the torch modules every round advances each job by one
 token, its state carrying its cache. Each token is picked from logits adjusted per job
 (``Decoding``: bias, penalties; a grammar's mask) and may report its logprobs. Text leaves in pieces that never
-split a UTF-8 character (the tokenizer's decode of all new tokens, held back while it ends in
+split a UTF-8 character (decoded as the tokens arrive, ``ReplyText``; held back while it ends in
 U+FFFD) and never show the start of a stop string that may still complete. A cancelled job
 (client gone) or one past its deadline is dropped before its next token.
 """
@@ -59,6 +59,32 @@ def _reusable(cached: Iterable[int], ids: list[int]) -> int:
     return min(n, len(ids) - 1)
 
 
+class ReplyText:
+    """A reply's text, decoded as its tokens arrive: equals ``tokenizer.decode(tokens)`` at every
+    length that ends on a whole character, at a cost that does not grow with the reply (decoding
+    the whole reply at every token: 119 µs a token over a 1,500-token reply, 371 µs over 4,000, on
+    SmolLM2's tokenizer; this: 4 and 6.5 µs). Text up to the last token that ended on a whole
+    character is kept and never changes; each call decodes only the tokens after it, beside the
+    piece before it (``start``) so that decoders which treat a piece's start specially (a
+    stripped leading space) read them in context. (Where a run of byte pieces never completes a
+    character, SentencePiece's byte fallback turns the whole run into U+FFFD in a full decode;
+    the reply keeps the characters it had already completed.)"""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.kept = ""  # the text of tokens[:done], ending on a whole character
+        self._start = self._done = 0
+
+    def __call__(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (the same list, grown since the last call)."""
+        before = self._tok.decode(tokens[self._start:self._done], skip_special_tokens=False)
+        window = self._tok.decode(tokens[self._start:], skip_special_tokens=False)
+        text = self.kept + window[len(before):]
+        if not text.endswith("\ufffd"):  # a whole character: keep it
+            self.kept, self._start, self._done = text, self._done, len(tokens)
+        return text
+
+
 class QueueFull(Exception):
     """The model's queue holds ``max_queue`` waiting requests."""
 
@@ -98,6 +124,7 @@ class Job:
         self.submitted = time.perf_counter()
         self.tokens: list[int] = []  # generated, EOS excluded
         self.shown = ""  # text emitted so far
+        self.text: ReplyText | None = None  # the generator's tokenizer's, from the first token
         self.state: Any = None
         self.slot: int | None = None
         self.fed = 0  # native engine: positions of this sequence in its slot's KV cache
@@ -301,8 +328,10 @@ class Generator:
             job.logprobs.append(_logprob_entry(z, token, d.top_logprobs))
         job.tokens.append(token)
         job.counts[token] += 1
+        # a stop string ends after the text kept so far (else an earlier token would have stopped)
+        start = max(0, len(job.text.kept if job.text else "") - max(map(len, job.stops), default=0) + 1)
         text = self._text(job)
-        cut = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s, start) for s in job.stops) if i >= 0), default=-1)
         if cut >= 0:
             self._done(job, "stop", text[:cut])
             return
@@ -327,7 +356,9 @@ class Generator:
         job.shown, job.logprobs = text, []
 
     def _text(self, job: Job) -> str:
-        return self._tok.decode(job.tokens, skip_special_tokens=False)
+        if job.text is None:
+            job.text = ReplyText(self._tok)
+        return job.text(job.tokens)
 
     def _done(self, job: Job, reason: str, text: str) -> None:
         text = text.rstrip("\ufffd") if reason == "length" and text.endswith("\ufffd") else text

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _model_helpers import byte_level_vocab, torch  # noqa: E402
 
 from rbe_core.serve.metrics import Metrics  # noqa: E402
-from rbe_core.serve.worker import Decoding, Generator, Job, QueueFull  # noqa: E402
+from rbe_core.serve.worker import Decoding, Generator, Job, QueueFull, ReplyText  # noqa: E402
 
 EOS = 299
 
@@ -28,6 +28,54 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
+
+
+def sentencepiece_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2, Mistral, Gemma): word pieces marked with ``▁``,
+    bytes as ``<0xNN>`` pieces, and a decoder that strips the text's leading space."""
+    from tokenizers import Tokenizer, decoders, models
+
+    pieces = ["<unk>", *(f"<0x{b:02X}>" for b in range(256)), "▁", "▁hello", "▁world", "he", "llo", "▁the", ".", "▁a"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(pieces)}, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+def test_reply_text_is_the_decode_of_every_prefix():
+    """Decoded token by token, a byte-level reply's text is the tokenizer's decode of all its
+    tokens at every length: characters cut across tokens, bytes that never make a character."""
+    tok = tokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ids = [int(i) for i in rng.integers(0, tok.get_vocab_size(), 40)]
+        for k in rng.integers(0, len(ids), 10):
+            ids[k:k] = tok.encode("é你🙂").ids
+        text = ReplyText(tok)
+        for n in range(1, len(ids) + 1):
+            assert text(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=False)
+
+
+def test_reply_text_of_sentencepiece_pieces_reads_each_in_context():
+    """With a decoder that strips the text's leading space and turns byte pieces into characters,
+    the reply's text is the decode of all its tokens wherever that ends on a whole character, and
+    never changes what it already gave (a run of byte pieces that stays incomplete turns into
+    U+FFFD as a whole in the full decode; the reply keeps the characters it completed)."""
+    tok = sentencepiece_tokenizer()
+    rng = np.random.default_rng(1)
+    words = [tok.token_to_id(t) for t in ("▁", "▁hello", "▁world", "he", "llo", "▁the", ".", "▁a")]
+    byte = [tok.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+    for _ in range(40):
+        run = [byte[b] for b in "é你🙂".encode()]
+        ids = [t for i in rng.integers(0, len(words) + 1, 36) for t in ([words[i]] if i < len(words) else run)]
+        text, seen = ReplyText(tok), ""
+        for n in range(1, len(ids) + 1):
+            got, full = text(ids[:n]), tok.decode(ids[:n], skip_special_tokens=False)
+            if not full.endswith("\ufffd"):
+                assert got == full
+            assert got.startswith(text.kept) and text.kept.startswith(seen)
+            seen = text.kept
+        assert got == full
 
 
 class Scripted:
