@@ -548,7 +548,7 @@ class _SequentialEncoder:
         """Run every batch once, finding the next stage (the Linears that read the same input) and
         summing its Gram (and cross term)."""
         state: dict[str, Any] = {"stage": [], "key": None, "fixed": False, "xtx": None, "count": 0, "mask": None,
-                                 "rows": None, "cross": None, "no_cross": False}
+                                 "rows": None, "cross": None, "no_cross": False, "input": None}
         hook = self._stage_hook(state, remaining)
         hooks = [m.register_forward_pre_hook(hook) for m in modules if id(m) in remaining]
         try:
@@ -580,10 +580,14 @@ class _SequentialEncoder:
                 return
             x, n = args[0], self.todo[id(mod)]
             if not state["fixed"]:
-                key = (x.data_ptr(), tuple(x.shape))
+                # one input: the same memory, layout and version (in-place writes bump it; inference
+                # tensors keep none); the first is held (state["input"]) so that no later tensor can
+                # take its memory (a freed input's address reused by the next Linear's input had
+                # grouped the two)
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), 0 if x.is_inference() else x._version)
                 if state["key"] is not None and key != state["key"]:
                     raise _Stop
-                state["key"] = key
+                state["key"], state["input"] = key, x
                 if n in state["stage"]:
                     return
                 state["stage"].append(n)
