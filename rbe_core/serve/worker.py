@@ -124,7 +124,7 @@ class Job:
         self.submitted = time.perf_counter()
         self.tokens: list[int] = []  # generated, EOS excluded
         self.shown = ""  # text emitted so far
-        self.text: ReplyText | None = None  # the generator's tokenizer's, from the first token
+        self.text: ReplyText | None = None  # set by ``Generator.submit`` (its tokenizer's)
         self.state: Any = None
         self.slot: int | None = None
         self.fed = 0  # native engine: positions of this sequence in its slot's KV cache
@@ -169,6 +169,7 @@ class Generator:
                 raise APIError(503, f"model {self.name!r} is being unloaded", type="server_error")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue of model {self.name!r} is full ({self.max_queue} waiting)")
+            job.text = ReplyText(self._tok)
             self._pending.append(job)
             self._cv.notify()
 
@@ -322,15 +323,15 @@ class Generator:
         job.last = now
         self.metrics.add("generation_tokens", 1)
         if token in model.eos_ids:
-            self._done(job, "stop", self._text(job))
+            self._done(job, "stop", job.text(job.tokens))
             return
         if d.top_logprobs is not None:
             job.logprobs.append(_logprob_entry(z, token, d.top_logprobs))
         job.tokens.append(token)
         job.counts[token] += 1
         # a stop string ends after the text kept so far (else an earlier token would have stopped)
-        start = max(0, len(job.text.kept if job.text else "") - max(map(len, job.stops), default=0) + 1)
-        text = self._text(job)
+        start = max(0, len(job.text.kept) - max(map(len, job.stops), default=0) + 1)
+        text = job.text(job.tokens)
         cut = min((i for i in (text.find(s, start) for s in job.stops) if i >= 0), default=-1)
         if cut >= 0:
             self._done(job, "stop", text[:cut])
@@ -354,11 +355,6 @@ class Generator:
         """Emit what ``text`` adds to what the job showed, with the logprobs gathered since."""
         job.emit("text", text[len(job.shown):], job.logprobs)
         job.shown, job.logprobs = text, []
-
-    def _text(self, job: Job) -> str:
-        if job.text is None:
-            job.text = ReplyText(self._tok)
-        return job.text(job.tokens)
 
     def _done(self, job: Job, reason: str, text: str) -> None:
         text = text.rstrip("\ufffd") if reason == "length" and text.endswith("\ufffd") else text
