@@ -145,7 +145,7 @@ def _int8_levels(m: LoweredMatrix):
 
 # Tokens up to which the int8 product runs each token on its own (lut_gemv_q8), per ISA
 # (kernels_*.c's Q8_ONE_TOKENS); more run in tiles (lut_gemm_q8).
-_ONE_BY_ONE = {"avx2": 4}
+_ONE_BY_ONE = {"avx2": 4, "avx512": 2, "avx512vbmi": 2}
 
 
 def _one_by_one(n: int, isa: str) -> bool:
