@@ -230,9 +230,10 @@ static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m
  * in a noisy hour, one by one / as before: 1B hadamard 4-bit k = 2: 44-53 / 70, 3: 65-70 / 94-98,
  * 4: 82-85 / 95-101, 6: 119-121 / 97-107; SmolLM2 int4 k = 2: 8.0-10.0 / 13.7-13.9, 4: 15.3-15.7 /
  * 16.3-18.0; SmolLM2 trellis 4.25 k = 2: 10.5-12.7 / 16.1-20.0, 3: 16.1-20.3 / 16.1-18.9, 4:
- * 23.1-24.1 / 17.4-19.8. Zen 4 executes a 512-bit vpdpbusd as two 256-bit halves, so
- * lut_gemm_q8's tiles of 16 tokens (8 idle lanes at k = 8) cost it about twice a Xeon's (1B
- * hadamard k = 8: 100-125 ms a step, against 53-62 on the Intel Xeon of docs/serving.md). */
+ * 23.1-24.1 / 17.4-19.8: 3 and more stay in tiles. On Zen 4 lut_gemm_q8 costs about the same
+ * from 3 to 16 tokens (1B hadamard 94-113 ms a step, against 53-62 at 8 on the Intel Xeon of
+ * docs/serving.md); a pass on 256-bit vectors for tiles of at most 8 tokens did not change that
+ * (docs/serving.md, end), so its idle lanes are not the cost. */
 #define Q8_ONE_TOKENS 2
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
