@@ -260,6 +260,22 @@ static inline __m512i q8_nibble_pair(__m512i t, const uint8_t *p) {
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
     return _mm512_shuffle_epi8(t, _mm512_and_si512(both, _mm512_set1_epi8(15)));
 }
+/* lut_gemv_q8's nibble quads (Q8_NIBBLE_QUAD): four blocks' 64 code bytes at p through the
+ * 16-entry table t (in every 128-bit lane, so t[j] = t[j & 15]) come out as the low nibbles'
+ * weight bytes (each block's columns 0-15) in lo and the high ones' (16-31) in hi. VBMI looks
+ * the bytes up by vpermb, whose index ignores bits 6-7, and t's repeats ignore bits 4-5: no masks. */
+#define Q8_NIBBLE_QUAD 1
+static inline void q8_nibble_quad(__m512i t, const uint8_t *p, __m512i *lo, __m512i *hi) {
+    const __m512i v = _mm512_loadu_si512((const void *)p), v4 = _mm512_srli_epi16(v, 4);
+#ifdef RBE_AVX512_VBMI
+    *lo = _mm512_permutexvar_epi8(v, t);
+    *hi = _mm512_permutexvar_epi8(v4, t);
+#else
+    const __m512i k = _mm512_set1_epi8(15);
+    *lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
+    *hi = _mm512_shuffle_epi8(t, _mm512_and_si512(v4, k));
+#endif
+}
 static inline __m512i q8_pair_order(__m512i v) {
     return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), v);
 }

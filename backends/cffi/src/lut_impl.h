@@ -996,12 +996,66 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
 #endif
 _Static_assert(Q8_ONE_ROWS <= Q8_RB && Q8_ONE_TOKENS <= 2 * Q8_RB + VLEN + 1, "lut_gemv_q8's factors and input sums fit q8_scratch");
 
-#ifdef Q8_NIBBLE_BLOCK
-/* Where lut_gemv_q8 requests the next pass's codes: [from, end) of codes, a share a group. */
+#if defined(Q8_NIBBLE_BLOCK) || defined(Q8_NIBBLE_QUAD)
+/* Where lut_gemv_q8 requests the next pass's codes: [from, end) of codes, a share a group (or
+ * a quad). */
 typedef struct {
     const uint8_t *codes;
     int64_t from, share, end;
 } q8_ahead;
+#endif
+#ifdef Q8_NIBBLE_QUAD
+/* One token's inputs for q8_one_quads, per 128 columns (four blocks): the 16 columns each
+ * block's low nibbles meet (q8_nibble_quad's lo), the 16 its high nibbles meet, d per lane (a
+ * block's four lanes alike), and the zero-point corrections, at each block's first lane. */
+typedef struct {
+    int8_t lo[64], hi[64];
+    float d[16];
+    int32_t z[16];
+} q8_quad;
+_Static_assert(2 * Q8_ONE_TOKENS <= Q8_RB, "lut_gemv_q8's quads (2 bytes a column and token) fit the panel");
+/* The quads of a RBE_Q8_ONE record xb over cp columns (cp / 128 of them) into q. */
+static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
+    const int8_t *x8 = (const int8_t *)xb;
+    const float *d8 = (const float *)(xb + cp);
+    const int32_t *z8 = (const int32_t *)(xb + 2 * cp);
+    for (int64_t k = 0; k + 4 <= cp / 32; k += 4, q++)
+        for (int b = 0; b < 4; b++) {
+            memcpy(q->lo + 16 * b, x8 + 32 * (k + b), 16);
+            memcpy(q->hi + 16 * b, x8 + 32 * (k + b) + 16, 16);
+            for (int l = 0; l < 4; l++) q->d[4 * b + l] = d8[8 * (k + b)], q->z[4 * b + l] = l ? 0 : z8[8 * (k + b)];
+        }
+}
+/* lut_gemv_q8's pass over the first 128 * quads columns of Q8_ONE_ROWS rows of nibble codes
+ * (unrotated, table t, groups of gs columns, gs dividing 128 or a multiple of it): per quad, each
+ * row's two products (low and high nibbles, started at the corrections) times d and the row's
+ * factors st[i * groups + g] of the quad's groups, lane by lane, into out[i]. The four blocks'
+ * codes are unpacked by one load, so 128 weights cost what a nibble pair's 64 do. */
+static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads)(const uint8_t *const *w, const q8_quad *x, int64_t quads,
+                                                               const float *st, int64_t groups, int64_t gs, VI t,
+                                                               const q8_ahead *next, float *out) {
+    int32_t lane_group[16]; /* a lane's group, counted from the quad's first */
+    for (int l = 0; l < 16; l++) lane_group[l] = gs <= 128 ? (int32_t)(32 * (l / 4) / gs) : 0;
+    const VI sel = vi_load(lane_group);
+    const uint8_t *row[Q8_ONE_ROWS];
+    VF a[Q8_ONE_ROWS];
+    for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
+    for (int64_t q = 0; q < quads; q++) {
+        FN(prefetch_codes)(next->codes, next->from + q * next->share, rbe_min(next->from + (q + 1) * next->share, next->end));
+        const VI xl = vi_load(x[q].lo), xh = vi_load(x[q].hi), z = vi_load(x[q].z);
+        const VF d = vload(x[q].d);
+        const int64_t g = q * 128 / gs;
+        for (int i = 0; i < Q8_ONE_ROWS; i++) {
+            VI lo, hi;
+            q8_nibble_quad(t, row[i] + 64 * q, &lo, &hi);
+            const VF f = _mm512_permutexvar_ps(sel, _mm512_castps128_ps512(_mm_loadu_ps(st + i * groups + g)));
+            a[i] = vfma(vi_cvt(vi_dot(vi_dot(z, lo, xl), hi, xh)), vmul(d, f), a[i]);
+        }
+    }
+    for (int i = 0; i < Q8_ONE_ROWS; i++) out[i] = vhsum(a[i]);
+}
+#endif
+#ifdef Q8_NIBBLE_BLOCK
 /* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
  * t16): per group g, each row's pair dot times the pair's d, plus the group's input-sum term
  * lead[g] * c (c spreads it over the lanes), times the row's factor fac[i * groups + g] (alpha
@@ -1064,6 +1118,12 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #endif
 #ifdef Q8_NIBBLE_PAIR
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
+#endif
+#ifdef Q8_NIBBLE_QUAD
+    /* q8_one_quads takes the first cp / 128 * 128 columns; each token's quads in the panel's room */
+    const int64_t quads = nibbles && (128 % m->gs == 0 || m->gs % 128 == 0) ? cp / 128 : 0;
+    q8_quad *quad = (q8_quad *)panel;
+    for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
 #endif
 #ifdef Q8_NIBBLE_BLOCK
     /* lv8 = l0 + dl * code: the codes themselves are the (unsigned) weight bytes, no table; else
@@ -1150,7 +1210,17 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 continue;
             }
 #endif
-            for (int64_t g = 0; g < groups; g++) {
+            int64_t g = 0;
+#ifdef Q8_NIBBLE_QUAD
+            if (quads) {
+                const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, fetch_end};
+                float out[Q8_ONE_ROWS];
+                FN(q8_one_quads)(w, quad + b * quads, quads, st, groups, m->gs, t16, &next, out);
+                for (int i = 0; i < nr; i++) y[b * ldy + r + i] += alpha * out[i];
+                g = quads * 128 / m->gs;
+            }
+#endif
+            for (; g < groups; g++) {
                 FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, fetch_end));
                 VF ga[Q8_ONE_ROWS];
                 for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();
