@@ -144,12 +144,15 @@ def _int8_levels(m: LoweredMatrix):
 
 
 # Tokens up to which the int8 product runs each token on its own (lut_gemv_q8), per ISA
-# (kernels_*.c's Q8_ONE_TOKENS); more run in tiles (lut_gemm_q8).
+# (kernels_*.c's Q8_ONE_TOKENS, and Q8_ONE_NIBBLE_TOKENS for nibble codes); more run in tiles
+# (lut_gemm_q8).
 _ONE_BY_ONE = {"avx2": 4, "avx512": 2, "avx512vbmi": 2}
+_ONE_BY_ONE_NIBBLES = {"avx512": 8, "avx512vbmi": 8}
 
 
-def _one_by_one(n: int, isa: str) -> bool:
-    return n <= _ONE_BY_ONE.get(isa, 1)
+def _one_by_one(n: int, isa: str, low: Lowered) -> bool:
+    nibbles = low.bits <= 4 and not low.trellis_bits  # engine.c's RBE_LUT_NIBBLE
+    return n <= (_ONE_BY_ONE_NIBBLES if nibbles else _ONE_BY_ONE).get(isa, _ONE_BY_ONE.get(isa, 1))
 
 
 def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
@@ -160,7 +163,7 @@ def _runs_int8(low: Lowered, rot: int, exact: int, n: int, isa: str) -> bool:
     paths, whose groups hold whole vectors of blocks (two on the AVX-512 paths, one elsewhere).
     Up to 16 tokens never rotate (``_int8_rotation``)."""
     planes = 4 < low.bits <= 6 and not low.trellis_bits
-    if not _one_by_one(n, isa):
+    if not _one_by_one(n, isa, low):
         return n >= 3 and (low.bits <= 4 or exact)
     if low.bits > 4 and not exact and not (planes and isa == "avx2"):
         return False
@@ -289,7 +292,7 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
             if not _runs_int8(low, rot, exact, n, isa):
                 assert np.array_equal(got, m.linear(x))
                 continue
-            levels = _one_token_levels(m, isa, lv8, alpha, beta) if _one_by_one(n, isa) else {"lv8": lv8, "alpha": alpha, "beta": beta}
+            levels = _one_token_levels(m, isa, lv8, alpha, beta) if _one_by_one(n, isa, low) else {"lv8": lv8, "alpha": alpha, "beta": beta}
             assert _rel(got, _int8_reference(low, rot=_int8_rotation(rot, n), x=x, **levels)) <= 1e-5, (offset, steps, n)
             assert _rel(got, m.linear(x)) <= 0.05  # and near the float32 product
 
@@ -330,7 +333,7 @@ def test_decode_steps_of_three_sequences_run_on_int8_unrotated(isa):
         x = rng.standard_normal((3, low.cols)).astype(np.float32)
         assert _rel(_linear_int8(m, x), _int8_reference(low, lv8, alpha, beta, 1, x)) <= 1e-5
         two = _linear_int8(m, x[:2])
-        if _one_by_one(2, isa):
+        if _one_by_one(2, isa, low):
             assert _rel(two, _int8_reference(low, lv8, alpha, beta, 1, x[:2])) <= 1e-5
         else:
             assert np.array_equal(two, m.linear(x[:2]))

@@ -788,10 +788,10 @@ typedef struct {
     int q8, rot;
 } prep_job;
 
-/* Whether an int8 product of n tokens runs them one by one through lut_gemv_q8 (q8_quantize1's
- * records) rather than in tiles through lut_gemm_q8. */
-static int one_by_one(const rbe_engine *e, int64_t n) {
-    return n <= e->kern->q8_one_tokens;
+/* Whether an int8 product of n tokens with L runs them one by one through lut_gemv_q8
+ * (q8_quantize1's records) rather than in tiles through lut_gemm_q8. */
+static int one_by_one(const rbe_engine *e, const rbe_lut *L, int64_t n) {
+    return n <= (L->kind == RBE_LUT_NIBBLE ? e->kern->q8_one_nibble_tokens : e->kern->q8_one_tokens);
 }
 
 /* Tokens [s, t) of a product's input prepared (prepare_input) into xr and, with q8, quantized
@@ -802,7 +802,7 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
     const rbe_engine *e = j->e;
     const int64_t cp = j->m->lut.cols_p;
     for (int64_t b = s; b < t; b++) prepare_input(e, j->m, j->x + b * j->ldx, e->xr + b * cp);
-    if (j->q8 && one_by_one(e, j->n))
+    if (j->q8 && one_by_one(e, &j->m->lut, j->n))
         for (int64_t b = s; b < t; b++) e->kern->q8_quantize1(e->xr + b * cp, cp, j->rot, e->pack + b * RBE_Q8_ONE(cp));
     else if (j->q8)
         e->kern->q8_quantize(e->xr + s * cp, cp, t - s, cp, j->rot,
@@ -811,7 +811,7 @@ static void prepare_rows(void *ctx, int64_t s, int64_t t, int tid) {
 
 /* Products of at most FEW_ROWS_MAX tokens (the decode steps of a few sequences) run one pass of
  * lut_gemv_few per FEW_TOKENS tokens, in float32 as a single token's, unless they run on int8
- * inputs: one by one up to the kernels' q8_one_tokens (one_by_one), else from Q8_MIN_TOKENS in
+ * inputs: one by one up to the kernels' q8_one_tokens or q8_one_nibble_tokens (one_by_one), else from Q8_MIN_TOKENS in
  * tiles; more run the batched kernels. Int8 products of at
  * most FEW_ROWS_MAX tokens never rotate, as one token's (below): a rotated product rotates the
  * weights every step (SmolLM2 int4, AMD EPYC AVX2, kernel ms a step: 8 sequences 29.5 rotated,
@@ -841,7 +841,7 @@ static int use_q8(const rbe_engine *e, const emat *m, int64_t n) {
     const rbe_lut *L = &m->lut;
     if (!e->c.act_int8 || !e->kern->lut_gemm_q8 || L->kind == RBE_LUT_F32) return 0;
     const int lv8_close = L->bits <= 4 || L->q8_exact;
-    if (one_by_one(e, n))
+    if (one_by_one(e, L, n))
         return (lv8_close || L->kind == RBE_LUT_PLANES) && (e->kern->q8_one_kinds >> L->kind & 1) &&
                (L->gs / 32) % (e->kern->q8_tokens / 8) == 0;
     return n >= Q8_MIN_TOKENS && lv8_close;
@@ -875,7 +875,7 @@ static void lin_rows(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t r0 = a - j->start[mi], r1 = b - j->start[mi];
         float *y = j->y[mi];
         const int q8 = use_q8(j->e, j->m[mi], j->n);
-        if (q8 && one_by_one(j->e, j->n)) k->lut_gemv_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
+        if (q8 && one_by_one(j->e, L, j->n)) k->lut_gemv_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else if (j->n == 1) k->lut_gemv(L, j->x, r0, r1, y, scratch);
         else if (q8) k->lut_gemm_q8(L, j->pack, j->rot, j->n, r0, r1, y, j->ldy, scratch);
         else if (j->n <= FEW_ROWS_MAX) k->lut_gemv_few(L, j->x, j->ldx, j->n, r0, r1, y, j->ldy, scratch);
@@ -925,7 +925,8 @@ static void linear_multi(rbe_engine *e, const emat **ms, int count, const float 
         const int64_t cp = first->lut.cols_p;
         int q8 = 0, f32 = 0, rot = n <= FEW_ROWS_MAX ? 1 : 16; /* the widest rotation all int8 products allow */
         j.count = 0, j.start[0] = 0, j.x = e->xr, j.ldx = cp;
-        while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp) {
+        while (done < count && ms[done]->tf == first->tf && ms[done]->lut.cols_p == cp && /* one input form */
+               one_by_one(e, &ms[done]->lut, n) == one_by_one(e, &first->lut, n)) {
             j.m[j.count] = ms[done], j.y[j.count] = ys[done];
             j.start[j.count + 1] = j.start[j.count] + ms[done]->rows;
             if (use_q8(e, ms[done], n)) q8 = 1, rot = ms[done]->lut.q8_rot < rot ? ms[done]->lut.q8_rot : rot;
@@ -1358,7 +1359,7 @@ static int ensure_scratch(rbe_engine *e, int nthreads) {
         if (cp > io) io = cp;
     }
     const int64_t tq = e->kern->q8_tokens, tiles = (CHUNK + tq - 1) / tq * (io / 32) * RBE_Q8_REC(tq);
-    const int64_t ones = e->kern->q8_one_tokens * RBE_Q8_ONE(io), pack = q8 ? (tiles > ones ? tiles : ones) : 0;
+    const int64_t ones = e->kern->q8_one_nibble_tokens * RBE_Q8_ONE(io), pack = q8 ? (tiles > ones ? tiles : ones) : 0;
     if (pack > e->pack_bytes) {
         free(e->pack);
         e->pack_bytes = 0;

@@ -10,7 +10,8 @@
  * Optional: GRAD_NV (default 2), GEMM_MR (rows per lut_gemm pass, default 6), and the int8
  * product's vocabulary and options (lut_impl.h), Q8_OPTIONAL among them; Q8_ONE_KINDS (default:
  * nibble codes), rbe_kernels' q8_one_kinds; Q8_ONE_ROWS (rows per lut_gemv_q8 pass, default
- * GEMV_ROWS); Q8_ONE_TOKENS (default 1), rbe_kernels' q8_one_tokens.
+ * GEMV_ROWS); Q8_ONE_TOKENS (default 1) and Q8_ONE_NIBBLE_TOKENS (default Q8_ONE_TOKENS),
+ * rbe_kernels' q8_one_tokens and q8_one_nibble_tokens.
  */
 #include "rbe_internal.h"
 
@@ -80,7 +81,7 @@ static void FN(grad_tile)(const float *w, int64_t ldw, int64_t nr, const float *
         FN(grad_tile), FN(lut_decode), FN(lut_gemv), FN(lut_gemv_t), FN(lut_gemv_few), FN(lut_gemm), \
         GEMM_NT,                                                                                 \
         GEMM_MR, FN(q8_quantize), q8, FN(q8_scratch), VLEN, Q8_RB, FN(q8_quantize1), q8one,      \
-        Q8_ONE_KINDS, Q8_ONE_TOKENS,                                                             \
+        Q8_ONE_KINDS, Q8_ONE_TOKENS, Q8_ONE_NIBBLE_TOKENS,                                       \
         FN(vdot), FN(vaxpy), FN(exp_sum), FN(attend_group), FN(kv_store), FN(fwht), FN(activate), \
         GRAD_BATCH,                                                                              \
     }

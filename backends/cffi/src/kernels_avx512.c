@@ -26,6 +26,7 @@
 
 #define vzero() _mm512_setzero_ps()
 #define vload(p) _mm512_loadu_ps(p)
+#define vload_part(p, k) _mm512_maskz_loadu_ps((__mmask16)((1u << (k)) - 1), (p))
 #define vstore(p, v) _mm512_storeu_ps((p), (v))
 #define vset1(f) _mm512_set1_ps(f)
 #define vadd(a, b) _mm512_add_ps((a), (b))
@@ -233,8 +234,12 @@ static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m
  * 23.1-24.1 / 17.4-19.8: 3 and more stay in tiles. On Zen 4 lut_gemm_q8 costs about the same
  * from 3 to 16 tokens (1B hadamard 94-113 ms a step, against 53-62 at 8 on the Intel Xeon of
  * docs/serving.md); a pass on 256-bit vectors for tiles of at most 8 tokens did not change that
- * (docs/serving.md, end), so its idle lanes are not the cost. */
+ * (docs/serving.md, end), so its idle lanes are not the cost. Nibble codes run up to 8 one by
+ * one (q8_one_quads: 4 tokens a pass over the codes), AMD EPYC Zen 4, min of 3 rounds of 12-30
+ * steps, quads / tiles: 1B hadamard 4-bit k = 3: 29-39 / 109, 8: 65-76 / 99, 12: 94 / 123;
+ * SmolLM2 int4 k = 4: 8.9 / 15.6, 8: 17.2 / 16.7 (its 576-column rows pay per-row costs per token). */
 #define Q8_ONE_TOKENS 2
+#define Q8_ONE_NIBBLE_TOKENS 8
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
 #define Q8_NV 2
@@ -260,13 +265,14 @@ static inline __m512i q8_nibble_pair(__m512i t, const uint8_t *p) {
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
     return _mm512_shuffle_epi8(t, _mm512_and_si512(both, _mm512_set1_epi8(15)));
 }
-/* lut_gemv_q8's nibble quads (Q8_NIBBLE_QUAD): four blocks' 64 code bytes at p through the
- * 16-entry table t (in every 128-bit lane, so t[j] = t[j & 15]) come out as the low nibbles'
- * weight bytes (each block's columns 0-15) in lo and the high ones' (16-31) in hi. VBMI looks
- * the bytes up by vpermb, whose index ignores bits 6-7, and t's repeats ignore bits 4-5: no masks. */
+/* lut_gemv_q8's nibble quads (Q8_NIBBLE_QUAD): the code bytes at p of four blocks (or of the
+ * first ones, the bytes load picks) through the 16-entry table t (in every 128-bit lane, so t[j] =
+ * t[j & 15]) come out as the low nibbles' weight bytes (each block's columns 0-15) in lo and the
+ * high ones' (16-31) in hi. VBMI looks the bytes up by vpermb, whose index ignores bits 6-7, and
+ * t's repeats ignore bits 4-5: no masks. */
 #define Q8_NIBBLE_QUAD 1
-static inline void q8_nibble_quad(__m512i t, const uint8_t *p, __m512i *lo, __m512i *hi) {
-    const __m512i v = _mm512_loadu_si512((const void *)p), v4 = _mm512_srli_epi16(v, 4);
+static inline void q8_nibble_quad(__m512i t, const uint8_t *p, __mmask64 load, __m512i *lo, __m512i *hi) {
+    const __m512i v = _mm512_maskz_loadu_epi8(load, p), v4 = _mm512_srli_epi16(v, 4);
 #ifdef RBE_AVX512_VBMI
     *lo = _mm512_permutexvar_epi8(v, t);
     *hi = _mm512_permutexvar_epi8(v4, t);
@@ -275,6 +281,19 @@ static inline void q8_nibble_quad(__m512i t, const uint8_t *p, __m512i *lo, __m5
     *lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
     *hi = _mm512_shuffle_epi8(t, _mm512_and_si512(v4, k));
 #endif
+}
+/* A quad's factors lane by lane: lane l gets st[sel[l]] where l is in lanes, else 0. */
+static inline __m512 q8_quad_factors(__m512i sel, const float *st, __mmask16 lanes) {
+    return _mm512_maskz_permutexvar_ps(lanes, sel, _mm512_castps128_ps512(_mm_loadu_ps(st)));
+}
+/* Four rows' sums: out[i] = the sum of a[i]'s lanes. */
+static inline void vhsum4(const __m512 *a, float *out) {
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xdd));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4e));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xb1));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u)));
 }
 static inline __m512i q8_pair_order(__m512i v) {
     return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), v);

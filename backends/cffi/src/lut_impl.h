@@ -604,6 +604,12 @@ static void FN(lut_gemv_t)(const rbe_lut *m, const float *x, int64_t c0, int64_t
 #ifndef Q8_MR
 #define Q8_MR 4
 #endif
+#ifndef Q8_ONE_TOKENS
+#define Q8_ONE_TOKENS 1
+#endif
+#ifndef Q8_ONE_NIBBLE_TOKENS
+#define Q8_ONE_NIBBLE_TOKENS Q8_ONE_TOKENS
+#endif
 #ifndef Q8_NV
 #define Q8_NV 1
 #endif
@@ -725,11 +731,17 @@ static inline int q8_above_min(const rbe_lut *m, int rot) {
 
 /* Bytes of lut_gemm_q8's scratch for up to `tokens` tokens: a band's weight bytes, factors (2
  * per row and group, and 2 more of room to make them) and partial sums, and the input sums per
- * token and group (lut_gemv_q8: one more per group). */
+ * token and group (lut_gemv_q8: one more per group, and its tokens' quads, 64-byte aligned). */
+#ifdef Q8_NIBBLE_QUAD
+#define Q8_QUADS(cp) (((cp) + 127) / 128)
+#define Q8_QUAD_ROOM(cp, tokens) (64 + rbe_min(tokens, Q8_ONE_NIBBLE_TOKENS) * Q8_QUADS(cp) * 256)
+#else
+#define Q8_QUAD_ROOM(cp, tokens) 0
+#endif
 static int64_t FN(q8_scratch)(const rbe_lut *m, int64_t tokens) {
     const int64_t vecs = (tokens + Q8_NV * VLEN - 1) / (Q8_NV * VLEN) * Q8_NV;
     return Q8_RB * (m->cols_p + (4 * m->groups + vecs * VLEN) * (int64_t)sizeof(float)) +
-           (vecs * VLEN + 1) * m->groups * (int64_t)sizeof(float);
+           (vecs * VLEN + 1) * m->groups * (int64_t)sizeof(float) + Q8_QUAD_ROOM(m->cols_p, tokens);
 }
 
 /* Weight bytes (lv8[code] through tab, then rotated by rot (plus Q8_ZP) unless rot is 1) of rows
@@ -974,7 +986,8 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
 }
 
 /* Sum over a row's groups g of (beta * st[g] + off[g]) * lead[g] (off only where m has offsets),
- * VLEN groups at a time (a serial sum here cost ~10% of a 2048-wide row's product). */
+ * VLEN groups at a time (a serial sum here cost ~10% of a 2048-wide row's product); an ISA
+ * file's optional vload_part(p, k) loads k < VLEN floats, zeros after them. */
 static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st, const float *off, const float *lead) {
     const int64_t groups = m->groups;
     VF acc = vzero();
@@ -983,6 +996,14 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
         const VF b = vmul(vset1(beta), vload(st + g));
         acc = vfma(m->has_offset ? vadd(b, vload(off + g)) : b, vload(lead + g), acc);
     }
+#ifdef vload_part /* the last groups in one vector too (SmolLM2's 9-group rows ran a serial sum) */
+    if (g < groups) {
+        const int64_t k = groups - g;
+        const VF b = vmul(vset1(beta), vload_part(st + g, k));
+        acc = vfma(m->has_offset ? vadd(b, vload_part(off + g, k)) : b, vload_part(lead + g, k), acc);
+        g = groups;
+    }
+#endif
     float v = vhsum(acc);
     for (; g < groups; g++) v += (beta * st[g] + (m->has_offset ? off[g] : 0.0f)) * lead[g];
     return v;
@@ -991,10 +1012,8 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
 #ifndef Q8_ONE_ROWS
 #define Q8_ONE_ROWS GEMV_ROWS
 #endif
-#ifndef Q8_ONE_TOKENS
-#define Q8_ONE_TOKENS 1
-#endif
-_Static_assert(Q8_ONE_ROWS <= Q8_RB && Q8_ONE_TOKENS <= 2 * Q8_RB + VLEN + 1, "lut_gemv_q8's factors and input sums fit q8_scratch");
+_Static_assert(Q8_ONE_ROWS <= Q8_RB && Q8_ONE_TOKENS <= Q8_ONE_NIBBLE_TOKENS && Q8_ONE_NIBBLE_TOKENS <= 2 * Q8_RB + VLEN + 1,
+               "lut_gemv_q8's factors and input sums fit q8_scratch");
 
 #if defined(Q8_NIBBLE_BLOCK) || defined(Q8_NIBBLE_QUAD)
 /* Where lut_gemv_q8 requests the next pass's codes: [from, end) of codes, a share a group (or
@@ -1007,53 +1026,79 @@ typedef struct {
 #ifdef Q8_NIBBLE_QUAD
 /* One token's inputs for q8_one_quads, per 128 columns (four blocks): the 16 columns each
  * block's low nibbles meet (q8_nibble_quad's lo), the 16 its high nibbles meet, d per lane (a
- * block's four lanes alike), and the zero-point corrections, at each block's first lane. */
+ * block's four lanes alike), and the zero-point corrections, at each block's first lane; zeros
+ * past the last block. */
 typedef struct {
     int8_t lo[64], hi[64];
     float d[16];
     int32_t z[16];
 } q8_quad;
-_Static_assert(2 * Q8_ONE_TOKENS <= Q8_RB, "lut_gemv_q8's quads (2 bytes a column and token) fit the panel");
-/* The quads of a RBE_Q8_ONE record xb over cp columns (cp / 128 of them) into q. */
+_Static_assert(sizeof(q8_quad) == 256, "Q8_QUAD_ROOM's quad");
+/* The Q8_QUADS(cp) quads of a RBE_Q8_ONE record xb over cp columns into q. */
 static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
     const int8_t *x8 = (const int8_t *)xb;
     const float *d8 = (const float *)(xb + cp);
     const int32_t *z8 = (const int32_t *)(xb + 2 * cp);
-    for (int64_t k = 0; k + 4 <= cp / 32; k += 4, q++)
-        for (int b = 0; b < 4; b++) {
-            memcpy(q->lo + 16 * b, x8 + 32 * (k + b), 16);
-            memcpy(q->hi + 16 * b, x8 + 32 * (k + b) + 16, 16);
-            for (int l = 0; l < 4; l++) q->d[4 * b + l] = d8[8 * (k + b)], q->z[4 * b + l] = l ? 0 : z8[8 * (k + b)];
-        }
+    memset(q, 0, (size_t)Q8_QUADS(cp) * sizeof(*q));
+    for (int64_t k = 0; k < cp / 32; k++) {
+        q8_quad *o = q + k / 4;
+        const int b = (int)(k % 4);
+        memcpy(o->lo + 16 * b, x8 + 32 * k, 16);
+        memcpy(o->hi + 16 * b, x8 + 32 * k + 16, 16);
+        for (int l = 0; l < 4; l++) o->d[4 * b + l] = d8[8 * k], o->z[4 * b + l] = l ? 0 : z8[8 * k];
+    }
 }
-/* lut_gemv_q8's pass over the first 128 * quads columns of Q8_ONE_ROWS rows of nibble codes
- * (unrotated, table t, groups of gs columns, gs dividing 128 or a multiple of it): per quad, each
- * row's two products (low and high nibbles, started at the corrections) times d and the row's
- * factors st[i * groups + g] of the quad's groups, lane by lane, into out[i]. The four blocks'
- * codes are unpacked by one load, so 128 weights cost what a nibble pair's 64 do. */
-static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads)(const uint8_t *const *w, const q8_quad *x, int64_t quads,
-                                                               const float *st, int64_t groups, int64_t gs, VI t,
-                                                               const q8_ahead *next, float *out) {
+/* lut_gemv_q8's pass over Q8_ONE_ROWS rows of nibble codes (unrotated, table t, cp columns in
+ * groups of gs, gs dividing 128 or a multiple of it) for nt tokens (token b's quads at x + b *
+ * Q8_QUADS(cp)): per quad and row, the codes unpacked once (one load and two lookups for 128
+ * weights, what a nibble pair's 64 cost); per token, the two products (low and high nibbles,
+ * started at the corrections) times d and the row's factors st[i * groups + g] of the quad's
+ * groups, lane by lane, into out[b * Q8_ONE_ROWS + i]. */
+#define Q8_QUAD_TOKENS 4
+static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
+    const uint8_t *const *w, const q8_quad *x, int64_t cp, const float *st, int64_t groups, int64_t gs, VI t,
+    const q8_ahead *next, float *out, const int nt) {
+    const int64_t quads = Q8_QUADS(cp), last = cp / 32 % 4; /* blocks in a partial last quad */
     int32_t lane_group[16]; /* a lane's group, counted from the quad's first */
     for (int l = 0; l < 16; l++) lane_group[l] = gs <= 128 ? (int32_t)(32 * (l / 4) / gs) : 0;
     const VI sel = vi_load(lane_group);
     const uint8_t *row[Q8_ONE_ROWS];
-    VF a[Q8_ONE_ROWS];
-    for (int i = 0; i < Q8_ONE_ROWS; i++) row[i] = w[i], a[i] = vzero();
+    VF a[Q8_QUAD_TOKENS][Q8_ONE_ROWS];
+    for (int i = 0; i < Q8_ONE_ROWS; i++) {
+        row[i] = w[i];
+        for (int b = 0; b < nt; b++) a[b][i] = vzero();
+    }
     for (int64_t q = 0; q < quads; q++) {
         FN(prefetch_codes)(next->codes, next->from + q * next->share, rbe_min(next->from + (q + 1) * next->share, next->end));
-        const VI xl = vi_load(x[q].lo), xh = vi_load(x[q].hi), z = vi_load(x[q].z);
-        const VF d = vload(x[q].d);
         const int64_t g = q * 128 / gs;
+        const int part = last && q == quads - 1;
+        const __mmask64 load = part ? ((__mmask64)1 << 16 * last) - 1 : ~(__mmask64)0;
+        const __mmask16 lanes = part ? (__mmask16)((1u << 4 * last) - 1) : (__mmask16)0xffff;
         for (int i = 0; i < Q8_ONE_ROWS; i++) {
             VI lo, hi;
-            q8_nibble_quad(t, row[i] + 64 * q, &lo, &hi);
-            const VF f = _mm512_permutexvar_ps(sel, _mm512_castps128_ps512(_mm_loadu_ps(st + i * groups + g)));
-            a[i] = vfma(vi_cvt(vi_dot(vi_dot(z, lo, xl), hi, xh)), vmul(d, f), a[i]);
+            q8_nibble_quad(t, row[i] + 64 * q, load, &lo, &hi);
+            const VF f = q8_quad_factors(sel, st + i * groups + g, lanes);
+            for (int b = 0; b < nt; b++) {
+                const q8_quad *xb = x + b * quads + q;
+                const VI dot = vi_dot(vi_dot(vi_load(xb->z), lo, vi_load(xb->lo)), hi, vi_load(xb->hi));
+                a[b][i] = vfma(vi_cvt(dot), vmul(vload(xb->d), f), a[b][i]);
+            }
         }
     }
-    for (int i = 0; i < Q8_ONE_ROWS; i++) out[i] = vhsum(a[i]);
+    for (int b = 0; b < nt; b++) vhsum4(a[b], out + b * Q8_ONE_ROWS);
 }
+_Static_assert(Q8_ONE_ROWS == 4, "vhsum4 reduces four rows");
+#define Q8_ONE_QUADS(nt)                                                                                           \
+    static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads##nt)(const uint8_t *const *w, const q8_quad *x,   \
+                                                                     int64_t cp, const float *st, int64_t groups, \
+                                                                     int64_t gs, VI t, const q8_ahead *next,       \
+                                                                     float *out) {                                 \
+        FN(q8_one_quads_body)(w, x, cp, st, groups, gs, t, next, out, nt);                                          \
+    }
+Q8_ONE_QUADS(1)
+Q8_ONE_QUADS(2)
+Q8_ONE_QUADS(3)
+Q8_ONE_QUADS(4)
 #endif
 #ifdef Q8_NIBBLE_BLOCK
 /* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
@@ -1088,7 +1133,7 @@ Q8_ONE_PAIRS(q8_one_pairs_narrow, 1)
 Q8_ONE_PAIRS(q8_one_pairs_raw, Q8_RAW_NIBBLES)
 Q8_ONE_PAIRS(q8_one_pairs_signed, 0)
 #endif
-/* The int8 product of one to Q8_ONE_TOKENS tokens, each on its own (rbe_kernels.lut_gemv_q8):
+/* The int8 product of one to Q8_ONE_TOKENS tokens (Q8_ONE_NIBBLE_TOKENS of nibble codes), each on its own (rbe_kernels.lut_gemv_q8):
  * lut_gemm_q8's sum for each input q8_quantize1 made (rotated by rot; token b's record at xq + b
  * * RBE_Q8_ONE(cp)) into y + b * ldy, Q8_ONE_ROWS rows a pass: their weight bytes unpacked by
  * q8_panel (or, Q8_NIBBLE_PAIR / Q8_NIBBLE_BLOCK / Q8_TRELLIS_PAIR, nibble or trellis codes in
@@ -1116,13 +1161,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #else
     const int nibbles = 0;
 #endif
+#ifndef Q8_NIBBLE_QUAD
+    const int64_t quads = 0;
+#endif
 #ifdef Q8_NIBBLE_PAIR
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
 #ifdef Q8_NIBBLE_QUAD
-    /* q8_one_quads takes the first cp / 128 * 128 columns; each token's quads in the panel's room */
-    const int64_t quads = nibbles && (128 % m->gs == 0 || m->gs % 128 == 0) ? cp / 128 : 0;
-    q8_quad *quad = (q8_quad *)panel;
+    /* q8_one_quads takes the rows whole; each token's quads after the input sums */
+    const int64_t quads = nibbles && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
+    q8_quad *quad = (q8_quad *)(((uintptr_t)(lead + n * groups) + 63) & ~(uintptr_t)63);
     for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
 #endif
 #ifdef Q8_NIBBLE_BLOCK
@@ -1187,6 +1235,19 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         /* the next pass's codes, a group's share at a time (as lut_gemv_body), with the first token */
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
+#ifdef Q8_NIBBLE_QUAD
+        for (int64_t b = 0; b < n && quads; b += Q8_QUAD_TOKENS) { /* Q8_QUAD_TOKENS tokens at a time */
+            const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, b ? 0 : ahead_end};
+            float out[Q8_QUAD_TOKENS * Q8_ONE_ROWS];
+            void (*const pass[])(const uint8_t *const *, const q8_quad *, int64_t, const float *, int64_t, int64_t, VI,
+                                 const q8_ahead *, float *) = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3),
+                                                               FN(q8_one_quads4)};
+            const int nt = (int)rbe_min(Q8_QUAD_TOKENS, n - b);
+            pass[nt - 1](w, quad + b * quads, cp, st, groups, m->gs, t16, &next, out);
+            for (int k = 0; k < nt; k++)
+                for (int i = 0; i < nr; i++) y[(b + k) * ldy + r + i] += alpha * out[k * Q8_ONE_ROWS + i];
+        }
+#endif
         for (int64_t b = 0; b < n; b++) {
             const uint8_t *xb = xq + b * rec;
             const int8_t *x8 = (const int8_t *)xb;
@@ -1210,17 +1271,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
                 continue;
             }
 #endif
-            int64_t g = 0;
-#ifdef Q8_NIBBLE_QUAD
-            if (quads) {
-                const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, fetch_end};
-                float out[Q8_ONE_ROWS];
-                FN(q8_one_quads)(w, quad + b * quads, quads, st, groups, m->gs, t16, &next, out);
-                for (int i = 0; i < nr; i++) y[b * ldy + r + i] += alpha * out[i];
-                g = quads * 128 / m->gs;
-            }
-#endif
-            for (; g < groups; g++) {
+            for (int64_t g = quads ? groups : 0; g < groups; g++) {
                 FN(prefetch_codes)(m->codes, ahead + g * share, rbe_min(ahead + (g + 1) * share, fetch_end));
                 VF ga[Q8_ONE_ROWS];
                 for (int i = 0; i < Q8_ONE_ROWS; i++) ga[i] = vzero();

@@ -199,7 +199,8 @@ typedef struct {
     int q8_tokens, q8_rows;
     /* The int8 product of a few tokens, each on its own (decode steps; NULL where lut_gemm_q8 is).
      * q8_quantize1: x (cp values) rotated by rot and quantized as q8_quantize does into out
-     * (RBE_Q8_ONE(cp) bytes). lut_gemv_q8: for n <= q8_one_tokens tokens whose q8_quantize1
+     * (RBE_Q8_ONE(cp) bytes). lut_gemv_q8: for n <= q8_one_tokens tokens (q8_one_nibble_tokens for
+     * nibble codes) whose q8_quantize1
      * records lie RBE_Q8_ONE(cp) bytes apart at xq, y[b * ldy + r] for b < n, r in [r0, r1),
      * lut_gemm_q8's sum for that input (rot at most m->q8_rot), when m->gs / 32 is a multiple of
      * q8_tokens / 8; the weights are read once for all n; scratch holds q8_scratch(m, n) bytes.
@@ -207,11 +208,11 @@ typedef struct {
      * PLANES listed: their rows run as lv16 * q16_alpha against the 16-bit input (RBE_Q8_X16):
      * the sum above with lv16, q16_alpha / 254, x16 for x8 and no q8_beta. q8_one_tokens: the
      * most tokens it takes, those up to which the engine runs it rather than lut_gemm_q8 (as
-     * measured per ISA). */
+     * measured per ISA); q8_one_nibble_tokens (at least q8_one_tokens): the same for nibble codes. */
     void (*q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out);
     void (*lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot, int64_t n, int64_t r0, int64_t r1, float *y,
                         int64_t ldy, void *scratch);
-    int q8_one_kinds, q8_one_tokens;
+    int q8_one_kinds, q8_one_tokens, q8_one_nibble_tokens;
     /* Vector helpers for attention and norms. */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
