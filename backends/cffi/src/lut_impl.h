@@ -986,9 +986,11 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
 }
 
 /* Sum over a row's groups g of (beta * st[g] + off[g]) * lead[g] (off only where m has offsets),
- * VLEN groups at a time (a serial sum here cost ~10% of a 2048-wide row's product); an ISA
- * file's optional vload_part(p, k) loads k < VLEN floats, zeros after them. */
-static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st, const float *off, const float *lead) {
+ * VLEN groups at a time (a serial sum here cost ~10% of a 2048-wide row's product): lead_lanes
+ * sums the groups [0, *done) in VLEN lanes, all of them where an ISA file has the optional
+ * vload_part(p, k) (k < VLEN floats, zeros after them); lead_terms adds the lanes and the rest. */
+static inline VF FN(lead_lanes)(const rbe_lut *m, float beta, const float *st, const float *off, const float *lead,
+                                int64_t *done) {
     const int64_t groups = m->groups;
     VF acc = vzero();
     int64_t g = 0;
@@ -996,7 +998,7 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
         const VF b = vmul(vset1(beta), vload(st + g));
         acc = vfma(m->has_offset ? vadd(b, vload(off + g)) : b, vload(lead + g), acc);
     }
-#ifdef vload_part /* the last groups in one vector too (SmolLM2's 9-group rows ran a serial sum) */
+#ifdef vload_part /* SmolLM2's 9-group rows ran a serial sum */
     if (g < groups) {
         const int64_t k = groups - g;
         const VF b = vmul(vset1(beta), vload_part(st + g, k));
@@ -1004,8 +1006,13 @@ static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st
         g = groups;
     }
 #endif
-    float v = vhsum(acc);
-    for (; g < groups; g++) v += (beta * st[g] + (m->has_offset ? off[g] : 0.0f)) * lead[g];
+    *done = g;
+    return acc;
+}
+static inline float FN(lead_terms)(const rbe_lut *m, float beta, const float *st, const float *off, const float *lead) {
+    int64_t g;
+    float v = vhsum(FN(lead_lanes)(m, beta, st, off, lead, &g));
+    for (; g < m->groups; g++) v += (beta * st[g] + (m->has_offset ? off[g] : 0.0f)) * lead[g];
     return v;
 }
 
@@ -1048,17 +1055,18 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
         for (int l = 0; l < 4; l++) o->d[4 * b + l] = d8[8 * k], o->z[4 * b + l] = l ? 0 : z8[8 * k];
     }
 }
-/* lut_gemv_q8's pass over Q8_ONE_ROWS rows of nibble codes (unrotated, table t, cp columns in
- * groups of gs, gs dividing 128 or a multiple of it) for nt tokens (token b's quads at x + b *
- * Q8_QUADS(cp)): per quad and row, the codes unpacked once (one load and two lookups for 128
- * weights, what a nibble pair's 64 cost); per token, the two products (low and high nibbles,
- * started at the corrections) times d and the row's factors st[i * groups + g] of the quad's
- * groups, lane by lane, into out[b * Q8_ONE_ROWS + i]. */
+/* lut_gemv_q8's pass over Q8_ONE_ROWS rows of m's nibble codes (unrotated, table t, groups of gs
+ * columns, gs dividing 128 or a multiple of it) for nt tokens (token b's quads at x + b *
+ * Q8_QUADS(cols_p), its input sums at lead + b * groups when the product meets them): per quad
+ * and row, the codes unpacked once (one load and two lookups for 128 weights, what a nibble
+ * pair's 64 cost); per token, the two products (low and high nibbles, started at the
+ * corrections) times d and the row's factors st[i * groups + g] of the quad's groups, lane by
+ * lane, added to lead_lanes' terms (beta, the row's st and off), into out[b * Q8_ONE_ROWS + i]. */
 #define Q8_QUAD_TOKENS 4
 static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
-    const uint8_t *const *w, const q8_quad *x, int64_t cp, const float *st, int64_t groups, int64_t gs, VI t,
-    const q8_ahead *next, float *out, const int nt) {
-    const int64_t quads = Q8_QUADS(cp), last = cp / 32 % 4; /* blocks in a partial last quad */
+    const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off, const float *lead,
+    float beta, VI t, const q8_ahead *next, float *out, const int nt) {
+    const int64_t gs = m->gs, groups = m->groups, quads = Q8_QUADS(m->cols_p), last = m->cols_p / 32 % 4;
     int32_t lane_group[16]; /* a lane's group, counted from the quad's first */
     for (int l = 0; l < 16; l++) lane_group[l] = gs <= 128 ? (int32_t)(32 * (l / 4) / gs) : 0;
     const VI sel = vi_load(lane_group);
@@ -1066,7 +1074,10 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
     VF a[Q8_QUAD_TOKENS][Q8_ONE_ROWS];
     for (int i = 0; i < Q8_ONE_ROWS; i++) {
         row[i] = w[i];
-        for (int b = 0; b < nt; b++) a[b][i] = vzero();
+        for (int b = 0; b < nt; b++) {
+            int64_t done;
+            a[b][i] = lead ? FN(lead_lanes)(m, beta, st + i * groups, off + i * groups, lead + b * groups, &done) : vzero();
+        }
     }
     for (int64_t q = 0; q < quads; q++) {
         FN(prefetch_codes)(next->codes, next->from + q * next->share, rbe_min(next->from + (q + 1) * next->share, next->end));
@@ -1088,12 +1099,13 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
     for (int b = 0; b < nt; b++) vhsum4(a[b], out + b * Q8_ONE_ROWS);
 }
 _Static_assert(Q8_ONE_ROWS == 4, "vhsum4 reduces four rows");
-#define Q8_ONE_QUADS(nt)                                                                                           \
-    static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads##nt)(const uint8_t *const *w, const q8_quad *x,   \
-                                                                     int64_t cp, const float *st, int64_t groups, \
-                                                                     int64_t gs, VI t, const q8_ahead *next,       \
-                                                                     float *out) {                                 \
-        FN(q8_one_quads_body)(w, x, cp, st, groups, gs, t, next, out, nt);                                          \
+typedef void (*q8_quads_fn)(const rbe_lut *, const uint8_t *const *, const q8_quad *, const float *, const float *,
+                            const float *, float, VI, const q8_ahead *, float *);
+#define Q8_ONE_QUADS(nt)                                                                                         \
+    static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads##nt)(                                          \
+        const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off,          \
+        const float *lead, float beta, VI t, const q8_ahead *next, float *out) {                                 \
+        FN(q8_one_quads_body)(m, w, x, st, off, lead, beta, t, next, out, nt);                                   \
     }
 Q8_ONE_QUADS(1)
 Q8_ONE_QUADS(2)
@@ -1167,12 +1179,6 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #ifdef Q8_NIBBLE_PAIR
     const __m512i t16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
 #endif
-#ifdef Q8_NIBBLE_QUAD
-    /* q8_one_quads takes the rows whole; each token's quads after the input sums */
-    const int64_t quads = nibbles && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
-    q8_quad *quad = (q8_quad *)(((uintptr_t)(lead + n * groups) + 63) & ~(uintptr_t)63);
-    for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
-#endif
 #ifdef Q8_NIBBLE_BLOCK
     /* lv8 = l0 + dl * code: the codes themselves are the (unsigned) weight bytes, no table; else
      * narrow levels: weight bytes lv8 + Q8_NARROW_BIAS, unsigned */
@@ -1208,6 +1214,13 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #endif
     const int sums = m->has_offset || beta != 0.0f; /* else the input sums meet nothing */
     const float lead_scale = one_pair ? beta / alpha / VLEN : 0.0f;
+#ifdef Q8_NIBBLE_QUAD
+    /* q8_one_quads takes the rows whole, the input sums' terms inside (factors alpha * st, so
+     * beta / alpha meets them); each token's quads after the input sums */
+    const int64_t quads = nibbles && alpha != 0.0f && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
+    q8_quad *quad = (q8_quad *)(((uintptr_t)(lead + n * groups) + 63) & ~(uintptr_t)63);
+    for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
+#endif
     for (int64_t b = 0; b < n && (sums || one_pair); b++) {
         const float *ds = (const float *)(xq + b * rec + 3 * cp);
         for (int64_t g = 0; g < groups; g++) {
@@ -1224,14 +1237,16 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         else
             FN(q8_panel)(m, tab, shift, rot, r, nr, panel, w);
         for (int i = nr; i < Q8_ONE_ROWS; i++) w[i] = w[nr - 1]; /* tail rows repeat the last one */
-        FN(row_steps)(m, r, nr, one_pair ? alpha : 1.0f, st, off); /* one_pair's factors */
-        for (int64_t b = 0; b < n; b++) /* each token's input sums' terms first */
+        FN(row_steps)(m, r, nr, one_pair || quads ? alpha : 1.0f, st, off); /* one_pair's and quads' factors */
+        for (int64_t b = 0; b < n && !quads; b++) /* each token's input sums' terms first */
             for (int i = 0; i < nr; i++)
                 y[b * ldy + r + i] = (one_pair ? m->has_offset : sums)
                                          ? FN(lead_terms)(m, one_pair ? 0.0f : beta, st + i * groups, off + i * groups, lead + b * groups)
                                          : 0.0f;
-        for (int i = nr; i < Q8_ONE_ROWS; i++) /* tail rows repeat the last one (a fixed count: acc stays in registers) */
+        for (int i = nr; i < Q8_ONE_ROWS; i++) { /* tail rows repeat the last one (a fixed count: acc stays in registers) */
             memcpy(st + i * groups, st + (nr - 1) * groups, (size_t)groups * sizeof(float));
+            if (m->has_offset) memcpy(off + i * groups, off + (nr - 1) * groups, (size_t)groups * sizeof(float));
+        }
         /* the next pass's codes, a group's share at a time (as lut_gemv_body), with the first token */
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
@@ -1239,13 +1254,11 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         for (int64_t b = 0; b < n && quads; b += Q8_QUAD_TOKENS) { /* Q8_QUAD_TOKENS tokens at a time */
             const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, b ? 0 : ahead_end};
             float out[Q8_QUAD_TOKENS * Q8_ONE_ROWS];
-            void (*const pass[])(const uint8_t *const *, const q8_quad *, int64_t, const float *, int64_t, int64_t, VI,
-                                 const q8_ahead *, float *) = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3),
-                                                               FN(q8_one_quads4)};
+            const q8_quads_fn pass[] = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3), FN(q8_one_quads4)};
             const int nt = (int)rbe_min(Q8_QUAD_TOKENS, n - b);
-            pass[nt - 1](w, quad + b * quads, cp, st, groups, m->gs, t16, &next, out);
+            pass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, t16, &next, out);
             for (int k = 0; k < nt; k++)
-                for (int i = 0; i < nr; i++) y[(b + k) * ldy + r + i] += alpha * out[k * Q8_ONE_ROWS + i];
+                for (int i = 0; i < nr; i++) y[(b + k) * ldy + r + i] = out[k * Q8_ONE_ROWS + i];
         }
 #endif
         for (int64_t b = 0; b < n; b++) {
