@@ -320,9 +320,13 @@ static void FN(row_steps)(const rbe_lut *m, int64_t r, int n, float scale, float
     }
 }
 
-/* Prefetch requests for the code bytes [from, to) (a group's share of the next pass's rows). */
+/* Prefetch requests for the code bytes [from, to) (a group's share of the next pass's rows),
+ * into L1, or only into L2 (prefetcht2) where to_l2. */
 static inline void FN(prefetch_codes)(const uint8_t *codes, int64_t from, int64_t to) {
     for (int64_t pf = from & ~(int64_t)63; pf < to; pf += 64) __builtin_prefetch(codes + pf);
+}
+static inline void FN(prefetch_codes_l2)(const uint8_t *codes, int64_t from, int64_t to) {
+    for (int64_t pf = from & ~(int64_t)63; pf < to; pf += 64) __builtin_prefetch(codes + pf, 0, 1);
 }
 
 /* Batch-1 product of coded rows, instantiated once per code kind (each copy gets its own
@@ -1028,6 +1032,7 @@ _Static_assert(Q8_ONE_ROWS <= Q8_RB && Q8_ONE_TOKENS <= Q8_ONE_NIBBLE_TOKENS && 
 typedef struct {
     const uint8_t *codes;
     int64_t from, share, end;
+    int to_l2;
 } q8_ahead;
 #endif
 #ifdef Q8_NIBBLE_QUAD
@@ -1063,6 +1068,11 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
  * corrections) times d and the row's factors st[i * groups + g] of the quad's groups, lane by
  * lane, added to lead_lanes' terms (beta, the row's st and off), into out[b * Q8_ONE_ROWS + i]. */
 #define Q8_QUAD_TOKENS 4
+/* Rows at least this wide have the next pass's codes prefetched into L2 only (prefetcht2):
+ * into L1 they cost the 8B shape's decode step 137-147 ms against 86-92 (AMD EPYC Zen 4, min of
+ * 3 rounds of 8 steps; the 1B shape, whose widest rows are 8192, 19.1 against 17.1); every row
+ * into L2 made SmolLM2's 576-column rows slower (3.5 against 4.2 ms a step). */
+#define Q8_L2_COLS 4096
 static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
     const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off, const float *lead,
     float beta, VI t, const q8_ahead *next, float *out, const int nt) {
@@ -1080,7 +1090,9 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
         }
     }
     for (int64_t q = 0; q < quads; q++) {
-        FN(prefetch_codes)(next->codes, next->from + q * next->share, rbe_min(next->from + (q + 1) * next->share, next->end));
+        const int64_t pf = next->from + q * next->share, pf_end = rbe_min(pf + next->share, next->end);
+        if (next->to_l2) FN(prefetch_codes_l2)(next->codes, pf, pf_end);
+        else FN(prefetch_codes)(next->codes, pf, pf_end);
         const int64_t g = q * 128 / gs;
         const int part = last && q == quads - 1;
         const __mmask64 load = part ? ((__mmask64)1 << 16 * last) - 1 : ~(__mmask64)0;
@@ -1252,7 +1264,8 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
 #ifdef Q8_NIBBLE_QUAD
         for (int64_t b = 0; b < n && quads; b += Q8_QUAD_TOKENS) { /* Q8_QUAD_TOKENS tokens at a time */
-            const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, b ? 0 : ahead_end};
+            const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, b ? 0 : ahead_end,
+                                   cp >= Q8_L2_COLS};
             float out[Q8_QUAD_TOKENS * Q8_ONE_ROWS];
             const q8_quads_fn pass[] = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3), FN(q8_one_quads4)};
             const int nt = (int)rbe_min(Q8_QUAD_TOKENS, n - b);
@@ -1274,7 +1287,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             for (int i = 0; i < Q8_ONE_ROWS; i++) acc[i] = vzero();
 #ifdef Q8_NIBBLE_BLOCK
             if (one_pair) {
-                const q8_ahead next = {m->codes, ahead, share, fetch_end};
+                const q8_ahead next = {m->codes, ahead, share, fetch_end, 0};
                 const float *lb = lead + b * groups;
                 float out[Q8_ONE_ROWS];
                 if (raw) FN(q8_one_pairs_raw)(w, x8, d8, lb, lead_scale, st, groups, t16, &next, out);
