@@ -1036,6 +1036,9 @@ typedef struct {
 } q8_ahead;
 #endif
 #ifdef Q8_NIBBLE_QUAD
+#ifndef vload_part
+#error "q8_one_quads starts its sums at lead_lanes', which covers every group only with vload_part"
+#endif
 /* One token's inputs for q8_one_quads, per 128 columns (four blocks): the 16 columns each
  * block's low nibbles meet (q8_nibble_quad's lo), the 16 its high nibbles meet, d per lane (a
  * block's four lanes alike), and the zero-point corrections, at each block's first lane; zeros
