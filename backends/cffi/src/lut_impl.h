@@ -1064,7 +1064,8 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
     }
 }
 /* lut_gemv_q8's pass over Q8_ONE_ROWS rows of m's nibble codes (unrotated, table t, groups of gs
- * columns, gs dividing 128 or a multiple of it) for nt tokens (token b's quads at x + b *
+ * columns, gs dividing 128 or a multiple of it; sel holds each lane's group counted from its
+ * quad's first) for nt tokens (token b's quads at x + b *
  * Q8_QUADS(cols_p), its input sums at lead + b * groups when the product meets them): per quad
  * and row, the codes unpacked once (one load and two lookups for 128 weights, what a nibble
  * pair's 64 cost); per token, the two products (low and high nibbles, started at the
@@ -1078,11 +1079,9 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
 #define Q8_L2_COLS 4096
 static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
     const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off, const float *lead,
-    float beta, VI t, const q8_ahead *next, float *out, const int nt) {
+    float beta, VI t, VI sel, const q8_ahead *next, float *out, const int nt) {
     const int64_t gs = m->gs, groups = m->groups, quads = Q8_QUADS(m->cols_p), last = m->cols_p / 32 % 4;
-    int32_t lane_group[16]; /* a lane's group, counted from the quad's first */
-    for (int l = 0; l < 16; l++) lane_group[l] = gs <= 128 ? (int32_t)(32 * (l / 4) / gs) : 0;
-    const VI sel = vi_load(lane_group);
+    int64_t g = 0, g_end = gs; /* the quad's first group, and where the group after it starts */
     const uint8_t *row[Q8_ONE_ROWS];
     VF a[Q8_QUAD_TOKENS][Q8_ONE_ROWS];
     for (int i = 0; i < Q8_ONE_ROWS; i++) {
@@ -1096,7 +1095,7 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
         const int64_t pf = next->from + q * next->share, pf_end = rbe_min(pf + next->share, next->end);
         if (next->to_l2) FN(prefetch_codes_l2)(next->codes, pf, pf_end);
         else FN(prefetch_codes)(next->codes, pf, pf_end);
-        const int64_t g = q * 128 / gs;
+        for (; g_end <= 128 * q; g_end += gs) g++;
         const int part = last && q == quads - 1;
         const __mmask64 load = part ? ((__mmask64)1 << 16 * last) - 1 : ~(__mmask64)0;
         const __mmask16 lanes = part ? (__mmask16)((1u << 4 * last) - 1) : (__mmask16)0xffff;
@@ -1115,12 +1114,12 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
 }
 _Static_assert(Q8_ONE_ROWS == 4, "vhsum4 reduces four rows");
 typedef void (*q8_quads_fn)(const rbe_lut *, const uint8_t *const *, const q8_quad *, const float *, const float *,
-                            const float *, float, VI, const q8_ahead *, float *);
+                            const float *, float, VI, VI, const q8_ahead *, float *);
 #define Q8_ONE_QUADS(nt)                                                                                         \
     static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads##nt)(                                          \
         const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off,          \
-        const float *lead, float beta, VI t, const q8_ahead *next, float *out) {                                 \
-        FN(q8_one_quads_body)(m, w, x, st, off, lead, beta, t, next, out, nt);                                   \
+        const float *lead, float beta, VI t, VI sel, const q8_ahead *next, float *out) {                         \
+        FN(q8_one_quads_body)(m, w, x, st, off, lead, beta, t, sel, next, out, nt);                              \
     }
 Q8_ONE_QUADS(1)
 Q8_ONE_QUADS(2)
@@ -1235,6 +1234,9 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
     const int64_t quads = nibbles && alpha != 0.0f && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
     q8_quad *quad = (q8_quad *)(((uintptr_t)(lead + n * groups) + 63) & ~(uintptr_t)63);
     for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
+    int32_t lane_group[16]; /* a quad lane's group, counted from the quad's first (q8_one_quads' sel) */
+    for (int l = 0; l < 16; l++) lane_group[l] = m->gs <= 128 ? (int32_t)(32 * (l / 4) / m->gs) : 0;
+    const VI quad_sel = vi_load(lane_group);
 #endif
     for (int64_t b = 0; b < n && (sums || one_pair); b++) {
         const float *ds = (const float *)(xq + b * rec + 3 * cp);
@@ -1272,7 +1274,7 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
             float out[Q8_QUAD_TOKENS * Q8_ONE_ROWS];
             const q8_quads_fn pass[] = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3), FN(q8_one_quads4)};
             const int nt = (int)rbe_min(Q8_QUAD_TOKENS, n - b);
-            pass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, t16, &next, out);
+            pass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, t16, quad_sel, &next, out);
             for (int k = 0; k < nt; k++)
                 for (int i = 0; i < nr; i++) y[(b + k) * ldy + r + i] = out[k * Q8_ONE_ROWS + i];
         }
