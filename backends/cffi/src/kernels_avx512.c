@@ -237,7 +237,13 @@ static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m
  * (docs/serving.md, end), so its idle lanes are not the cost. Nibble codes run up to 8 one by
  * one (q8_one_quads: 4 tokens a pass over the codes), AMD EPYC Zen 4, min of 3 rounds of 12-30
  * steps, quads / tiles: 1B hadamard 4-bit k = 3: 29-39 / 109, 8: 65-76 / 99, 12: 94 / 123;
- * SmolLM2 int4 k = 4: 8.9 / 15.6, 8: 17.2 / 16.7 (its 576-column rows pay per-row costs per token). */
+ * SmolLM2 int4 k = 4: 8.9 / 15.6, 8: 17.2 / 16.7 (its 576-column rows pay per-row costs per token).
+ * Tiles of at most 8 tokens hold several rows a token (Q8_LANE_ROWS), min of 2 rounds, before /
+ * after: 1B trellis 4-bit k = 3: 99.7 / 65.2, 4: 101.7 / 68.2, 8: 103.8 / 70.4; SmolLM2 trellis
+ * 4.25 k = 4: 16.9 / 13.3, 8: 18.6 / 15.3 (k = 2 one by one: 11.7, in lane groups 12.7). Nibble
+ * codes stay one by one to 8: quads / lane groups, 1B hadamard 4-bit k = 2: 21.5 / 70.7, 4: 34.6
+ * / 65.4, 8: 64.4 / 68.3 (SmolLM2 int4 k = 8: 15.4 / 13.3); the lane groups' cost is mostly the
+ * band's (codes unpacked to memory and read back, factors transposed), not the products. */
 #define Q8_ONE_TOKENS 2
 #define Q8_ONE_NIBBLE_TOKENS 8
 #define Q8_ATTR __attribute__((target("avx512vnni")))
@@ -255,6 +261,64 @@ static inline Q8_ATTR __m512i vi_dot4(__m512i acc, const uint8_t *w, __m512i x) 
 }
 static inline Q8_ATTR __m512i vi_dot(__m512i acc, __m512i w, __m512i x) {
     return _mm512_dpbusd_epi32(acc, w, x);
+}
+/* lut_gemm_q8's lane groups (Q8_LANE_ROWS, lut_impl.h): rl of 2, 4 or 8 rows a vector. */
+#define Q8_LANE_ROWS 1
+#define vi_store(p, v) _mm512_storeu_si512((void *)(p), (v))
+/* rl dwords at p (rl floats) in every group of rl lanes */
+static inline __m512i vi_rows(const uint8_t *p, int rl) {
+    if (rl == 2) {
+        long long v;
+        memcpy(&v, p, 8);
+        return _mm512_set1_epi64(v);
+    }
+    if (rl == 4) return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline __m512 vf_rows(const float *p, int rl) {
+    if (rl == 2) return _mm512_castpd_ps(_mm512_set1_pd(*(const double *)p));
+    if (rl == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)p)));
+}
+/* lane l of the result: v's lane l / rl */
+static inline __m512i vi_spread(__m512i v, int rl) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_epi32(_mm512_srl_epi32(lane, _mm_cvtsi32_si128(__builtin_ctz((unsigned)rl))), v);
+}
+/* blocks 32-byte blocks of rows[0..rl) interleaved: block k's dword q of row r at out + (k * 8 +
+ * q) * 4 * rl + 4 * r. Two rows share a vector (the first's dwords in lanes 0-7); a 4 x 8 dword
+ * transpose picks lanes (r / 2) * 16 + (r % 2) * 8 + q for lane q * 4 + r, and 8 rows are two of
+ * those (rows 0-3 and 4-7) merged. */
+static inline __m512i q8_row_pair(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+static inline void q8_interleave(const uint8_t *const *rows, int rl, int64_t blocks, uint8_t *out) {
+    const __m512i pair = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m512i lo4 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    const __m512i hi4 = _mm512_add_epi32(lo4, _mm512_set1_epi32(4));
+    const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi8 = _mm512_add_epi32(lo8, _mm512_set1_epi32(8));
+    for (int64_t k = 0; k < blocks; k++, out += 32 * rl) {
+        const int64_t c = 32 * k;
+        if (rl == 2) {
+            _mm512_storeu_si512((void *)out, _mm512_permutexvar_epi32(pair, q8_row_pair(rows[0] + c, rows[1] + c)));
+            continue;
+        }
+        const __m512i a = q8_row_pair(rows[0] + c, rows[1] + c), b = q8_row_pair(rows[2] + c, rows[3] + c);
+        const __m512i p0 = _mm512_permutex2var_epi32(a, lo4, b), p1 = _mm512_permutex2var_epi32(a, hi4, b);
+        if (rl == 4) {
+            _mm512_storeu_si512((void *)out, p0);
+            _mm512_storeu_si512((void *)(out + 64), p1);
+            continue;
+        }
+        const __m512i e = q8_row_pair(rows[4] + c, rows[5] + c), f = q8_row_pair(rows[6] + c, rows[7] + c);
+        const __m512i q0 = _mm512_permutex2var_epi32(e, lo4, f), q1 = _mm512_permutex2var_epi32(e, hi4, f);
+        _mm512_storeu_si512((void *)out, _mm512_permutex2var_epi32(p0, lo8, q0));
+        _mm512_storeu_si512((void *)(out + 64), _mm512_permutex2var_epi32(p0, hi8, q0));
+        _mm512_storeu_si512((void *)(out + 128), _mm512_permutex2var_epi32(p1, lo8, q1));
+        _mm512_storeu_si512((void *)(out + 192), _mm512_permutex2var_epi32(p1, hi8, q1));
+    }
 }
 /* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_PAIR): two blocks' weight bytes
  * through the 16-entry table t (in every 128-bit lane) come out as the low nibbles of both, then

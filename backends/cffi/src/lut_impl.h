@@ -723,6 +723,21 @@ static void FN(q8_quantize1)(const float *x, int64_t cp, int rot, uint8_t *out) 
 #endif
 #define Q8_RB (Q8_MR * (32 / Q8_MR)) /* a whole number of passes */
 _Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector passes too");
+#define Q8_FS ((Q8_RB + 7) / 8 * 8) /* a band's factors per group: rows rounded up to whole lane groups */
+#ifdef Q8_LANE_ROWS
+/* lut_gemm_q8 of at most VLEN / 2 tokens: a vector's lanes hold rl rows times VLEN / rl tokens
+ * (lane t * rl + r: row r, token t), rl = VLEN over the token count rounded up to a power of
+ * two. Each weight dword of rl rows is broadcast together (the ISA file's vi_rows(p, rl), from
+ * a band's rows interleaved by q8_interleave(rows, rl, blocks, out): block k's dword q of row r
+ * at out + (k * 8 + q) * 4 * rl + 4 * r), the tokens' inputs spread over rl lanes each
+ * (vi_spread(v, rl): lane l gets v's lane l / rl), the rows' factors broadcast likewise
+ * (vf_rows(p, rl)): every lane computes, where a lane a token computed only n of VLEN. Passes
+ * of Q8_LANE_MR lane groups. */
+#define Q8_LANE_MR 4
+#define Q8_LANE_ROOM(cp) (Q8_FS * (cp) + (cp) / 32 * Q8_REC + 64)
+#else
+#define Q8_LANE_ROOM(cp) 0
+#endif
 
 /* Whether every weight byte of m rotated by rot (q8_panel's) is above -128: m's int8 levels
  * (rbe_lut's lv8, zero past its codes) within [lo, hi], a rotated group's first byte sums rot of
@@ -744,8 +759,9 @@ static inline int q8_above_min(const rbe_lut *m, int rot) {
 #endif
 static int64_t FN(q8_scratch)(const rbe_lut *m, int64_t tokens) {
     const int64_t vecs = (tokens + Q8_NV * VLEN - 1) / (Q8_NV * VLEN) * Q8_NV;
-    return Q8_RB * (m->cols_p + (4 * m->groups + vecs * VLEN) * (int64_t)sizeof(float)) +
-           (vecs * VLEN + 1) * m->groups * (int64_t)sizeof(float) + Q8_QUAD_ROOM(m->cols_p, tokens);
+    return Q8_FS * (m->cols_p + (4 * m->groups + vecs * VLEN) * (int64_t)sizeof(float)) +
+           (vecs * VLEN + 1) * m->groups * (int64_t)sizeof(float) + Q8_QUAD_ROOM(m->cols_p, tokens) +
+           Q8_LANE_ROOM(m->cols_p);
 }
 
 /* Weight bytes (lv8[code] through tab, then rotated by rot (plus Q8_ZP) unless rot is 1) of rows
@@ -778,32 +794,48 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
     }
 }
 
-/* The band's factors, per group g and band row i at fac[(g * Q8_RB + i) * 2]: that of the
- * integer sums (q8_alpha / rot * step, rot a power of two), then that of the input sums
- * (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off: scratch for nr * groups
- * floats each. */
+/* The band's factors, per group g and band row i: at fac[g * 2 * Q8_FS + i] that of the integer
+ * sums (q8_alpha / rot * step, rot a power of two), at fac[(g * 2 + 1) * Q8_FS + i] that of the
+ * input sums (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off: scratch for nr *
+ * groups floats each. */
 static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int64_t r, int nr, float *st, float *off,
                            float *fac) {
     FN(row_steps)(m, r, nr, 1.0f, st, off);
     const float alpha = m->q8_alpha / (float)rot;
     for (int64_t g = 0; g < m->groups; g++)
-        for (int i = 0; i < Q8_RB; i++) {
+        for (int i = 0; i < Q8_FS; i++) {
             const float sg = i < nr ? st[i * m->groups + g] : 0.0f;
-            fac[(g * Q8_RB + i) * 2] = alpha * sg;
-            fac[(g * Q8_RB + i) * 2 + 1] = beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
+            fac[g * 2 * Q8_FS + i] = alpha * sg;
+            fac[(g * 2 + 1) * Q8_FS + i] = beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
         }
 }
 
-/* One pass of lut_gemm_q8 over the blocks [k0, k1) of a slice: rows w[0..mr) (weight bytes
- * of block k at w[i] + k * 32; factors of group g at fac[(g * Q8_RB + i) * 2], q8_factors')
- * against the nv token vectors whose pack records start at tile[v] (block k at tile[v] + k *
- * Q8_REC; input sums of group g at xs[v] + g * VLEN); at the end of every group and of the
- * slice, added to the partial sums at part[(i * nv + v) * VLEN] (a token per lane), with the
- * input sums' term when sums (in a group's first slice); weights: how the weight bytes meet the
- * inputs (Q8_WEIGHTS_*). Instantiated per (mr, nv), weights, with and without sums. */
+#ifdef Q8_LANE_ROWS
+#define q8_dot_rows(acc, w, x, rl) ((rl) == 1 ? vi_dot4(acc, w, x) : vi_dot(acc, vi_rows(w, rl), x))
+#define q8_factor_rows(f, rl) ((rl) == 1 ? vset1(*(f)) : vf_rows(f, rl))
+#else
+#define q8_dot_rows(acc, w, x, rl) vi_dot4(acc, w, x)
+#define q8_factor_rows(f, rl) vset1(*(f))
+#endif
+/* Code bytes [at, end) requested from memory, per_block lines per block of a pass. */
+typedef struct {
+    const uint8_t *at, *end;
+    int64_t per_block;
+} q8_fetch;
+
+/* One pass of lut_gemm_q8 over the blocks [k0, k1) of a slice (requesting fetch's lines): lane groups w[0..mr) of rl rows
+ * each (weight bytes of block k at w[i] + k * 32 * rl, Q8_LANE_ROWS' order; factors of group g
+ * at fac + g * 2 * Q8_FS + i * rl, q8_factors') against the nv token vectors whose pack records
+ * start at tile[v] (block k at tile[v] + k * Q8_REC; input sums of group g at xs[v] + g * VLEN);
+ * at the end of every group and of the slice, added to the partial sums at part[(i * nv + v) *
+ * VLEN] (a token per lane, or rl rows of a token per rl lanes), with the input sums' term when
+ * sums (in a group's first slice); weights: how the weight bytes meet the inputs
+ * (Q8_WEIGHTS_*; other than signed only where rl is 1). Instantiated per (mr, nv, rl), weights,
+ * with and without sums. */
 static inline __attribute__((always_inline)) void FN(q8_pass)(
     const uint8_t *const *w, const float *fac, const uint8_t *const *tile, const float *const *xs,
-    int64_t k0, int64_t k1, int64_t bpg, float *part, const int sums, const int weights, const int mr, const int nv) {
+    int64_t k0, int64_t k1, int64_t bpg, float *part, q8_fetch *fetch, const int sums, const int weights, const int mr,
+    const int nv, const int rl) {
     for (int64_t k = k0; k < k1;) {
         const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
         const int first = sums && k0 <= g * bpg;
@@ -811,6 +843,7 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
         for (int i = 0; i < mr; i++)
             for (int v = 0; v < nv; v++) ga[i][v] = vzero();
         for (; k < end; k++) {
+            for (int64_t l = 0; l < fetch->per_block && fetch->at < fetch->end; l++, fetch->at += 64) __builtin_prefetch(fetch->at);
             VI ia[Q8_MRMAX][Q8_NV];
             for (int v = 0; v < nv; v++) {
                 const VI init = vi_load(tile[v] + k * Q8_REC + 40 * VLEN);
@@ -834,16 +867,16 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
                     for (int v = 0; v < nv; v++) {
                         const VI x = vi_load(tile[v] + k * Q8_REC + q * 4 * VLEN);
                         ia[i][v] = weights == Q8_WEIGHTS_NARROW ? vi_dot4_narrow(ia[i][v], w[i] + k * 32 + q * 4, x)
-                                                                : vi_dot4(ia[i][v], w[i] + k * 32 + q * 4, x);
+                                                                : q8_dot_rows(ia[i][v], w[i] + (k * 32 + q * 4) * rl, x, rl);
                     }
             for (int v = 0; v < nv; v++) {
                 const VF d = vload((const float *)(tile[v] + k * Q8_REC + 32 * VLEN));
                 for (int i = 0; i < mr; i++) ga[i][v] = vfma(vi_cvt(ia[i][v]), d, ga[i][v]);
             }
         }
-        const float *f = fac + g * Q8_RB * 2;
+        const float *f = fac + g * 2 * Q8_FS;
         for (int i = 0; i < mr; i++) {
-            const VF s = vset1(f[2 * i]), o = vset1(f[2 * i + 1]);
+            const VF s = q8_factor_rows(f + i * rl, rl), o = q8_factor_rows(f + Q8_FS + i * rl, rl);
             for (int v = 0; v < nv; v++) {
                 float *p = part + (i * nv + v) * VLEN;
                 VF a = vfma(ga[i][v], s, vload(p));
@@ -885,41 +918,67 @@ static int FN(q8_table)(const rbe_lut *m, int rot, uint8_t *tab) {
 }
 
 /* What lut_gemm_q8's bands share: the matrix, the pack and its rotation, the weight byte table
- * (and the byte codes' shift, q8_panel's), the token tiles (vecs: one, or rounded up to Q8_NV), blocks
- * per slice, whether input sums meet offsets, and the scratch areas. */
+ * (and the byte codes' shift, q8_panel's), the token tiles (vecs: one, or rounded up to Q8_NV),
+ * rows per lane group (rl: 1, or Q8_LANE_ROWS' count), blocks per slice, whether input sums meet
+ * offsets, and the scratch areas (lanes: Q8_LANE_ROWS' interleaved rows). */
 typedef struct {
     const rbe_lut *m;
     const uint8_t *pack;
-    int rot, shift, sums;
+    int rot, shift, sums, rl;
     int weights; /* q8_pass's weights (Q8_WEIGHTS_*); narrow ones are lv8 + Q8_NARROW_BIAS, beta taking it off */
     float beta;
     int64_t n, tiles, vecs, kc;
-    uint8_t tab[256], *panel;
+    uint8_t tab[256], *panel, *lanes;
     float *fac, *st, *off, *part, *xs;
 } q8_job;
 
+/* The lane groups of a band's rows wb[0..nr) (rl rows each, the last one's missing rows
+ * repeating row nr - 1) into w: the rows themselves where rl is 1, else interleaved into lanes
+ * (Q8_LANE_ROWS); returns their count. */
+static inline __attribute__((always_inline)) int64_t FN(q8_lane_groups)(const q8_job *j, const uint8_t *const *wb,
+                                                                        int64_t nr, const uint8_t **w, const int rl) {
+    if (rl == 1) {
+        for (int64_t i = 0; i < nr; i++) w[i] = wb[i];
+        return nr;
+    }
+#ifdef Q8_LANE_ROWS
+    const int64_t cp = j->m->cols_p, groups = (nr + rl - 1) / rl;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *rows[VLEN];
+        for (int r = 0; r < rl; r++) rows[r] = wb[rbe_min(g * rl + r, nr - 1)];
+        q8_interleave(rows, rl, cp / 32, j->lanes + g * rl * cp);
+        w[g] = j->lanes + g * rl * cp;
+    }
+    return groups;
+#else
+    (void)j, (void)w;
+    return 0;
+#endif
+}
+
 /* Rows [rb, rb + nr) (nr <= Q8_RB) into y: weight bytes and factors of the band, then its passes
- * of mr rows and nv token vectors slice by slice (requesting the next band's codes meanwhile),
- * then its partial sums token-major into y. */
+ * of mr lane groups (of rl rows) and nv token vectors slice by slice (requesting the next band's
+ * codes meanwhile), then its partial sums token-major into y. */
 static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job *j, int64_t rb, int64_t nr,
                                                                    int64_t r1, float *y, int64_t ldy,
-                                                                   const int mr, const int nv) {
+                                                                   const int mr, const int nv, const int rl) {
     const rbe_lut *m = j->m;
     const int64_t nblk = m->cols_p / 32, vecs = j->vecs;
-    const uint8_t *wb[Q8_RB];
+    const uint8_t *wb[Q8_RB], *gw[Q8_FS];
     FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
+    const int64_t ng = FN(q8_lane_groups)(j, wb, nr, gw, rl);
     FN(q8_factors)(m, j->rot, j->beta, rb, (int)nr, j->st, j->off, j->fac);
-    memset(j->part, 0, (size_t)(Q8_RB * vecs * VLEN) * sizeof(float));
-    const uint8_t *ahead = FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0); /* the next band's (contiguous) */
-    const uint8_t *const ahead_end = FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes;
-    const int64_t passes = (nblk + j->kc - 1) / j->kc * ((nr + mr - 1) / mr);
-    const int64_t lines = ((ahead_end - ahead) / 64 + passes) / passes; /* per pass, evenly */
+    memset(j->part, 0, (size_t)(Q8_FS * vecs * VLEN) * sizeof(float));
+    q8_fetch fetch = {FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0), /* the next band's codes (contiguous) */
+                      FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes, 0},
+             idle = {NULL, NULL, 0};
+    const int64_t blocks = nblk * ((ng + mr - 1) / mr); /* those of every pass: the lines spread evenly */
+    fetch.per_block = ((fetch.end - fetch.at) / 64 + blocks) / blocks;
     for (int64_t k0 = 0; k0 < nblk; k0 += j->kc) {
         const int64_t k1 = rbe_min(k0 + j->kc, nblk);
-        for (int64_t r = 0; r < nr; r += mr) {
-            for (int64_t l = 0; l < lines && ahead < ahead_end; l++, ahead += 64) __builtin_prefetch(ahead);
-            const uint8_t *w[Q8_MRMAX]; /* rows past the band's repeat its last */
-            for (int i = 0; i < mr; i++) w[i] = wb[rbe_min(r + i, nr - 1)];
+        for (int64_t r = 0; r < ng; r += mr) {
+            const uint8_t *w[Q8_MRMAX]; /* groups past the band's repeat its last */
+            for (int i = 0; i < mr; i++) w[i] = gw[rbe_min(r + i, ng - 1)];
             for (int64_t v0 = 0; v0 < vecs; v0 += nv) {
                 const uint8_t *tile[Q8_NV]; /* vectors past the last repeat it */
                 const float *xv[Q8_NV];
@@ -928,18 +987,28 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
                     tile[v] = j->pack + t * nblk * Q8_REC, xv[v] = j->xs + t * m->groups * VLEN;
                 }
                 float *p = FN(q8_part)(j->part, vecs, r, v0, mr, nv);
-                const float *f = j->fac + 2 * r;
+                const float *f = j->fac + r * rl;
                 const int64_t bpg = m->gs / 32;
-                if (j->weights == Q8_WEIGHTS_NARROW && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_NARROW, mr, nv);
-                else if (j->weights == Q8_WEIGHTS_NARROW) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_NARROW, mr, nv);
+                if (rl > 1 && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 1, Q8_WEIGHTS_SIGNED, mr, nv, rl);
+                else if (rl > 1) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 0, Q8_WEIGHTS_SIGNED, mr, nv, rl);
+                else if (j->weights == Q8_WEIGHTS_NARROW && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 1, Q8_WEIGHTS_NARROW, mr, nv, 1);
+                else if (j->weights == Q8_WEIGHTS_NARROW) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 0, Q8_WEIGHTS_NARROW, mr, nv, 1);
 #ifdef Q8_WEIGHT_FORMS
-                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_SIGNED_ABS, mr, nv);
-                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_SIGNED_ABS, mr, nv);
+                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS && j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 1, Q8_WEIGHTS_SIGNED_ABS, mr, nv, 1);
+                else if (j->weights == Q8_WEIGHTS_SIGNED_ABS) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 0, Q8_WEIGHTS_SIGNED_ABS, mr, nv, 1);
 #endif
-                else if (j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 1, Q8_WEIGHTS_SIGNED, mr, nv);
-                else FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, 0, Q8_WEIGHTS_SIGNED, mr, nv);
+                else if (j->sums) FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 1, Q8_WEIGHTS_SIGNED, mr, nv, 1);
+                else FN(q8_pass)(w, f, tile, xv, k0, k1, bpg, p, v0 ? &idle : &fetch, 0, Q8_WEIGHTS_SIGNED, mr, nv, 1);
             }
         }
+    }
+    if (rl > 1) { /* lane t * rl + i of group g: row g * rl + i, token t */
+        for (int64_t g = 0; g < ng; g++)
+            for (int l = 0; l < VLEN; l++) {
+                const int64_t b = l / rl, i = g * rl + l % rl;
+                if (b < j->n && i < nr) y[b * ldy + rb + i] = FN(q8_part)(j->part, 1, g, 0, mr, 1)[l];
+            }
+        return;
     }
     for (int64_t b = 0; b < j->n; b++) /* token by token: each token's rows of the band are contiguous in y */
         for (int64_t r = 0; r < nr; r += mr) {
@@ -953,10 +1022,17 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
         }
 }
 
-/* q8_band with passes of Q8_MR rows and Q8_NV vectors, or of Q8_MR1 rows when there is one. */
+/* q8_band with passes of Q8_MR rows and Q8_NV vectors, of Q8_MR1 rows when there is one vector,
+ * or of Q8_LANE_MR lane groups of rl rows. */
 static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t r1, float *y, int64_t ldy) {
-    if (j->vecs == 1) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR1, 1);
-    else FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR, Q8_NV);
+#ifdef Q8_LANE_ROWS
+    if (j->rl == 2) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 2);
+    else if (j->rl == 4) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 4);
+    else if (j->rl == 8) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 8);
+    else
+#endif
+    if (j->vecs == 1) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR1, 1, 1);
+    else FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_MR, Q8_NV, 1);
 }
 
 /* The int8 product (rbe_kernels.lut_gemm_q8). Bands of Q8_RB rows; in a band, column slices of
@@ -980,10 +1056,21 @@ static void FN(lut_gemm_q8)(const rbe_lut *m, const uint8_t *pack, int rot, int6
 #endif
     j.beta = m->q8_beta - (narrow ? (float)Q8_NARROW_BIAS * m->q8_alpha : 0.0f);
     j.sums = m->has_offset || j.beta != 0.0f;
-    j.panel = scratch;
-    j.fac = (float *)(j.panel + Q8_RB * m->cols_p), j.st = j.fac + 2 * Q8_RB * m->groups;
-    j.off = j.st + Q8_RB * m->groups, j.part = j.off + Q8_RB * m->groups, j.xs = j.part + Q8_RB * j.vecs * VLEN;
-    if (j.sums) FN(q8_input_sums)(m, pack, j.tiles, j.xs);
+    j.panel = scratch, j.rl = 1;
+    j.fac = (float *)(j.panel + Q8_FS * m->cols_p), j.st = j.fac + 2 * Q8_FS * m->groups;
+    j.off = j.st + Q8_FS * m->groups, j.part = j.off + Q8_FS * m->groups, j.xs = j.part + Q8_FS * j.vecs * VLEN;
+#ifdef Q8_LANE_ROWS
+    if (n <= VLEN / 2 && j.weights == Q8_WEIGHTS_SIGNED) {
+        j.rl = VLEN / 2;
+        while (VLEN / j.rl < n) j.rl /= 2;
+        j.lanes = (uint8_t *)(j.xs + (j.vecs * VLEN + 1) * m->groups);
+        uint8_t *spread = (uint8_t *)(((uintptr_t)j.lanes + Q8_FS * m->cols_p + 63) & ~(uintptr_t)63);
+        for (int64_t c = 0; c < m->cols_p / 32 * Q8_REC; c += 4 * VLEN) /* every vector of every record */
+            vi_store(spread + c, vi_spread(vi_load(pack + c), j.rl));
+        j.pack = spread;
+    }
+#endif
+    if (j.sums) FN(q8_input_sums)(m, j.pack, j.tiles, j.xs);
     j.shift = FN(q8_table)(m, rot, j.tab);
     for (int k = 0; k < 16 && narrow; k++) j.tab[k] = (uint8_t)(j.tab[k] + Q8_NARROW_BIAS);
     for (int64_t rb = r0; rb < r1; rb += Q8_RB) FN(q8_band)(&j, rb, rbe_min(Q8_RB, r1 - rb), r1, y, ldy);
