@@ -795,19 +795,21 @@ static void FN(q8_panel)(const rbe_lut *m, const uint8_t *tab, int shift, int ro
 }
 
 /* The band's factors, per group g and band row i: at fac[g * 2 * Q8_FS + i] that of the integer
- * sums (q8_alpha / rot * step, rot a power of two), at fac[(g * 2 + 1) * Q8_FS + i] that of the
- * input sums (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off: scratch for nr *
- * groups floats each. */
-static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int64_t r, int nr, float *st, float *off,
+ * sums (q8_alpha / rot * step, rot a power of two), where sums at fac[(g * 2 + 1) * Q8_FS + i]
+ * that of the input sums (q8_beta * step + offset); rows [r, r + nr), zero past nr. st, off:
+ * scratch for nr * groups floats each. */
+static void FN(q8_factors)(const rbe_lut *m, int rot, float beta, int sums, int64_t r, int nr, float *st, float *off,
                            float *fac) {
-    FN(row_steps)(m, r, nr, 1.0f, st, off);
-    const float alpha = m->q8_alpha / (float)rot;
-    for (int64_t g = 0; g < m->groups; g++)
-        for (int i = 0; i < Q8_FS; i++) {
-            const float sg = i < nr ? st[i * m->groups + g] : 0.0f;
-            fac[g * 2 * Q8_FS + i] = alpha * sg;
-            fac[(g * 2 + 1) * Q8_FS + i] = beta * sg + (m->has_offset && i < nr ? off[i * m->groups + g] : 0.0f);
-        }
+    const float alpha = m->q8_alpha / (float)rot, scale = alpha != 0.0f ? alpha : 1.0f;
+    FN(row_steps)(m, r, nr, scale, st, off); /* st: the steps times alpha (times 1 where alpha is 0) */
+    const int64_t groups = m->groups;
+    const float ka = alpha / scale, kb = beta / scale;
+    for (int64_t g = 0; g < groups; g++) { /* rows, then zeros: loops without branches */
+        float *fa = fac + g * 2 * Q8_FS, *fb = fa + Q8_FS;
+        for (int i = 0; i < nr; i++) fa[i] = ka * st[i * groups + g];
+        for (int i = nr; i < Q8_FS; i++) fa[i] = 0.0f, fb[i] = 0.0f;
+        for (int i = 0; i < nr && sums; i++) fb[i] = kb * st[i * groups + g] + (m->has_offset ? off[i * groups + g] : 0.0f);
+    }
 }
 
 #ifdef Q8_LANE_ROWS
@@ -967,7 +969,7 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
     const uint8_t *wb[Q8_RB], *gw[Q8_FS];
     FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
     const int64_t ng = FN(q8_lane_groups)(j, wb, nr, gw, rl);
-    FN(q8_factors)(m, j->rot, j->beta, rb, (int)nr, j->st, j->off, j->fac);
+    FN(q8_factors)(m, j->rot, j->beta, j->sums, rb, (int)nr, j->st, j->off, j->fac);
     memset(j->part, 0, (size_t)(Q8_FS * vecs * VLEN) * sizeof(float));
     q8_fetch fetch = {FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0), /* the next band's codes (contiguous) */
                       FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes, 0},
