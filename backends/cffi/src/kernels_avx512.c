@@ -234,18 +234,19 @@ static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m
  * 23.1-24.1 / 17.4-19.8: 3 and more stay in tiles. On Zen 4 lut_gemm_q8 costs about the same
  * from 3 to 16 tokens (1B hadamard 94-113 ms a step, against 53-62 at 8 on the Intel Xeon of
  * docs/serving.md); a pass on 256-bit vectors for tiles of at most 8 tokens did not change that
- * (docs/serving.md, end), so its idle lanes are not the cost. Nibble codes run up to 8 one by
+ * (docs/serving.md, end), so its idle lanes are not the cost. Nibble codes one by
  * one (q8_one_quads: 4 tokens a pass over the codes), AMD EPYC Zen 4, min of 3 rounds of 12-30
  * steps, quads / tiles: 1B hadamard 4-bit k = 3: 29-39 / 109, 8: 65-76 / 99, 12: 94 / 123;
  * SmolLM2 int4 k = 4: 8.9 / 15.6, 8: 17.2 / 16.7 (its 576-column rows pay per-row costs per token).
  * Tiles of at most 8 tokens hold several rows a token (Q8_LANE_ROWS), min of 2 rounds, before /
- * after: 1B trellis 4-bit k = 3: 99.7 / 65.2, 4: 101.7 / 68.2, 8: 103.8 / 70.4; SmolLM2 trellis
+ * after: 1B trellis 4-bit k = 3: 99.7 / 52.3, 4: 101.7 / 52.9, 8: 103.8 / 65.4; SmolLM2 trellis
  * 4.25 k = 4: 16.9 / 13.3, 8: 18.6 / 15.3 (k = 2 one by one: 11.7, in lane groups 12.7). Nibble
- * codes stay one by one to 8: quads / lane groups, 1B hadamard 4-bit k = 2: 21.5 / 70.7, 4: 34.6
- * / 65.4, 8: 64.4 / 68.3 (SmolLM2 int4 k = 8: 15.4 / 13.3); the lane groups' cost is mostly the
- * band's (codes unpacked to memory and read back, factors transposed), not the products. */
+ * codes run one by one to 7: quads / lane groups, 1B hadamard 4-bit k = 2: 21.5 / 53.3, 5: 46.5 /
+ * 59.9, 6: 53.1 / 61.9, 8: 65.9 / 63.7; SmolLM2 int4 k = 5: 11.0 / 12.8, 6: 12.4 / 13.0, 8: 15.7 /
+ * 13.6 (the lane groups' cost is mostly the band's: codes unpacked to memory, interleaved, read
+ * back). */
 #define Q8_ONE_TOKENS 2
-#define Q8_ONE_NIBBLE_TOKENS 8
+#define Q8_ONE_NIBBLE_TOKENS 7
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
 #define Q8_NV 2
