@@ -384,23 +384,23 @@ static inline void q8_rotate(uint8_t *p, int64_t bytes, int rot, int zp) {
     rbe_q8_rotate(p + c, bytes - c, rot, zp);
 }
 /* rbe_q8_nibble_row, four blocks per 64-byte vector: the low and high nibbles of each through
- * the table, then their 16-byte lanes interleaved back into column order. */
+ * the table, then their 16-byte lanes interleaved back into column order; the last one to three
+ * blocks through masked loads and stores. */
 static inline void q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64_t blocks, int rot, int zp,
                                  uint8_t *out) {
     const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab)), k = _mm512_set1_epi8(15);
     const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    int64_t b = 0;
-    for (; b + 4 <= blocks; b += 4, p += 64, out += 128) {
-        const __m512i v = _mm512_loadu_si512((const void *)p);
+    for (int64_t b = 0; b < blocks; b += 4, p += 64, out += 128) {
+        const int64_t n = blocks - b < 4 ? blocks - b : 4; /* blocks in this vector */
+        const __m512i v = _mm512_maskz_loadu_epi8((__mmask64)(~0ull >> (64 - 16 * n)), (const void *)p);
         const __m512i lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
         const __m512i hi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), k));
         __m512i o[2] = {_mm512_permutex2var_epi64(lo, first, hi), _mm512_permutex2var_epi64(lo, second, hi)};
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < 2 && 2 * i < n; i++) {
             if (rot > 1) o[i] = _mm512_add_epi8(q8_rotate64(o[i], rot), _mm512_set1_epi8((char)zp));
-            _mm512_storeu_si512((void *)(out + 64 * i), o[i]);
+            _mm512_mask_storeu_epi8((void *)(out + 64 * i), (__mmask64)(n >= 2 * i + 2 ? ~0ull : ~0ull >> 32), o[i]);
         }
     }
-    rbe_q8_nibble_row(tab, p, blocks - b, rot, zp, out);
 }
 /* rbe_q8_block on two vectors: vcvtps2dq rounds as lrintf (the current mode, ties to even). */
 static inline float q8_block(const float *v, int rot, int8_t *x8, int32_t *sum, int32_t *lead) {
