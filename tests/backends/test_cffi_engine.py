@@ -147,7 +147,7 @@ def _int8_levels(m: LoweredMatrix):
 # (kernels_*.c's Q8_ONE_TOKENS, and Q8_ONE_NIBBLE_TOKENS for nibble codes); more run in tiles
 # (lut_gemm_q8).
 _ONE_BY_ONE = {"avx2": 4, "avx512": 2, "avx512vbmi": 2}
-_ONE_BY_ONE_NIBBLES = {"avx512": 7, "avx512vbmi": 7}
+_ONE_BY_ONE_NIBBLES = {"avx512": 5, "avx512vbmi": 5}
 
 
 def _one_by_one(n: int, isa: str, low: Lowered) -> bool:

@@ -241,12 +241,12 @@ static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m
  * Tiles of at most 8 tokens hold several rows a token (Q8_LANE_ROWS), min of 2 rounds, before /
  * after: 1B trellis 4-bit k = 3: 99.7 / 52.3, 4: 101.7 / 52.9, 8: 103.8 / 65.4; SmolLM2 trellis
  * 4.25 k = 4: 16.9 / 13.3, 8: 18.6 / 15.3 (k = 2 one by one: 11.7, in lane groups 12.7). Nibble
- * codes run one by one to 7: quads / lane groups, 1B hadamard 4-bit k = 2: 21.5 / 53.3, 5: 46.5 /
- * 59.9, 6: 53.1 / 61.9, 8: 65.9 / 63.7; SmolLM2 int4 k = 5: 11.0 / 12.8, 6: 12.4 / 13.0, 8: 15.7 /
- * 13.6 (the lane groups' cost is mostly the band's: codes unpacked to memory, interleaved, read
- * back). */
+ * codes run one by one to 5: quads / lane groups of two rows made straight from the codes
+ * (q8_nibble_lanes2), 1B hadamard 4-bit k = 5: 46.5 / 52.2, 6: 54.6 / 52.1, 7: 61.5 / 51.4, 8: 65.9
+ * / 52.5; SmolLM2 int4 k = 5: 10.4 / 9.7, 6: 12.1 / 9.8, 7: 13.4 / 10.0, 8: 15.7 / 10.6 (lane
+ * groups of 4 rows, k = 3-4, are made through q8_panel and lose: 1B k = 4 34.6 / 65.4). */
 #define Q8_ONE_TOKENS 2
-#define Q8_ONE_NIBBLE_TOKENS 7
+#define Q8_ONE_NIBBLE_TOKENS 5
 #define Q8_ATTR __attribute__((target("avx512vnni")))
 #define Q8_MR 6
 #define Q8_NV 2
@@ -319,6 +319,30 @@ static inline void q8_interleave(const uint8_t *const *rows, int rl, int64_t blo
         _mm512_storeu_si512((void *)(out + 64), _mm512_permutex2var_epi32(p0, hi8, q0));
         _mm512_storeu_si512((void *)(out + 128), _mm512_permutex2var_epi32(p1, lo8, q1));
         _mm512_storeu_si512((void *)(out + 192), _mm512_permutex2var_epi32(p1, hi8, q1));
+    }
+}
+/* q8_interleave's two-row layout made straight from two rows' nibble codes a and b (unrotated,
+ * through the 16-entry table tab): per four blocks, each row's low and high nibbles looked up,
+ * the rows' dwords paired (block k's dword q of row r, q < 4 from the low nibbles, else the
+ * high, at out + (k * 8 + q) * 8 + 4 * r), no column-order row in between. */
+#define Q8_NIBBLE_LANES 1
+static inline void q8_nibble_lanes2(const uint8_t *tab, const uint8_t *a, const uint8_t *b, int64_t blocks,
+                                    uint8_t *out) {
+    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab)), k = _mm512_set1_epi8(15);
+    const __m512i pair0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i pair1 = _mm512_add_epi32(pair0, _mm512_set1_epi32(8));
+    for (int64_t c = 0; c < blocks; c += 4, a += 64, b += 64, out += 256) {
+        const int64_t n = blocks - c < 4 ? blocks - c : 4; /* blocks in this vector */
+        const __mmask64 load = (__mmask64)(~0ull >> (64 - 16 * n));
+        const __m512i va = _mm512_maskz_loadu_epi8(load, (const void *)a), vb = _mm512_maskz_loadu_epi8(load, (const void *)b);
+        const __m512i lo_a = _mm512_shuffle_epi8(t, _mm512_and_si512(va, k)), lo_b = _mm512_shuffle_epi8(t, _mm512_and_si512(vb, k));
+        const __m512i hi_a = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(va, 4), k));
+        const __m512i hi_b = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(vb, 4), k));
+        const __m512i lo[2] = {_mm512_permutex2var_epi32(lo_a, pair0, lo_b), _mm512_permutex2var_epi32(lo_a, pair1, lo_b)};
+        const __m512i hi[2] = {_mm512_permutex2var_epi32(hi_a, pair0, hi_b), _mm512_permutex2var_epi32(hi_a, pair1, hi_b)};
+        for (int64_t i = 0; i < n; i++) /* block i: its low dwords (two 128-bit lanes), then its high ones */
+            _mm512_storeu_si512((void *)(out + 64 * i), i % 2 ? _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0xee)
+                                                              : _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0x44));
     }
 }
 /* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_PAIR): two blocks' weight bytes

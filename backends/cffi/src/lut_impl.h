@@ -936,10 +936,19 @@ typedef struct {
     float *fac, *st, *off, *part, *xs;
 } q8_job;
 
-/* The lane groups of a band's rows wb[0..nr) (rl rows each, the last one's missing rows
- * repeating row nr - 1) into w: the rows themselves where rl is 1, else interleaved into lanes
- * (Q8_LANE_ROWS); returns their count. */
-static inline __attribute__((always_inline)) int64_t FN(q8_lane_groups)(const q8_job *j, const uint8_t *const *wb,
+/* Whether a band's lane groups of rl rows are made straight from the codes (Q8_NIBBLE_LANES: two
+ * rows of unrotated nibble codes), without q8_panel's rows. */
+#ifdef Q8_NIBBLE_LANES
+#define q8_lanes_from_codes(j, rl) ((rl) == 2 && (j)->m->kind == RBE_LUT_NIBBLE && (j)->rot == 1)
+#else
+#define q8_lanes_from_codes(j, rl) 0
+#endif
+
+/* The lane groups of a band's rows [rb, rb + nr) (q8_panel's rows wb[0..nr), unless
+ * q8_lanes_from_codes; rl rows each, the last one's missing rows repeating row nr - 1) into w:
+ * the rows themselves where rl is 1, else interleaved into lanes (Q8_LANE_ROWS); returns their
+ * count. */
+static inline __attribute__((always_inline)) int64_t FN(q8_lane_groups)(const q8_job *j, int64_t rb, const uint8_t *const *wb,
                                                                         int64_t nr, const uint8_t **w, const int rl) {
     if (rl == 1) {
         for (int64_t i = 0; i < nr; i++) w[i] = wb[i];
@@ -948,14 +957,21 @@ static inline __attribute__((always_inline)) int64_t FN(q8_lane_groups)(const q8
 #ifdef Q8_LANE_ROWS
     const int64_t cp = j->m->cols_p, groups = (nr + rl - 1) / rl;
     for (int64_t g = 0; g < groups; g++) {
+        w[g] = j->lanes + g * rl * cp;
+#ifdef Q8_NIBBLE_LANES
+        if (q8_lanes_from_codes(j, rl)) {
+            q8_nibble_lanes2(j->tab, FN(lut_codes)(j->m, rb + 2 * g, 0), FN(lut_codes)(j->m, rb + rbe_min(2 * g + 1, nr - 1), 0),
+                             cp / 32, j->lanes + g * rl * cp);
+            continue;
+        }
+#endif
         const uint8_t *rows[VLEN];
         for (int r = 0; r < rl; r++) rows[r] = wb[rbe_min(g * rl + r, nr - 1)];
         q8_interleave(rows, rl, cp / 32, j->lanes + g * rl * cp);
-        w[g] = j->lanes + g * rl * cp;
     }
     return groups;
 #else
-    (void)j, (void)w;
+    (void)j, (void)rb, (void)w;
     return 0;
 #endif
 }
@@ -969,8 +985,8 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
     const rbe_lut *m = j->m;
     const int64_t nblk = m->cols_p / 32, vecs = j->vecs;
     const uint8_t *wb[Q8_RB], *gw[Q8_FS];
-    FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
-    const int64_t ng = FN(q8_lane_groups)(j, wb, nr, gw, rl);
+    if (!q8_lanes_from_codes(j, rl)) FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
+    const int64_t ng = FN(q8_lane_groups)(j, rb, wb, nr, gw, rl);
     FN(q8_factors)(m, j->rot, j->beta, j->sums, rb, (int)nr, j->st, j->off, j->fac);
     memset(j->part, 0, (size_t)(Q8_FS * vecs * VLEN) * sizeof(float));
     q8_fetch fetch = {FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0), /* the next band's codes (contiguous) */
