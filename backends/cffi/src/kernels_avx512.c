@@ -321,30 +321,6 @@ static inline void q8_interleave(const uint8_t *const *rows, int rl, int64_t blo
         _mm512_storeu_si512((void *)(out + 192), _mm512_permutex2var_epi32(p1, hi8, q1));
     }
 }
-/* q8_interleave's two-row layout made straight from two rows' nibble codes a and b (unrotated,
- * through the 16-entry table tab): per four blocks, each row's low and high nibbles looked up,
- * the rows' dwords paired (block k's dword q of row r, q < 4 from the low nibbles, else the
- * high, at out + (k * 8 + q) * 8 + 4 * r), no column-order row in between. */
-#define Q8_NIBBLE_LANES 1
-static inline void q8_nibble_lanes2(const uint8_t *tab, const uint8_t *a, const uint8_t *b, int64_t blocks,
-                                    uint8_t *out) {
-    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab)), k = _mm512_set1_epi8(15);
-    const __m512i pair0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i pair1 = _mm512_add_epi32(pair0, _mm512_set1_epi32(8));
-    for (int64_t c = 0; c < blocks; c += 4, a += 64, b += 64, out += 256) {
-        const int64_t n = blocks - c < 4 ? blocks - c : 4; /* blocks in this vector */
-        const __mmask64 load = (__mmask64)(~0ull >> (64 - 16 * n));
-        const __m512i va = _mm512_maskz_loadu_epi8(load, (const void *)a), vb = _mm512_maskz_loadu_epi8(load, (const void *)b);
-        const __m512i lo_a = _mm512_shuffle_epi8(t, _mm512_and_si512(va, k)), lo_b = _mm512_shuffle_epi8(t, _mm512_and_si512(vb, k));
-        const __m512i hi_a = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(va, 4), k));
-        const __m512i hi_b = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(vb, 4), k));
-        const __m512i lo[2] = {_mm512_permutex2var_epi32(lo_a, pair0, lo_b), _mm512_permutex2var_epi32(lo_a, pair1, lo_b)};
-        const __m512i hi[2] = {_mm512_permutex2var_epi32(hi_a, pair0, hi_b), _mm512_permutex2var_epi32(hi_a, pair1, hi_b)};
-        for (int64_t i = 0; i < n; i++) /* block i: its low dwords (two 128-bit lanes), then its high ones */
-            _mm512_storeu_si512((void *)(out + 64 * i), i % 2 ? _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0xee)
-                                                              : _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0x44));
-    }
-}
 /* lut_gemv_q8's nibble blocks unpacked in registers (Q8_NIBBLE_PAIR): two blocks' weight bytes
  * through the 16-entry table t (in every 128-bit lane) come out as the low nibbles of both, then
  * the high ones; q8_pair_order puts inputs (bytes, or a dword's d or correction) in that order. */
@@ -370,6 +346,29 @@ static inline void q8_nibble_quad(__m512i t, const uint8_t *p, __mmask64 load, _
     *lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
     *hi = _mm512_shuffle_epi8(t, _mm512_and_si512(v4, k));
 #endif
+}
+/* q8_interleave's two-row layout made straight from two rows' nibble codes a and b (unrotated,
+ * through the 16-entry table tab, by q8_nibble_quad): per four blocks, each row's low and high
+ * nibbles looked up, the rows' dwords paired (block k's dword q of row r, q < 4 from the low
+ * nibbles, else the high, at out + (k * 8 + q) * 8 + 4 * r), no column-order row in between. */
+#define Q8_NIBBLE_LANES 1
+static inline void q8_nibble_lanes2(const uint8_t *tab, const uint8_t *a, const uint8_t *b, int64_t blocks,
+                                    uint8_t *out) {
+    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
+    const __m512i pair0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i pair1 = _mm512_add_epi32(pair0, _mm512_set1_epi32(8));
+    for (int64_t c = 0; c < blocks; c += 4, a += 64, b += 64, out += 256) {
+        const int64_t n = blocks - c < 4 ? blocks - c : 4; /* blocks in this vector */
+        const __mmask64 load = (__mmask64)(~0ull >> (64 - 16 * n));
+        __m512i lo_a, hi_a, lo_b, hi_b;
+        q8_nibble_quad(t, a, load, &lo_a, &hi_a);
+        q8_nibble_quad(t, b, load, &lo_b, &hi_b);
+        const __m512i lo[2] = {_mm512_permutex2var_epi32(lo_a, pair0, lo_b), _mm512_permutex2var_epi32(lo_a, pair1, lo_b)};
+        const __m512i hi[2] = {_mm512_permutex2var_epi32(hi_a, pair0, hi_b), _mm512_permutex2var_epi32(hi_a, pair1, hi_b)};
+        for (int64_t i = 0; i < n; i++) /* block i: its low dwords (two 128-bit lanes), then its high ones */
+            _mm512_storeu_si512((void *)(out + 64 * i), i % 2 ? _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0xee)
+                                                              : _mm512_shuffle_i64x2(lo[i / 2], hi[i / 2], 0x44));
+    }
 }
 /* A quad's factors lane by lane: lane l gets st[sel[l]] where l is in lanes, else 0. */
 static inline __m512 q8_quad_factors(__m512i sel, const float *st, __mmask16 lanes) {
@@ -412,13 +411,12 @@ static inline void q8_rotate(uint8_t *p, int64_t bytes, int rot, int zp) {
  * blocks through masked loads and stores. */
 static inline void q8_nibble_row(const uint8_t *tab, const uint8_t *p, int64_t blocks, int rot, int zp,
                                  uint8_t *out) {
-    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab)), k = _mm512_set1_epi8(15);
+    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tab));
     const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (int64_t b = 0; b < blocks; b += 4, p += 64, out += 128) {
         const int64_t n = blocks - b < 4 ? blocks - b : 4; /* blocks in this vector */
-        const __m512i v = _mm512_maskz_loadu_epi8((__mmask64)(~0ull >> (64 - 16 * n)), (const void *)p);
-        const __m512i lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, k));
-        const __m512i hi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), k));
+        __m512i lo, hi;
+        q8_nibble_quad(t, p, (__mmask64)(~0ull >> (64 - 16 * n)), &lo, &hi);
         __m512i o[2] = {_mm512_permutex2var_epi64(lo, first, hi), _mm512_permutex2var_epi64(lo, second, hi)};
         for (int i = 0; i < 2 && 2 * i < n; i++) {
             if (rot > 1) o[i] = _mm512_add_epi8(q8_rotate64(o[i], rot), _mm512_set1_epi8((char)zp));
