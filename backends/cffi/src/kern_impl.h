@@ -2,7 +2,7 @@
  * below, then includes this file once; everything here is static except the exported table.
  *
  * Required: ISA_SUFFIX, VLEN (divides 16), VF (vector of VLEN floats), vzero(), vload(p),
- * vstore(p, v), vset1(f), vadd(a, b), vsub(a, b), vmul(a, b), vdiv(a, b), vfma(a, b, c) =
+ * vstore(p, v), vset1(f), vadd(a, b), vsub(a, b), vmul(a, b), vmax(a, b), vdiv(a, b), vfma(a, b, c) =
  * a * b + c, vhsum(v), vexp(v), vload_h(p) / vstore_h(p, v), half_to_float(h), GEMV_ROWS (rows
  * per lut_gemv pass), GRAD_BATCH (rows of g per grad_tile; GRAD_BATCH * GRAD_NV accumulators),
  * and lutreg, lutreg_load, lutreg_codes and lut_block32 for the canonical-layout kernels (their

@@ -24,6 +24,7 @@
 #define vload_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define vstore_h(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 #define vsub(a, b) _mm256_sub_ps((a), (b))
+#define vmax(a, b) _mm256_max_ps((a), (b))
 /* expf by Cephes' polynomial on [-ln2/2, ln2/2] and an exponent shift; inputs below -87 give 0. */
 static inline __m256 vexp(__m256 x) {
     const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);

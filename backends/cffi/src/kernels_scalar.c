@@ -49,6 +49,10 @@ static inline VF vsub(VF a, VF b) {
     for (int i = 0; i < VLEN; i++) a.v[i] -= b.v[i];
     return a;
 }
+static inline VF vmax(VF a, VF b) {
+    for (int i = 0; i < VLEN; i++) a.v[i] = b.v[i] > a.v[i] ? b.v[i] : a.v[i];
+    return a;
+}
 static inline VF vdiv(VF a, VF b) {
     for (int i = 0; i < VLEN; i++) a.v[i] /= b.v[i];
     return a;

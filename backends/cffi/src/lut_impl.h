@@ -60,35 +60,91 @@ static inline float FN(kv_at)(const void *base, int64_t o, int half) {
     return half ? rbe_half_to_float(((const uint16_t *)base)[o]) : ((const float *)base)[o];
 }
 
-/* out + r * ldo (r < nr) = sum_p s[r * len + p] V_p for the columns [0, hd - hd % 16), 16 a pass
- * over the positions (nr * 16 / VLEN independent sums); returns hd - hd % 16. */
+/* Value columns a pass of attend_values: 64 (four vectors) where 32 registers hold nr x 4
+ * sums, else 16; a V row's columns of one pass are read once, in order. */
+#define ATT_DIMS (VLEN >= 16 ? 64 : 16)
+
+/* out + r * ldo (r < nr) = sum_p s[r * len + p] V_p for the columns [0, hd - hd % ATT_DIMS),
+ * ATT_DIMS a pass over the positions (nr * ATT_DIMS / VLEN independent sums); returns
+ * hd - hd % ATT_DIMS. */
 static inline __attribute__((always_inline)) int64_t FN(attend_values)(const float *s, int64_t len, const void *V,
                                                                       int half, int64_t hd, float *out,
                                                                       int64_t ldo, const int nr) {
-    const int64_t hb = hd - hd % 16;
-    for (int64_t d = 0; d < hb; d += 16) {
-        VF acc[4][16 / VLEN];
+    const int64_t hb = hd - hd % ATT_DIMS;
+    for (int64_t d = 0; d < hb; d += ATT_DIMS) {
+        VF acc[4][ATT_DIMS / VLEN];
         for (int r = 0; r < nr; r++)
-            for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vzero();
+            for (int j = 0; j < ATT_DIMS / VLEN; j++) acc[r][j] = vzero();
         for (int64_t p = 0; p < len; p++) {
-            VF vv[16 / VLEN];
-            for (int j = 0; j < 16 / VLEN; j++) vv[j] = FN(kv_load)(V, p * hd + d + j * VLEN, half);
+            VF vv[ATT_DIMS / VLEN];
+            for (int j = 0; j < ATT_DIMS / VLEN; j++) vv[j] = FN(kv_load)(V, p * hd + d + j * VLEN, half);
             for (int r = 0; r < nr; r++) {
                 const VF w = vset1(s[r * len + p]);
-                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(w, vv[j], acc[r][j]);
+                for (int j = 0; j < ATT_DIMS / VLEN; j++) acc[r][j] = vfma(w, vv[j], acc[r][j]);
             }
         }
         for (int r = 0; r < nr; r++)
-            for (int j = 0; j < 16 / VLEN; j++) vstore(out + r * ldo + d + j * VLEN, acc[r][j]);
+            for (int j = 0; j < ATT_DIMS / VLEN; j++) vstore(out + r * ldo + d + j * VLEN, acc[r][j]);
     }
     return hb;
+}
+
+/* Scores of nr (<= 4) query heads qp[r] against the first len positions of K (layout as
+ * attend_group's), 16 positions at a time (no horizontal sums): scores + r * len gets scale *
+ * q K^T (softcapped; positions below skip -inf); returns each row's maximum in mx[r]. */
+static inline __attribute__((always_inline)) void FN(attend_scores)(const float *const *qp, const void *K, int half,
+                                                                   int64_t len, int64_t skip, int64_t hd,
+                                                                   float scale, float softcap, float *scores,
+                                                                   float *mx, const int nr) {
+    VF vmx[4];
+    for (int r = 0; r < nr; r++) vmx[r] = vset1(-INFINITY), mx[r] = -INFINITY;
+    for (int64_t b = 0; b * 16 < len; b++) {
+        VF acc[4][16 / VLEN];
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vzero();
+        const int64_t kb = b * hd * 16;
+        for (int64_t d = 0; d < hd; d++) {
+            VF kv[16 / VLEN];
+            for (int j = 0; j < 16 / VLEN; j++) kv[j] = FN(kv_load)(K, kb + d * 16 + j * VLEN, half);
+            for (int r = 0; r < nr; r++) {
+                const VF qd = vset1(qp[r][d]);
+                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(qd, kv[j], acc[r][j]);
+            }
+        }
+        const int64_t cnt = rbe_min(16, len - b * 16);
+        const int plain = cnt == 16 && softcap <= 0.0f && b * 16 >= skip;
+        for (int r = 0; r < nr; r++) {
+            float *sr = scores + r * len + b * 16;
+            if (plain) { /* the common block: scaled and its maximum taken in vectors */
+                for (int j = 0; j < 16 / VLEN; j++) {
+                    const VF v = vmul(acc[r][j], vset1(scale));
+                    vstore(sr + j * VLEN, v);
+                    vmx[r] = vmax(vmx[r], v);
+                }
+                continue;
+            }
+            float tmp[16];
+            for (int j = 0; j < 16 / VLEN; j++) vstore(tmp + j * VLEN, acc[r][j]);
+            for (int64_t p = 0; p < cnt; p++) {
+                float v = tmp[p] * scale;
+                if (softcap > 0.0f) v = softcap * tanhf(v / softcap);
+                sr[p] = b * 16 + p < skip ? -INFINITY : v;
+                mx[r] = sr[p] > mx[r] ? sr[p] : mx[r];
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float lanes[VLEN];
+        vstore(lanes, vmx[r]);
+        for (int i = 0; i < VLEN; i++) mx[r] = lanes[i] > mx[r] ? lanes[i] : mx[r];
+    }
 }
 
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
  * `len` positions of K and V (float16 when half, else float32; K in blocks of 16 positions,
  * element (p, d) at (p / 16 * hd + d) * 16 + p % 16, so 16 scores come from hd vector FMAs; V in
  * rows of hd): out + r * ldo =
- * softmax(scale * q K^T) V. Each K and V row is loaded once for all `rep` heads. scores holds
+ * softmax(scale * q K^T) V. Each K and V row is loaded once for every 4 heads. scores holds
  * rep * len floats. With ml, the output is left unnormalised (sum_p exp(s_p - max) V_p) and
  * ml[2r], ml[2r + 1] get each head's max and sum of exponentials, so a split over positions can
  * be merged. */
@@ -96,44 +152,26 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
                              int half, int64_t len, int64_t skip, int64_t hd, float scale,
                              float softcap, float *out, int64_t ldo, float *scores, float *ml) {
     const int64_t hv = hd - hd % VLEN;
-    for (int r0 = 0; r0 < rep; r0 += 4) { /* scores, 16 positions at a time: no horizontal sums */
+    for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
-        const float *qp[4]; /* missing heads repeat the last one: a fixed 4 keeps acc in registers */
-        for (int r = 0; r < 4; r++) qp[r] = q + (r0 + (r < nr ? r : nr - 1)) * ldq;
-        for (int64_t b = 0; b * 16 < len; b++) {
-            VF acc[4][16 / VLEN];
-            for (int r = 0; r < 4; r++)
-                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vzero();
-            const int64_t kb = b * hd * 16;
-            for (int64_t d = 0; d < hd; d++) {
-                VF kv[16 / VLEN];
-                for (int j = 0; j < 16 / VLEN; j++) kv[j] = FN(kv_load)(K, kb + d * 16 + j * VLEN, half);
-                for (int r = 0; r < 4; r++) {
-                    const VF qd = vset1(qp[r][d]);
-                    for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(qd, kv[j], acc[r][j]);
-                }
-            }
-            const int64_t cnt = rbe_min(16, len - b * 16);
-            for (int r = 0; r < nr; r++) {
-                float tmp[16];
-                for (int j = 0; j < 16 / VLEN; j++) vstore(tmp + j * VLEN, acc[r][j]);
-                float *sr = scores + (r0 + r) * len + b * 16;
-                for (int64_t p = 0; p < cnt; p++) sr[p] = tmp[p] * scale;
-                if (softcap > 0.0f)
-                    for (int64_t p = 0; p < cnt; p++) sr[p] = softcap * tanhf(sr[p] / softcap);
-                for (int64_t p = 0; p < cnt && b * 16 + p < skip; p++) sr[p] = -INFINITY;
-            }
+        const float *qp[4];
+        for (int r = 0; r < 4; r++) qp[r] = q + (r0 + (r < nr ? r : 0)) * ldq;
+        float mx[4], *sp = scores + r0 * len;
+        switch (nr) { /* a constant head count in each: sums in registers, no branch a position */
+        case 1: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 1); break;
+        case 2: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 2); break;
+        case 3: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 3); break;
+        default: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 4);
         }
-    }
-    for (int r = 0; r < rep; r++) {
-        float *sr = scores + r * len, mx = -INFINITY;
-        for (int64_t p = 0; p < len; p++) mx = sr[p] > mx ? sr[p] : mx;
-        const float sum = FN(exp_sum)(sr, len, mx);
-        if (ml) {
-            ml[2 * r] = mx, ml[2 * r + 1] = sum;
-        } else {
-            const float inv = 1.0f / sum;
-            for (int64_t p = 0; p < len; p++) sr[p] *= inv;
+        for (int r = 0; r < nr; r++) {
+            float *sr = sp + r * len;
+            const float sum = FN(exp_sum)(sr, len, mx[r]);
+            if (ml) {
+                ml[2 * (r0 + r)] = mx[r], ml[2 * (r0 + r) + 1] = sum;
+            } else {
+                const float inv = 1.0f / sum;
+                for (int64_t p = 0; p < len; p++) sr[p] *= inv;
+            }
         }
     }
     for (int r0 = 0; r0 < rep; r0 += 4) {
