@@ -496,6 +496,15 @@ def test_llama_engine_matches_torch_modules(codec, tmp_path):
     _check_model(_save(ref, tmp_path, codec), ref.config.vocab_size)
 
 
+@pytest.mark.parametrize("hidden,heads,kv_heads,head_dim", [(160, 10, 2, 80), (64, 8, 1, 72), (96, 3, 3, 32)])
+def test_attention_head_groups_and_widths(hidden, heads, kv_heads, head_dim, tmp_path, isa):
+    """Attention on every ISA for kv heads shared by 5 and 8 query heads (groups of 4 and a rest)
+    and by one, head widths with a 16-column and an 8-column rest past the 64-column passes, over
+    40 positions (whole blocks of 16 and a partial one), prefill and decode."""
+    ref = tiny_llama(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    _check_model(_save(ref, tmp_path, "int8"), ref.config.vocab_size, length=40)
+
+
 def _with_code_streams(path, out):
     """A copy of the .rbe at ``path`` whose ``nibbles`` payloads are stored as ``codes`` bit
     streams, as files written before the nibble packing hold them."""
