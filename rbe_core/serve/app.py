@@ -129,33 +129,56 @@ def _lifespan(settings: Settings, store: ModelStore, startup: Startup):
 
 
 def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """Outermost first: the guard (the API key on ``/v1/*``, preflight ``OPTIONS`` exempt, 401
-    before any route runs; every answer counted as ``requests`` by route template, ``other`` when
-    none matched, and status: an exception no handler took becomes a counted 500), CORS for
-    ``settings.cors_origins`` (if any), the body deadline."""
+    """Outermost first: the guard (``Guard``), CORS for ``settings.cors_origins`` (if any), the
+    body deadline."""
     app.add_middleware(BodyDeadline, seconds=settings.body_timeout)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
-    hosts = _allowed_hosts(settings)
 
-    @app.middleware("http")
-    async def count_and_guard(request: Request, call_next):
+class Guard:
+    """ASGI middleware: the browser checks and the API key on ``/v1/*`` (preflight ``OPTIONS``
+    exempt; refused before any route runs), and every answer counted as ``requests`` by route
+    template (``other`` when none matched) and status; an exception no handler took becomes a
+    counted 500 (or, once a stream has started, ends it). Plain ASGI, so a stream's chunks pass
+    straight through (Starlette's ``BaseHTTPMiddleware`` relays each through a task and a
+    memory stream)."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.hosts = _allowed_hosts(settings)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request, status = Request(scope), []
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
         try:
-            _check_browser(request, hosts, settings.cors_origins)
-            if _needs_key(request.url.path) and settings.api_key is not None and request.method != "OPTIONS":
-                _check_key(request.headers.get("authorization", ""), settings.api_key)
-            response = await call_next(request)
-        except APIError as exc:
-            response = _error(exc)
+            self._check(request)
+            await self.app(scope, receive, counted)
         except Exception as exc:  # noqa: BLE001 - a bug in a route: answered and counted like any other
-            response = _error(_internal_error(request, exc))
-        route = request.scope.get("route")
-        metrics.count("requests", endpoint=getattr(route, "path", "other"), status=response.status_code)
-        return response
+            if status:  # the answer has started: nothing else can be sent
+                raise
+            err = exc if isinstance(exc, APIError) else _internal_error(request, exc)
+            await _error(err)(scope, receive, counted)
+        finally:
+            route = scope.get("route")
+            self.metrics.count("requests", endpoint=getattr(route, "path", "other"), status=status[0] if status else 500)
+
+    def _check(self, request: Request) -> None:
+        _check_browser(request, self.hosts, self.settings.cors_origins)
+        if _needs_key(request.url.path) and self.settings.api_key is not None and request.method != "OPTIONS":
+            _check_key(request.headers.get("authorization", ""), self.settings.api_key)
 
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
