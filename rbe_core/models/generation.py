@@ -21,10 +21,10 @@ def sample(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            rng: np.random.Generator | None = None) -> int:
     """A token id from ``logits`` (1-D, numpy or torch): greedy when ``temperature`` is 0, else
     sampled at that temperature after top-k and nucleus (top-p) filtering, drawing from ``rng``."""
-    z = to_numpy_f32(logits).reshape(-1).astype(np.float64)
+    z = to_numpy_f32(logits).reshape(-1)
     if temperature <= 0:
         return int(np.argmax(z))
-    z = z / temperature
+    z = z.astype(np.float64) / temperature
     if top_k > 0:
         k = min(top_k, z.size)
         z = np.where(z < np.partition(z, -k)[-k], -np.inf, z)

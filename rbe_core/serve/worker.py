@@ -312,7 +312,7 @@ class Generator:
     def _accept(self, job: Job, logits) -> None:
         """Sample the job's next token from ``logits`` and emit what it adds (or finish)."""
         model = self.model
-        z = _adjusted(job, to_numpy_f32(logits).reshape(-1).copy())
+        z = _adjusted(job, to_numpy_f32(logits).reshape(-1))
         d = job.decoding
         token = model.sample(z, d.temperature, d.top_k, d.top_p, job.generator)
         now = time.perf_counter()
@@ -367,8 +367,12 @@ class Generator:
 
 
 def _adjusted(job: Job, z: np.ndarray) -> np.ndarray:
-    """The logits ``z`` (float32, modified in place) after the job's bias, penalties and grammar."""
+    """The logits ``z`` (float32, left as they are) after the job's bias, penalties and grammar:
+    ``z`` itself when there are none, else a copy."""
     d = job.decoding
+    if not d.bias and not ((d.presence or d.frequency) and job.counts) and job.constraint is None:
+        return z
+    z = z.copy()
     for token, bias in d.bias.items():
         z[token] += bias
     if (d.presence or d.frequency) and job.counts:
