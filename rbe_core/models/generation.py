@@ -20,23 +20,74 @@ from .spec import ModelError, Spec, WithTokenizer
 def sample(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            rng: np.random.Generator | None = None) -> int:
     """A token id from ``logits`` (1-D, numpy or torch): greedy when ``temperature`` is 0, else
-    sampled at that temperature after top-k and nucleus (top-p) filtering, drawing from ``rng``."""
+    sampled at that temperature from the ``top_k`` likeliest (0: all), then the smallest set of
+    the likeliest whose probability reaches ``top_p``, by one uniform number from ``rng`` (the
+    first token whose running probability passes it). Probabilities in float32, sums in float64;
+    never a token of probability 0; ``ValueError`` when the logits are not finite. Every step is
+    vectorised (over SmolLM2's 49152 tokens: ~0.1 ms; a float64 exp, a whole cumsum or a whole
+    argpartition take ~0.5 ms each)."""
     z = to_numpy_f32(logits).reshape(-1)
     if temperature <= 0:
         return int(np.argmax(z))
-    z = z.astype(np.float64) / temperature
-    if top_k > 0:
-        k = min(top_k, z.size)
-        z = np.where(z < np.partition(z, -k)[-k], -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    ids = None  # the candidates' token ids (None: every token, in order)
+    if 0 < top_k < z.size:
+        ids = _largest(z, top_k)
+        z = z[ids]
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused by _draw
+        p = np.exp((z - z.max()) / np.float32(temperature))
     if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        ranked = p[order]
-        p[order[np.cumsum(ranked) - ranked >= top_p]] = 0.0  # keep the smallest set reaching top_p
-        p /= p.sum()
-    rng = rng if rng is not None else np.random.default_rng()
-    return int(rng.choice(p.size, p=p))
+        head = _nucleus(p, top_p)
+        ids, p = (head if ids is None else ids[head]), p[head]
+    pick = _draw(p, rng if rng is not None else np.random.default_rng())
+    return int(pick if ids is None else ids[pick])
+
+
+def _largest(v: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` largest entries of ``v`` (in no order): a threshold from a strided
+    sample of ``v`` leaves a few hundred candidates for ``argpartition``."""
+    stride = v.size // 4096
+    if stride >= 4 and m < v.size:
+        sub = np.sort(v[::stride])
+        t = sub[max(0, sub.size - 16 - 4 * (m // stride))]
+        cand = np.flatnonzero(v >= t)
+        if cand.size >= m:  # then the m largest are all among them
+            return cand[np.argpartition(v[cand], cand.size - m)[cand.size - m:]]
+    return np.argpartition(v, v.size - m)[v.size - m:] if m < v.size else np.arange(v.size)
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of the likeliest entries of ``p`` (unnormalised) whose share
+    reaches ``top_p``, likeliest first: the 256 likeliest are sorted, all of them only when those
+    do not reach it."""
+    total, m = float(p.sum(dtype=np.float64)), min(p.size, 256)
+    while True:
+        top = _largest(p, m)
+        top = top[np.argsort(-p[top], kind="stable")]
+        mass = np.cumsum(p[top], dtype=np.float64)
+        if mass[-1] >= top_p * total or m == p.size:
+            break
+        m = p.size
+    return top[:max(1, int(np.searchsorted(mass - p[top], top_p * total, side="left")))]
+
+
+def _draw(p: np.ndarray, rng: np.random.Generator, block: int = 1024) -> int:
+    """The index where the running sum of ``p`` (float32, unnormalised) first passes ``u`` times
+    its total, ``u`` uniform in [0, 1): block sums first, then the running sum of one block."""
+    starts = np.arange(0, p.size, block)
+    sums = np.add.reduceat(p, starts, dtype=np.float64)
+    running = np.cumsum(sums)
+    if not np.isfinite(running[-1]) or running[-1] <= 0.0:
+        raise ValueError("cannot sample: the logits are not finite")
+    u = rng.random() * running[-1]
+    b = int(np.searchsorted(running, u, side="right"))
+    if b >= sums.size:  # u rounded up to the total: the last block with any mass
+        b = int(np.flatnonzero(sums)[-1])
+    part = p[starts[b]:starts[b] + block]
+    inside = np.cumsum(part, dtype=np.float64)
+    i = int(np.searchsorted(inside, u - (running[b] - sums[b]), side="right"))
+    if i >= part.size:  # the same at the block's end
+        i = int(np.flatnonzero(part)[-1])
+    return int(starts[b]) + i
 
 
 def sampler_rng(seed: int | None) -> np.random.Generator:
