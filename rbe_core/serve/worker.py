@@ -281,11 +281,11 @@ class Generator:
                 self._finish_error(job, APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                                  type="server_error"))
             return
-        out = iter(logits)
+        out = zip(logits, logits.argmax(axis=1).tolist(), strict=True)  # one call for the round's greedy picks
         for job, (_slot, chunk, _pos), want in zip(owners, rows, wanted, strict=True):
             job.fed += len(chunk)
             if want:
-                self._accept(job, next(out))
+                self._accept(job, *next(out))
 
     def _tick(self, job: Job) -> None:
         if self._expired(job):
@@ -309,12 +309,16 @@ class Generator:
             logits, job.state = model.step(job.tokens[-1], job.state)
         self._accept(job, logits)
 
-    def _accept(self, job: Job, logits) -> None:
-        """Sample the job's next token from ``logits`` and emit what it adds (or finish)."""
+    def _accept(self, job: Job, logits, greedy: int | None = None) -> None:
+        """Sample the job's next token from ``logits`` (``greedy``: their argmax, when known) and
+        emit what it adds (or finish)."""
         model = self.model
-        z = _adjusted(job, to_numpy_f32(logits).reshape(-1))
-        d = job.decoding
-        token = model.sample(z, d.temperature, d.top_k, d.top_p, job.generator)
+        raw = to_numpy_f32(logits).reshape(-1)
+        z, d = _adjusted(job, raw), job.decoding
+        if greedy is not None and z is raw and d.temperature <= 0:
+            token = greedy
+        else:
+            token = model.sample(z, d.temperature, d.top_k, d.top_p, job.generator)
         now = time.perf_counter()
         if job.last is None:
             self.metrics.observe("ttft", now - job.submitted)
