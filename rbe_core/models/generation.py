@@ -59,14 +59,13 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     """Indices of the smallest set of the likeliest entries of ``p`` (unnormalised) whose share
     reaches ``top_p``, likeliest first: the 256 likeliest are sorted, all of them only when those
     do not reach it."""
-    total, m = float(p.sum(dtype=np.float64)), min(p.size, 256)
-    while True:
+    total = float(p.sum(dtype=np.float64))
+    for m in (min(p.size, 256), p.size):
         top = _largest(p, m)
         top = top[np.argsort(-p[top], kind="stable")]
         mass = np.cumsum(p[top], dtype=np.float64)
-        if mass[-1] >= top_p * total or m == p.size:
+        if mass[-1] >= top_p * total:
             break
-        m = p.size
     return top[:max(1, int(np.searchsorted(mass - p[top], top_p * total, side="left")))]
 
 

@@ -374,12 +374,13 @@ def _adjusted(job: Job, z: np.ndarray) -> np.ndarray:
     """The logits ``z`` (float32, left as they are) after the job's bias, penalties and grammar:
     ``z`` itself when there are none, else a copy."""
     d = job.decoding
-    if not d.bias and not ((d.presence or d.frequency) and job.counts) and job.constraint is None:
+    penalized = (d.presence or d.frequency) and job.counts
+    if not d.bias and not penalized and job.constraint is None:
         return z
     z = z.copy()
     for token, bias in d.bias.items():
         z[token] += bias
-    if (d.presence or d.frequency) and job.counts:
+    if penalized:
         ids = np.fromiter(job.counts.keys(), dtype=np.int64, count=len(job.counts))
         seen = np.fromiter(job.counts.values(), dtype=np.float32, count=len(job.counts))
         z[ids] -= d.frequency * seen + d.presence
