@@ -35,9 +35,10 @@ VECTOR_SLOTS = {"norm1": 0, "norm1_b": 1, "norm2": 2, "norm2_b": 3, "final": 0, 
 _DECODER_FLOATS = ("norm_offset", "embed_scale", "attn_softcap", "final_softcap")
 _DECODER_INTS = ("rotary_dim", "n_experts", "experts_used", "expert_intermediate", "norm_topk")
 #: ``RBE_ENGINE_KV``: the KV cache's element type (float16 by default, as llama.cpp's: half the
-#: memory and the attention's memory traffic; float32 for bit-level agreement with the torch path).
+#: memory and the attention's memory traffic; 'int8' with a float32 scale per position and kv head,
+#: as llama.cpp's ``q8_0``: about a quarter; float32 for bit-level agreement with the torch path).
 KV_ENV = "RBE_ENGINE_KV"
-KV_TYPES = {"f16": 1, "f32": 0}
+KV_TYPES = {"f16": 1, "f32": 0, "int8": 2}
 #: ``RBE_ENGINE_ACT``: the inputs of products with coded matrices: 'int8' (the default, as
 #: llama.cpp's: quantized per token and 32-column block, after an exact in-block Hadamard
 #: rotation where the matrix has no input transform of its own, and multiplied on integer units;
@@ -56,7 +57,7 @@ class NativeDecoder:
 
     def __init__(self, plan, tensors, *, lowered=None, kv: str | None = None, act: str | None = None):
         """``lowered`` (name -> Lowered), when given, is used instead of lowering ``tensors``;
-        ``kv``: 'f16' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16'); ``act``: 'int8' or
+        ``kv``: 'f16', 'int8' or 'f32' cache (default ``$RBE_ENGINE_KV``, else 'f16'); ``act``: 'int8' or
         'f32' product inputs (default ``$RBE_ENGINE_ACT``, else 'int8')."""
         lib, ffi = library.require_lib(), library.ffi
         self._lib, self._ffi = lib, ffi
@@ -72,7 +73,7 @@ class NativeDecoder:
         if plan.arch == "decoder":
             _decoder_settings(c, cfg)
         self.kv = _setting(kv, KV_ENV, KV_TYPES, "f16")
-        c.kv_f16 = KV_TYPES[self.kv]
+        c.kv_type = KV_TYPES[self.kv]
         self.act = _setting(act, ACT_ENV, ACT_TYPES, "int8")
         c.act_int8 = ACT_TYPES[self.act]
         handle = lib.rbe_engine_new(c)

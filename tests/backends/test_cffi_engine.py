@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -49,6 +50,10 @@ MODEL_TOL = 1e-4
 
 #: the float16 KV cache (the default) rounds keys and values to 11 significant bits
 F16_TOL = 5e-3
+
+#: the int8 KV cache rounds each position's key and value rows to 1/254 of their largest magnitude
+#: (measured: 0.2-0.5% of the largest logit on the small models here, on every ISA)
+INT8_KV_TOL = 1e-2
 
 
 @pytest.fixture(autouse=True)
@@ -467,7 +472,7 @@ def test_batched_sequences_equal_each_alone(codec, tmp_path):
         engine.forward_batch([(3, [1, 2], 7)])  # slot 3 holds 3 positions: 7 leaves a gap
 
 
-@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
 def test_copied_prefix_continues_like_its_own(kv, tmp_path, monkeypatch):
     """A slot given another slot's first positions (copy_prefix: a shared prompt prefix computed
     once) continues as if it had computed them itself, whatever the source slot does next."""
@@ -541,6 +546,40 @@ def test_float16_cache_stays_close(make, tmp_path, monkeypatch, isa):
     ref = make()
     native = _check_model(_save(ref, tmp_path, "int8"), ref.config.vocab_size, tol=F16_TOL)
     assert native.native.kv == "f16"
+
+
+@pytest.mark.parametrize("make", [partial(tiny_llama, hidden_size=160, num_attention_heads=10, num_key_value_heads=2,
+                                          head_dim=80, max_position_embeddings=400), mini_gpt2], ids=["llama", "gpt2"])
+def test_int8_cache_stays_close(make, tmp_path, monkeypatch, isa):
+    """The int8 KV cache (a scale per position and kv head): prefill and decode within
+    INT8_KV_TOL of the torch modules over 40 positions (kv heads of 5 query heads, a 16-column rest
+    past the 64-column value passes), and past 256 positions the decode step's attention split
+    over positions on 2 threads equal to one thread's."""
+    monkeypatch.setenv("RBE_ENGINE_KV", "int8")
+    ref = make()
+    path = _save(ref, tmp_path, "int8")
+    native, torch_path = _engine_and_reference(path)
+    assert native.native.kv == "int8"
+    length = 320 if ref.config.max_position_embeddings >= 320 else 40
+    ids = torch.randint(0, ref.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = torch_path(ids)[0][0].numpy()
+    scale = max(float(np.abs(want).max()), 1.0)
+    got = native.native.forward(ids[0, :40].numpy(), 0, all_logits=True)
+    assert float(np.abs(got - want[:40]).max()) <= INT8_KV_TOL * scale
+    native.native.forward(ids[0, :7].numpy(), 0)
+    steps = np.stack([native.native.forward(ids[0, t:t + 1].numpy(), t) for t in range(7, 40)])
+    assert float(np.abs(steps - want[7:40]).max()) <= INT8_KV_TOL * scale
+    if length < 320:
+        return
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setenv(library.THREADS_ENV, str(threads))
+        engine = rbe_core.load_model(path, "cffi", engine="native").native
+        engine.forward(ids[0, :300].numpy(), 0)
+        runs.append(np.stack([engine.forward(ids[0, t:t + 1].numpy(), t) for t in range(300, length)]))
+    assert float(np.abs(runs[1] - want[300:]).max()) <= INT8_KV_TOL * scale
+    assert float(np.abs(runs[1] - runs[0]).max()) <= MODEL_TOL * scale
 
 
 def test_tied_gguf_llama_with_interleaved_rope(tmp_path):

@@ -15,7 +15,6 @@
 #include <sys/mman.h>
 #include <time.h>
 
-#include "rbe_engine.h"
 #include "rbe_internal.h"
 #include "rbe_kernels.h"
 
@@ -228,6 +227,9 @@ static void parallel(int nthreads, double spin, int64_t total, int64_t align, ra
 }
 
 /* ---- the model ---- */
+/* Bytes of one KV cache element of kind (RBE_KV_*). */
+static inline int64_t kv_size(int kind) { return kind == RBE_KV_F32 ? 4 : kind == RBE_KV_F16 ? 2 : 1; }
+
 typedef struct {
     rbe_lut lut;
     int64_t rows, cols, cols_p; /* stored shape; the transform's width */
@@ -250,7 +252,8 @@ struct rbe_engine {
     float **vecs; /* n_layers * V_SLOTS, then 2 globals */
     etf *tfs;
     void *kc, *vc;           /* [layer][kv head]: K blocked by 16 positions, V rows (see kv_at) */
-    int kv_half;
+    int kv;                  /* their elements (RBE_KV_*) */
+    int64_t kv_scales;       /* int8: bytes into a cache where its scales begin, [layer][kv head][position] */
     /* KV cache slots (independent sequences sharing the weights): slot s's caches and length;
      * kc, vc and length are those of the selected slot */
     void *slot_kc[RBE_MAX_SLOTS], *slot_vc[RBE_MAX_SLOTS];
@@ -339,8 +342,8 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     if ((c.arch != RBE_ARCH_DECODER && c.arch != RBE_ARCH_GPT2) || c.n_layers < 1 || c.hidden < 1 ||
         c.intermediate < 0 || c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads ||
         c.head_dim < 2 || c.vocab < 1 || c.max_ctx < 1 || c.n_transforms < 0 ||
-        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 4 || c.kv_f16 < 0 ||
-        c.kv_f16 > 1 || c.act_int8 < 0 || c.act_int8 > 1 || c.rotary_dim < 2 || c.rotary_dim % 2 ||
+        c.rope_style < 0 || c.rope_style > 2 || c.activation < 0 || c.activation > 4 || c.kv_type < RBE_KV_F32 ||
+        c.kv_type > RBE_KV_I8 || c.act_int8 < 0 || c.act_int8 > 1 || c.rotary_dim < 2 || c.rotary_dim % 2 ||
         c.rotary_dim > c.head_dim || c.n_ropes < 1 || c.n_ropes > 16 || c.n_experts < 0 || c.experts_used < 0 ||
         c.experts_used > c.n_experts || (c.n_experts && (c.experts_used < 1 || c.expert_intermediate < 1)) ||
         !(c.attn_softcap >= 0.0f) || !(c.final_softcap >= 0.0f) || !isfinite(c.embed_scale) ||
@@ -359,10 +362,11 @@ rbe_engine *rbe_engine_new(const rbe_engine_config *cfg) {
     e->ctx16 = (c.max_ctx + 15) / 16 * 16; /* K is stored in blocks of 16 positions */
     const int64_t cache = (int64_t)c.n_layers * kvd * e->ctx16;
     /* calloc: the cache's pages become resident only as positions are written */
-    e->kv_half = c.kv_f16 != 0;
-    e->cache_bytes = cache * (e->kv_half ? 2 : 4);
-    e->kc = e->slot_kc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
-    e->vc = e->slot_vc[0] = calloc((size_t)cache, e->kv_half ? 2 : 4);
+    e->kv = c.kv_type;
+    e->kv_scales = cache * kv_size(e->kv);
+    e->cache_bytes = e->kv_scales + (e->kv == RBE_KV_I8 ? cache / hd * (int64_t)sizeof(float) : 0);
+    e->kc = e->slot_kc[0] = calloc((size_t)e->cache_bytes, 1);
+    e->vc = e->slot_vc[0] = calloc((size_t)e->cache_bytes, 1);
     const int64_t half_rot = c.rotary_dim / 2;
     e->rope_inv = alloc_floats(c.n_ropes * half_rot);
     e->rope_factor = alloc_floats(c.n_ropes);
@@ -713,6 +717,18 @@ int rbe_engine_set_layer(rbe_engine *e, int layer, int rope_kind, long long wind
 
 long long rbe_engine_length(const rbe_engine *e) { return e ? e->length : 0; }
 
+/* The cache entry at element offset `at`. */
+static inline void *kv_row(const rbe_engine *e, void *cache, int64_t at) {
+    return (char *)cache + at * kv_size(e->kv);
+}
+
+/* Int8 caches: the scale of the position whose row begins at element offset `at` (K rows by the
+ * same count: (layer, kv head, position) * head_dim), or of the first position at a region's
+ * element `at`; NULL for float caches. */
+static inline float *kv_scales(const rbe_engine *e, void *cache, int64_t at) {
+    return e->kv == RBE_KV_I8 ? (float *)((char *)cache + e->kv_scales) + at / e->c.head_dim : NULL;
+}
+
 /* A slot's caches, made on first use (resident only as positions are written). */
 static int ensure_slot(rbe_engine *e, int slot) {
     if (e->slot_kc[slot]) return 0;
@@ -744,11 +760,14 @@ int rbe_engine_copy_prefix(rbe_engine *e, int src, int dst, long long n) {
     const int err = ensure_slot(e, dst);
     if (err) return err;
     /* per (layer, kv head): K in blocks of 16 positions (the blocks that hold [0, n)), V rows */
-    const int64_t hd = e->c.head_dim, el = e->kv_half ? 2 : 4, region = e->ctx16 * hd * el;
-    const int64_t k_bytes = (n + 15) / 16 * 16 * hd * el, v_bytes = n * hd * el;
+    const int64_t hd = e->c.head_dim, el = kv_size(e->kv), region = e->ctx16 * hd * el, k_len = (n + 15) / 16 * 16;
     for (int64_t r = 0; r < (int64_t)e->c.n_layers * e->c.n_kv_heads; r++) {
-        memcpy((char *)e->slot_kc[dst] + r * region, (const char *)e->slot_kc[src] + r * region, (size_t)k_bytes);
-        memcpy((char *)e->slot_vc[dst] + r * region, (const char *)e->slot_vc[src] + r * region, (size_t)v_bytes);
+        memcpy((char *)e->slot_kc[dst] + r * region, (const char *)e->slot_kc[src] + r * region, (size_t)(k_len * hd * el));
+        memcpy((char *)e->slot_vc[dst] + r * region, (const char *)e->slot_vc[src] + r * region, (size_t)(n * hd * el));
+        if (e->kv != RBE_KV_I8) continue;
+        const int64_t at = r * e->ctx16 * hd; /* the region's first element */
+        memcpy(kv_scales(e, e->slot_kc[dst], at), kv_scales(e, e->slot_kc[src], at), (size_t)k_len * sizeof(float));
+        memcpy(kv_scales(e, e->slot_vc[dst], at), kv_scales(e, e->slot_vc[src], at), (size_t)n * sizeof(float));
     }
     e->slot_len[dst] = n;
     e->kc = e->slot_kc[e->slot], e->vc = e->slot_vc[e->slot], e->length = e->slot_len[e->slot];
@@ -1050,10 +1069,6 @@ typedef struct {
     int parts;
 } att_job;
 
-/* The cache entry at element offset `at`. */
-static inline void *kv_row(const rbe_engine *e, void *cache, int64_t at) {
-    return (char *)cache + at * (e->kv_half ? 2 : 4);
-}
 
 /* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
 static void attend(void *ctx, int64_t s, int64_t t, int tid) {
@@ -1067,7 +1082,8 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t lo = window && len > window ? len - window : 0, b0 = lo / 16 * 16; /* whole K blocks */
         const int64_t base = (((int64_t)j->layer * kvh_n + g) * e->ctx16 + b0) * hd;
         e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->row_kc[i], base),
-                              kv_row(e, e->row_vc[i], base), e->kv_half, len - b0, lo - b0, hd, e->c.attn_scale,
+                              kv_row(e, e->row_vc[i], base), e->kv, kv_scales(e, e->row_kc[i], base),
+                              kv_scales(e, e->row_vc[i], base), len - b0, lo - b0, hd, e->c.attn_scale,
                               e->c.attn_softcap, j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid], NULL);
     }
 }
@@ -1089,8 +1105,8 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
         }
         const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->ctx16 + p0) * hd; /* p0 % 16 == 0 */
         e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->row_kc[0], base),
-                              kv_row(e, e->row_vc[0], base),
-                              e->kv_half, cnt, part ? 0 : j->skip, hd, e->c.attn_scale, e->c.attn_softcap, slot,
+                              kv_row(e, e->row_vc[0], base), e->kv, kv_scales(e, e->row_kc[0], base),
+                              kv_scales(e, e->row_vc[0], base), cnt, part ? 0 : j->skip, hd, e->c.attn_scale, e->c.attn_softcap, slot,
                               hd, e->scratch[tid], slot + rep * hd);
     }
 }
@@ -1106,11 +1122,14 @@ static void attention(rbe_engine *e, int layer, int64_t n, const float *q, int64
             const int64_t p = e->row_pos[i], base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
             const float *kr = kk + i * ldkv + h * hd;
             const int64_t kat = base + (p / 16) * hd * 16 + p % 16; /* then stride 16 per d */
-            for (int64_t d = 0; d < hd; d++) {
-                if (e->kv_half) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
+            if (e->kv == RBE_KV_I8)
+                *kv_scales(e, e->row_kc[i], base + p * hd) = rbe_kv_int8(kr, 1, hd, (int8_t *)e->row_kc[i] + kat, 16);
+            for (int64_t d = 0; d < hd && e->kv != RBE_KV_I8; d++) {
+                if (e->kv == RBE_KV_F16) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
                 else ((float *)e->row_kc[i])[kat + 16 * d] = kr[d];
             }
-            e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, e->kv_half);
+            e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, e->kv,
+                              kv_scales(e, e->row_vc[i], base + p * hd));
         }
     att_job j = {.e = e, .layer = layer, .ldq = ldq, .q = q, .out = out};
     const int64_t len = e->row_pos[0] + 1;

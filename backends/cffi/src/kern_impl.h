@@ -3,7 +3,7 @@
  *
  * Required: ISA_SUFFIX, VLEN (divides 16), VF (vector of VLEN floats), vzero(), vload(p),
  * vstore(p, v), vset1(f), vadd(a, b), vsub(a, b), vmul(a, b), vmax(a, b), vdiv(a, b), vfma(a, b, c) =
- * a * b + c, vhsum(v), vexp(v), vload_h(p) / vstore_h(p, v), half_to_float(h), GEMV_ROWS (rows
+ * a * b + c, vhsum(v), vexp(v), vload_h(p) / vstore_h(p, v), vload_i8(p), half_to_float(h), GEMV_ROWS (rows
  * per lut_gemv pass), GRAD_BATCH (rows of g per grad_tile; GRAD_BATCH * GRAD_NV accumulators),
  * and lutreg, lutreg_load, lutreg_codes and lut_block32 for the canonical-layout kernels (their
  * contracts are in lut_impl.h).

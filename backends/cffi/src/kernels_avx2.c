@@ -22,6 +22,7 @@
 
 #define vdiv(a, b) _mm256_div_ps((a), (b))
 #define vload_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define vload_i8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define vstore_h(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 #define vsub(a, b) _mm256_sub_ps((a), (b))
 #define vmax(a, b) _mm256_max_ps((a), (b))

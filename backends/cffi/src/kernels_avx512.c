@@ -35,6 +35,7 @@
 #define vhsum(v) _mm512_reduce_add_ps(v)
 #define vdiv(a, b) _mm512_div_ps((a), (b))
 #define vload_h(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define vload_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define vstore_h(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 #define vsub(a, b) _mm512_sub_ps((a), (b))
 #define vmax(a, b) _mm512_max_ps((a), (b))

@@ -62,6 +62,11 @@ static inline VF vload_h(const uint16_t *p) {
     for (int i = 0; i < VLEN; i++) r.v[i] = rbe_half_to_float(p[i]);
     return r;
 }
+static inline VF vload_i8(const int8_t *p) {
+    VF r;
+    for (int i = 0; i < VLEN; i++) r.v[i] = (float)p[i];
+    return r;
+}
 static inline void vstore_h(uint16_t *p, VF a) {
     for (int i = 0; i < VLEN; i++) p[i] = rbe_float_to_half(a.v[i]);
 }

@@ -52,12 +52,17 @@ static float FN(exp_sum)(float *s, int64_t n, float shift) {
     return t;
 }
 
-/* One K or V row chunk of VLEN values at element offset o: float32, or float16 when half. */
-static inline VF FN(kv_load)(const void *base, int64_t o, int half) {
-    return half ? vload_h((const uint16_t *)base + o) : vload((const float *)base + o);
+/* One K or V row chunk of VLEN values at element offset o, of a cache of `kind` (RBE_KV_*; int8
+ * ones before their position's scale). */
+static inline VF FN(kv_load)(const void *base, int64_t o, int kind) {
+    return kind == RBE_KV_F16  ? vload_h((const uint16_t *)base + o)
+           : kind == RBE_KV_I8 ? vload_i8((const int8_t *)base + o)
+                               : vload((const float *)base + o);
 }
-static inline float FN(kv_at)(const void *base, int64_t o, int half) {
-    return half ? rbe_half_to_float(((const uint16_t *)base)[o]) : ((const float *)base)[o];
+static inline float FN(kv_at)(const void *base, int64_t o, int kind) {
+    return kind == RBE_KV_F16  ? rbe_half_to_float(((const uint16_t *)base)[o])
+           : kind == RBE_KV_I8 ? (float)((const int8_t *)base)[o]
+                               : ((const float *)base)[o];
 }
 
 /* Value columns a pass of attend_values: 64 (four vectors) where 32 registers hold nr x 4
@@ -68,7 +73,7 @@ static inline float FN(kv_at)(const void *base, int64_t o, int half) {
  * ATT_DIMS a pass over the positions (nr * ATT_DIMS / VLEN independent sums); returns
  * hd - hd % ATT_DIMS. */
 static inline __attribute__((always_inline)) int64_t FN(attend_values)(const float *s, int64_t len, const void *V,
-                                                                      int half, int64_t hd, float *out,
+                                                                      int kind, int64_t hd, float *out,
                                                                       int64_t ldo, const int nr) {
     const int64_t hb = hd - hd % ATT_DIMS;
     for (int64_t d = 0; d < hb; d += ATT_DIMS) {
@@ -77,7 +82,7 @@ static inline __attribute__((always_inline)) int64_t FN(attend_values)(const flo
             for (int j = 0; j < ATT_DIMS / VLEN; j++) acc[r][j] = vzero();
         for (int64_t p = 0; p < len; p++) {
             VF vv[ATT_DIMS / VLEN];
-            for (int j = 0; j < ATT_DIMS / VLEN; j++) vv[j] = FN(kv_load)(V, p * hd + d + j * VLEN, half);
+            for (int j = 0; j < ATT_DIMS / VLEN; j++) vv[j] = FN(kv_load)(V, p * hd + d + j * VLEN, kind);
             for (int r = 0; r < nr; r++) {
                 const VF w = vset1(s[r * len + p]);
                 for (int j = 0; j < ATT_DIMS / VLEN; j++) acc[r][j] = vfma(w, vv[j], acc[r][j]);
@@ -90,9 +95,11 @@ static inline __attribute__((always_inline)) int64_t FN(attend_values)(const flo
 }
 
 /* Scores of nr (<= 4) query heads qp[r] against the first len positions of K (layout as
- * attend_group's), 16 positions at a time (no horizontal sums): scores + r * len gets scale *
- * q K^T (softcapped; positions below skip -inf); returns each row's maximum in mx[r]. */
-static inline __attribute__((always_inline)) void FN(attend_scores)(const float *const *qp, const void *K, int half,
+ * attend_group's; int8 ones times their positions' scales ks), 16 positions at a time (no
+ * horizontal sums): scores + r * len gets scale * q K^T (softcapped; positions below skip -inf);
+ * returns each row's maximum in mx[r]. */
+static inline __attribute__((always_inline)) void FN(attend_scores)(const float *const *qp, const void *K, int kind,
+                                                                   const float *ks,
                                                                    int64_t len, int64_t skip, int64_t hd,
                                                                    float scale, float softcap, float *scores,
                                                                    float *mx, const int nr) {
@@ -105,12 +112,15 @@ static inline __attribute__((always_inline)) void FN(attend_scores)(const float 
         const int64_t kb = b * hd * 16;
         for (int64_t d = 0; d < hd; d++) {
             VF kv[16 / VLEN];
-            for (int j = 0; j < 16 / VLEN; j++) kv[j] = FN(kv_load)(K, kb + d * 16 + j * VLEN, half);
+            for (int j = 0; j < 16 / VLEN; j++) kv[j] = FN(kv_load)(K, kb + d * 16 + j * VLEN, kind);
             for (int r = 0; r < nr; r++) {
                 const VF qd = vset1(qp[r][d]);
                 for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vfma(qd, kv[j], acc[r][j]);
             }
         }
+        if (kind == RBE_KV_I8)
+            for (int r = 0; r < nr; r++)
+                for (int j = 0; j < 16 / VLEN; j++) acc[r][j] = vmul(acc[r][j], vload(ks + b * 16 + j * VLEN));
         const int64_t cnt = rbe_min(16, len - b * 16);
         const int plain = cnt == 16 && softcap <= 0.0f && b * 16 >= skip;
         for (int r = 0; r < nr; r++) {
@@ -141,7 +151,8 @@ static inline __attribute__((always_inline)) void FN(attend_scores)(const float 
 }
 
 /* Causal attention of `rep` query heads (q + r * ldq) that share one kv head, over the first
- * `len` positions of K and V (float16 when half, else float32; K in blocks of 16 positions,
+ * `len` positions of K and V (elements of `kind`, RBE_KV_*; int8 ones times their positions'
+ * scales ks and vs, 16 of ks for every block begun; K in blocks of 16 positions,
  * element (p, d) at (p / 16 * hd + d) * 16 + p % 16, so 16 scores come from hd vector FMAs; V in
  * rows of hd): out + r * ldo =
  * softmax(scale * q K^T) V. Each K and V row is loaded once for every 4 heads. scores holds
@@ -149,8 +160,9 @@ static inline __attribute__((always_inline)) void FN(attend_scores)(const float 
  * ml[2r], ml[2r + 1] get each head's max and sum of exponentials, so a split over positions can
  * be merged. */
 static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
-                             int half, int64_t len, int64_t skip, int64_t hd, float scale,
-                             float softcap, float *out, int64_t ldo, float *scores, float *ml) {
+                             int kind, const float *ks, const float *vs, int64_t len, int64_t skip,
+                             int64_t hd, float scale, float softcap, float *out, int64_t ldo, float *scores,
+                             float *ml) {
     const int64_t hv = hd - hd % VLEN;
     for (int r0 = 0; r0 < rep; r0 += 4) {
         const int nr = rep - r0 < 4 ? rep - r0 : 4;
@@ -158,10 +170,10 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
         for (int r = 0; r < 4; r++) qp[r] = q + (r0 + (r < nr ? r : 0)) * ldq;
         float mx[4], *sp = scores + r0 * len;
         switch (nr) { /* a constant head count in each: sums in registers, no branch a position */
-        case 1: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 1); break;
-        case 2: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 2); break;
-        case 3: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 3); break;
-        default: FN(attend_scores)(qp, K, half, len, skip, hd, scale, softcap, sp, mx, 4);
+        case 1: FN(attend_scores)(qp, K, kind, ks, len, skip, hd, scale, softcap, sp, mx, 1); break;
+        case 2: FN(attend_scores)(qp, K, kind, ks, len, skip, hd, scale, softcap, sp, mx, 2); break;
+        case 3: FN(attend_scores)(qp, K, kind, ks, len, skip, hd, scale, softcap, sp, mx, 3); break;
+        default: FN(attend_scores)(qp, K, kind, ks, len, skip, hd, scale, softcap, sp, mx, 4);
         }
         for (int r = 0; r < nr; r++) {
             float *sr = sp + r * len;
@@ -172,6 +184,8 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
                 const float inv = 1.0f / sum;
                 for (int64_t p = 0; p < len; p++) sr[p] *= inv;
             }
+            if (kind == RBE_KV_I8) /* the value rows' scales, taken with the weights */
+                for (int64_t p = 0; p < len; p++) sr[p] *= vs[p];
         }
     }
     for (int r0 = 0; r0 < rep; r0 += 4) {
@@ -180,15 +194,15 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
         float *op = out + r0 * ldo;
         int64_t d = 0;
         switch (nr) { /* a constant head count in each: no branch a position */
-        case 1: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 1); break;
-        case 2: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 2); break;
-        case 3: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 3); break;
-        default: d = FN(attend_values)(sp, len, V, half, hd, op, ldo, 4);
+        case 1: d = FN(attend_values)(sp, len, V, kind, hd, op, ldo, 1); break;
+        case 2: d = FN(attend_values)(sp, len, V, kind, hd, op, ldo, 2); break;
+        case 3: d = FN(attend_values)(sp, len, V, kind, hd, op, ldo, 3); break;
+        default: d = FN(attend_values)(sp, len, V, kind, hd, op, ldo, 4);
         }
         for (; d < hv; d += VLEN) {
             VF acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t p = 0; p < len; p++) {
-                const VF vv = FN(kv_load)(V, p * hd + d, half);
+                const VF vv = FN(kv_load)(V, p * hd + d, kind);
                 for (int r = 0; r < nr; r++) acc[r] = vfma(vset1(scores[(r0 + r) * len + p]), vv, acc[r]);
             }
             for (int r = 0; r < nr; r++) vstore(out + (r0 + r) * ldo + d, acc[r]);
@@ -196,15 +210,20 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
         for (int64_t c = hv; c < hd; c++)
             for (int r = 0; r < nr; r++) {
                 float t = 0.0f;
-                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * FN(kv_at)(V, p * hd + c, half);
+                for (int64_t p = 0; p < len; p++) t += scores[(r0 + r) * len + p] * FN(kv_at)(V, p * hd + c, kind);
                 out[(r0 + r) * ldo + c] = t;
             }
     }
 }
 
-/* dst[i] = src[i] for i < n, as float16 (round to nearest even) when half, else float32. */
-static void FN(kv_store)(void *dst, const float *src, int64_t n, int half) {
-    if (!half) {
+/* dst[i] = src[i] for i < n as elements of `kind` (RBE_KV_*): float32, float16 (round to nearest
+ * even), or int8 times *scale (rbe_kv_int8's). */
+static void FN(kv_store)(void *dst, const float *src, int64_t n, int kind, float *scale) {
+    if (kind == RBE_KV_I8) {
+        *scale = rbe_kv_int8(src, 1, n, dst, 1);
+        return;
+    }
+    if (kind == RBE_KV_F32) {
         memcpy(dst, src, (size_t)n * sizeof(float));
         return;
     }
@@ -772,6 +791,10 @@ _Static_assert(Q8_RB % Q8_MR1 == 0, "a band is a whole number of one-vector pass
  * (vf_rows(p, rl)): every lane computes, where a lane a token computed only n of VLEN. Passes
  * of Q8_LANE_MR lane groups. */
 #define Q8_LANE_MR 4
+/* Groups of two rows a pass: 5 where a band's rows then make whole passes (Q8_RB 30: 15 groups,
+ * where 4 a pass computed a 16th; SmolLM2 int4, 8 sequences a step: 11.25 -> 10.80 ms). */
+#define Q8_LANE_MR2 ((Q8_RB / 2) % 5 == 0 ? 5 : Q8_LANE_MR)
+_Static_assert(Q8_LANE_MR2 <= Q8_MRMAX, "a pass's lane groups fit its accumulators");
 #define Q8_LANE_ROOM(cp) (Q8_FS * (cp) + (cp) / 32 * Q8_REC + 64)
 #else
 #define Q8_LANE_ROOM(cp) 0
@@ -1081,10 +1104,10 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
 }
 
 /* q8_band with passes of Q8_MR rows and Q8_NV vectors, of Q8_MR1 rows when there is one vector,
- * or of Q8_LANE_MR lane groups of rl rows. */
+ * or of Q8_LANE_MR (two-row groups: Q8_LANE_MR2) lane groups of rl rows. */
 static Q8_ATTR void FN(q8_band)(const q8_job *j, int64_t rb, int64_t nr, int64_t r1, float *y, int64_t ldy) {
 #ifdef Q8_LANE_ROWS
-    if (j->rl == 2) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 2);
+    if (j->rl == 2) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR2, 1, 2);
     else if (j->rl == 4) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 4);
     else if (j->rl == 8) FN(q8_band_body)(j, rb, nr, r1, y, ldy, Q8_LANE_MR, 1, 8);
     else

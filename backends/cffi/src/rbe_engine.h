@@ -59,11 +59,17 @@
 #define RBE_E_CONTEXT 6 /* positions past the context length, or a gap after the cache */
 #define RBE_E_INCOMPLETE 7 /* a required matrix or vector was never set */
 
+#define RBE_KV_F32 0
+#define RBE_KV_F16 1
+#define RBE_KV_I8 2
+
 typedef struct {
     int arch, n_layers, hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_ctx;
     float eps, rope_theta;
     int rope_style, activation, n_transforms;
-    int kv_f16; /* 1: the KV cache holds float16 (half the memory and traffic), 0: float32 */
+    /* the KV cache's elements: RBE_KV_F32, RBE_KV_F16 (half the memory and traffic) or RBE_KV_I8
+     * (int8 with a float32 scale per position and kv head: about a quarter) */
+    int kv_type;
     /* 1: products of more than 16 tokens (prefill) with coded matrices quantize their input to
      * int8 per token and 32-column block and multiply integer levels on integer units (see
      * rbe_matrix_linear_int8); 0: float32 throughout. Up to 16 tokens (decode steps of one or a

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "rbe_engine.h"
+
 /* A weight matrix in the engine's canonical layout (see rbe_engine.h): row r, column c holds
  * levels[code[r, c]] * step[r, g] (+ offset[r, g]), g = c / gs, evaluated as a float32 multiply
  * then a float32 add (decode's exact arithmetic), or plain float32 values (kind RBE_LUT_F32).
@@ -218,15 +220,15 @@ typedef struct {
     void (*axpy)(float a, const float *x, float *y, int64_t n); /* y += a * x */
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
     /* out + r * ldo = softmax(s) V[:len] for r < rep, s = scale * (q + r * ldq) K[:len]^T, then
-     * softcap * tanh(s / softcap) when softcap > 0, the first `skip` positions masked (float16
-     * when half, else float32; K blocked by 16 positions: (p, d) at (p / 16 * hd + d) * 16 +
+     * softcap * tanh(s / softcap) when softcap > 0, the first `skip` positions masked (K and V of
+     * kind, RBE_KV_*: int8 ones times the scales ks[p] and vs[p], ks for whole blocks; K blocked by 16 positions: (p, d) at (p / 16 * hd + d) * 16 +
      * p % 16; V rows of hd); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
      * each head's (max, sum of exponentials), for merging a split over positions. */
     void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
-                         int half, int64_t len, int64_t skip, int64_t hd, float scale, float softcap,
-                         float *out, int64_t ldo, float *scores, float *ml);
-    /* K/V cache rows: n floats stored as float16 (round to nearest even) when half. */
-    void (*kv_store)(void *dst, const float *src, int64_t n, int half);
+                         int kind, const float *ks, const float *vs, int64_t len, int64_t skip, int64_t hd,
+                         float scale, float softcap, float *out, int64_t ldo, float *scores, float *ml);
+    /* K/V cache rows: n floats stored as elements of kind (RBE_KV_*; int8: their scale at *scale). */
+    void (*kv_store)(void *dst, const float *src, int64_t n, int kind, float *scale);
     /* Orthonormal block Walsh-Hadamard transform in place (blocks: powers of two summing to the
      * length), Sylvester order, scaled by float32 1/sqrt(b) per block. */
     void (*fwht)(float *v, const long long *blocks, int nblocks);
@@ -294,5 +296,18 @@ static inline float rbe_lut_offset(const rbe_lut *m, int64_t r, int64_t g) {
 }
 
 static inline int64_t rbe_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* n values x[i * sx] as int8 q[i * sq] with x ~ scale * q (symmetric, round to nearest: the
+ * largest magnitude at +-127); returns scale (0 for all zeros). */
+static inline float rbe_kv_int8(const float *x, int64_t sx, int64_t n, int8_t *q, int64_t sq) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) amax = fabsf(x[i * sx]) > amax ? fabsf(x[i * sx]) : amax;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i * sx] * inv;
+        q[i * sq] = (int8_t)__builtin_lrintf(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+    }
+    return amax / 127.0f;
+}
 
 #endif
