@@ -1069,7 +1069,6 @@ typedef struct {
     int parts;
 } att_job;
 
-
 /* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
 static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     att_job *j = ctx;
@@ -1106,8 +1105,8 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
         const int64_t base = (((int64_t)j->layer * e->c.n_kv_heads + g) * e->ctx16 + p0) * hd; /* p0 % 16 == 0 */
         e->kern->attend_group(j->q + g * rep * hd, hd, rep, kv_row(e, e->row_kc[0], base),
                               kv_row(e, e->row_vc[0], base), e->kv, kv_scales(e, e->row_kc[0], base),
-                              kv_scales(e, e->row_vc[0], base), cnt, part ? 0 : j->skip, hd, e->c.attn_scale, e->c.attn_softcap, slot,
-                              hd, e->scratch[tid], slot + rep * hd);
+                              kv_scales(e, e->row_vc[0], base), cnt, part ? 0 : j->skip, hd, e->c.attn_scale,
+                              e->c.attn_softcap, slot, hd, e->scratch[tid], slot + rep * hd);
     }
 }
 
@@ -1123,11 +1122,12 @@ static void attention(rbe_engine *e, int layer, int64_t n, const float *q, int64
             const float *kr = kk + i * ldkv + h * hd;
             const int64_t kat = base + (p / 16) * hd * 16 + p % 16; /* then stride 16 per d */
             if (e->kv == RBE_KV_I8)
-                *kv_scales(e, e->row_kc[i], base + p * hd) = rbe_kv_int8(kr, 1, hd, (int8_t *)e->row_kc[i] + kat, 16);
-            for (int64_t d = 0; d < hd && e->kv != RBE_KV_I8; d++) {
-                if (e->kv == RBE_KV_F16) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
-                else ((float *)e->row_kc[i])[kat + 16 * d] = kr[d];
-            }
+                *kv_scales(e, e->row_kc[i], base + p * hd) = rbe_kv_int8(kr, hd, (int8_t *)e->row_kc[i] + kat, 16);
+            else
+                for (int64_t d = 0; d < hd; d++) {
+                    if (e->kv == RBE_KV_F16) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
+                    else ((float *)e->row_kc[i])[kat + 16 * d] = kr[d];
+                }
             e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, e->kv,
                               kv_scales(e, e->row_vc[i], base + p * hd));
         }

@@ -220,7 +220,7 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
  * even), or int8 times *scale (rbe_kv_int8's). */
 static void FN(kv_store)(void *dst, const float *src, int64_t n, int kind, float *scale) {
     if (kind == RBE_KV_I8) {
-        *scale = rbe_kv_int8(src, 1, n, dst, 1);
+        *scale = rbe_kv_int8(src, n, dst, 1);
         return;
     }
     if (kind == RBE_KV_F32) {

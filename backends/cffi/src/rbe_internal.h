@@ -221,9 +221,10 @@ typedef struct {
     float (*exp_sum)(float *s, int64_t n, float shift); /* s = exp(s - shift); returns the sum */
     /* out + r * ldo = softmax(s) V[:len] for r < rep, s = scale * (q + r * ldq) K[:len]^T, then
      * softcap * tanh(s / softcap) when softcap > 0, the first `skip` positions masked (K and V of
-     * kind, RBE_KV_*: int8 ones times the scales ks[p] and vs[p], ks for whole blocks; K blocked by 16 positions: (p, d) at (p / 16 * hd + d) * 16 +
-     * p % 16; V rows of hd); scores holds rep * len floats. With ml (2 * rep floats): unnormalised output and
-     * each head's (max, sum of exponentials), for merging a split over positions. */
+     * kind, RBE_KV_*: int8 ones times the scales ks[p] and vs[p], ks for whole blocks; K blocked
+     * by 16 positions: (p, d) at (p / 16 * hd + d) * 16 + p % 16; V rows of hd); scores holds
+     * rep * len floats. With ml (2 * rep floats): unnormalised output and each head's (max, sum
+     * of exponentials), for merging a split over positions. */
     void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
                          int kind, const float *ks, const float *vs, int64_t len, int64_t skip, int64_t hd,
                          float scale, float softcap, float *out, int64_t ldo, float *scores, float *ml);
@@ -297,14 +298,14 @@ static inline float rbe_lut_offset(const rbe_lut *m, int64_t r, int64_t g) {
 
 static inline int64_t rbe_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* n values x[i * sx] as int8 q[i * sq] with x ~ scale * q (symmetric, round to nearest: the
- * largest magnitude at +-127); returns scale (0 for all zeros). */
-static inline float rbe_kv_int8(const float *x, int64_t sx, int64_t n, int8_t *q, int64_t sq) {
+/* n values x[i] as int8 q[i * sq] with x ~ scale * q (symmetric, round to nearest: the largest
+ * magnitude at +-127); returns scale (0 for all zeros). */
+static inline float rbe_kv_int8(const float *x, int64_t n, int8_t *q, int64_t sq) {
     float amax = 0.0f;
-    for (int64_t i = 0; i < n; i++) amax = fabsf(x[i * sx]) > amax ? fabsf(x[i * sx]) : amax;
+    for (int64_t i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < n; i++) {
-        const float v = x[i * sx] * inv;
+        const float v = x[i] * inv;
         q[i * sq] = (int8_t)__builtin_lrintf(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
     }
     return amax / 127.0f;
