@@ -94,6 +94,7 @@ static void *alloc_floats(int64_t n) {
  * generation (high 32 bits) with the next chunk index, so a worker that wakes late can never
  * run a chunk of another region; the caller waits only for chunks that were claimed. */
 typedef void (*range_fn)(void *ctx, int64_t start, int64_t stop, int tid);
+#define POOL_CHUNKS 64 /* chunks a region at most */
 
 static struct {
     pthread_mutex_t mu, submit;
@@ -102,7 +103,8 @@ static struct {
     uint64_t ctr;
     range_fn fn;
     void *ctx;
-    int64_t total, chunk, nchunks, done;
+    int64_t total, nchunks, done;
+    int64_t bounds[POOL_CHUNKS + 1]; /* chunk k is [bounds[k], bounds[k + 1]) */
     int64_t spin_ns; /* how long the workers spin after this region before sleeping */
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
           .submit = PTHREAD_MUTEX_INITIALIZER,
@@ -128,8 +130,6 @@ static void drain(uint32_t gen, int tid) {
     if ((uint32_t)(open >> 32) != gen) return;
     const range_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_SEQ_CST);
     void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_SEQ_CST);
-    const int64_t total = __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST);
-    const int64_t chunk = __atomic_load_n(&pool.chunk, __ATOMIC_SEQ_CST);
     const int64_t nchunks = __atomic_load_n(&pool.nchunks, __ATOMIC_SEQ_CST);
     /* read after the open: a worker that woke on the close must not act on the last region's width */
     if (tid >= __atomic_load_n(&pool.want, __ATOMIC_SEQ_CST)) return;
@@ -138,8 +138,8 @@ static void drain(uint32_t gen, int tid) {
         if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= nchunks) return;
         if (!__atomic_compare_exchange_n(&pool.ctr, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             continue;
-        const int64_t s = (int64_t)(v & 0xffffffffu) * chunk;
-        fn(ctx, s, s + chunk < total ? s + chunk : total, tid);
+        const int64_t k = (int64_t)(v & 0xffffffffu);
+        fn(ctx, __atomic_load_n(&pool.bounds[k], __ATOMIC_SEQ_CST), __atomic_load_n(&pool.bounds[k + 1], __ATOMIC_SEQ_CST), tid);
         __atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST);
     }
 }
@@ -201,16 +201,24 @@ static void parallel(int nthreads, double spin, int64_t total, int64_t align, ra
         pool.nworkers++;
     }
     if (pool.nworkers < nt - 1) nt = pool.nworkers + 1;
-    /* a few chunks per thread balance uneven progress */
-    const int64_t per = (units + 3 * nt - 1) / (3 * nt);
-    const int64_t chunk = per * align, nchunks = (total + chunk - 1) / chunk;
     /* close the new generation first (no claims), then write its fields, then open it */
     const uint32_t gen = (uint32_t)(__atomic_load_n(&pool.ctr, __ATOMIC_SEQ_CST) >> 32) + 1;
     __atomic_store_n(&pool.ctr, ((uint64_t)gen << 32) | CLOSED, __ATOMIC_SEQ_CST);
+    /* guided chunks: each 1 / nt of the units left, down to one; the first ones are large, the
+     * last ones small, so the threads end together. A decode step of 8 SmolLM2 sequences (AMD
+     * EPYC Zen 4, 2 threads, best of 40 steps, 5 interleaved rounds): 10.13-10.71 ms against
+     * 11.00-11.38 with 3 equal chunks a thread; one sequence's unchanged (3.86-4.63 against
+     * 3.84-4.30). */
+    int64_t nchunks = 0, at = 0;
+    while (at < total) {
+        const int64_t left = (total - at + align - 1) / align;
+        const int64_t take = nchunks == POOL_CHUNKS - 1 ? left : (left + nt - 1) / nt;
+        __atomic_store_n(&pool.bounds[nchunks++], at, __ATOMIC_SEQ_CST);
+        at = at + take * align < total ? at + take * align : total;
+    }
+    __atomic_store_n(&pool.bounds[nchunks], total, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.fn, fn, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.ctx, ctx, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&pool.total, total, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&pool.chunk, chunk, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.nchunks, nchunks, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.want, nt, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.spin_ns, (int64_t)(spin * 1e9), __ATOMIC_SEQ_CST);
