@@ -141,6 +141,20 @@ def test_allocate_settings_meets_the_budget_and_follows_damage(dense, target):
     assert len({c.bits for c in pick.values()}) > 1  # tiny random models still differ per tensor
 
 
+def test_a_trellis_budget_picks_group_sizes_that_fit_the_widths(dense):
+    """Trellis settings come at 1, 2 and 4 times the codec's groups: the budget takes larger
+    groups (fewer step bits) where a width holds them whole, never ones that would pad it
+    (the tiny models' inputs are 64 and 96 wide: groups of 64 would pad the 96)."""
+    model, factory, data = dense
+    names = _linears(factory)
+    settings = get_codec({"id": "trellis", "group_size": 16}).bit_settings()
+    assert {c.group_size for c in settings} == {16, 32, 64}
+    pick = allocate_settings(model, factory, data, names, settings, 4.0)
+    widths = {n: factory.linears[n][0].weight.shape[1] for n in names}
+    assert all(widths[n] % c.group_size == 0 for n, c in pick.items())
+    assert any(c.group_size > 16 for c in pick.values())
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_target_bpw_conversion_is_within_budget(kind, tmp_path):
     """Within the budget, on the flagship scalar grid for causal LMs and on trellis codes for
