@@ -46,7 +46,8 @@ CANDIDATES: list[dict[str, Any]] = [{"id": "hadamard", "bits": b, "grid": "norma
 #: (all-MiniLM-L6-v2, 193 sentences through the cffi kernels: 6.97 s against 6.91 s on
 #: avx512vbmi, 8.27 against 8.32 on avx2), and they fit better: MiniLM at 4.25 bpw, mean cosine on
 #: three held-out texts (GFDL-1.3, GPL-3, Apache-2.0) 0.9947 / 0.9941 / 0.9937 against 0.9936 /
-#: 0.9927 / 0.9924 (3.25 on GFDL-1.3: 0.9784 against 0.9729). Causal LMs keep ``CANDIDATES``: they
+#: 0.9927 / 0.9924 (3.25 on GFDL-1.3: 0.9784 against 0.9729); with each tensor's groups chosen too
+#: (``TrellisCodec.bit_settings``) 0.9952 / 0.9947 / 0.9946. Causal LMs keep ``CANDIDATES``: they
 #: decode one token at a time, where trellis rows cost 4-5x nibbles' on CPUs without AVX-512 VBMI.
 ENCODER_CODEC = "trellis"
 
