@@ -328,8 +328,8 @@ def markdown(rows: list[dict], meta: dict, full: dict | None) -> str:
              f"per level (each stream takes the next when its last reply is done), {meta['long_requests']} of them a ~{meta['long_tokens']}-token "
              "prompt (a slice of the GPL-3 text, different each pass). gen tok/s: generated tokens (`usage`) over "
              "the level's wall time; all busy: the same from the level's start until the first stream found no "
-             "request left (the drain after it, when fewer streams run, left out), and that time; TTFT over all requests, the long one included (`long`: its own, with its "
-             "prompt tokens); ITL: gaps between a stream's content deltas, all streams pooled; early EOS: replies "
+             "request left (the drain after it, when fewer streams run, left out), and that time; TTFT over all "
+             "requests, the long one included (`long`: its own, with its prompt tokens); ITL: gaps between a stream's content deltas, all streams pooled; early EOS: replies "
              "that stopped before max_tokens (the two quantizations answer differently); other jobs' CPU: the "
              "machine's busy CPU during the pass less the benchmark's own processes (100 = one core).", "",
              "| server | streams | requests | errors | early EOS | gen tok/s | all busy: tok/s (s) | TTFT p50 s | "

@@ -103,7 +103,7 @@ static struct {
     uint64_t ctr;
     range_fn fn;
     void *ctx;
-    int64_t total, nchunks, done;
+    int64_t nchunks, done;
     int64_t bounds[POOL_CHUNKS + 1]; /* chunk k is [bounds[k], bounds[k + 1]) */
     int64_t spin_ns; /* how long the workers spin after this region before sleeping */
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
@@ -139,7 +139,8 @@ static void drain(uint32_t gen, int tid) {
         if (!__atomic_compare_exchange_n(&pool.ctr, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             continue;
         const int64_t k = (int64_t)(v & 0xffffffffu);
-        fn(ctx, __atomic_load_n(&pool.bounds[k], __ATOMIC_SEQ_CST), __atomic_load_n(&pool.bounds[k + 1], __ATOMIC_SEQ_CST), tid);
+        fn(ctx, __atomic_load_n(&pool.bounds[k], __ATOMIC_SEQ_CST), __atomic_load_n(&pool.bounds[k + 1], __ATOMIC_SEQ_CST),
+           tid);
         __atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST);
     }
 }
