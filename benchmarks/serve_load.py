@@ -263,7 +263,8 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
     gaps = [g for r in ok for g in r["gaps"]]
     longs = [r for r in ok if r["long"]]
     errors = [r for r in results if r["status"] != 200]
-    busy_s, busy_tokens = min(idle) - t0, tokens_before(ok, min(idle))
+    first_idle = min(idle)
+    busy_s, busy_tokens = first_idle - t0, tokens_before(ok, first_idle)
     for r in errors[:3]:
         print(f"  {server.label}: error {r['status']} {r.get('error', '')}", file=sys.stderr)
     return {"server": server.label, "streams": streams, "requests": len(results), "long": len(longs),
