@@ -292,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the side-by-side table into this markdown file's section")
     ap.add_argument("--plot", type=Path, help="write a PNG of KL against bits per weight")
     args = ap.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the hour of work, not after it
+        ap.error("--plot needs matplotlib: pip install matplotlib")
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in list(SETTINGS) if args.only is None else args.only:
