@@ -237,7 +237,8 @@ def refine_options(f):
               help="Calibration text file for --target-bpw / calibrated codecs (default: a built-in text).")
 @click.option("--calibration-tokens", type=click.IntRange(16), default=None,
               help="Tokens of the calibration text GPTQ sees (more: better Hessians, slower). "
-                   "Default: 16384 for encoders, 4096 for causal LMs.")
+                   "Default: 16384 for encoders, 4096 for causal LMs (trellis codes: up to 16384, "
+                   "as the model's size allows).")
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encode on a Ray cluster: ADDRESS (e.g. ray://head:10001), 'auto' (the one `ray start` runs "

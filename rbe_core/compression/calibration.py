@@ -50,6 +50,11 @@ DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 #: Causal LMs: 4096, to keep a 135M model within 5 minutes on 2 cores (SmolLM2 at 4.25 bpw: KL 0.110
 #: in 245 s; the first 8192 tokens instead of the first 4096 gave 0.106 vs 0.111, in 255 s vs 224 s).
 DEFAULT_TOKENS = {"encoder": 16384, "causal": 4096}
+#: Tokens × Linear weights of the calibration a codec that asks for more tokens than
+#: ``DEFAULT_TOKENS`` (its ``calibration_tokens``) gets: SmolLM2-135M (106 M Linear weights) takes
+#: 16384 (``--codec trellis --target-bpw 3.25``: ~5 min on 2 cores), a 1B model stays at the default
+#: (its calibrated conversion took 21 min at 4096 tokens, docs/performance.md).
+CALIBRATION_BUDGET = 1 << 41
 #: Causal LMs: GPTQ's calibration windows (tokens), in batches of ``2048 // LM_WINDOW``. SmolLM2 at
 #: 4.25 bpw, 4096 tokens: 8 windows of 512 KL 0.100, perplexity +5.5%, 241 s; 16 windows of 256
 #: KL 0.091, +4.1%, 209 s (twice as many places in the text, and cheaper attention). At 3.25 bpw:
@@ -779,6 +784,17 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
     return {n: settings[i] for n, i in pick.items()}
 
 
+def default_tokens(model, weights: int, codecs) -> int:
+    """Calibration tokens when none are asked for: ``DEFAULT_TOKENS`` of the model's kind, or more
+    where one of ``codecs`` asks for more (``calibration_tokens``), as far as
+    ``CALIBRATION_BUDGET`` allows for ``weights`` Linear weights."""
+    from ..models.common import CausalLM
+
+    base = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
+    wanted = max((getattr(c, "calibration_tokens", 0) for c in codecs), default=0)
+    return max(base, min(wanted, CALIBRATION_BUDGET // max(weights, 1)))
+
+
 def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], target_bpw: float | None, text: str,
                          candidates: list[dict[str, Any]], *, jobs: int = 1, progress: bool = False,
                          max_tokens: int | None = None, damage_tokens: int = 256,
@@ -788,28 +804,28 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     Covers every Linear weight left to the budget (``plans[n] is None``: bits allocated from
     ``candidates`` so their average is at most ``target_bpw``) or planned with a codec that accepts
     calibration; other budgeted 2-D tensors (embedding tables) are ``int8``. GPTQ sees the first
-    ``max_tokens`` tokens of ``text`` (None: ``DEFAULT_TOKENS`` of the model's kind), the bit
+    ``max_tokens`` tokens of ``text`` (None: :func:`default_tokens`), the bit
     allocation the first ``damage_tokens``; ``encode`` as in :func:`sequential_encode`.
     ``ValueError`` when the budget cannot be met.
     """
     from tqdm.auto import tqdm
 
-    from ..models.common import CausalLM
     from ..registry import get_codec
 
     model, factory = source_model(source)
-    if max_tokens is None:
-        max_tokens = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
-    data = batches(model, text, max_tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW)
     linears = [n for n in names if n in factory.linears and n not in factory.embeddings]
     codecs = {n: get_codec(plans[n]) for n in linears if plans[n] is not None and takes_calibration(get_codec(plans[n]))}
+    budgeted = [n for n in linears if plans[n] is None]
+    settings = [get_codec(c) for c in candidates] if budgeted else []
+    if max_tokens is None:
+        weights = sum(int(np.prod(factory.linears[n][0].weight.shape)) for n in linears)
+        max_tokens = default_tokens(model, weights, [*codecs.values(), *settings])
+    data = batches(model, text, max_tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW)
     out: dict[str, Any] = {}
     for n in names:
         if plans[n] is None and n not in linears:
             out[n] = get_codec({"id": "int8"}).encode(source.load(n), source=n)
-    budgeted = [n for n in linears if plans[n] is None]
     if budgeted:
-        settings = [get_codec(c) for c in candidates]
         damage_data = batches(model, text, min(damage_tokens, max_tokens), window=256, batch=2)
         try:
             pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs)

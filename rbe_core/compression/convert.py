@@ -151,7 +151,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     ``policy`` overrides per tensor-name pattern. ``jobs`` tensors are encoded in parallel.
     ``verify_backend`` runs the converted model (read back from the complete temporary file) once
     on that backend before the rename. ``calibration`` (a text file; None: the built-in text; False:
-    off; ``calibration_tokens`` of it, None: ``calibration.DEFAULT_TOKENS``) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
+    off; ``calibration_tokens`` of it, None: ``calibration.default_tokens``) is used under ``target_bpw`` or with a codec that accepts it: bits are allocated per Linear
     weight by measured output damage and weights are encoded layer-sequentially with GPTQ
     (``rbe_core.calibration``); this holds the fp32 model in memory. ``cluster`` (a Ray address,
     "local" or "auto"; ``rbe_core.compression.ray_convert``) runs every encoding and every GPTQ as Ray

@@ -15,6 +15,7 @@ from _model_helpers import tiny_bert, tiny_llama  # noqa: E402
 
 import rbe_core  # noqa: E402
 from rbe_core.compression.calibration import (  # noqa: E402
+    CALIBRATION_BUDGET,
     Gram,
     _damage,
     _scored_output,
@@ -22,6 +23,7 @@ from rbe_core.compression.calibration import (  # noqa: E402
     allocate_settings,
     asymmetric_target,
     batches,
+    default_tokens,
     encode_calibrated,
     error_sample,
     output_damage,
@@ -30,6 +32,7 @@ from rbe_core.compression.calibration import (  # noqa: E402
     stored_bytes,
     weighted_error,
 )
+from rbe_core.models.common import CausalLM  # noqa: E402
 from rbe_core.models.sources import open_source  # noqa: E402
 from rbe_core.registry import get_codec  # noqa: E402
 
@@ -153,6 +156,20 @@ def test_a_trellis_budget_picks_group_sizes_that_fit_the_widths(dense):
     widths = {n: factory.linears[n][0].weight.shape[1] for n in names}
     assert all(widths[n] % c.group_size == 0 for n, c in pick.items())
     assert any(c.group_size > 16 for c in pick.values())
+
+
+def test_default_tokens_grow_for_codecs_that_ask_within_the_budget(dense):
+    """Causal LMs calibrate on 4096 tokens unless a codec asks for more (trellis: 16384), as far as
+    the tokens × weights budget goes; encoders on 16384 whatever the codecs."""
+    model, _, _ = dense
+    trellis, hadamard = get_codec({"id": "trellis"}), get_codec({"id": "hadamard"})
+    if not isinstance(model, CausalLM):
+        assert default_tokens(model, 10**10, [hadamard, trellis]) == 16384
+        return
+    assert default_tokens(model, 10**6, [hadamard]) == 4096
+    assert default_tokens(model, 10**6, [hadamard, trellis]) == 16384
+    assert default_tokens(model, CALIBRATION_BUDGET // 8192, [trellis]) == 8192
+    assert default_tokens(model, 10**10, [trellis]) == 4096
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
