@@ -241,7 +241,7 @@ def _real_tokens(rows, mask):
     return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask]
 
 
-def _is_causal(model) -> bool:
+def is_causal(model) -> bool:
     """rbe's causal LMs, and models that generate (``transformers``' ``can_generate()``)."""
     from ..models.common import CausalLM
 
@@ -254,7 +254,7 @@ def _scored_output(model, out, mask):
     import torch
     import torch.nn.functional as F
 
-    if _is_causal(model):
+    if is_causal(model):
         return F.log_softmax((out.logits if hasattr(out, "logits") else out[0]).float(), -1)
     if hasattr(out, "last_hidden_state"):
         out = out.last_hidden_state
@@ -265,7 +265,7 @@ def _scored_output(model, out, mask):
 
 def _damage(model, ref, cur) -> float:
     """Mean per-token KL(ref ‖ cur) (causal LMs) or mean ``1 − cos`` of the sentence embeddings."""
-    if _is_causal(model):
+    if is_causal(model):
         return float((ref.exp() * (ref - cur)).sum(-1).mean())
     return float((1.0 - (ref * cur).sum(-1)).mean())
 
@@ -788,9 +788,7 @@ def default_tokens(model, weights: int, codecs) -> int:
     """Calibration tokens when none are asked for: ``DEFAULT_TOKENS`` of the model's kind, or more
     where one of ``codecs`` asks for more (``calibration_tokens``), as far as
     ``CALIBRATION_BUDGET`` allows for ``weights`` Linear weights."""
-    from ..models.common import CausalLM
-
-    base = DEFAULT_TOKENS["causal" if isinstance(model, CausalLM) else "encoder"]
+    base = DEFAULT_TOKENS["causal" if is_causal(model) else "encoder"]
     wanted = max((getattr(c, "calibration_tokens", 0) for c in codecs), default=0)
     return max(base, min(wanted, CALIBRATION_BUDGET // max(weights, 1)))
 

@@ -79,11 +79,13 @@ def load_policy(policy: str | os.PathLike | Mapping[str, Any] | None) -> list[tu
     return rules
 
 
-def budget_candidates(codec: str | Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def budget_candidates(codec: str | Mapping[str, Any] | None, *, causal: bool = True) -> list[dict[str, Any]]:
     """The codec settings a ``target_bpw`` budget chooses from: ``codec``'s ``bit_settings()``
-    when a codec is given (``ModelError`` when it has none), else the registered ``CANDIDATES``."""
-    if codec is None:
+    when a codec is given (``ModelError`` when it has none), else the registered ``CANDIDATES`` for
+    a causal LM and ``ENCODER_CODEC``'s settings for an encoder."""
+    if codec is None and causal:
         return [c for c in CANDIDATES if c["id"] in list_codecs()]
+    codec = ENCODER_CODEC if codec is None else codec
     base = get_codec(codec)
     settings = [dict(c.get_config()) for c in base.bit_settings()]
     if not settings:
@@ -165,8 +167,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     names = source.spec.check(source.config, source.shapes)
     rules = load_policy(policy)
     default = None if target_bpw is not None else dict(get_codec(codec or DEFAULT_CODEC).get_config())
-    budget_codec = codec if codec is not None or source.spec.causal else ENCODER_CODEC
-    candidates = budget_candidates(budget_codec) if target_bpw is not None else []
+    candidates = budget_candidates(codec, causal=source.spec.causal) if target_bpw is not None else []
     budget = _Budget(target_bpw, candidates) if target_bpw is not None else None
     plans = {n: _plan(n, source.shapes[n], rules, default) for n in names}
     encode = encode_calibrated

@@ -54,7 +54,7 @@ def convert_to_hf(src: str | os.PathLike, out: str | os.PathLike, codec=None, ta
     from ..compression.calibration import read_text, takes_calibration
     from ..registry import get_codec
     from .folder import quantization_config
-    from .quantize import DEFAULT_CALIBRATION_TOKENS, quantize
+    from .quantize import quantize
 
     src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -84,7 +84,7 @@ def convert_to_hf(src: str | os.PathLike, out: str | os.PathLike, codec=None, ta
                 text = read_text(None if calibration is True else calibration)
         try:
             quantize(model, codec, target_bpw=target_bpw, calibration=text, tokenizer=tokenizer,
-                     calibration_tokens=calibration_tokens or DEFAULT_CALIBRATION_TOKENS, progress=progress)
+                     calibration_tokens=calibration_tokens, progress=progress)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         staged = work / "out"

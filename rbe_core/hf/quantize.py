@@ -25,9 +25,8 @@ from .layers import QuantizedLinear
 
 log = logging.getLogger("rbe.hf")
 
-#: Calibration windows (tokens) for causal LMs given text, and the tokens used when none are asked for.
+#: Calibration windows (tokens) for causal LMs given text.
 WINDOW = 256
-DEFAULT_CALIBRATION_TOKENS = 4096
 #: Tokens the bit allocation measures each layer's output damage on (``rbe convert``: 256).
 DAMAGE_TOKENS = 256
 
@@ -104,21 +103,20 @@ def _calibration_data(model: nn.Module, calibration, tokenizer, max_tokens: int)
     """``[(model inputs, token mask or None)]`` from text (needs a tokenizer), token-id tensors, or
     dicts of model inputs. Causal LMs get windows of ``WINDOW`` tokens; dict inputs keep their
     ``attention_mask`` as the mask. ``use_cache=False`` is passed where the model takes it."""
+    from ..compression.calibration import is_causal, sentences
+
     kw = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     if isinstance(calibration, (str, bytes)):
         if tokenizer is None:
             raise ValueError("calibration text needs a tokenizer (quantize(..., tokenizer=...))")
         text = calibration.decode() if isinstance(calibration, bytes) else calibration
-        causal = callable(getattr(model, "can_generate", None)) and model.can_generate()
-        if causal:
+        if is_causal(model):
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
             window = min(WINDOW, max(2, ids.numel()))
             rows = [ids[i:i + window] for i in range(0, ids.numel() - window + 1, window)]
             wanted = max(1, min(len(rows), max_tokens // window))
             rows = [rows[i] for i in np.linspace(0, len(rows) - 1, wanted).round().astype(int)]
             return [({"input_ids": torch.stack(rows[i:i + 4]), **kw}, None) for i in range(0, len(rows), 4)]
-        from ..compression.calibration import sentences
-
         sents, out, used = sentences(text), [], 0
         for i in range(0, len(sents), 16):
             if used >= max_tokens:
@@ -158,24 +156,27 @@ def _codecs(codec) -> list[Codec]:
     return [get_codec(codec if codec is not None else "int8")]
 
 
-def _budgeted(weights: Mapping[str, np.ndarray], codec, target_bpw: float) -> dict[str, Encoded]:
-    """Round-to-nearest encodings whose stored bits average at most ``target_bpw`` (largest tensors
-    first get the best setting that keeps the running average within the budget)."""
-    from ..compression.convert import budget_candidates
-
-    settings = [get_codec(c) for c in budget_candidates(codec)]
+def _budgeted(weights: Mapping[str, np.ndarray], settings: list[Codec], target_bpw: float) -> dict[str, Encoded]:
+    """Round-to-nearest encodings among ``settings`` (best first) whose stored bits average at most
+    ``target_bpw`` (largest tensors first get the best setting that keeps the running average
+    within the budget)."""
     total = sum(w.size for w in weights.values())
     spent, left = 0.0, total
     out = {}
     for name in sorted(weights, key=lambda n: -weights[n].size):
         w = weights[name]
         left -= w.size
-        cheapest = 8.0 * settings[-1].encode(np.zeros((1, w.shape[1]), np.float32)).nbytes / w.shape[1]
-        for i, c in enumerate(settings):
+        zero_row = np.zeros((1, w.shape[1]), np.float32)
+        cheapest = min(8.0 * c.encode(zero_row).nbytes for c in settings) / w.shape[1]
+        smallest = None
+        for c in settings:
             enc = c.encode(w, source=name)
             # what remains must still fit at (about) the cheapest setting's rate
-            if spent + 8.0 * enc.nbytes + cheapest * left <= target_bpw * total or i == len(settings) - 1:
+            if spent + 8.0 * enc.nbytes + cheapest * left <= target_bpw * total:
                 break
+            smallest = enc if smallest is None or enc.nbytes < smallest.nbytes else smallest
+        else:
+            enc = smallest
         if spent + 8.0 * enc.nbytes > target_bpw * total + 1e-6:
             raise ValueError(f"no setting of {settings[0].codec_id} reaches {target_bpw} bits/weight")
         spent += 8.0 * enc.nbytes
@@ -185,14 +186,16 @@ def _budgeted(weights: Mapping[str, np.ndarray], codec, target_bpw: float) -> di
 
 def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = None, *,
              target_bpw: float | None = None, calibration=None, include=None, exclude=None,
-             backend: str | None = None, tokenizer=None, calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+             backend: str | None = None, tokenizer=None, calibration_tokens: int | None = None,
              asymmetric: bool = True, progress: bool = False) -> nn.Module:
     """Compress ``model``'s Linear (and Conv1D) weights in place; returns ``model``.
 
     ``codec``: an rbe codec id, config or instance (default ``int8``); with ``target_bpw`` the bits
-    are chosen per layer among ``codec``'s ``bit_settings()`` (default: the flagship's) so the
-    replaced weights average at most that many stored bits. ``calibration``: text (with
-    ``tokenizer``), token-id tensors, or dicts of model inputs; then the weights are encoded
+    are chosen per layer among ``codec``'s ``bit_settings()`` (default: as ``rbe convert``'s, the
+    flagship's for causal LMs and trellis codes' for encoders) so the replaced weights average at
+    most that many stored bits. ``calibration``: text (with ``tokenizer``), token-id tensors, or
+    dicts of model inputs (``calibration_tokens`` of them; None: ``calibration.default_tokens``);
+    then the weights are encoded
     layer-sequentially on the inputs each layer sees (GPTQ for codecs that take calibration, and
     bits allocated by measured output damage under ``target_bpw``); ``asymmetric``: each weight is
     first moved to the one that best reproduces the float layer from the compressed model's inputs
@@ -202,12 +205,20 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     (an ``RbeConfig`` with every layer's codec), so ``save_pretrained`` writes the codes and
     ``model.dequantize()`` works.
     """
-    from ..compression.calibration import encode_calibrated, sequential_encode, takes_calibration
+    from ..compression.calibration import (
+        default_tokens,
+        encode_calibrated,
+        is_causal,
+        sequential_encode,
+        takes_calibration,
+    )
+    from ..compression.convert import budget_candidates
 
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
         raise ValueError(f"target bits/weight must be a positive number, got {target_bpw}")
     backend_obj = get_backend(backend)
     base = _codecs(codec)[0] if target_bpw is None else None
+    settings = [base] if base is not None else [get_codec(c) for c in budget_candidates(codec, causal=is_causal(model))]
     targets = select_modules(model, include, exclude)
     if not targets:
         raise ValueError("no nn.Linear or Conv1D module matches; nothing to quantize")
@@ -224,15 +235,15 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     if calibration is not None:
         from ..compression.calibration import allocate_settings
 
+        if calibration_tokens is None:
+            weights = sum(m.weight.numel() for m in targets.values())
+            calibration_tokens = default_tokens(model, weights, settings)
         data = _calibration_data(model, calibration, tokenizer, calibration_tokens)
         factory = SimpleNamespace(linears={n: (m, False) for n, m in targets.items()}, embeddings=set())
         dtypes = {n: m.weight.dtype for n, m in targets.items()}
         for m in targets.values():  # calibration runs in float32, like the encoders
             m.float()
         if target_bpw is not None:
-            from ..compression.convert import budget_candidates
-
-            settings = [get_codec(c) for c in budget_candidates(codec)]
             codecs = allocate_settings(model, factory, _first_window(data), list(targets), settings, target_bpw)
         else:
             codecs = {n: base for n in targets}
@@ -244,7 +255,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
         for n, m in targets.items():
             m.to(dtypes[n])
     elif target_bpw is not None:
-        encoded = _budgeted({n: _dense(m) for n, m in targets.items()}, codec, target_bpw)
+        encoded = _budgeted({n: _dense(m) for n, m in targets.items()}, settings, target_bpw)
     else:
         for n, m in targets.items():
             encoded[n] = base.encode(_dense(m), source=n)

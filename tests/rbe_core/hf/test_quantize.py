@@ -121,6 +121,13 @@ def test_target_bpw_without_calibration_stays_within_budget():
     assert len(bits) >= 1
 
 
+def test_target_bpw_without_a_codec_picks_what_rbe_convert_picks():
+    """Causal LMs budget the flagship's settings, encoders trellis codes' (``budget_candidates``)."""
+    for arch, codec_id in (("llama", "hadamard"), ("bert", "trellis")):
+        model = quantize(build(arch), target_bpw=4.5)
+        assert {m.encoded.codec.codec_id for m in quantized_modules(model).values()} == {codec_id}
+
+
 def _output_error(model, ref_model, batches) -> float:
     return sum(float((output(model, b) - output(ref_model, b)).square().mean()) for b in batches)
 
