@@ -304,21 +304,22 @@ def test_int8_products_match_numpy(bits, grid, isa, monkeypatch):
 
 @pytest.mark.parametrize("table", ["int8", "normal"])
 def test_trellis_codes_on_int8(table, isa, monkeypatch):
-    """Trellis rows through the int8 product of one token (VBMI: windows cut in registers) and of
-    a few (AVX-512: tiles whose lanes hold several rows of each token, 2 to 8 rows a lane group;
-    bands of rows not a whole number of lane groups) equal the numpy reference of its arithmetic;
-    what runs float32 equals the float32 product."""
+    """Trellis rows through the int8 product of one token (VBMI: windows cut in registers; 4-bit
+    ones in quads of 128 columns, the last quad partial too) and of a few (AVX-512: tiles whose
+    lanes hold several rows of each token, 2 to 8 rows a lane group; bands of rows not a whole
+    number of lane groups) equal the numpy reference of its arithmetic; what runs float32 equals
+    the float32 product."""
     if not library.has_int8_product(isa):
         pytest.skip(f"{isa} has no int8 product on this CPU")
     monkeypatch.setenv(library.THREADS_ENV, "3")
     monkeypatch.setattr(library, "WAKE_WORK", 1)
     rng = np.random.default_rng(11)
-    for bits, group_size, cols in [(2, 64, 200), (4, 128, 256), (6, 64, 130)]:
+    for bits, group_size, cols in [(2, 64, 200), (4, 128, 256), (4, 32, 150), (4, 64, 330), (6, 64, 130)]:
         codec = {"id": "trellis", "bits": bits, "group_size": group_size, "table": table}
         low = lower(rbe_core.get_codec(codec).encode(rng.standard_normal((70, cols)).astype(np.float32)))
         m = LoweredMatrix(low)
         lv8, alpha, beta, rot, exact = _int8_levels(m)
-        for n in (1, 3, 4, 5, 8):
+        for n in (1, 2, 3, 4, 5, 8):
             x = rng.standard_normal((n, cols)).astype(np.float32)
             got = _linear_int8(m, x)
             if _runs_int8(low, rot, exact, n, isa):

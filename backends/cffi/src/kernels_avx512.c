@@ -211,6 +211,19 @@ static inline __m512i q8_trellis_pair(const __m512i *tab, __m512i wbyte, __m512i
     const __m512i src = _mm512_maskz_loadu_epi8(wload, p);
     return bytes_through(tab, _mm512_multishift_epi64_epi8(wshift, _mm512_permutexvar_epi8(wbyte, src)));
 }
+/* lut_gemv_q8's 4-bit trellis quads (Q8_TRELLIS_QUAD): the 128 windows of four blocks at p (load:
+ * the bytes the quad's blocks hold) through the byte table tab, without permutes to cut them:
+ * window 2i is stream byte i, window 2i + 1 the byte between i and i + 1 (both 64-bit lanes
+ * shifted by 4, the next lane's low nibble from a load one byte on); lo gets the even windows,
+ * hi the odd ones (q8_quad_inputs' parity order). */
+#define Q8_TRELLIS_QUAD 1
+static inline void q8_trellis_quad(const __m512i *tab, const uint8_t *p, __mmask64 load, __m512i *lo, __m512i *hi) {
+    const __m512i even = _mm512_maskz_loadu_epi8(load, p), next = _mm512_maskz_loadu_epi8(load, p + 1);
+    const __m512i top = _mm512_set1_epi64((long long)0xf000000000000000ull); /* a lane's last nibble */
+    const __m512i odd = _mm512_ternarylogic_epi64(top, _mm512_slli_epi64(next, 4), _mm512_srli_epi64(even, 4), 0xca);
+    *lo = bytes_through(tab, even);
+    *hi = bytes_through(tab, odd);
+}
 static inline void lut_block64_avx512vbmi(const lutreg *t, const uint8_t *p, __m512 *out) {
     const __m512i v = q8_trellis_pair(t->lv8, t->wbyte64, t->wshift64, t->wload64, p);
     out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v)));

@@ -1217,8 +1217,10 @@ typedef struct {
     int32_t z[16];
 } q8_quad;
 _Static_assert(sizeof(q8_quad) == 256, "Q8_QUAD_ROOM's quad");
-/* The Q8_QUADS(cp) quads of a RBE_Q8_ONE record xb over cp columns into q. */
-static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
+/* The Q8_QUADS(cp) quads of a RBE_Q8_ONE record xb over cp columns into q; with `parity` (the
+ * inputs of Q8_TRELLIS_QUAD's 4-bit trellis windows) lo holds a quad's even columns and hi its
+ * odd ones instead (lane l: columns 8l .. 8l + 7 of the quad, block l / 4, as the nibbles'). */
+static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q, int parity) {
     const int8_t *x8 = (const int8_t *)xb;
     const float *d8 = (const float *)(xb + cp);
     const int32_t *z8 = (const int32_t *)(xb + 2 * cp);
@@ -1226,8 +1228,8 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
     for (int64_t k = 0; k < cp / 32; k++) {
         q8_quad *o = q + k / 4;
         const int b = (int)(k % 4);
-        memcpy(o->lo + 16 * b, x8 + 32 * k, 16);
-        memcpy(o->hi + 16 * b, x8 + 32 * k + 16, 16);
+        for (int c = 0; c < 16 && parity; c++) o->lo[16 * b + c] = x8[32 * k + 2 * c], o->hi[16 * b + c] = x8[32 * k + 2 * c + 1];
+        if (!parity) memcpy(o->lo + 16 * b, x8 + 32 * k, 16), memcpy(o->hi + 16 * b, x8 + 32 * k + 16, 16);
         for (int l = 0; l < 4; l++) o->d[4 * b + l] = d8[8 * k], o->z[4 * b + l] = l ? 0 : z8[8 * k];
     }
 }
@@ -1247,7 +1249,12 @@ static void FN(q8_quad_inputs)(const uint8_t *xb, int64_t cp, q8_quad *q) {
 #define Q8_L2_COLS 4096
 static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
     const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off, const float *lead,
-    float beta, VI t, VI sel, const q8_ahead *next, float *out, const int nt) {
+    float beta, const VI *tab, VI sel, const q8_ahead *next, float *out, const int nt, const int trellis) {
+    const VI t = tab[0];
+#ifdef Q8_TRELLIS_QUAD
+    VI t256[4];
+    for (int k = 0; k < 4 && trellis; k++) t256[k] = tab[k];
+#endif
     const int64_t gs = m->gs, groups = m->groups, quads = Q8_QUADS(m->cols_p), last = m->cols_p / 32 % 4;
     int64_t g = 0, g_end = gs; /* the quad's first group, and where the group after it starts */
     const uint8_t *row[Q8_ONE_ROWS];
@@ -1269,7 +1276,11 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
         const __mmask16 lanes = part ? (__mmask16)((1u << 4 * last) - 1) : (__mmask16)0xffff;
         for (int i = 0; i < Q8_ONE_ROWS; i++) {
             VI lo, hi;
-            q8_nibble_quad(t, row[i] + 64 * q, load, &lo, &hi);
+#ifdef Q8_TRELLIS_QUAD
+            if (trellis) q8_trellis_quad(t256, row[i] + 64 * q, load, &lo, &hi);
+            else
+#endif
+                q8_nibble_quad(t, row[i] + 64 * q, load, &lo, &hi);
             const VF f = q8_quad_factors(sel, st + i * groups + g, lanes);
             for (int b = 0; b < nt; b++) {
                 const q8_quad *xb = x + b * quads + q;
@@ -1282,17 +1293,21 @@ static inline __attribute__((always_inline)) void FN(q8_one_quads_body)(
 }
 _Static_assert(Q8_ONE_ROWS == 4, "vhsum4 reduces four rows");
 typedef void (*q8_quads_fn)(const rbe_lut *, const uint8_t *const *, const q8_quad *, const float *, const float *,
-                            const float *, float, VI, VI, const q8_ahead *, float *);
-#define Q8_ONE_QUADS(nt)                                                                                         \
-    static __attribute__((noinline)) Q8_ATTR void FN(q8_one_quads##nt)(                                          \
+                            const float *, float, const VI *, VI, const q8_ahead *, float *);
+#define Q8_ONE_QUADS(name, nt, trellis)                                                                          \
+    static __attribute__((noinline)) Q8_ATTR void FN(name)(                                                      \
         const rbe_lut *m, const uint8_t *const *w, const q8_quad *x, const float *st, const float *off,          \
-        const float *lead, float beta, VI t, VI sel, const q8_ahead *next, float *out) {                         \
-        FN(q8_one_quads_body)(m, w, x, st, off, lead, beta, t, sel, next, out, nt);                              \
+        const float *lead, float beta, const VI *t, VI sel, const q8_ahead *next, float *out) {                  \
+        FN(q8_one_quads_body)(m, w, x, st, off, lead, beta, t, sel, next, out, nt, trellis);                     \
     }
-Q8_ONE_QUADS(1)
-Q8_ONE_QUADS(2)
-Q8_ONE_QUADS(3)
-Q8_ONE_QUADS(4)
+Q8_ONE_QUADS(q8_one_quads1, 1, 0)
+Q8_ONE_QUADS(q8_one_quads2, 2, 0)
+Q8_ONE_QUADS(q8_one_quads3, 3, 0)
+Q8_ONE_QUADS(q8_one_quads4, 4, 0)
+#ifdef Q8_TRELLIS_QUAD
+Q8_ONE_QUADS(q8_one_trellis_quads1, 1, 1)
+Q8_ONE_QUADS(q8_one_trellis_quads2, 2, 1)
+#endif
 #endif
 #ifdef Q8_NIBBLE_BLOCK
 /* lut_gemv_q8's pass over rows of one nibble pair a group (64-column groups, unrotated, table
@@ -1399,9 +1414,15 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
 #ifdef Q8_NIBBLE_QUAD
     /* q8_one_quads takes the rows whole, the input sums' terms inside (factors alpha * st, so
      * beta / alpha meets them); each token's quads after the input sums */
-    const int64_t quads = nibbles && alpha != 0.0f && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
+#ifdef Q8_TRELLIS_QUAD
+    const int trellis4 = cut && m->tbits == 4; /* 4-bit windows: whole bytes and shifted pairs (q8_trellis_quad) */
+    const int quad_tokens = trellis4 ? 2 : Q8_QUAD_TOKENS;
+#else
+    const int trellis4 = 0, quad_tokens = Q8_QUAD_TOKENS;
+#endif
+    const int64_t quads = (nibbles || trellis4) && alpha != 0.0f && (128 % m->gs == 0 || m->gs % 128 == 0) ? Q8_QUADS(cp) : 0;
     q8_quad *quad = (q8_quad *)(((uintptr_t)(lead + n * groups) + 63) & ~(uintptr_t)63);
-    for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads);
+    for (int64_t b = 0; b < n && quads; b++) FN(q8_quad_inputs)(xq + b * rec, cp, quad + b * quads, trellis4);
     int32_t lane_group[16]; /* a quad lane's group, counted from the quad's first (q8_one_quads' sel) */
     for (int l = 0; l < 16; l++) lane_group[l] = m->gs <= 128 ? (int32_t)(32 * (l / 4) / m->gs) : 0;
     const VI quad_sel = vi_load(lane_group);
@@ -1436,13 +1457,21 @@ static Q8_ATTR void FN(lut_gemv_q8)(const rbe_lut *m, const uint8_t *xq, int rot
         const int64_t share = (Q8_ONE_ROWS * m->row_bytes + groups - 1) / groups, ahead = (r + Q8_ONE_ROWS) * m->row_bytes;
         const int64_t ahead_end = rbe_min(r + 2 * Q8_ONE_ROWS, r1) * m->row_bytes;
 #ifdef Q8_NIBBLE_QUAD
-        for (int64_t b = 0; b < n && quads; b += Q8_QUAD_TOKENS) { /* Q8_QUAD_TOKENS tokens at a time */
+        for (int64_t b = 0; b < n && quads; b += quad_tokens) { /* quad_tokens tokens at a time */
             const q8_ahead next = {m->codes, ahead, (Q8_ONE_ROWS * m->row_bytes + quads - 1) / quads, b ? 0 : ahead_end,
                                    cp >= Q8_L2_COLS};
             float out[Q8_QUAD_TOKENS * Q8_ONE_ROWS];
-            const q8_quads_fn pass[] = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3), FN(q8_one_quads4)};
-            const int nt = (int)rbe_min(Q8_QUAD_TOKENS, n - b);
-            pass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, t16, quad_sel, &next, out);
+            const int nt = (int)rbe_min(quad_tokens, n - b);
+#ifdef Q8_TRELLIS_QUAD
+            const q8_quads_fn tpass[] = {FN(q8_one_trellis_quads1), FN(q8_one_trellis_quads2)};
+            if (trellis4)
+                tpass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, t256, quad_sel, &next, out);
+            else
+#endif
+            {
+                const q8_quads_fn pass[] = {FN(q8_one_quads1), FN(q8_one_quads2), FN(q8_one_quads3), FN(q8_one_quads4)};
+                pass[nt - 1](m, w, quad + b * quads, st, off, sums ? lead + b * groups : NULL, beta / alpha, &t16, quad_sel, &next, out);
+            }
             for (int k = 0; k < nt; k++)
                 for (int i = 0; i < nr; i++) y[(b + k) * ldy + r + i] = out[k * Q8_ONE_ROWS + i];
         }
