@@ -903,7 +903,7 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
     const int nv, const int rl) {
     for (int64_t k = k0; k < k1;) {
         const int64_t g = k / bpg, end = rbe_min(k1, (g + 1) * bpg);
-        const int first = sums && k0 <= g * bpg;
+        const int first = sums && k0 <= g * bpg, fresh = k == 0; /* fresh: the partial sums start here */
         VF ga[Q8_MRMAX][Q8_NV];
         for (int i = 0; i < mr; i++)
             for (int v = 0; v < nv; v++) ga[i][v] = vzero();
@@ -944,7 +944,7 @@ static inline __attribute__((always_inline)) void FN(q8_pass)(
             const VF s = q8_factor_rows(f + i * rl, rl), o = q8_factor_rows(f + Q8_FS + i * rl, rl);
             for (int v = 0; v < nv; v++) {
                 float *p = part + (i * nv + v) * VLEN;
-                VF a = vfma(ga[i][v], s, vload(p));
+                VF a = fresh ? vmul(ga[i][v], s) : vfma(ga[i][v], s, vload(p));
                 if (first) a = vfma(vload(xs[v] + g * VLEN), o, a);
                 vstore(p, a);
             }
@@ -1049,7 +1049,6 @@ static inline __attribute__((always_inline)) void FN(q8_band_body)(const q8_job 
     if (!q8_lanes_from_codes(j, rl)) FN(q8_panel)(m, j->tab, j->shift, j->rot, rb, nr, j->panel, wb);
     const int64_t ng = FN(q8_lane_groups)(j, rb, wb, nr, gw, rl);
     FN(q8_factors)(m, j->rot, j->beta, j->sums, rb, (int)nr, j->st, j->off, j->fac);
-    memset(j->part, 0, (size_t)(Q8_FS * vecs * VLEN) * sizeof(float));
     q8_fetch fetch = {FN(lut_codes)(m, rbe_min(rb + nr, r1 - 1), 0), /* the next band's codes (contiguous) */
                       FN(lut_codes)(m, rbe_min(rb + nr + Q8_RB, r1) - 1, 0) + m->row_bytes, 0},
              idle = {NULL, NULL, 0};
