@@ -441,11 +441,14 @@ def _check_slots(model, ids):
         model.step(ids[3], states[0])
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
 @pytest.mark.parametrize("codec", ["int4", {"id": "hadamard", "bits": 4}], ids=str)
-def test_batched_sequences_equal_each_alone(codec, tmp_path):
+def test_batched_sequences_equal_each_alone(codec, kv, tmp_path, monkeypatch):
     """One pass for several sequences (forward_batch: prompts, prompt chunks and decode steps
-    mixed, each in its own KV slot, a prefix kept and the rest rewritten) gives each sequence's
-    own logits; the selected slot is left as it was."""
+    mixed, each in its own KV slot, a prefix kept and the rest rewritten; then a decode step of
+    one token each, whose keys and values each row's own attention task stores) gives each
+    sequence's own logits; the selected slot is left as it was."""
+    monkeypatch.setenv("RBE_ENGINE_KV", kv)
     ref = tiny_llama(hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     engine = rbe_core.load_model(_save(ref, tmp_path, codec), "cffi", engine="native").native
     ids = torch.randint(0, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -463,12 +466,18 @@ def test_batched_sequences_equal_each_alone(codec, tmp_path):
     assert got.shape[0] == 2
     assert np.abs(got[0] - alone[1][-1]).max() <= MODEL_TOL * np.abs(alone[1]).max()
     assert np.abs(got[1] - alone[3][-1]).max() <= MODEL_TOL * np.abs(alone[3]).max()
+    # round 3: one more token each, a decode step of three sequences
+    steps = [ids[20], ids[14], ids[0]]
+    got = engine.forward_batch([(2, [steps[0]], 17), (3, [steps[1]], 3), (4, [steps[2]], 39)])
+    for k, (seq, token) in enumerate(zip(seqs[1:], steps, strict=True)):
+        want = engine.forward(seq + [token], 0, slot=5 + k)
+        assert np.abs(got[k] - want).max() <= MODEL_TOL * np.abs(want).max()
     # a slot's first 5 positions kept, a different continuation written over the rest
     other = seqs[0][:5] + ids[30:34]
     got = engine.forward_batch([(1, other[5:], 5)])
     want = engine.forward(other, 0)
     assert np.abs(got[0] - want).max() <= MODEL_TOL * np.abs(want).max()
-    assert engine.slot_length(1) == len(other) and engine.slot_length(4) == 39
+    assert engine.slot_length(1) == len(other) and engine.slot_length(4) == 40
     with pytest.raises(RuntimeError, match="context|position"):
         engine.forward_batch([(3, [1, 2], 7)])  # slot 3 holds 3 positions: 7 leaves a gap
 

@@ -1067,12 +1067,28 @@ static void rope(const rbe_engine *e, float *v, int heads, int kind, int64_t i) 
     }
 }
 
+/* Row i's k and v of kv head h (kk, vv: rows ldkv apart) into its sequence's caches of layer
+ * `layer` at the row's position: K blocked by 16 positions (stride 16 a dimension), V a row. */
+static void store_kv(const rbe_engine *e, int layer, int64_t i, int h, const float *kk, const float *vv,
+                     int64_t ldkv) {
+    const int64_t hd = e->c.head_dim, p = e->row_pos[i];
+    const int64_t base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
+    const int64_t kat = base + (p / 16) * hd * 16 + p % 16;
+    e->kern->kv_store(kv_row(e, e->row_kc[i], kat), kk + i * ldkv + h * hd, hd, 16, e->kv,
+                      kv_scales(e, e->row_kc[i], base + p * hd));
+    e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, 1, e->kv,
+                      kv_scales(e, e->row_vc[i], base + p * hd));
+}
+
 typedef struct {
     rbe_engine *e;
     int layer;
     int64_t ldq;
     const float *q; /* n x ldq, heads of head_dim */
     float *out;     /* n x ldq, heads of head_dim */
+    const float *k, *v; /* with store: the rows' k and v (ldkv apart), stored by their own task */
+    int64_t ldkv;
+    int store;
     int64_t span;   /* split decode: positions per part, ... */
     int64_t first, skip; /* ... from position first (a multiple of 16), the first skip masked */
     int parts;
@@ -1087,6 +1103,7 @@ static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     const int64_t window = e->layer_window[j->layer];
     for (int64_t idx = s; idx < t; idx++) {
         const int64_t i = idx / kvh_n, g = idx % kvh_n, len = e->row_pos[i] + 1;
+        if (j->store) store_kv(e, j->layer, i, (int)g, j->k, j->v, j->ldkv);
         const int64_t lo = window && len > window ? len - window : 0, b0 = lo / 16 * 16; /* whole K blocks */
         const int64_t base = (((int64_t)j->layer * kvh_n + g) * e->ctx16 + b0) * hd;
         e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->row_kc[i], base),
@@ -1119,34 +1136,31 @@ static void attend_part(void *ctx, int64_t s, int64_t t, int tid) {
     }
 }
 
+/* Whether each of the chunk's n rows has a sequence (cache) of its own: a decode step's batch. */
+static int own_caches(const rbe_engine *e, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t o = 0; o < i; o++)
+            if (e->row_kc[o] == e->row_kc[i]) return 0;
+    return 1;
+}
+
 /* Store k and v of the chunk's n rows at their positions of their sequences' caches (layer
  * `layer`), then attend. */
 static void attention(rbe_engine *e, int layer, int64_t n, const float *q, int64_t ldq, const float *kk,
                       const float *vv, int64_t ldkv, float *out) {
     const double t0 = now();
     const int64_t hd = e->c.head_dim;
-    for (int64_t i = 0; i < n; i++)
-        for (int h = 0; h < e->c.n_kv_heads; h++) {
-            const int64_t p = e->row_pos[i], base = ((int64_t)layer * e->c.n_kv_heads + h) * e->ctx16 * hd;
-            const float *kr = kk + i * ldkv + h * hd;
-            const int64_t kat = base + (p / 16) * hd * 16 + p % 16; /* then stride 16 per d */
-            if (e->kv == RBE_KV_I8)
-                *kv_scales(e, e->row_kc[i], base + p * hd) = rbe_kv_int8(kr, hd, (int8_t *)e->row_kc[i] + kat, 16);
-            else
-                for (int64_t d = 0; d < hd; d++) {
-                    if (e->kv == RBE_KV_F16) ((uint16_t *)e->row_kc[i])[kat + 16 * d] = rbe_float_to_half(kr[d]);
-                    else ((float *)e->row_kc[i])[kat + 16 * d] = kr[d];
-                }
-            e->kern->kv_store(kv_row(e, e->row_vc[i], base + p * hd), vv + i * ldkv + h * hd, hd, e->kv,
-                              kv_scales(e, e->row_vc[i], base + p * hd));
-        }
-    att_job j = {.e = e, .layer = layer, .ldq = ldq, .q = q, .out = out};
+    att_job j = {.e = e, .layer = layer, .ldq = ldq, .q = q, .out = out, .k = kk, .v = vv, .ldkv = ldkv};
     const int64_t len = e->row_pos[0] + 1;
     if (n > 1 || e->nthreads < 2 || len < 256) {
+        j.store = own_caches(e, n); /* else a row may attend to another row's k and v */
+        for (int64_t i = 0; !j.store && i < n; i++)
+            for (int h = 0; h < e->c.n_kv_heads; h++) store_kv(e, layer, i, h, kk, vv, ldkv);
         parallel(e->nthreads, e->spin, n * e->c.n_kv_heads, 1, attend, &j);
         e->prof[1] += now() - t0;
         return;
     }
+    for (int h = 0; h < e->c.n_kv_heads; h++) store_kv(e, layer, 0, h, kk, vv, ldkv);
     const int rep = e->c.n_heads / e->c.n_kv_heads;
     const int64_t window = e->layer_window[layer], lo = window && len > window ? len - window : 0;
     j.first = lo / 16 * 16, j.skip = lo - j.first;

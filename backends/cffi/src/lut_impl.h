@@ -216,21 +216,28 @@ static void FN(attend_group)(const float *q, int64_t ldq, int rep, const void *K
     }
 }
 
-/* dst[i] = src[i] for i < n as elements of `kind` (RBE_KV_*): float32, float16 (round to nearest
- * even), or int8 times *scale (rbe_kv_int8's). */
-static void FN(kv_store)(void *dst, const float *src, int64_t n, int kind, float *scale) {
+/* dst[i * stride] = src[i] for i < n as elements of `kind` (RBE_KV_*): float32, float16 (round
+ * to nearest even), or int8 times *scale (rbe_kv_int8's). */
+static void FN(kv_store)(void *dst, const float *src, int64_t n, int64_t stride, int kind, float *scale) {
     if (kind == RBE_KV_I8) {
-        *scale = rbe_kv_int8(src, n, dst, 1);
+        *scale = rbe_kv_int8(src, n, dst, stride);
         return;
     }
     if (kind == RBE_KV_F32) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
+        for (int64_t i = 0; i < n; i++) ((float *)dst)[i * stride] = src[i];
         return;
     }
-    uint16_t *h = dst;
+    uint16_t *h = dst, part[VLEN];
     int64_t i = 0;
-    for (; i + VLEN <= n; i += VLEN) vstore_h(h + i, vload(src + i));
-    for (; i < n; i++) h[i] = rbe_float_to_half(src[i]);
+    for (; i + VLEN <= n; i += VLEN) {
+        if (stride == 1) {
+            vstore_h(h + i, vload(src + i));
+            continue;
+        }
+        vstore_h(part, vload(src + i));
+        for (int v = 0; v < VLEN; v++) h[(i + v) * stride] = part[v];
+    }
+    for (; i < n; i++) h[i * stride] = rbe_float_to_half(src[i]);
 }
 
 /* Sylvester Hadamard matrix of order 16 (its top-left 8 x 8 block is the order-8 one). */

@@ -228,8 +228,9 @@ typedef struct {
     void (*attend_group)(const float *q, int64_t ldq, int rep, const void *K, const void *V,
                          int kind, const float *ks, const float *vs, int64_t len, int64_t skip, int64_t hd,
                          float scale, float softcap, float *out, int64_t ldo, float *scores, float *ml);
-    /* K/V cache rows: n floats stored as elements of kind (RBE_KV_*; int8: their scale at *scale). */
-    void (*kv_store)(void *dst, const float *src, int64_t n, int kind, float *scale);
+    /* K/V cache rows: n floats stored `stride` elements apart as elements of kind (RBE_KV_*;
+     * int8: their scale at *scale). */
+    void (*kv_store)(void *dst, const float *src, int64_t n, int64_t stride, int kind, float *scale);
     /* Orthonormal block Walsh-Hadamard transform in place (blocks: powers of two summing to the
      * length), Sylvester order, scaled by float32 1/sqrt(b) per block. */
     void (*fwht)(float *v, const long long *blocks, int nblocks);
