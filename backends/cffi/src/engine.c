@@ -1094,22 +1094,45 @@ typedef struct {
     int parts;
 } att_job;
 
-/* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads. */
+/* Where attention task idx (token i, kv head g) reads its kv head's K and V: from the first
+ * whole K block b0 of its window (positions lo on; element offset base), len positions in all. */
+typedef struct {
+    int64_t i, g, len, lo, b0, base;
+} att_task;
+static att_task task_at(const rbe_engine *e, int layer, int64_t idx) {
+    const int64_t kvh_n = e->c.n_kv_heads, window = e->layer_window[layer];
+    att_task a = {.i = idx / kvh_n, .g = idx % kvh_n};
+    a.len = e->row_pos[a.i] + 1, a.lo = window && a.len > window ? a.len - window : 0, a.b0 = a.lo / 16 * 16;
+    a.base = (((int64_t)layer * kvh_n + a.g) * e->ctx16 + a.b0) * e->c.head_dim;
+    return a;
+}
+
+/* Bytes of K and V a task requests into L2 for the next one while it runs: a task reads its K
+ * and V once, and a decode batch's caches come from memory (SmolLM2 int4, 8 sequences at
+ * positions 60-160, AMD EPYC Zen 4, 2 threads, best attention time a step in three interleaved
+ * rounds: 1.04-1.08 ms without, 0.79-0.90 with 4 KB). */
+#define ATT_AHEAD 4096
+
+/* (token, kv head) pairs [s, t): causal softmax attention of the kv head's query heads (each
+ * storing its row's k and v first where the job says so). */
 static void attend(void *ctx, int64_t s, int64_t t, int tid) {
     att_job *j = ctx;
     const rbe_engine *e = j->e;
-    const int64_t hd = e->c.head_dim, kvh_n = e->c.n_kv_heads;
+    const int64_t hd = e->c.head_dim;
     const int rep = e->c.n_heads / e->c.n_kv_heads;
-    const int64_t window = e->layer_window[j->layer];
     for (int64_t idx = s; idx < t; idx++) {
-        const int64_t i = idx / kvh_n, g = idx % kvh_n, len = e->row_pos[i] + 1;
-        if (j->store) store_kv(e, j->layer, i, (int)g, j->k, j->v, j->ldkv);
-        const int64_t lo = window && len > window ? len - window : 0, b0 = lo / 16 * 16; /* whole K blocks */
-        const int64_t base = (((int64_t)j->layer * kvh_n + g) * e->ctx16 + b0) * hd;
-        e->kern->attend_group(j->q + i * j->ldq + g * rep * hd, hd, rep, kv_row(e, e->row_kc[i], base),
-                              kv_row(e, e->row_vc[i], base), e->kv, kv_scales(e, e->row_kc[i], base),
-                              kv_scales(e, e->row_vc[i], base), len - b0, lo - b0, hd, e->c.attn_scale,
-                              e->c.attn_softcap, j->out + i * j->ldq + g * rep * hd, hd, e->scratch[tid], NULL);
+        const att_task a = task_at(e, j->layer, idx);
+        if (j->store) store_kv(e, j->layer, a.i, (int)a.g, j->k, j->v, j->ldkv);
+        if (idx + 1 < t) { /* written here: gcc drops a call of a function that only prefetches */
+            const att_task n = task_at(e, j->layer, idx + 1);
+            const int64_t bytes = rbe_min((n.len - n.b0) * hd * kv_size(e->kv), ATT_AHEAD);
+            const char *k = kv_row(e, e->row_kc[n.i], n.base), *v = kv_row(e, e->row_vc[n.i], n.base);
+            for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o, 0, 1), __builtin_prefetch(v + o, 0, 1);
+        }
+        e->kern->attend_group(j->q + a.i * j->ldq + a.g * rep * hd, hd, rep, kv_row(e, e->row_kc[a.i], a.base),
+                              kv_row(e, e->row_vc[a.i], a.base), e->kv, kv_scales(e, e->row_kc[a.i], a.base),
+                              kv_scales(e, e->row_vc[a.i], a.base), a.len - a.b0, a.lo - a.b0, hd, e->c.attn_scale,
+                              e->c.attn_softcap, j->out + a.i * j->ldq + a.g * rep * hd, hd, e->scratch[tid], NULL);
     }
 }
 
