@@ -240,6 +240,8 @@ def refine_options(f):
                    "Default: 16384 for encoders, 4096 for causal LMs (trellis codes: up to 16384, "
                    "as the model's size allows).")
 @click.option("--no-calibration", is_flag=True, help="Encode without calibration (streaming, round-to-nearest).")
+@click.option("--no-smoothing", is_flag=True,
+              help="Calibrate without first folding per-channel scales from norms into the Linears that read them.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encode on a Ray cluster: ADDRESS (e.g. ray://head:10001), 'auto' (the one `ray start` runs "
                    "here), or nothing (a local one); --jobs defaults to its CPUs. Needs rbe[ray].")
@@ -250,7 +252,7 @@ def refine_options(f):
               help="Write a transformers folder with rbe codes (from_pretrained loads it after `import rbe_core.hf`); "
                    "any architecture transformers builds. Needs rbe[hf].")
 def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibration, calibration_tokens, no_calibration,
-            ray_address, do_refine, data, refine_tokens, refine_epochs, resume, as_hf):
+            no_smoothing, ray_address, do_refine, data, refine_tokens, refine_epochs, resume, as_hf):
     """Convert a HF directory, .safetensors or .gguf model SRC into a self-contained .rbe file (or, with --hf,
     a transformers folder)."""
     if backend is not None:
@@ -290,7 +292,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
                 path = rbe_core.compress_model(src, target, codec=codec, target_bpw=target_bpw, policy=policy,
                                                jobs=jobs or local_cpus, progress=not quiet, verify_backend=backend,
                                                calibration=False if no_calibration else calibration,
-                                               calibration_tokens=calibration_tokens, cluster=ray_address)
+                                               calibration_tokens=calibration_tokens, cluster=ray_address,
+                                               smoothing=not no_smoothing)
             if do_refine:
                 from .compression.refine import refine as run_refine
 

@@ -793,17 +793,30 @@ def default_tokens(model, weights: int, codecs) -> int:
     return max(base, min(wanted, CALIBRATION_BUDGET // max(weights, 1)))
 
 
+def _smoothed(model, factory, data, names: list[str], plans: Mapping[str, Any]) -> dict[str, Any]:
+    """Smoothing folded into the Linears ``names`` (those calibration encodes from the model's own
+    weights); the encodings of the parameters it changed (norms), by their plans."""
+    from ..registry import get_codec
+    from .smoothing import smooth
+
+    changed = {p.data_ptr() for p in smooth(model, {n: factory.linears[n] for n in names}, data)}
+    return {n: get_codec(plans[n]).encode(np.ascontiguousarray(t.detach().float().numpy()), source=n)
+            for n, t in factory.params.items() if t.data_ptr() in changed}
+
+
 def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], target_bpw: float | None, text: str,
                          candidates: list[dict[str, Any]], *, jobs: int = 1, progress: bool = False,
                          max_tokens: int | None = None, damage_tokens: int = 256,
-                         encode: Callable = encode_calibrated) -> dict[str, Any]:
+                         encode: Callable = encode_calibrated, smoothing: bool = True) -> dict[str, Any]:
     """Encodings for the tensors calibration decides: name -> ``Encoded``.
 
     Covers every Linear weight left to the budget (``plans[n] is None``: bits allocated from
     ``candidates`` so their average is at most ``target_bpw``) or planned with a codec that accepts
     calibration; other budgeted 2-D tensors (embedding tables) are ``int8``. GPTQ sees the first
     ``max_tokens`` tokens of ``text`` (None: :func:`default_tokens`), the bit
-    allocation the first ``damage_tokens``; ``encode`` as in :func:`sequential_encode`.
+    allocation the first ``damage_tokens``; ``encode`` as in :func:`sequential_encode`. With
+    ``smoothing``, scales are first folded from norms into the Linears calibration encodes
+    (``compression.smoothing``) and the changed norms are among the encodings.
     ``ValueError`` when the budget cannot be met.
     """
     from tqdm.auto import tqdm
@@ -820,6 +833,8 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
         max_tokens = default_tokens(model, weights, [*codecs.values(), *settings])
     data = batches(model, text, max_tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW)
     out: dict[str, Any] = {}
+    if smoothing:
+        out.update(_smoothed(model, factory, data, [n for n in linears if n in codecs or n in budgeted], plans))
     for n in names:
         if plans[n] is None and n not in linears:
             out[n] = get_codec({"id": "int8"}).encode(source.load(n), source=n)

@@ -143,7 +143,7 @@ def _plan(name: str, shape: tuple[int, ...], rules, default: dict[str, Any] | No
 def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | Mapping[str, Any] | None = None,
                    target_bpw: float | None = None, policy=None, *, jobs: int = 1, progress: bool = True,
                    verify_backend: str | None = None, calibration: str | os.PathLike | bool | None = None,
-                   calibration_tokens: int | None = None, cluster: str | None = None) -> Path:
+                   calibration_tokens: int | None = None, cluster: str | None = None, smoothing: bool = True) -> Path:
     """Convert a HF directory, .safetensors or .gguf model into a self-contained .rbe file.
 
     ``codec`` (id or config) encodes every weight matrix; ``target_bpw`` instead picks among
@@ -158,7 +158,8 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     (``rbe_core.calibration``); this holds the fp32 model in memory. ``cluster`` (a Ray address,
     "local" or "auto"; ``rbe_core.compression.ray_convert``) runs every encoding and every GPTQ as Ray
     tasks, ``jobs`` (default there: the cluster's CPUs) at a time; the file is the same, bit for bit,
-    as a local conversion with the same ``jobs``. Raises ``ModelError`` on bad input; the output
+    as a local conversion with the same ``jobs``. ``smoothing`` (calibrated conversions): per-channel
+    scales folded from norms into the Linears that read them first (``compression.smoothing``). Raises ``ModelError`` on bad input; the output
     appears only when complete, and an error or Ctrl-C leaves nothing behind.
     """
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
@@ -182,7 +183,7 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
         try:
             pre = calibrated_encodings(source, names, plans, target_bpw, read_text(None if calibration is True else calibration),
                                        candidates, jobs=jobs, progress=progress, max_tokens=calibration_tokens,
-                                       encode=encode)
+                                       encode=encode, smoothing=smoothing)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         plans.update({n: dict(e.codec.get_config()) for n, e in pre.items()})

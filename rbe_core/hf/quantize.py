@@ -187,7 +187,7 @@ def _budgeted(weights: Mapping[str, np.ndarray], settings: list[Codec], target_b
 def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = None, *,
              target_bpw: float | None = None, calibration=None, include=None, exclude=None,
              backend: str | None = None, tokenizer=None, calibration_tokens: int | None = None,
-             asymmetric: bool = True, progress: bool = False) -> nn.Module:
+             asymmetric: bool = True, smoothing: bool = True, progress: bool = False) -> nn.Module:
     """Compress ``model``'s Linear (and Conv1D) weights in place; returns ``model``.
 
     ``codec``: an rbe codec id, config or instance (default ``int8``); with ``target_bpw`` the bits
@@ -199,7 +199,9 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     layer-sequentially on the inputs each layer sees (GPTQ for codecs that take calibration, and
     bits allocated by measured output damage under ``target_bpw``); ``asymmetric``: each weight is
     first moved to the one that best reproduces the float layer from the compressed model's inputs
-    (``calibration.asymmetric_target``), else GPTQ only rounds it. ``include``/``exclude``: module
+    (``calibration.asymmetric_target``), else GPTQ only rounds it; ``smoothing``: per-channel scales
+    are first folded from norms into the layers that read them (``compression.smoothing``, as ``rbe
+    convert``). ``include``/``exclude``: module
     globs (see ``select_modules``). ``backend``: the rbe backend the layers run on (default: the
     best available). On a ``transformers`` model it also sets ``model.config.quantization_config``
     (an ``RbeConfig`` with every layer's codec), so ``save_pretrained`` writes the codes and
@@ -243,6 +245,10 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
         dtypes = {n: m.weight.dtype for n, m in targets.items()}
         for m in targets.values():  # calibration runs in float32, like the encoders
             m.float()
+        if smoothing:
+            from ..compression.smoothing import smooth
+
+            smooth(model, factory.linears, data)
         if target_bpw is not None:
             codecs = allocate_settings(model, factory, _first_window(data), list(targets), settings, target_bpw)
         else:

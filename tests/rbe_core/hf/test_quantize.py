@@ -162,3 +162,15 @@ def test_calibration_on_an_encoder_with_padding():
     model = quantize(build("bert"), {"id": "hadamard", "bits": 4}, calibration=[batch])
     out, want = output(model, batch), output(ref, batch)
     assert torch.nn.functional.cosine_similarity(out.flatten(), want.flatten(), dim=0) > 0.98
+
+
+def test_calibration_smooths_the_norms_into_the_layers_that_read_them():
+    """As ``rbe convert``: each decoder layer's norms give per-channel scales to q/k/v and gate/up
+    (``compression.smoothing``); ``smoothing=False`` leaves them."""
+    calib = [torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    ref = build("llama")
+    norms = lambda m: {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith("layernorm.weight")}  # noqa: E731
+    smoothed = norms(quantize(build("llama"), {"id": "hadamard", "bits": 4}, calibration=calib))
+    kept = norms(quantize(build("llama"), {"id": "hadamard", "bits": 4}, calibration=calib, smoothing=False))
+    assert smoothed and all(torch.equal(kept[n], p) for n, p in norms(ref).items())
+    assert not any(torch.equal(smoothed[n], p) for n, p in norms(ref).items())
