@@ -200,8 +200,8 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
     bits allocated by measured output damage under ``target_bpw``); ``asymmetric``: each weight is
     first moved to the one that best reproduces the float layer from the compressed model's inputs
     (``calibration.asymmetric_target``), else GPTQ only rounds it; ``smoothing``: per-channel scales
-    are first folded from norms into the layers that read them (``compression.smoothing``, as ``rbe
-    convert``). ``include``/``exclude``: module
+    are first folded from norms into the layers that read them where the weights keep enough bits
+    (``calibration.smoothing_pays``; as ``rbe convert``). ``include``/``exclude``: module
     globs (see ``select_modules``). ``backend``: the rbe backend the layers run on (default: the
     best available). On a ``transformers`` model it also sets ``model.config.quantization_config``
     (an ``RbeConfig`` with every layer's codec), so ``save_pretrained`` writes the codes and
@@ -212,6 +212,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
         encode_calibrated,
         is_causal,
         sequential_encode,
+        smoothing_pays,
         takes_calibration,
     )
     from ..compression.convert import budget_candidates
@@ -245,7 +246,7 @@ def quantize(model: nn.Module, codec: str | Mapping[str, Any] | Codec | None = N
         dtypes = {n: m.weight.dtype for n, m in targets.items()}
         for m in targets.values():  # calibration runs in float32, like the encoders
             m.float()
-        if smoothing:
+        if smoothing and smoothing_pays(factory, {} if base is None else dict.fromkeys(targets, base), target_bpw):
             from ..compression.smoothing import smooth
 
             smooth(model, factory.linears, data)

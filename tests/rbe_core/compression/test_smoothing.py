@@ -66,15 +66,17 @@ def test_norms_read_by_more_than_linears_are_left_alone(tmp_path):
 
 
 def test_a_smoothed_conversion_stores_its_folded_norms(tmp_path):
+    """Folded at 4.5 bits a weight; not with ``smoothing=False``, nor under a budget below
+    ``SMOOTHING_MIN_BITS``, nor for a fixed codec of fewer bits."""
     tiny_llama(num_hidden_layers=2).save_pretrained(tmp_path / "hf")
-    files = {}
-    for smoothing in (True, False):
-        files[smoothing] = rbe_core.open(rbe_core.compress_model(
-            tmp_path / "hf", tmp_path / f"{smoothing}.rbe", target_bpw=4.5, progress=False, calibration_tokens=256,
-            smoothing=smoothing))
+    runs = {"on": {"target_bpw": 4.5}, "off": {"target_bpw": 4.5, "smoothing": False},
+            "3.5": {"target_bpw": 3.5}, "2-bit": {"codec": {"id": "hadamard", "bits": 2}}}
+    files = {k: rbe_core.open(rbe_core.compress_model(tmp_path / "hf", tmp_path / f"{k}.rbe", progress=False,
+                                                     calibration_tokens=256, **kw)) for k, kw in runs.items()}
     source = open_source(tmp_path / "hf")
-    norms = [n for n in files[True] if n.endswith("layernorm.weight")]
+    norms = [n for n in files["on"] if n.endswith("layernorm.weight")]
     assert len(norms) == 4
     for n in norms:
-        assert np.array_equal(files[False][n].decode(), source.load(n))
-        assert not np.allclose(files[True][n].decode(), source.load(n))
+        assert not np.allclose(files["on"][n].decode(), source.load(n))
+        for k in ("off", "3.5", "2-bit"):
+            assert np.array_equal(files[k][n].decode(), source.load(n)), k
