@@ -44,6 +44,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from .inputs import real_tokens, run_input
+
 DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 #: Calibration tokens GPTQ sees when none are asked for. Encoders: 16384 (all-MiniLM-L6-v2 at 4.25
 #: bpw, tokens spread over the default text: mean cosine 0.9915 with 4096, 0.9925 with 16384; 32 s).
@@ -237,17 +239,6 @@ def _block_list(model) -> tuple[Any, str | None, Any]:
     return best
 
 
-def _call(model, inputs):
-    """Run ``model`` on one calibration input: positional args (a tuple) or keyword args (a dict)."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
-
-
-def _real_tokens(rows, mask):
-    """The rows of real (not padding) tokens: ``mask`` applies to per-token inputs only (a pooler's
-    one row per sentence has no padding to drop)."""
-    return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask]
-
-
 def is_causal(model) -> bool:
     """rbe's causal LMs, and models that generate (``transformers``' ``can_generate()``)."""
     from ..models.common import CausalLM
@@ -301,13 +292,13 @@ def output_damage(model, factory, data, names: list[str], replace: Callable[[str
 
     def record(mod, args):
         rows = args[0].detach().reshape(-1, args[0].shape[-1])
-        rows = _real_tokens(rows, state["mask"]).double()
+        rows = real_tokens(rows, state["mask"]).double()
         n = name_of[id(mod)]
         power[n] = power.get(n, 0) + rows.square().sum(0)
         counts[n] = counts.get(n, 0) + rows.shape[0]
 
     def scored(args, mask):
-        return _scored_output(model, _call(model, args), mask)
+        return _scored_output(model, run_input(model, args), mask)
 
     head = getattr(model, "lm_head", None)
     strided = [] if head is None or head_stride <= 1 else [
@@ -535,7 +526,7 @@ class _SequentialEncoder:
 
         def run_model(b, state):
             state["mask"], feed["batch"] = masks[b], b
-            _call(model, data[b][0])
+            run_input(model, data[b][0])
 
         tail = [m for m in model.modules() if id(m) in self.todo and self.todo[id(m)] not in self.out]
         with _fed_from(parent, attr, len(blocks) - 1, last_inputs, feed) if len(blocks) else contextlib.nullcontext():
@@ -607,7 +598,7 @@ class _SequentialEncoder:
                 raise _Stop
             if n == state["stage"][0]:
                 rows = x.detach().reshape(-1, x.shape[-1])
-                state["rows"] = rows = _real_tokens(rows, state["mask"]).float()
+                state["rows"] = rows = real_tokens(rows, state["mask"]).float()
                 g = (rows.T @ rows).double()
                 state["xtx"] = g if state["xtx"] is None else state["xtx"] + g
                 state["count"] += rows.shape[0]
@@ -648,7 +639,7 @@ def _block_inputs(model, first_block, data) -> list[tuple[tuple, dict]]:
     try:
         for args, _mask in data:
             try:
-                _call(model, args)
+                run_input(model, args)
             except _Stop:
                 pass
     finally:
@@ -683,7 +674,7 @@ def _float_inputs(block, float_cached: list, masks: list, factory) -> Callable:
         def grab(mod, args):
             b = state["batch"]
             rows = args[0].detach().reshape(-1, args[0].shape[-1])
-            recorded[b][path] = _real_tokens(rows, masks[b]).float() if rows.shape[0] == tokens[b] else None
+            recorded[b][path] = real_tokens(rows, masks[b]).float() if rows.shape[0] == tokens[b] else None
 
         return grab
 

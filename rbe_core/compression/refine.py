@@ -41,7 +41,8 @@ from ..files import open as open_rbe
 from ..models.spec import ModelError
 from ..registry import get_codec
 from ..training.lowered import LoweredForm
-from .calibration import _block_list, _call, _Stop, source_model
+from .calibration import _block_list, _Stop, source_model
+from .inputs import run_input
 
 log = logging.getLogger("rbe.refine")
 
@@ -116,7 +117,7 @@ def refine_blocks(model, factory, encodings: dict[str, Encoded], data: list, *, 
         with torch.no_grad():
             for inputs in data:
                 try:
-                    _call(model, inputs)
+                    run_input(model, inputs)
                 except _Stop:
                     pass
     finally:

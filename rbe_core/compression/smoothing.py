@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .inputs import real_tokens, run_input
+
 #: SmoothQuant's migration strength.
 ALPHA = 0.5
 #: Largest change of the check batch's output (× their largest magnitude) a fold may make.
@@ -30,16 +32,15 @@ def smooth(model, linears: Mapping[str, tuple[Any, bool]], data, *, alpha: float
     parameters changed (norm weights and biases), for the caller to store."""
     import torch
 
-    from .calibration import _call
 
     with torch.no_grad():
         readers, amax = _norm_readers(model, linears, data)
         check = _first_row(data[0][0])
-        reference = _output(_call(model, check))
+        reference = _output(run_input(model, check))
         changed: list = []
         for norm, layers in readers.items():
             undo = _fold(norm, layers, _scales(amax[norm], layers, alpha))
-            if _moved(_output(_call(model, check)), reference) > TOLERANCE:
+            if _moved(_output(run_input(model, check)), reference) > TOLERANCE:
                 undo()
                 continue
             changed += [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
@@ -53,7 +54,6 @@ def _norm_readers(model, linears: Mapping[str, tuple[Any, bool]], data) -> tuple
     folded into."""
     import torch
 
-    from .calibration import _call, _real_tokens
 
     layers = {id(layer): (layer, transposed) for layer, transposed in linears.values()}
     norms = [m for m in model.modules()
@@ -76,13 +76,13 @@ def _norm_readers(model, linears: Mapping[str, tuple[Any, bool]], data) -> tuple
 
     def measure(mod, _args, out):
         if isinstance(out, torch.Tensor):
-            rows = _real_tokens(out.detach().reshape(-1, out.shape[-1]), state["mask"]).abs().amax(0).float()
+            rows = real_tokens(out.detach().reshape(-1, out.shape[-1]), state["mask"]).abs().amax(0).float()
             amax[mod] = rows if mod not in amax else torch.maximum(amax[mod], rows)
 
     hooks = [m.register_forward_hook(find_output) for m in norms]
     hooks += [layer.register_forward_pre_hook(find_reader) for layer, _t in layers.values()]
     try:
-        _call(model, _first_row(data[0][0]))
+        run_input(model, _first_row(data[0][0]))
     finally:
         for h in hooks:
             h.remove()
@@ -92,7 +92,7 @@ def _norm_readers(model, linears: Mapping[str, tuple[Any, bool]], data) -> tuple
     hooks = [norm.register_forward_hook(measure) for norm in usable]
     try:
         for args, state["mask"] in data:
-            _call(model, args)
+            run_input(model, args)
     finally:
         for h in hooks:
             h.remove()
