@@ -71,8 +71,8 @@ ASYMMETRIC_RIDGE = 1.0
 #: this many bits a weight: it moves the activations' channel spread into the weights, which pays
 #: only while they keep the bits to carry it (SmolLM2, ``--codec trellis --target-bpw X``, KL on
 #: GFDL-1.3 / GPL-3 with / without it: 4.25 0.0574 / 0.0637, 0.0501 / 0.0532 (five texts: all
-#: lower, mean -9%); 3.25 0.2106 / 0.2082, 0.2013 / 0.1945, perplexity +5.4% / +1.8%; 2.25
-#: 0.6956 / 0.6889, 0.6971 / 0.7050).
+#: lower, mean -9%); 3.25 0.2106 / 0.2082, 0.2013 / 0.1945, perplexity higher on four of five
+#: texts (+0.1% to +5.4%); 2.25 mean KL +0.8%, perplexity +2.9% to +7.6% on three texts).
 SMOOTHING_MIN_BITS = 4.0
 
 
