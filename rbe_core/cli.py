@@ -269,7 +269,7 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
         if do_refine or data is not None:
             _fail(ValueError("--refine and --data cannot be combined with --hf (use --calibration FILE)"))
         _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet,
-                    False if no_calibration else calibration, calibration_tokens)
+                    False if no_calibration else calibration, calibration_tokens, not no_smoothing)
         return
     import tempfile
 
@@ -314,7 +314,8 @@ def convert(src, out, codec, target_bpw, policy, jobs, backend, quiet, calibrati
                f"{bpw:.3f} bits/weight over {len(comp)} compressed tensors", err=True)
 
 
-def _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet, calibration, calibration_tokens):
+def _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet, calibration, calibration_tokens,
+                smoothing):
     """``rbe convert --hf``: compress with ``rbe_core.hf`` and save a transformers folder."""
     unsupported = [o for o, v in (("--policy", policy), ("--jobs", jobs > 1), ("--ray", ray_address)) if v]
     if unsupported:
@@ -325,7 +326,7 @@ def _convert_hf(src, out, codec, target_bpw, policy, jobs, ray_address, quiet, c
         _fail(ValueError(f"--hf needs transformers (pip install 'rbe[hf]'): {exc}"))
     try:
         path = convert_to_hf(src, out, codec, target_bpw, calibration=calibration,
-                             calibration_tokens=calibration_tokens, progress=not quiet)
+                             calibration_tokens=calibration_tokens, smoothing=smoothing, progress=not quiet)
     except _model_errors() as exc:
         _fail(exc)
     f = rbe_core.open(path)

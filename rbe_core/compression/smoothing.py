@@ -32,7 +32,6 @@ def smooth(model, linears: Mapping[str, tuple[Any, bool]], data, *, alpha: float
     parameters changed (norm weights and biases), for the caller to store."""
     import torch
 
-
     with torch.no_grad():
         readers, amax = _norm_readers(model, linears, data)
         check = _first_row(data[0][0])

@@ -45,11 +45,11 @@ def tokenizer_for(folder: Path):
 
 def convert_to_hf(src: str | os.PathLike, out: str | os.PathLike, codec=None, target_bpw: float | None = None, *,
                   calibration: str | os.PathLike | bool | None = None, calibration_tokens: int | None = None,
-                  progress: bool = True) -> Path:
+                  smoothing: bool = True, progress: bool = True) -> Path:
     """Write ``out`` (a new directory): the model of ``src`` compressed by ``rbe_core.hf.quantize``.
 
     ``calibration``: a text file, None for the built-in text (used under ``target_bpw`` or with a
-    codec that takes calibration), False for none. Raises ``ModelError`` on bad input.
+    codec that takes calibration), False for none; ``smoothing`` as ``quantize``'s. Raises ``ModelError`` on bad input.
     """
     from ..compression.calibration import read_text, takes_calibration
     from ..registry import get_codec
@@ -84,7 +84,7 @@ def convert_to_hf(src: str | os.PathLike, out: str | os.PathLike, codec=None, ta
                 text = read_text(None if calibration is True else calibration)
         try:
             quantize(model, codec, target_bpw=target_bpw, calibration=text, tokenizer=tokenizer,
-                     calibration_tokens=calibration_tokens, progress=progress)
+                     calibration_tokens=calibration_tokens, smoothing=smoothing, progress=progress)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
         staged = work / "out"
