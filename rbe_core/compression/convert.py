@@ -159,8 +159,9 @@ def compress_model(src: str | os.PathLike, out: str | os.PathLike, codec: str | 
     "local" or "auto"; ``rbe_core.compression.ray_convert``) runs every encoding and every GPTQ as Ray
     tasks, ``jobs`` (default there: the cluster's CPUs) at a time; the file is the same, bit for bit,
     as a local conversion with the same ``jobs``. ``smoothing`` (calibrated conversions): per-channel
-    scales folded from norms into the Linears that read them first (``compression.smoothing``). Raises ``ModelError`` on bad input; the output
-    appears only when complete, and an error or Ctrl-C leaves nothing behind.
+    scales folded from norms into the Linears that read them first (``compression.smoothing``).
+    Raises ``ModelError`` on bad input; the output appears only when complete, and an error or
+    Ctrl-C leaves nothing behind.
     """
     if target_bpw is not None and not (target_bpw > 0 and math.isfinite(target_bpw)):
         raise ModelError(f"target bits/weight must be a positive number, got {target_bpw}")

@@ -53,7 +53,6 @@ def _norm_readers(model, linears: Mapping[str, tuple[Any, bool]], data) -> tuple
     folded into."""
     import torch
 
-
     layers = {id(layer): (layer, transposed) for layer, transposed in linears.values()}
     norms = [m for m in model.modules()
              if id(m) not in layers and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1]
