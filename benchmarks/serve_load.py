@@ -110,7 +110,7 @@ def start_llama(binary: Path, gguf: Path, name: str, threads: int, slots: int, c
     port = free_port()
     return Server(LLAMA, [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                           "--alias", name, "-t", str(threads), "-tb", str(threads), "--parallel", str(slots),
-                          "-c", str(slots * ctx_per_slot)], port)
+                          "-c", str(slots * ctx_per_slot), "--metrics"], port)
 
 
 def get(port: int, path: str) -> tuple[int, float]:
@@ -121,6 +121,20 @@ def get(port: int, path: str) -> tuple[int, float]:
     r.read()
     conn.close()
     return r.status, time.perf_counter() - t0
+
+
+def rounds(server: Server) -> tuple[float, float]:
+    """(forward passes, sequences summed over them) the server has run so far, from its /metrics:
+    rbe's engine-round histogram, llama-server's decode counter and busy slots per decode."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    if server.label == RBE:
+        return float(values["rbe_engine_round_sequences_count"]), float(values["rbe_engine_round_sequences_sum"])
+    n = float(values["llamacpp:n_decode_total"])
+    return n, n * float(values["llamacpp:n_busy_slots_per_decode"])
 
 
 def chat(port: int, model: str, prompt: str, max_tokens: int) -> dict:
@@ -223,13 +237,18 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
     stop = threading.Event()
     queue = collections.deque(plan)
     idle: list[float] = []  # when each client found the plan empty
+    at_idle: list[tuple[float, float]] = []  # the server's rounds() then, by the first one
+    lock = threading.Lock()
 
     def client():
         while True:
             try:
                 prompt = queue.popleft()
             except IndexError:
-                idle.append(time.perf_counter())
+                with lock:
+                    idle.append(time.perf_counter())
+                    if len(idle) == 1:
+                        at_idle.append(rounds(server))
                 return
             r = chat(server.port, model, prompt, max_tokens)
             r["long"] = prompt in long_set
@@ -247,6 +266,7 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
     p = threading.Thread(target=probe)
     p.start()
     busy0, ours0 = jiffies(ours)
+    passes0, seqs0 = rounds(server)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(streams)]
     for t in threads:
@@ -255,6 +275,7 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
         t.join()
     wall = time.perf_counter() - t0
     busy1, ours1 = jiffies(ours)
+
     other = 100 * max(0, (busy1 - busy0) - (ours1 - ours0)) / os.sysconf("SC_CLK_TCK") / wall
     stop.set()
     p.join()
@@ -278,7 +299,8 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
             "long_prompt_tokens": pct([r["prompt_tokens"] for r in longs], 0.5),
             "itl_p50_ms": 1000 * pct(gaps, 0.5), "itl_p95_ms": 1000 * pct(gaps, 0.95),
             "itl_max_ms": 1000 * max(gaps, default=float("nan")),
-            "health_max_ms": 1000 * max(health, default=float("nan")), "other_cpu": other}
+            "health_max_ms": 1000 * max(health, default=float("nan")), "other_cpu": other,
+            "seqs_per_pass": (at_idle[0][1] - seqs0) / (at_idle[0][0] - passes0) if at_idle[0][0] > passes0 else float("nan")}
 
 
 def queue_full(model: Path, backend: str, name: str, threads: int, prompt: str) -> dict:
@@ -331,18 +353,21 @@ def markdown(rows: list[dict], meta: dict, full: dict | None) -> str:
              "the level's wall time; all busy: the same from the level's start until the first stream found no "
              "request left (the drain after it, when fewer streams run, left out), and that time; TTFT over all "
              "requests, the long one included (`long`: its own, with its prompt tokens); ITL: gaps between a stream's content deltas, all streams pooled; early EOS: replies "
-             "that stopped before max_tokens (the two quantizations answer differently); other jobs' CPU: the "
+             "that stopped before max_tokens (the two quantizations answer differently); seqs / pass: sequences a "
+             "forward pass advanced on average while all streams were busy (each server's /metrics: rbe's "
+             "`rbe_engine_round_sequences`, llama-server's `n_busy_slots_per_decode`); other jobs' CPU: the "
              "machine's busy CPU during the pass less the benchmark's own processes (100 = one core).", "",
              "| server | streams | requests | errors | early EOS | gen tok/s | all busy: tok/s (s) | TTFT p50 s | "
              "TTFT p95 s | TTFT long s (tokens) | ITL p50 ms | ITL p95 ms | ITL max ms | /health max ms | "
-             "other jobs' CPU % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "seqs / pass | other jobs' CPU % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["streams"], r["server"] != RBE)):
         lines.append(f"| {r['server']} | {r['streams']} | {r['requests']} | {r['errors']} | {r['early_eos']} | "
                      f"{r['tokens_per_s']:.1f} | {r['busy_tokens_per_s']:.1f} ({r['busy_s']:.1f}) | "
                      f"{r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | "
                      f"{r['ttft_long']:.2f} ({r['long_prompt_tokens']:.0f}) | {r['itl_p50_ms']:.1f} | "
-                     f"{r['itl_p95_ms']:.1f} | {r['itl_max_ms']:.0f} | {r['health_max_ms']:.1f} | {r['other_cpu']:.0f} |")
+                     f"{r['itl_p95_ms']:.1f} | {r['itl_max_ms']:.0f} | {r['health_max_ms']:.1f} | "
+                     f"{r['seqs_per_pass']:.2f} | {r['other_cpu']:.0f} |")
     by = {(r["server"], r["streams"]): r for r in rows}
     levels = sorted({r["streams"] for r in rows})
     lines += ["", "rbe / llama-server, same run (tok/s: higher is better; latencies: lower is better):", "",
@@ -399,7 +424,8 @@ def report(r: dict) -> None:
           f"{r['ttft_p50']:.2f}/{r['ttft_p95']:.2f} s  long {r['ttft_long']:.2f} s ({r['long_prompt_tokens']:.0f} tok)"
           f"  ITL p50/p95/max {r['itl_p50_ms']:.1f}/{r['itl_p95_ms']:.1f}/{r['itl_max_ms']:.0f} ms  errors "
           f"{r['errors']}  early EOS {r['early_eos']}/{r['requests']} (empty {r['empty']})  deltas/tokens "
-          f"{r['deltas']}/{r['tokens']}  wall {r['wall_s']:.1f} s  other jobs {r['other_cpu']:.0f}% CPU", file=sys.stderr)
+          f"{r['deltas']}/{r['tokens']}  wall {r['wall_s']:.1f} s  seqs/pass {r['seqs_per_pass']:.2f}  other jobs "
+          f"{r['other_cpu']:.0f}% CPU", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,8 @@ token, its state carrying its cache. Each token is picked from logits adjusted p
 (``Decoding``: bias, penalties; a grammar's mask) and may report its logprobs. Text leaves in pieces that never
 split a UTF-8 character (decoded as the tokens arrive, ``ReplyText``; held back while it ends in
 U+FFFD) and never show the start of a stop string that may still complete. A cancelled job
-(client gone) or one past its deadline is dropped before its next token.
+(client gone) or one past its deadline is dropped before its next token. Every round's time,
+sequences and tokens go to the metrics (``Metrics.observe_round``).
 """
 
 from __future__ import annotations
@@ -274,7 +275,9 @@ class Generator:
         if not rows:
             return
         try:
+            start = time.perf_counter()
             logits = self._engine.forward_batch(rows, wanted)
+            self.metrics.observe_round(time.perf_counter() - start, len(rows), sum(len(chunk) for _s, chunk, _p in rows))
         except Exception as exc:  # noqa: BLE001 - a failing batch must not stop the worker
             log.exception("generation failed")
             for job in owners:
@@ -303,10 +306,12 @@ class Generator:
 
     def _advance(self, job: Job) -> None:
         model = self.model
+        start, tokens = time.perf_counter(), len(job.ids) if job.state is None else 1
         if job.state is None:
             logits, job.state = model.start(job.ids, slot=job.slot) if job.slot is not None else model.start(job.ids)
         else:
             logits, job.state = model.step(job.tokens[-1], job.state)
+        self.metrics.observe_round(time.perf_counter() - start, 1, tokens)
         self._accept(job, logits)
 
     def _accept(self, job: Job, logits, greedy: int | None = None) -> None:

@@ -93,12 +93,31 @@ def test_concurrent_jobs_are_batched_and_each_equals_alone(native_model, monkeyp
     alone = {k: _run(Generator("m", native_model, max_queue=8, slots=8, metrics=Metrics()), [p], 12)[0][1]
              for k, p in enumerate(prompts)}
     calls = _recording(native_model, monkeypatch)
-    together = _run(Generator("m", native_model, max_queue=8, slots=8, metrics=Metrics()), prompts, 12)
+    metrics = Metrics()
+    together = _run(Generator("m", native_model, max_queue=8, slots=8, metrics=metrics), prompts, 12)
     for k in range(len(prompts)):
         assert together[k][1] == alone[k], k
         assert together[k][0][0] == "done"
     assert max(len({s for s, _n, _p in rows}) for rows in calls) >= 4  # one pass, several sequences
     assert len(calls) < sum(len(t) for _r, t in together.values())
+    # /metrics shows the batching: every round, its sequences and its tokens
+    text = metrics.render()
+    sequences, tokens = _histogram(text, "rbe_engine_round_sequences"), _histogram(text, "rbe_engine_round_tokens")
+    assert sequences["count"] == tokens["count"] == _histogram(text, "rbe_engine_round_seconds")["count"] == len(calls)
+    assert sequences["sum"] == sum(len(rows) for rows in calls)
+    assert tokens["sum"] == sum(n for rows in calls for _s, n, _p in rows)
+    assert sequences["count"] - sequences["2"] == sum(len(rows) > 2 for rows in calls) > 0
+
+
+def _histogram(text: str, name: str) -> dict[str, float]:
+    """A Prometheus histogram's cumulative buckets by bound, with its "sum" and "count"."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{le="):
+            out[line.split('"')[1]] = float(line.split()[-1])
+        elif line.startswith((name + "_sum ", name + "_count ")):
+            out[line.split()[0].rsplit("_", 1)[1]] = float(line.split()[-1])
+    return out
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(native_model, monkeypatch):

@@ -180,7 +180,9 @@ def test_metrics_count_requests_and_tokens(server):
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert 'rbe_requests_total{endpoint="/v1/completions",status="200"}' in text
     for name in ("rbe_generation_tokens_total", "rbe_prompt_tokens_total", "rbe_ttft_seconds_bucket",
-                 "rbe_token_latency_seconds_count", "rbe_tokens_per_second", 'rbe_queue_depth{model="tiny"}'):
+                 "rbe_token_latency_seconds_count", "rbe_tokens_per_second", 'rbe_queue_depth{model="tiny"}',
+                 'rbe_engine_round_seconds_bucket{le="0.001"}', 'rbe_engine_round_sequences_bucket{le="1"}',
+                 "rbe_engine_round_tokens_sum"):
         assert name in text, name
 
 
