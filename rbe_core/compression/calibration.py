@@ -4,7 +4,9 @@
 accepts calibration). The source is built as rbe's own dense fp32 model and run on calibration text:
 
 1. **Output damage** (only under a bit budget): every Linear weight alone is replaced by its
-   round-to-nearest encoding at a probe setting (3 bits) and the model is run on the first
+   encoding at a probe setting (3 bits) — calibrated by GPTQ against the float model's inputs
+   where their Grams fit ``PROBE_GRAM_BYTES`` (:func:`float_grams`), else round-to-nearest — and
+   the model is run on the first
    ``damage_tokens`` calibration tokens, from that weight's block on (earlier blocks' outputs are
    cached); the damage is the mean per-token KL divergence to the unmodified model's next-token
    distribution (causal LMs) or the mean ``1 − cos`` of the sentence embeddings (encoders).
@@ -74,6 +76,18 @@ ASYMMETRIC_RIDGE = 1.0
 #: lower, mean -9%); 3.25 0.2106 / 0.2082, 0.2013 / 0.1945, perplexity higher on four of five
 #: texts (+0.1% to +5.4%); 2.25 mean KL +0.8%, perplexity +2.9% to +7.6% on three texts).
 SMOOTHING_MIN_BITS = 4.0
+#: The allocation's probe is each weight's calibrated encoding (GPTQ against the float model's
+#: inputs over ``PROBE_TOKENS`` tokens) where those Grams take at most this many bytes (float64,
+#: counted as if every Linear read its own input; SmolLM2-135M: 1.0 GB counted, 0.8 GB held; a 1B
+#: model (12 GB counted) falls back to round-to-nearest).
+#: GPTQ cuts the damage of some weights far more than others' (SmolLM2 3-bit trellis, first two
+#: blocks: to 0.04-0.05 of round-to-nearest's for attn_v, 0.31-0.56 for the MLP), so the round-to-
+#: nearest probe gave bits to weights GPTQ would have rounded well. SmolLM2 at 4.25, KL on five
+#: held-out texts lower on all five with both codecs (trellis mean 0.0633 -> 0.0608, hadamard
+#: 0.0976 -> 0.0907); MiniLM 4.25 mean cosine 0.99516 / 0.99470 / 0.99464 -> 0.99563 / 0.99521 /
+#: 0.99477 (docs/quality.md, "The allocation's probe, calibrated").
+PROBE_GRAM_BYTES = 2 << 30
+PROBE_TOKENS = 4096
 
 
 @attrs.frozen(eq=False)
@@ -583,11 +597,10 @@ class _SequentialEncoder:
                 return
             x, n = args[0], self.todo[id(mod)]
             if not state["fixed"]:
-                # one input: the same memory, layout and version (in-place writes bump it; inference
-                # tensors keep none); the first is held (state["input"]) so that no later tensor can
-                # take its memory (a freed input's address reused by the next Linear's input had
+                # one input (_input_key); the first is held (state["input"]) so that no later tensor
+                # can take its memory (a freed input's address reused by the next Linear's input had
                 # grouped the two)
-                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), 0 if x.is_inference() else x._version)
+                key = _input_key(x)
                 if state["key"] is not None and key != state["key"]:
                     raise _Stop
                 state["key"], state["input"] = key, x
@@ -717,12 +730,64 @@ def stored_bytes(codec, shape: tuple[int, ...]) -> int:
     return few.payload_nbytes // 8 * rows + len(header)
 
 
+def float_grams(model, factory, data, names: list[str]) -> dict[str, Gram]:
+    """The float model's input Gram of each Linear of ``names`` over ``data`` (one forward pass);
+    Linears that read the same input in turn (q/k/v, gate/up) share one ``Gram``."""
+    import torch
+
+    name_of = {id(factory.linears[n][0]): n for n in names}
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    reader: dict[str, str] = {}  # name -> the Linear whose sums hold its input's
+    state: dict[str, Any] = {"mask": None, "key": None, "input": None, "first": None}
+
+    def record(mod, args):
+        x, n = args[0], name_of[id(mod)]
+        key = _input_key(x)
+        if key == state["key"]:
+            reader.setdefault(n, state["first"])
+            return
+        state["key"], state["input"], state["first"] = key, x, n  # held: no later input takes its memory
+        reader.setdefault(n, n)
+        rows = real_tokens(x.detach().reshape(-1, x.shape[-1]), state["mask"]).float()
+        sums[n] = sums.get(n, 0) + (rows.T @ rows).double()
+        counts[n] = counts.get(n, 0) + rows.shape[0]
+
+    hooks = [factory.linears[n][0].register_forward_pre_hook(record) for n in names]
+    try:
+        with torch.no_grad():
+            for args, mask in data:
+                state.update(mask=mask, key=None, input=None)
+                run_input(model, args)
+    finally:
+        for h in hooks:
+            h.remove()
+    grams = {n: Gram(s.numpy(), counts[n]) for n, s in sums.items()}
+    return {n: grams[first] for n, first in reader.items()}
+
+
+def _probe_grams(model, factory, text: str, tokens: int, names: list[str]) -> dict[str, Gram] | None:
+    """:func:`float_grams` of the Linears of ``names`` stored untransposed, over ``tokens`` tokens of
+    ``text``, where they take at most ``PROBE_GRAM_BYTES`` (every input counted as distinct), else None."""
+    names = [n for n in names if not factory.linears[n][1]]
+    if sum(8 * factory.linears[n][0].weight.shape[1] ** 2 for n in names) > PROBE_GRAM_BYTES:
+        return None
+    return float_grams(model, factory, batches(model, text, tokens, window=LM_WINDOW, batch=2048 // LM_WINDOW), names)
+
+
+def _input_key(x) -> tuple:
+    """What makes two Linears' inputs one tensor: the same memory, layout and version (in-place
+    writes bump it; inference tensors keep none)."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride()), 0 if x.is_inference() else x._version
+
+
 def allocate_settings(model, factory, data, names: list[str], settings: list, target_bpw: float, *,
-                      jobs: int = 1) -> dict[str, Any]:
+                      jobs: int = 1, grams: Mapping[str, Gram] | None = None) -> dict[str, Any]:
     """The setting (a codec of ``settings``) of each Linear weight in ``names``, their average bits ≤ ``target_bpw``.
 
     Each weight's output damage (:func:`output_damage`) is measured once, at the *probe* setting
-    (the cheapest one of at least 3 bits, round-to-nearest); the damage of its other settings is
+    (the cheapest one of at least 3 bits; calibrated against the weight's Gram in ``grams`` where
+    there is one, else round-to-nearest); the damage of its other settings is
     predicted by scaling with their input-weighted weight error (:func:`weighted_error`, measured
     on the rows of :func:`error_sample`; settings above 4 bits are extrapolated from 4 bits at ×¼
     per bit, uniform-quantizer noise). :func:`allocate` then picks settings minimising the summed
@@ -738,12 +803,18 @@ def allocate_settings(model, factory, data, names: list[str], settings: list, ta
         return np.ascontiguousarray(w.T if transposed else w), transposed
 
     probe_errors: dict[str, np.ndarray] = {}  # name -> input_sq_error of the probe on the error sample
+    grams = dict(grams or {})
 
     def probed(n):
+        """The probe's decode of weight ``n`` (the errors that scale the other settings' damage
+        stay round-to-nearest's, as theirs are)."""
         w, transposed = stored(n)
         dec = settings[probe].encode(w, source=n).decode().reshape(w.shape)
         rows = slice(None) if transposed else error_sample(len(w))
         probe_errors[n] = input_sq_error(dec[rows] - w[rows], transposed)
+        gram = grams.pop(n, None)
+        if gram is not None and not transposed:
+            dec = encode_calibrated(settings[probe], w, gram, n).decode().reshape(w.shape)
         return dec.T if transposed else dec
 
     damage, power = output_damage(model, factory, data, names, probed)
@@ -851,7 +922,8 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
     if budgeted:
         damage_data = batches(model, text, min(damage_tokens, max_tokens), window=256, batch=2)
         try:
-            pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs)
+            pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs,
+                                     grams=_probe_grams(model, factory, text, min(PROBE_TOKENS, max_tokens), budgeted))
         except ValueError as exc:
             names = ", ".join(f"{c.get('id')} {c['bits']}-bit" if "bits" in c else str(c.get("id")) for c in candidates)
             raise ValueError(f"no setting of [{names}] reaches {target_bpw} bits/weight "

@@ -26,6 +26,7 @@ from rbe_core.compression.calibration import (  # noqa: E402
     default_tokens,
     encode_calibrated,
     error_sample,
+    float_grams,
     output_damage,
     sequential_encode,
     source_model,
@@ -310,3 +311,77 @@ def test_linears_whose_inputs_share_an_address_in_turn_are_separate_stages():
     assert grams["a"] is not grams["b"]
     assert np.allclose(grams["a"].xtx, (4.0 * x.T @ x).numpy(), rtol=1e-4, atol=1e-3)
     assert np.allclose(grams["b"].xtx, (hb.T @ hb).numpy(), rtol=1e-3, atol=1e-2)
+
+
+class _SharedInput(torch.nn.Module):
+    """``a`` and ``b`` read one tensor in turn (as q/k/v do); ``c`` reads another."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        t = x * 2.0
+        return self.c(torch.tanh(self.a(t) + self.b(t)))
+
+
+@pytest.mark.parametrize("kind", [_SharedInput, _MemoryReused])
+def test_float_grams_are_each_linears_input_products_shared_by_readers_of_one_input(kind):
+    torch.manual_seed(0)
+    model = kind()
+    factory = SimpleNamespace(linears={n: (getattr(model, n), False) for n in ("a", "b", "c") if hasattr(model, n)})
+    data = [((torch.randn(1, 32, 64),), None) for _ in range(2)]
+    inputs: dict[str, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, 64).double()))
+             for n, (m, _t) in factory.linears.items()]
+    with torch.no_grad():
+        for args, _m in data:
+            model(*[a.clone() for a in args])
+    for h in hooks:
+        h.remove()
+    grams = float_grams(model, factory, data, list(factory.linears))
+    for n, rows in inputs.items():
+        x = torch.cat(rows)
+        assert grams[n].count == x.shape[0] == 64
+        assert np.allclose(grams[n].xtx, (x.T @ x).numpy(), rtol=1e-4, atol=1e-3), n
+    assert (grams["a"] is grams["b"]) == (kind is _SharedInput)
+    assert grams["a"] is not grams.get("c")
+
+
+def test_the_allocation_probes_the_calibrated_encoding_where_a_gram_is_given(dense, monkeypatch):
+    """With a weight's Gram the damage is measured on its GPTQ encoding at the probe setting, without
+    one on round-to-nearest's."""
+    from rbe_core.compression import calibration
+
+    model, factory, data = dense
+    names = _linears(factory)[:2]
+    seen = {}
+    measure = calibration.output_damage
+
+    def spy(model, factory, data, names, replace, **kw):
+        return measure(model, factory, data, names, lambda n: seen.setdefault(n, replace(n)), **kw)
+
+    monkeypatch.setattr(calibration, "output_damage", spy)
+    settings = [get_codec({"id": "hadamard", "bits": b}) for b in (8, 4, 3, 2)]
+    grams = float_grams(model, factory, data, names)
+    allocate_settings(model, factory, data, names, settings, 5.0, grams={names[0]: grams[names[0]]})
+    w = {n: factory.linears[n][0].weight.detach().numpy() for n in names}
+    rounded = {n: settings[2].encode(w[n]).decode().reshape(w[n].shape) for n in names}
+    calibrated = encode_calibrated(settings[2], w[names[0]], grams[names[0]], names[0]).decode().reshape(w[names[0]].shape)
+    assert np.array_equal(seen[names[0]], calibrated) and not np.array_equal(calibrated, rounded[names[0]])
+    assert np.array_equal(seen[names[1]], rounded[names[1]])
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_conversions_probe_calibrated_encodings_while_the_grams_fit(budget, tmp_path, monkeypatch):
+    from rbe_core.compression import calibration
+
+    tiny_llama(num_hidden_layers=2).save_pretrained(tmp_path / "hf")
+    if budget is not None:
+        monkeypatch.setattr(calibration, "PROBE_GRAM_BYTES", budget)
+    probed = []
+    make = calibration.float_grams
+    monkeypatch.setattr(calibration, "float_grams", lambda *a: probed.append(a[3]) or make(*a))
+    rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", target_bpw=4.5, progress=False, calibration_tokens=256)
+    assert len(probed) == (1 if budget is None else 0)
+    assert not probed or len(probed[0]) == 15  # every budgeted Linear: the two blocks' and the untied head
