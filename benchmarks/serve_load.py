@@ -20,7 +20,8 @@ fewer streams running), time
 to first token p50/p95 over all requests (first non-empty content delta, or the finish reason when
 the first token is EOS) and the long prompt's own, inter-token latency p50/p95/max (gaps between
 content deltas of a stream, all streams pooled), errors, early EOS, ``/health`` latency under the
-load (probed every 0.2 s); then the ratios rbe / llama-server and the targets. Last, rbe alone with
+load (probed every 0.2 s), sequences per forward pass while all streams are busy (each server's
+``/metrics``); then the ratios rbe / llama-server and the targets. Last, rbe alone with
 ``--max-queue 1 --slots 1``: how fast a full queue answers 503.
 
     python benchmarks/serve_load.py                           # builds llama-server if needed; writes docs/serving.md
@@ -275,7 +276,6 @@ def level(server: Server, model: str, streams: int, plan: list[str], max_tokens:
         t.join()
     wall = time.perf_counter() - t0
     busy1, ours1 = jiffies(ours)
-
     other = 100 * max(0, (busy1 - busy0) - (ours1 - ours0)) / os.sysconf("SC_CLK_TCK") / wall
     stop.set()
     p.join()
