@@ -385,3 +385,17 @@ def test_conversions_probe_calibrated_encodings_while_the_grams_fit(budget, tmp_
     rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", target_bpw=4.5, progress=False, calibration_tokens=256)
     assert len(probed) == (1 if budget is None else 0)
     assert not probed or len(probed[0]) == 15  # every budgeted Linear: the two blocks' and the untied head
+
+
+def test_the_probe_reads_its_kinds_tokens_within_the_calibrations(tmp_path, monkeypatch):
+    from rbe_core.compression import calibration
+
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "hf")
+    monkeypatch.setattr(calibration, "PROBE_TOKENS", {"causal": 128, "encoder": 64})
+    asked = []
+    make = calibration._probe_grams
+    monkeypatch.setattr(calibration, "_probe_grams", lambda *a: asked.append(a[3]) or make(*a))
+    for tokens in (256, 96):
+        rbe_core.compress_model(tmp_path / "hf", tmp_path / "m.rbe", target_bpw=4.5, progress=False,
+                                calibration_tokens=tokens)
+    assert asked == [128, 96]
