@@ -265,6 +265,11 @@ def is_causal(model) -> bool:
     return isinstance(model, CausalLM) or (callable(getattr(model, "can_generate", None)) and bool(model.can_generate()))
 
 
+def model_kind(model) -> str:
+    """``"causal"`` or ``"encoder"``: the key of the per-kind tables (``DEFAULT_TOKENS``, ``PROBE_TOKENS``)."""
+    return "causal" if is_causal(model) else "encoder"
+
+
 def _scored_output(model, out, mask):
     """What output damage is measured on: next-token log-probabilities (causal LMs, float32), or the
     sentence embedding (masked mean of the last hidden states, normalised) of encoders."""
@@ -862,7 +867,7 @@ def default_tokens(model, weights: int, codecs) -> int:
     """Calibration tokens when none are asked for: ``DEFAULT_TOKENS`` of the model's kind, or more
     where one of ``codecs`` asks for more (``calibration_tokens``), as far as
     ``CALIBRATION_BUDGET`` allows for ``weights`` Linear weights."""
-    base = DEFAULT_TOKENS["causal" if is_causal(model) else "encoder"]
+    base = DEFAULT_TOKENS[model_kind(model)]
     wanted = max((getattr(c, "calibration_tokens", 0) for c in codecs), default=0)
     return max(base, min(wanted, CALIBRATION_BUDGET // max(weights, 1)))
 
@@ -926,7 +931,7 @@ def calibrated_encodings(source, names: list[str], plans: Mapping[str, Any], tar
             out[n] = get_codec({"id": "int8"}).encode(source.load(n), source=n)
     if budgeted:
         damage_data = batches(model, text, min(damage_tokens, max_tokens), window=256, batch=2)
-        probe_tokens = min(PROBE_TOKENS["causal" if is_causal(model) else "encoder"], max_tokens)
+        probe_tokens = min(PROBE_TOKENS[model_kind(model)], max_tokens)
         try:
             pick = allocate_settings(model, factory, damage_data, budgeted, settings, target_bpw, jobs=jobs,
                                      grams=_probe_grams(model, factory, text, probe_tokens, budgeted))
